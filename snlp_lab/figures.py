@@ -1,0 +1,63 @@
+"""`make figures`: run every notebook in nb/ with papermill for a profile.
+
+Each notebook takes the papermill parameters `profile`, `fig_dir` and `report_dir`; it writes its
+figures (PNG + PDF) to fig_dir and its tables (CSV + Markdown) to report_dir. The executed copy of
+each notebook is saved to report_dir too.
+
+    python -m snlp_lab.figures --profile cpu            # the default, ~1 h on 2 cores
+    python -m snlp_lab.figures --profile smoke --out /tmp/x   # what the tests run
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+PROFILES = ("smoke", "cpu", "paper")
+ORDER = ("convergence", "jacobians", "regularization", "frontier", "speedup", "pretrained", "speculative")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def notebooks(nb_dir: Path = ROOT / "nb") -> list[Path]:
+    """The notebooks to run, in dependency order (models trained by one are reused by the next)."""
+    found = {p.stem: p for p in nb_dir.glob("*.ipynb")}
+    return [found[n] for n in ORDER if n in found] + sorted(p for n, p in found.items() if n not in ORDER)
+
+
+def run_all(profile: str = "cpu", fig_dir: Path = ROOT / "figures", report_dir: Path = ROOT / "reports",
+            only: list[str] | None = None, log=print) -> dict[str, float]:
+    """Execute the notebooks; returns the wall time of each, in seconds."""
+    import papermill as pm
+
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    fig_dir, report_dir = Path(fig_dir).resolve(), Path(report_dir).resolve()
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    times = {}
+    for nb in notebooks():
+        if only and nb.stem not in only:
+            continue
+        t0 = time.perf_counter()
+        log(f"[figures] {nb.stem} (profile={profile})")
+        pm.execute_notebook(str(nb), str(report_dir / nb.name), cwd=str(nb.parent), kernel_name="python3",
+                            parameters=dict(profile=profile, fig_dir=str(fig_dir), report_dir=str(report_dir)),
+                            progress_bar=False)
+        times[nb.stem] = time.perf_counter() - t0
+        log(f"[figures] {nb.stem} done in {times[nb.stem]:.0f}s")
+    return times
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="cpu", choices=PROFILES)
+    ap.add_argument("--out", type=Path, default=None, help="write figures/ and reports/ under this folder")
+    ap.add_argument("--only", nargs="*", help="run only these notebooks (by name)")
+    a = ap.parse_args(argv)
+    dirs = {} if a.out is None else dict(fig_dir=a.out / "figures", report_dir=a.out / "reports")
+    times = run_all(a.profile, only=a.only, **dirs)
+    print(f"[figures] {len(times)} notebooks in {sum(times.values()):.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,237 @@
+"""One structured Newton iteration, many surrogates.
+
+The trace h_0..h_L solves G_l(h) = h_l - Φ_l(h_{l-1}) = 0. With a surrogate A_l for the layer Jacobian,
+the last N = n_par layers are updated all at once:
+
+    h_l^{k+1} = Φ_l(h_{l-1}^k) + A_l (h_{l-1}^{k+1} - h_{l-1}^k)
+
+All Φ_l(h_{l-1}^k) are one batched call. Writing d_l = h_l^{k+1} - h_l^k and r_l = Φ_l(h_{l-1}^k) - h_l^k,
+the update is the linear recurrence d_l = r_l + A_l d_{l-1} along depth (d = 0 on the first parallel
+layer's input), which each surrogate solves its own way: a prefix sum for IDN, an elementwise scan for
+DiagN, a JVP scan for exact Newton. After k iterations the first k parallel layers are exact (finite
+termination), whatever the surrogate.
+
+A `layer stack` is anything with `n_layer`, `embed(idx) -> (h0, ctx)`, `layer(l, h, ctx)`,
+`layers(start, stop, H, ctx)` and `head(h)`: the GPT models here, or a toy stack in the tests.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .jacobian import JAC_PRODUCTS, hutchinson_diag
+
+INITS = ("h0", "fwd")
+
+
+class NonFiniteError(FloatingPointError):
+    """A solve produced inf or NaN; raised rather than returning a silently broken trace."""
+
+
+# ------------------------------------------------------------------------------------------ surrogates
+SURROGATES: dict[str, type] = {}
+
+
+def register_surrogate(name: str):
+    """Class decorator: make a surrogate available as `solve(..., method=name)`."""
+    def deco(cls):
+        SURROGATES[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+class Surrogate:
+    """A_l for the parallel layers start..stop-1. Subclasses define `matvec` or override `scan`.
+
+    `update(X, F)` is called once per iteration with the current inputs X[j] = h_{start+j-1}^k and the
+    layer outputs F[j] = Φ_{start+j}(X[j]), so iterate-dependent surrogates can re-estimate themselves.
+    """
+
+    def __init__(self, model, start: int, stop: int, ctx, **opts):
+        self.model, self.start, self.stop, self.ctx = model, start, stop, ctx
+
+    def update(self, X: torch.Tensor, F: torch.Tensor) -> None:
+        pass
+
+    def matvec(self, j: int, d: torch.Tensor) -> torch.Tensor:
+        """A_{start+j} d."""
+        raise NotImplementedError
+
+    def scan(self, r: torch.Tensor) -> torch.Tensor:
+        """Solve d_j = r_j + A_{start+j} d_{j-1}, d_{-1} = 0, along the leading axis of r."""
+        d = [r[0]]
+        for j in range(1, r.shape[0]):
+            d.append(r[j] + self.matvec(j, d[-1]))
+        return torch.stack(d)
+
+
+@register_surrogate("jacobi")
+class Jacobi(Surrogate):
+    """A = 0: plain Picard/Jacobi iteration (a shifted forward; unstable on trained models)."""
+
+    def scan(self, r):
+        return r
+
+
+@register_surrogate("idn")
+class IdentityNewton(Surrogate):
+    """A = (1 - κ) I. With κ = 0 the scan is a prefix sum over depth."""
+
+    def __init__(self, model, start, stop, ctx, kappa: float = 0.0, **opts):
+        super().__init__(model, start, stop, ctx)
+        if not 0.0 <= kappa <= 1.0:
+            raise ValueError(f"kappa (IDN damping) must lie in [0, 1], got {kappa}")
+        self.a = 1.0 - kappa
+
+    def matvec(self, j, d):
+        return self.a * d
+
+    def scan(self, r):
+        return torch.cumsum(r, dim=0) if self.a == 1.0 else super().scan(r)
+
+
+@register_surrogate("scaled-idn")
+class ScaledIdentityNewton(Surrogate):
+    """A_l = λ_l I, the layer's residual lambda (nanochat resid_lambdas): exact when the branch is flat."""
+
+    def __init__(self, model, start, stop, ctx, **opts):
+        super().__init__(model, start, stop, ctx)
+        self.lam = [model.resid_scale(l) for l in range(start, stop)]
+
+    def matvec(self, j, d):
+        return self.lam[j] * d
+
+
+@register_surrogate("diagn")
+class DiagonalNewton(Surrogate):
+    """A_l = diag(J_l) at the current iterate, Hutchinson estimate mean_z z ⊙ (J_l z), Rademacher z.
+
+    All N layers' JVPs are one batched forward-mode call of `layers`.
+    """
+
+    def __init__(self, model, start, stop, ctx, probes: int = 1, generator=None, **opts):
+        super().__init__(model, start, stop, ctx)
+        if probes < 1:
+            raise ValueError(f"probes must be >= 1, got {probes}")
+        self.probes, self.generator = probes, generator
+
+    def update(self, X, F):
+        f = lambda H: self.model.layers(self.start, self.stop, H, self.ctx)
+        self.diag = hutchinson_diag(f, X, self.probes, self.generator)
+
+    def matvec(self, j, d):
+        return self.diag[j] * d
+
+
+@register_surrogate("newton")
+class ExactNewton(Surrogate):
+    """A_l = J_l exactly (DEER): each scan step is a Jacobian-vector product at the current iterate.
+
+    `jac` picks how J v is formed: "jvp" (forward mode), "vjp" (reverse mode, J v as the VJP of the
+    linear map u -> J^T u) or "fd" (central finite differences). Costs more than the sequential forward.
+    """
+
+    def __init__(self, model, start, stop, ctx, jac: str = "jvp", **opts):
+        super().__init__(model, start, stop, ctx)
+        if jac not in JAC_PRODUCTS:
+            raise ValueError(f"unknown jac {jac!r}; valid: {', '.join(JAC_PRODUCTS)}")
+        self.product = JAC_PRODUCTS[jac]
+
+    def update(self, X, F):
+        self.X = X
+
+    def matvec(self, j, d):
+        f = lambda h: self.model.layer(self.start + j, h, self.ctx)
+        return self.product(f, self.X[j], d)
+
+
+# ------------------------------------------------------------------------------------------ solver
+METHODS = ("sequential",)  # plus every registered surrogate; see `methods()`
+
+
+def methods() -> tuple[str, ...]:
+    return METHODS + tuple(SURROGATES)
+
+
+@dataclass
+class SolveResult:
+    trace: torch.Tensor  # [L+1, B, T, ...] all states h_0..h_L
+    logits: torch.Tensor  # [B, T, V]
+    history: torch.Tensor  # [iters_run, N] residual norm ||h_l^k - Φ_l(h_{l-1}^k)|| per parallel layer
+    rel_history: torch.Tensor  # the same divided by ||Φ_l(h_{l-1}^k)||
+    iters_run: int  # batched evaluations of the parallel layers (with tol: the last found convergence)
+    converged: bool | None  # None when no tol was given
+    method: str
+    n_par: int
+    init: str
+
+    @property
+    def n_seq(self) -> int:
+        return self.trace.shape[0] - 1 - self.n_par
+
+
+def _check_args(model, method, iters, n_par, init):
+    if method not in methods():
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(methods())}")
+    if not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
+    if not isinstance(n_par, int) or not 1 <= n_par <= model.n_layer:
+        raise ValueError(f"n_par must be an integer in 1..{model.n_layer} (the model's depth), got {n_par!r}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid inits: {', '.join(INITS)}")
+
+
+def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: int | None = None,
+          init: str = "h0", kappa: float = 0.0, tol: float | None = None, probes: int = 1,
+          jac: str = "jvp", seed: int = 0, check_finite: bool = True) -> SolveResult:
+    """Run the first L - n_par layers sequentially and solve the last n_par with `iters` structured
+    Newton iterations of `method` from `init`. Returns the whole trace, the logits and the residuals.
+
+    method: "sequential" or a surrogate name (`methods()`); kappa: IDN damping; probes: Hutchinson
+    probes for DiagN; jac: "jvp" | "vjp" | "fd" for exact Newton; tol: stop once every parallel layer's
+    relative residual is below tol; seed: for random probes.
+    """
+    L = model.n_layer
+    n_par = L if n_par is None else n_par
+    _check_args(model, method, iters, n_par, init)
+    h, ctx = model.embed(idx)
+    S = L - n_par if method != "sequential" else L
+    trace = [h]
+    for l in range(S):  # sequential prefix (everything, for method="sequential")
+        trace.append(model.layer(l, trace[-1], ctx))
+    hist, rel_hist, converged = [], [], None
+    if S < L:
+        gen = torch.Generator().manual_seed(seed)
+        sur = SURROGATES[method](model, S, L, ctx, kappa=kappa, probes=probes, jac=jac, generator=gen)
+        hS = trace[S]
+        if init == "h0":
+            H = hS.expand(n_par, *hS.shape)
+        else:  # "fwd": every parallel layer applied to h_S, one batched call
+            H = model.layers(S, L, hS.expand(n_par, *hS.shape), ctx)
+        for _ in range(iters):
+            X = torch.cat([hS.unsqueeze(0), H[:-1]])  # inputs h_{l-1}^k of the parallel layers
+            Fx = model.layers(S, L, X, ctx)
+            r = Fx - H
+            dims = tuple(range(1, r.dim()))
+            hist.append(torch.linalg.vector_norm(r, dim=dims))
+            rel_hist.append(hist[-1] / torch.linalg.vector_norm(Fx, dim=dims).clamp_min(1e-30))
+            if tol is not None and bool((rel_hist[-1] < tol).all()):
+                converged = True
+                break
+            sur.update(X, Fx)
+            H = H + sur.scan(r)
+        else:
+            converged = False if tol is not None else None
+        trace.extend(H.unbind(0))
+    trace = torch.stack(trace)
+    logits = model.head(trace[-1])
+    if check_finite and not (torch.isfinite(trace).all() and torch.isfinite(logits).all()):
+        raise NonFiniteError(f"{method} (n_par={n_par}, iters={iters}, init={init}) produced non-finite "
+                             f"states; pass check_finite=False to inspect them")
+    empty = trace.new_zeros(0, n_par)
+    return SolveResult(trace=trace, logits=logits,
+                       history=torch.stack(hist) if hist else empty,
+                       rel_history=torch.stack(rel_hist) if rel_hist else empty,
+                       iters_run=len(hist), converged=converged, method=method, n_par=n_par, init=init)
