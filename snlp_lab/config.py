@@ -14,6 +14,8 @@ class GPTConfig:
     n_kv_head: int = 4  # < n_head: grouped-query attention
     n_embd: int = 128
     x0ve: bool = False  # per-layer resid/x0 lambdas and value embeddings (the paper's "x0ve")
+    n_streams: int = 1  # residual streams: 1 = plain residual, > 1 = mHC (snlp_lab.mhc)
+    mhc_dynamic: bool = False  # mHC mixing with an input-dependent term (else static, learned per layer)
     softcap: float = 15.0
     rope_base: float = 10000.0
 
@@ -22,7 +24,7 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
     def validate(self) -> "GPTConfig":
-        for f in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+        for f in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "n_streams"):
             if getattr(self, f) < 1:
                 raise ValueError(f"{f} must be >= 1, got {getattr(self, f)}")
         if self.n_embd % self.n_head:
@@ -31,6 +33,10 @@ class GPTConfig:
             raise ValueError(f"n_head={self.n_head} must be divisible by n_kv_head={self.n_kv_head}")
         if self.head_dim % 2:
             raise ValueError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if self.n_streams > 1 and self.x0ve:
+            raise ValueError("mHC models (n_streams > 1) do not support x0ve; set x0ve=False or n_streams=1")
+        if self.mhc_dynamic and self.n_streams == 1:
+            raise ValueError("mhc_dynamic=True needs an mHC model: set n_streams > 1")
         return self
 
 
@@ -42,11 +48,14 @@ PRESETS: dict[str, GPTConfig] = {
     # Paper-scale models (DESIGN §2). Head dim 128 throughout.
     "0.5b": _paper(n_embd=640, n_head=5, n_kv_head=5, x0ve=True),
     "0.5b-plain": _paper(n_embd=640, n_head=5, n_kv_head=5),
+    "0.5b-mhc": _paper(n_embd=640, n_head=5, n_kv_head=5, n_streams=4),
     "3b": _paper(n_embd=2048, n_head=16, n_kv_head=16, x0ve=True),
     "d20": GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_embd=1280, n_head=10, n_kv_head=10),
     # Deep and narrow CPU models: train to a useful PPL in minutes on 2 cores.
     "cpu": GPTConfig(sequence_len=256, vocab_size=4096, n_layer=12, n_embd=128, n_head=4, n_kv_head=4, x0ve=True),
     "cpu-plain": GPTConfig(sequence_len=256, vocab_size=4096, n_layer=12, n_embd=128, n_head=4, n_kv_head=4),
+    "cpu-mhc": GPTConfig(sequence_len=256, vocab_size=4096, n_layer=12, n_embd=128, n_head=4, n_kv_head=4,
+                         n_streams=4),
     # For tests: every code path (x0ve, GQA) at toy size.
     "tiny": GPTConfig(sequence_len=32, vocab_size=64, n_layer=4, n_embd=32, n_head=4, n_kv_head=2, x0ve=True),
 }

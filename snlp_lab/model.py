@@ -64,27 +64,20 @@ class Context:
     _ve: dict = field(default_factory=dict)  # (start, stop) -> stacked value embeddings, built lazily
 
 
-def block_apply(W: dict, h: torch.Tensor, ctx: Context, head_dim: int, ve: torch.Tensor | None = None,
-                past: tuple | None = None, return_kv: bool = False):
-    """Apply N blocks at once: h [N, B, T, D] -> [N, B, T, D].
+def attn_branch(W: dict, a: torch.Tensor, ctx: Context, head_dim: int, ve: torch.Tensor | None = None,
+                gate_in: torch.Tensor | None = None, past: tuple | None = None):
+    """The attention sublayer's branch for N units: normalised input a [N, B, T, D] -> (output
+    [N, B, T, D] after the output projection, (k, v) of these tokens).
 
-    W holds weights stacked on a leading unit axis N: q [N, Hq*hd, D], k and v [N, Hkv*hd, D],
-    o [N, D, Hq*hd], fc [N, F, D], proj [N, D, F]; optionally lam, mu [N] (x0 lambdas) and
-    gate [N, Hkv, C] with ve [N, B, T, Hkv*hd] (value embeddings).
-    The block is x = λh + μx0;  x' = x + attn(norm x);  out = x' + mlp(norm x').
-    `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier tokens; with `return_kv` the keys and values of
-    these tokens are returned too, so a decoder can cache them.
+    Value embeddings ve are gated by `gate_in` (the un-normalised block input, as nanochat).
+    `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier tokens (KV-cached decoding).
     """
-    N, B, T, D = h.shape
-    x = h
-    if "lam" in W:
-        x = W["lam"].view(N, 1, 1, 1) * h + W["mu"].view(N, 1, 1, 1) * ctx.x0
-    a = rms_norm(x)
+    N, B, T, _ = a.shape
     q = stacked_linear(a, W["q"]).view(N * B, T, -1, head_dim)
     k = stacked_linear(a, W["k"]).view(N * B, T, -1, head_dim)
     v = stacked_linear(a, W["v"]).view(N * B, T, -1, head_dim)
     if ve is not None:
-        gate = 2 * torch.sigmoid(stacked_linear(x[..., :W["gate"].shape[-1]], W["gate"]))  # [N, B, T, Hkv]
+        gate = 2 * torch.sigmoid(stacked_linear(gate_in[..., :W["gate"].shape[-1]], W["gate"]))  # [N, B, T, Hkv]
         v = v + gate.view(N * B, T, -1, 1) * ve.view(N * B, T, -1, head_dim)
     q = rms_norm(apply_rotary(q, ctx.cos, ctx.sin)).transpose(1, 2)  # QK-norm; [NB, H, T, hd]
     k = rms_norm(apply_rotary(k, ctx.cos, ctx.sin)).transpose(1, 2)
@@ -97,12 +90,35 @@ def block_apply(W: dict, h: torch.Tensor, ctx: Context, head_dim: int, ve: torch
         k_all, v_all = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         Tp = pk.shape[2]
         # query i (absolute Tp + i) sees keys 0..Tp + i
-        mask = torch.arange(Tp + T, device=h.device)[None, :] <= (Tp + torch.arange(T, device=h.device))[:, None]
+        mask = torch.arange(Tp + T, device=a.device)[None, :] <= (Tp + torch.arange(T, device=a.device))[:, None]
         y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
     y = y.transpose(1, 2).reshape(N, B, T, -1)
-    x = x + stacked_linear(y, W["o"])
-    m = F.relu(stacked_linear(rms_norm(x), W["fc"])).square()
-    out = x + stacked_linear(m, W["proj"])
+    return stacked_linear(y, W["o"]), kv
+
+
+def mlp_branch(W: dict, a: torch.Tensor) -> torch.Tensor:
+    """The MLP sublayer's branch for N units: normalised input a [N, B, T, D] -> ReLU² MLP output."""
+    return stacked_linear(F.relu(stacked_linear(a, W["fc"])).square(), W["proj"])
+
+
+def block_apply(W: dict, h: torch.Tensor, ctx: Context, head_dim: int, ve: torch.Tensor | None = None,
+                past: tuple | None = None, return_kv: bool = False):
+    """Apply N blocks at once: h [N, B, T, D] -> [N, B, T, D].
+
+    W holds weights stacked on a leading unit axis N: q [N, Hq*hd, D], k and v [N, Hkv*hd, D],
+    o [N, D, Hq*hd], fc [N, F, D], proj [N, D, F]; optionally lam, mu [N] (x0 lambdas) and
+    gate [N, Hkv, C] with ve [N, B, T, Hkv*hd] (value embeddings).
+    The block is x = λh + μx0;  x' = x + attn(norm x);  out = x' + mlp(norm x').
+    `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier tokens; with `return_kv` the keys and values of
+    these tokens are returned too, so a decoder can cache them.
+    """
+    N = h.shape[0]
+    x = h
+    if "lam" in W:
+        x = W["lam"].view(N, 1, 1, 1) * h + W["mu"].view(N, 1, 1, 1) * ctx.x0
+    y, kv = attn_branch(W, rms_norm(x), ctx, head_dim, ve=ve, gate_in=x, past=past)
+    x = x + y
+    out = x + mlp_branch(W, rms_norm(x))
     return (out, kv) if return_kv else out
 
 
@@ -131,6 +147,8 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = cfg = config.validate()
+        if cfg.n_streams > 1 and type(self) is GPT:
+            raise ValueError(f"n_streams={cfg.n_streams} needs the mHC model: use build_model or snlp_lab.mhc.MHCGPT")
         L, D, V = cfg.n_layer, cfg.n_embd, cfg.vocab_size
         self.kv_dim = cfg.n_kv_head * cfg.head_dim
         # Value embeddings on every other layer, always including the last (nanochat's has_ve).
@@ -271,5 +289,10 @@ class GPT(nn.Module):
 
 
 def build_model(preset: str | GPTConfig = "tiny", **overrides) -> GPT:
-    """A freshly initialised model for a preset name (see `PRESETS`) with config overrides."""
-    return GPT(get_config(preset, **overrides))
+    """A freshly initialised model for a preset name (see `PRESETS`) with config overrides:
+    a `GPT`, or an `MHCGPT` (snlp_lab.mhc) when the config has n_streams > 1."""
+    cfg = get_config(preset, **overrides)
+    if cfg.n_streams > 1:
+        from .mhc import MHCGPT  # mhc builds on this module
+        return MHCGPT(cfg)
+    return GPT(cfg)
