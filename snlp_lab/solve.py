@@ -13,6 +13,8 @@ termination), whatever the surrogate.
 
 A `layer stack` is anything with `n_layer`, `embed(idx) -> (h0, ctx)`, `layer(l, h, ctx)`,
 `layers(start, stop, H, ctx)` and `head(h)`: the GPT models here, or a toy stack in the tests.
+With `chunks="CxFM"` the parallel units are C fused chunks of M layers (`snlp_lab.fusion.ChunkStack`)
+instead of single layers; the iteration is the same, over C units.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fusion import ChunkStack, parse_chunks
 from .jacobian import JAC_PRODUCTS, hutchinson_diag
 
 INITS = ("h0", "fwd")
@@ -157,19 +160,28 @@ def methods() -> tuple[str, ...]:
 
 @dataclass
 class SolveResult:
-    trace: torch.Tensor  # [L+1, B, T, ...] all states h_0..h_L
+    """What a solve returns. Without chunks the trace is h_0..h_L ([L+1, B, T, ...]); with chunks
+    "CxFM" it is the sequential prefix h_0..h_S followed by the C chunk-boundary states
+    h_{S+M}, h_{S+2M}, ..., h_L ([S+1+C, B, T, ...]), and history has one column per chunk."""
+    trace: torch.Tensor  # [L+1, B, T, ...] all states h_0..h_L  (chunks: [S+1+C, ...])
     logits: torch.Tensor  # [B, T, V]
-    history: torch.Tensor  # [iters_run, N] residual norm ||h_l^k - Φ_l(h_{l-1}^k)|| per parallel layer
+    history: torch.Tensor  # [iters_run, units] residual norm ||h_l^k - Φ_l(h_{l-1}^k)|| per parallel unit
     rel_history: torch.Tensor  # the same divided by ||Φ_l(h_{l-1}^k)||
     iters_run: int  # batched evaluations of the parallel layers (with tol: the last found convergence)
     converged: bool | None  # None when no tol was given
     method: str
     n_par: int
     init: str
+    chunks: str | None = None  # "CxFM", or None for one unit per layer
+
+    @property
+    def n_units(self) -> int:
+        """Parallel units: C with chunks, else n_par."""
+        return parse_chunks(self.chunks)[0] if self.chunks else self.n_par
 
     @property
     def n_seq(self) -> int:
-        return self.trace.shape[0] - 1 - self.n_par
+        return self.trace.shape[0] - 1 - self.n_units
 
 
 def _check_args(model, method, iters, n_par, init):
@@ -183,55 +195,82 @@ def _check_args(model, method, iters, n_par, init):
         raise ValueError(f"unknown init {init!r}; valid inits: {', '.join(INITS)}")
 
 
-def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: int | None = None,
-          init: str = "h0", kappa: float = 0.0, tol: float | None = None, probes: int = 1,
-          jac: str = "jvp", seed: int = 0, check_finite: bool = True) -> SolveResult:
-    """Run the first L - n_par layers sequentially and solve the last n_par with `iters` structured
-    Newton iterations of `method` from `init`. Returns the whole trace, the logits and the residuals.
+def iterate(f, hS: torch.Tensor, H: torch.Tensor, sur: Surrogate, iters: int, tol: float | None = None,
+            record: bool = True):
+    """The structured Newton iteration, shared by `solve` and the KV-cached decoder.
 
-    method: "sequential" or a surrogate name (`methods()`); kappa: IDN damping; probes: Hutchinson
-    probes for DiagN; jac: "jvp" | "vjp" | "fd" for exact Newton; tol: stop once every parallel layer's
-    relative residual is below tol; seed: for random probes.
+    f maps the stacked inputs X [U, ...] of the U parallel units to their outputs (one batched call);
+    hS is the input of the first unit, H [U, ...] the initial guess of the units' outputs.
+    Returns (H, history, rel_history, converged); with record=False (and no tol) no norms are formed.
     """
-    L = model.n_layer
-    n_par = L if n_par is None else n_par
-    _check_args(model, method, iters, n_par, init)
-    h, ctx = model.embed(idx)
-    S = L - n_par if method != "sequential" else L
-    trace = [h]
-    for l in range(S):  # sequential prefix (everything, for method="sequential")
-        trace.append(model.layer(l, trace[-1], ctx))
     hist, rel_hist, converged = [], [], None
-    if S < L:
-        gen = torch.Generator().manual_seed(seed)
-        sur = SURROGATES[method](model, S, L, ctx, kappa=kappa, probes=probes, jac=jac, generator=gen)
-        hS = trace[S]
-        if init == "h0":
-            H = hS.expand(n_par, *hS.shape)
-        else:  # "fwd": every parallel layer applied to h_S, one batched call
-            H = model.layers(S, L, hS.expand(n_par, *hS.shape), ctx)
-        for _ in range(iters):
-            X = torch.cat([hS.unsqueeze(0), H[:-1]])  # inputs h_{l-1}^k of the parallel layers
-            Fx = model.layers(S, L, X, ctx)
-            r = Fx - H
+    for _ in range(iters):
+        X = torch.cat([hS.unsqueeze(0), H[:-1]])  # inputs h_{l-1}^k of the parallel units
+        Fx = f(X)
+        r = Fx - H
+        if record or tol is not None:
             dims = tuple(range(1, r.dim()))
             hist.append(torch.linalg.vector_norm(r, dim=dims))
             rel_hist.append(hist[-1] / torch.linalg.vector_norm(Fx, dim=dims).clamp_min(1e-30))
             if tol is not None and bool((rel_hist[-1] < tol).all()):
                 converged = True
                 break
-            sur.update(X, Fx)
-            H = H + sur.scan(r)
-        else:
-            converged = False if tol is not None else None
+        sur.update(X, Fx)
+        H = H + sur.scan(r)
+    else:
+        converged = False if tol is not None else None
+    return H, hist, rel_hist, converged
+
+
+def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: int | None = None,
+          chunks: str | None = None, init: str = "h0", kappa: float = 0.0, tol: float | None = None,
+          probes: int = 1, jac: str = "jvp", seed: int = 0, check_finite: bool = True) -> SolveResult:
+    """Run the first L - n_par layers sequentially and solve the last n_par with `iters` structured
+    Newton iterations of `method` from `init`. Returns the whole trace, the logits and the residuals.
+
+    method: "sequential" or a surrogate name (`methods()`); kappa: IDN damping; probes: Hutchinson
+    probes for DiagN; jac: "jvp" | "vjp" | "fd" for exact Newton; tol: stop once every parallel unit's
+    relative residual is below tol; seed: for random probes.
+    chunks: "CxFM" solves C fused chunks of M layers (C·M = n_par; n_par defaults to C·M) as the
+    parallel units, see `snlp_lab.fusion`; the trace then holds only the chunk-boundary states after
+    h_S. With method="sequential", chunks give the fused model's sequential pass (prefix, then the
+    chunks one after another); without chunks n_par is ignored by "sequential".
+    """
+    L = model.n_layer
+    if chunks is not None:
+        C, M = parse_chunks(chunks, n_par)
+        n_par = C * M
+    n_par = L if n_par is None else n_par
+    _check_args(model, method, iters, n_par, init)
+    h, ctx = model.embed(idx)
+    S = L - n_par if method != "sequential" or chunks is not None else L
+    trace = [h]
+    for l in range(S):  # sequential prefix (everything, for method="sequential")
+        trace.append(model.layer(l, trace[-1], ctx))
+    hist, rel_hist, converged = [], [], None
+    # the parallel units: layers S..L-1 of the model, or C fused chunks of a ChunkStack
+    stack, a, b = (model, S, L) if chunks is None else (ChunkStack(model, S, L, M), 0, C)
+    if S < L and method == "sequential":  # only with chunks: the fused model's sequential pass
+        for c in range(C):
+            trace.append(stack.layer(c, trace[-1], ctx))
+    elif S < L:
+        gen = torch.Generator().manual_seed(seed)
+        sur = SURROGATES[method](stack, a, b, ctx, kappa=kappa, probes=probes, jac=jac, generator=gen)
+        hS = trace[S]
+        if init == "h0":
+            H = hS.expand(b - a, *hS.shape)
+        else:  # "fwd": every parallel unit applied to h_S, one batched call
+            H = stack.layers(a, b, hS.expand(b - a, *hS.shape), ctx)
+        H, hist, rel_hist, converged = iterate(lambda X: stack.layers(a, b, X, ctx), hS, H, sur, iters, tol)
         trace.extend(H.unbind(0))
     trace = torch.stack(trace)
     logits = model.head(trace[-1])
     if check_finite and not (torch.isfinite(trace).all() and torch.isfinite(logits).all()):
-        raise NonFiniteError(f"{method} (n_par={n_par}, iters={iters}, init={init}) produced non-finite "
+        raise NonFiniteError(f"{method} (n_par={n_par}, chunks={chunks}, iters={iters}, init={init}) produced non-finite "
                              f"states; pass check_finite=False to inspect them")
-    empty = trace.new_zeros(0, n_par)
+    empty = trace.new_zeros(0, C if chunks is not None else n_par)
     return SolveResult(trace=trace, logits=logits,
                        history=torch.stack(hist) if hist else empty,
                        rel_history=torch.stack(rel_hist) if rel_hist else empty,
-                       iters_run=len(hist), converged=converged, method=method, n_par=n_par, init=init)
+                       iters_run=len(hist), converged=converged, method=method, n_par=n_par, init=init,
+                       chunks=chunks)

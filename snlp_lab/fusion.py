@@ -1,0 +1,158 @@
+"""Fused chunks (`CxFM`): M consecutive layers run as one wide block on one input.
+
+A chunk of layers a..a+M-1 becomes one block whose attention has the M layers' heads side by side
+(M·n_head query heads, M·n_kv_head key/value heads) and whose MLP has the M layers' hidden units side
+by side. Summing over the chunk's layers is what the output projections do once their input columns
+are concatenated, so
+
+    x = λ̄ h + μ̄ x0,   x_mid = x + Σ_l attn_l(norm x),   F_c(h) = x_mid + Σ_l mlp_l(norm x_mid).
+
+This is `block_apply` on wider weights: nothing new to compute, only a re-arrangement of the stacked
+weights. A fused chunk is a different function from its M layers in sequence (every layer reads the
+chunk's input), so C chunks solved to convergence give the *fused* model, not the sequential one.
+
+Choices where the layers disagree:
+  - x0 lambdas (x0ve models): the chunk has one input, so it uses the chunk's mean λ and mean μ.
+  - value embeddings (x0ve models): each fused layer keeps its own value embedding and gate, laid
+    side by side on the key/value-head axis (a layer without one contributes zeros and a zero gate
+    weight). The paper's code dropped value embeddings in fused chunks; here they are kept.
+
+`ChunkStack` presents layers start..stop-1 as C = (stop - start) / M such units: a layer stack the
+solver and the decoder iterate over exactly as over single layers (M = 1 gives the layers themselves).
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from .model import block_apply
+
+_CHUNKS = re.compile(r"(\d+)xF(\d+)")
+_ROW_WEIGHTS = ("q", "k", "v", "fc", "gate")  # [N, out, in]: fusing concatenates output rows
+_COL_WEIGHTS = ("o", "proj")  # [N, out, in]: fusing concatenates input columns (sums the outputs)
+_MEAN_WEIGHTS = ("lam", "mu")  # [N] scalars: the chunk uses their mean
+
+
+def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
+    """'CxFM' -> (C, M): C chunks of M fused layers, e.g. '4xF6' -> (4, 6). With n_par, C·M must equal it."""
+    m = _CHUNKS.fullmatch(chunks.strip()) if isinstance(chunks, str) else None
+    if m is None:
+        raise ValueError(f"chunks must be a string 'CxFM' (C chunks of M fused layers, e.g. '4xF6', "
+                         f"'12xF2', '1xF12'), got {chunks!r}")
+    C, M = int(m[1]), int(m[2])
+    if C < 1 or M < 1:
+        raise ValueError(f"chunks 'CxFM' needs C >= 1 and M >= 1, got C={C}, M={M} in {chunks!r}")
+    if n_par is not None and C * M != n_par:
+        raise ValueError(f"chunks {chunks!r} cover C·M = {C * M} layers but n_par = {n_par}; "
+                         f"C·M must equal n_par (e.g. '{n_par}xF1' or '1xF{n_par}')")
+    return C, M
+
+
+def check_chunkable(model) -> None:
+    """Fusion is defined for the single-stream GPT; mHC models have no fused form here."""
+    n_streams = getattr(model.config, "n_streams", 1)
+    if n_streams > 1:
+        raise ValueError(f"chunks (layer fusion) are not supported on mHC models (n_streams={n_streams}); "
+                         f"use chunks=None")
+
+
+def fuse(W: dict, M: int) -> dict:
+    """Stacked per-layer weights [N, ...] -> stacked fused-chunk weights [N/M, ...], chunk c holding
+    layers cM..cM+M-1. Layer-major order everywhere, so head h of layer m is fused head m·H + h."""
+    if M == 1:
+        return W
+    N = W["q"].shape[0]
+    if N % M:
+        raise ValueError(f"cannot fuse {N} layers into chunks of M={M}: N must be a multiple of M")
+    C = N // M
+    out = {}
+    for name, w in W.items():
+        if name in _ROW_WEIGHTS:
+            out[name] = w.reshape(C, M * w.shape[1], w.shape[2])
+        elif name in _COL_WEIGHTS:
+            out[name] = w.reshape(C, M, *w.shape[1:]).transpose(1, 2).reshape(C, w.shape[1], M * w.shape[2])
+        elif name in _MEAN_WEIGHTS:
+            out[name] = w.reshape(C, M).mean(dim=1)
+        else:
+            raise ValueError(f"don't know how to fuse weight {name!r}; known: "
+                             f"{', '.join(_ROW_WEIGHTS + _COL_WEIGHTS + _MEAN_WEIGHTS)}")
+    return out
+
+
+def _param_key(model) -> tuple:
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
+
+
+def fused_weights(model, start: int, stop: int, M: int) -> dict:
+    """Fused weights of layers start..stop-1 in chunks of M: [C, ...] per weight kind.
+
+    Built once per model and reused (cached on the model by (start, stop, M), rebuilt when a parameter
+    changes), like `GPT.stacked_weights`. Under autograd they are rebuilt so that gradients flow.
+    """
+    if M == 1:
+        return model.stacked_weights(start, stop)
+    if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
+        return fuse(model.stacked_weights(start, stop), M)
+    key = _param_key(model)
+    cache = getattr(model, "_fused_cache", None)
+    if cache is None or cache[0] != key:
+        cache = model._fused_cache = (key, {})
+    if (start, stop, M) not in cache[1]:
+        cache[1][(start, stop, M)] = fuse(model.stacked_weights(start, stop), M)
+    return cache[1][(start, stop, M)]
+
+
+def fused_value_embeddings(model, start: int, stop: int, M: int, ctx):
+    """Value embeddings of the fused chunks [C, B, T, M·kv_dim] (None on models without them): each
+    chunk's M layers side by side, in the same layer-major order as the fused key/value heads."""
+    ve = model.value_embeddings(start, stop, ctx)
+    if ve is None or M == 1:
+        return ve
+    key = ("fused", start, stop, M)
+    if key not in ctx._ve:
+        N, B, T, kv = ve.shape
+        ctx._ve[key] = ve.view(N // M, M, B, T, kv).permute(0, 2, 3, 1, 4).reshape(N // M, B, T, M * kv)
+    return ctx._ve[key]
+
+
+class ChunkStack:
+    """Layers start..stop-1 of a GPT as n_layer = (stop - start) / M units of M fused layers.
+
+    A layer stack in the solver's sense (`layers`, `layer`, `resid_scale`, `n_layer`), indexed by unit:
+    unit c is the fused block of layers start + cM .. start + cM + M - 1 (M = 1: the layers themselves).
+    The weights are resolved once, when the stack is made; make a new stack after changing the model.
+    """
+
+    def __init__(self, model, start: int, stop: int, M: int = 1):
+        check_chunkable(model)
+        if not 0 <= start < stop <= model.n_layer or (stop - start) % M:
+            raise ValueError(f"layers {start}..{stop - 1} cannot be cut into chunks of M={M} "
+                             f"(model depth {model.n_layer})")
+        self.model, self.start, self.stop, self.M = model, start, stop, M
+        self.n_layer = (stop - start) // M
+        self.head_dim = model.config.head_dim
+        self.W = fused_weights(model, start, stop, M)
+        self.apply = block_apply  # the decoder may swap in a compiled version
+        self._slices = {}
+
+    def weights(self, a: int, b: int) -> dict:
+        """Weights of units a..b-1 (views; memoised, the decoder asks for the same slices every token)."""
+        if (a, b) not in self._slices:
+            self._slices[(a, b)] = {k: v[a:b] for k, v in self.W.items()}
+        return self._slices[(a, b)]
+
+    def layers(self, a: int, b: int, H: torch.Tensor, ctx, past=None, return_kv: bool = False):
+        """Units a..b-1 on inputs H [b - a, B, T, D] in one batched call (see `block_apply`)."""
+        ve = fused_value_embeddings(self.model, self.start, self.stop, self.M, ctx)
+        return self.apply(self.weights(a, b), H, ctx, self.head_dim, None if ve is None else ve[a:b],
+                          past=past, return_kv=return_kv)
+
+    def layer(self, c: int, h: torch.Tensor, ctx) -> torch.Tensor:
+        return self.layers(c, c + 1, h.unsqueeze(0), ctx)[0]
+
+    def resid_scale(self, c: int) -> torch.Tensor:
+        """The unit's factor on h (the chunk's mean λ; 1 without x0 lambdas): the scaled-IDN surrogate."""
+        if "lam" in self.W:
+            return self.W["lam"][c]
+        return torch.ones((), dtype=self.W["q"].dtype, device=self.W["q"].device)
