@@ -1,0 +1,230 @@
+"""mHC: the GPT with n residual streams mixed by doubly stochastic matrices (arXiv 2512.24880), and the
+HC Newton (HCN) surrogate that uses those matrices.
+
+The state has a stream axis: h [B, T, n, D]. Each sublayer (attention, then MLP) of a layer reads its
+input from the streams, runs the usual nanochat branch on it and writes the output back:
+
+    x_in = Σ_i H^pre_i h_i ;   y = branch(norm x_in) ;   h' = H^res h + H^post ⊗ y
+
+with H^res = Sinkhorn(logits) doubly stochastic, H^pre = σ(logits) and H^post = 2σ(logits) (the paper's
+maps). The embedding is copied into every stream; the head reads the sum of the streams. Mixing is
+*static* (logits learned per layer and sublayer) or, with `mhc_dynamic`, *input-dependent* as in the
+paper: logits = b + α · (rms_norm(vec h) φ), per token, with vec h the n·D streams of the token.
+
+With its branches held fixed, a layer is linear in the streams with matrix H^res_mlp · H^res_attn (⊗ I_D):
+that is the HCN surrogate for the layer Jacobian, `MHCGPT.res_matrices`. For dynamic mixing the matrices
+are taken at the current iterate (they leave out ∂H/∂h, so HCN is then a surrogate even without branches).
+
+Parameters: every mixing parameter lives in the submodule `mix` (names `mix.*`), stacked over layers
+with a sublayer axis [L, 2, ...] (0 = attention, 1 = MLP). They are small and belong to AdamW, not
+Muon, including `mix.phi` (a stack of projections, not an `nn.Linear`).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .model import GPT, attn_branch, mlp_branch, rms_norm, stacked_linear
+from .solve import Surrogate, register_surrogate
+
+SINKHORN_ITERS = 20  # the paper's t_max
+RES_DIAG_INIT = 5.0  # H^res logits start as 5·I: H^res ≈ 0.98 I, off-diagonals ≈ 0.007 (close to identity, not frozen)
+PRE_OFF_INIT = -2.0  # H^pre logits: 0 on the stream a sublayer reads most, -2 (σ = 0.12) on the others
+ALPHA_INIT = 0.01  # scale of the input-dependent term at init (dynamic mixing)
+ATTN, MLP = 0, 1  # the sublayer axis of the mixing parameters
+
+
+def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
+    """Doubly stochastic matrices from logits [..., n, n]: Sinkhorn–Knopp on exp(logits), alternating
+    row and column normalisation in log space, then `round_doubly_stochastic`. Runs in float32 (or
+    float64) even under bf16 autocast: low precision would break the row and column sums that keep the
+    streams' signal from growing or fading."""
+    dt = torch.promote_types(logits.dtype, torch.float32)
+    with torch.autocast(logits.device.type, enabled=False):
+        z = logits.to(dt)
+        for _ in range(iters):
+            z = z - z.logsumexp(-1, keepdim=True)
+            z = z - z.logsumexp(-2, keepdim=True)
+        return round_doubly_stochastic(z.exp())
+
+
+def round_doubly_stochastic(P: torch.Tensor) -> torch.Tensor:
+    """The nearby exactly doubly stochastic matrix for P >= 0 [..., n, n] with unit column sums and
+    nearly unit row sums (Altschuler, Weed & Rigollet 2017, Alg. 2): scale the rows that sum above 1 down
+    to 1, then add the rank-one matrix e_r e_c^T / |e_c|_1 of the missing row and column mass.
+
+    Why: Sinkhorn converges slowly near permutation matrices, and H^res starts near the identity. After
+    the paper's 20 iterations row sums can be off by 1e-3 (at init) to 1e-2 (trained); this step makes
+    them exact to rounding and moves P by at most twice that error."""
+    P = P / P.sum(-1, keepdim=True).clamp_min(1.0)  # rows <= 1; columns (1 before) stay <= 1
+    e_row = (1 - P.sum(-1)).clamp_min(0)  # clamp: rounding may leave -1 ulp
+    e_col = (1 - P.sum(-2)).clamp_min(0)
+    mass = e_col.sum(-1).clamp_min(torch.finfo(P.dtype).eps)[..., None, None]  # = e_row.sum(-1)
+    return P + e_row.unsqueeze(-1) * e_col.unsqueeze(-2) / mass
+
+
+def stream_mix(M: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """(M ⊗ I_D) h: matrices M [..., n, n] act on the stream axis of h [..., n, D]. In float32 at least
+    (autocast would round near-identity mixing to bf16); the result keeps h's dtype."""
+    dt = torch.promote_types(h.dtype, torch.float32)
+    with torch.autocast(h.device.type, enabled=False):
+        return (M.to(dt) @ h.to(dt)).to(h.dtype)
+
+
+def read_streams(pre: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """A sublayer's input Σ_i pre_i h_i: pre [..., n], h [..., n, D] -> [..., D]."""
+    return (pre.unsqueeze(-2).to(h.dtype) @ h).squeeze(-2)
+
+
+def write_streams(res: torch.Tensor, post: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The new streams H^res h + H^post ⊗ y: res [..., n, n], post [..., n], h [..., n, D], y [..., D]."""
+    return stream_mix(res, h) + post.unsqueeze(-1) * y.unsqueeze(-2)
+
+
+class StreamMixing(nn.Module):
+    """The mixing logits of all layers: res [L, 2, n, n], pre and post [L, 2, n]; with dynamic mixing
+    also phi [L, 2, n² + 2n, n·D] (the per-token map) and alpha [L, 2, 3] (its scale for pre, post, res)."""
+
+    def __init__(self, n_layer: int, n_streams: int, n_embd: int, dynamic: bool):
+        super().__init__()
+        L, n = n_layer, n_streams
+        self.res = nn.Parameter(torch.empty(L, 2, n, n))
+        self.pre = nn.Parameter(torch.empty(L, 2, n))
+        self.post = nn.Parameter(torch.empty(L, 2, n))
+        if dynamic:
+            self.phi = nn.Parameter(torch.empty(L, 2, n * n + 2 * n, n * n_embd))
+            self.alpha = nn.Parameter(torch.empty(L, 2, 3))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        L, _, n = self.pre.shape
+        self.res.copy_(RES_DIAG_INIT * torch.eye(n, device=self.res.device))
+        # Sublayer k = 2l + s reads mostly from stream k mod n. Identical streams with symmetric weights
+        # would stay identical forever (every gradient is symmetric too): distinct readers break that.
+        reads = (torch.arange(2 * L, device=self.pre.device) % n).view(L, 2, 1)
+        self.pre.fill_(PRE_OFF_INIT).scatter_(-1, reads, 0.0)
+        self.post.zero_()  # 2σ(0) = 1: every stream receives the branch output
+        if hasattr(self, "phi"):
+            s = 3 ** 0.5 * self.phi.shape[-1] ** -0.5  # uniform with std 1/sqrt(fan-in), as the block matrices
+            nn.init.uniform_(self.phi, -s, s)
+            self.alpha.fill_(ALPHA_INIT)
+
+
+class MHCGPT(GPT):
+    """The GPT with `n_streams` residual streams (mHC). Same layer-map interface as `GPT`; states carry a
+    stream axis: embed -> h0 [B, T, n, D], layers(start, stop, H [N, B, T, n, D], ctx) -> [N, B, T, n, D]."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        cfg = self.config
+        if cfg.n_streams < 2:
+            raise ValueError(f"MHCGPT needs n_streams >= 2, got {cfg.n_streams}; use GPT for a plain residual")
+        self.mix = StreamMixing(cfg.n_layer, cfg.n_streams, cfg.n_embd, cfg.mhc_dynamic)
+        self._mix_key, self._mix_cache = None, None
+
+    @torch.no_grad()
+    def init_weights(self):
+        super().init_weights()
+        if "mix" in self._modules:  # GPT.__init__ calls this before `mix` exists; StreamMixing inits itself
+            self.mix.reset_parameters()
+
+    @property
+    def n_streams(self) -> int:
+        return self.config.n_streams
+
+    # ----------------------------------------------------------------------------------- layer maps
+    def embed(self, idx: torch.Tensor, pos: int = 0):
+        """h0 [B, T, n, D] (the normalised embedding in every stream) and the layers' Context."""
+        h0, ctx = super().embed(idx, pos)
+        return h0.unsqueeze(-2).repeat(1, 1, self.n_streams, 1), ctx
+
+    def layers(self, start: int, stop: int, H: torch.Tensor, ctx, past=None, return_kv=False):
+        """Φ_start..Φ_{stop-1} on inputs H [N = stop - start, B, T, n, D], one batched call per weight kind."""
+        W = self.stacked_weights(start, stop)
+        H, _, kv = self._attn_sublayer(W, start, stop, H, ctx, past)
+        pre, post, res = self.mixing(MLP, start, stop, H)
+        H = write_streams(res, post, H, mlp_branch(W, rms_norm(read_streams(pre, H))))
+        return (H, kv) if return_kv else H
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits from the sum of the streams of the last state h [B, T, n, D]."""
+        return super().head(h.sum(-2))
+
+    def _attn_sublayer(self, W, start, stop, H, ctx, past=None):
+        pre, post, res = self.mixing(ATTN, start, stop, H)
+        y, kv = attn_branch(W, rms_norm(read_streams(pre, H)), ctx, self.config.head_dim, past=past)
+        return write_streams(res, post, H, y), res, kv
+
+    # ----------------------------------------------------------------------------------- mixing
+    def mixing(self, sub: int, start: int, stop: int, H: torch.Tensor | None = None):
+        """H^pre [N, *, n], H^post [N, *, n] and H^res [N, *, n, n] of sublayer `sub` (0 = attention,
+        1 = MLP) of layers start..stop-1, for the sublayer inputs H [N, B, T, n, D].
+        Static mixing: * = (1, 1) and H may be None. Dynamic mixing: * = (B, T), one set per token."""
+        N, n = stop - start, self.n_streams
+        if not self.config.mhc_dynamic:
+            pre, post, res = self._static_mixing(start, stop)
+            return pre[:, sub].view(N, 1, 1, n), post[:, sub].view(N, 1, 1, n), res[:, sub].view(N, 1, 1, n, n)
+        if H is None:
+            raise ValueError("dynamic mixing (mhc_dynamic=True) depends on the state: pass H")
+        m = self.mix
+        z = stacked_linear(rms_norm(H.flatten(-2)), m.phi[start:stop, sub])  # [N, B, T, n² + 2n]
+        a = m.alpha[start:stop, sub].view(N, 1, 1, 3)
+        pre = m.pre[start:stop, sub].view(N, 1, 1, n) + a[..., 0:1] * z[..., :n]
+        post = m.post[start:stop, sub].view(N, 1, 1, n) + a[..., 1:2] * z[..., n:2 * n]
+        res = m.res[start:stop, sub].view(N, 1, 1, n, n) + (a[..., 2:3] * z[..., 2 * n:]).unflatten(-1, (n, n))
+        return torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(res)
+
+    def _static_mixing(self, start: int, stop: int):
+        """(σ(pre), 2σ(post), Sinkhorn(res)) for layers start..stop-1 from the static logits.
+
+        Without autograd they are computed for all layers once and reused until a mixing parameter
+        changes: a sequential forward would otherwise pay 2·SINKHORN_ITERS small ops per sublayer."""
+        def coeffs(sl):
+            m = self.mix
+            return torch.sigmoid(m.pre[sl]), 2 * torch.sigmoid(m.post[sl]), sinkhorn(m.res[sl])
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.mix.parameters()):
+            return coeffs(slice(start, stop))
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.mix.parameters())
+        if key != self._mix_key:
+            self._mix_cache, self._mix_key = coeffs(slice(None)), key
+        return tuple(c[start:stop] for c in self._mix_cache)
+
+    def res_matrices(self, start: int, stop: int, H: torch.Tensor | None = None, ctx=None,
+                     past=None) -> torch.Tensor:
+        """H^res_mlp · H^res_attn [N, *, n, n] for layers start..stop-1: each layer's map on the streams
+        with its branches held fixed (the HCN surrogate). * = (1, 1) for static mixing (H and ctx are not
+        needed); for dynamic mixing * = (B, T), at the layer inputs H [N, B, T, n, D], which costs one
+        batched attention sublayer (the MLP's mixing reads the state after attention; `past` = cached
+        keys and values, as in `layers`)."""
+        if not self.config.mhc_dynamic:
+            res_attn, res_mlp = self.mixing(ATTN, start, stop)[2], self.mixing(MLP, start, stop)[2]
+        else:
+            if H is None or ctx is None:
+                raise ValueError("dynamic mixing (mhc_dynamic=True) depends on the state: pass H and ctx")
+            W = self.stacked_weights(start, stop)
+            H_mid, res_attn, _ = self._attn_sublayer(W, start, stop, H, ctx, past)
+            res_mlp = self.mixing(MLP, start, stop, H_mid)[2]
+        return stream_mix(res_mlp, res_attn)  # the product in float32 at least, even under autocast
+
+
+@register_surrogate("hcn")
+class HCNewton(Surrogate):
+    """A_l = H^res_mlp,l · H^res_attn,l ⊗ I_D (mHC models): the correction is a scan of n×n matrices over
+    depth. Exact Newton when every branch is flat (e.g. zero output projections) and mixing is static.
+    Dynamic mixing: the matrices at the current iterate, re-evaluated every iteration."""
+
+    def __init__(self, model, start, stop, ctx, **opts):
+        super().__init__(model, start, stop, ctx)
+        if getattr(model, "res_matrices", None) is None:
+            raise ValueError("method 'hcn' (HC Newton) needs an mHC model with residual streams "
+                             "(n_streams > 1, e.g. preset 'cpu-mhc'); use 'idn' on plain models")
+        self.dynamic = model.config.mhc_dynamic
+        self.M = None if self.dynamic else model.res_matrices(start, stop)
+
+    def update(self, X, F):
+        if self.dynamic:
+            self.M = self.model.res_matrices(self.start, self.stop, X, self.ctx)
+
+    def matvec(self, j, d):
+        return stream_mix(self.M[j], d)
