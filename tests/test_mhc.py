@@ -107,6 +107,22 @@ def test_batched_layers_equal_one_at_a_time(dynamic, idx):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
+def test_cached_keys_and_values(dynamic, idx):
+    """Later tokens with the earlier tokens' cached K/V give what the whole sequence gives (decoding)."""
+    m = build(dynamic)
+    H, ctx = random_states(m, idx)
+    full = m.layers(0, L, H, ctx)
+    M_full = m.res_matrices(0, L, H, ctx)
+    t = 7
+    first, kv = m.layers(0, L, H[:, :, :t], m.embed(idx[:, :t])[1], return_kv=True)
+    ctx2 = m.embed(idx[:, t:], pos=t)[1]
+    torch.testing.assert_close(torch.cat([first, m.layers(0, L, H[:, :, t:], ctx2, past=kv)], 2), full,
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.res_matrices(0, L, H[:, :, t:], ctx2, past=kv),
+                               M_full[:, :, t:] if dynamic else M_full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
 def test_res_doubly_stochastic_at_init_and_after_training(dynamic):
     torch.manual_seed(0)
     m = snlp_lab.build_model("tiny", x0ve=False, n_streams=4, mhc_dynamic=dynamic).double()
