@@ -1,0 +1,90 @@
+"""SNLP-aware regularization (DESIGN §1): teach the layers to be solvable in parallel.
+
+    R = Σ_{N∈𝒩} Σ_{j∈P_s(N)} mean_{b,t} ‖ĥ_{S+j} − h^seq_{S+j}‖₂ / max(‖h^seq_{S+j}‖₂, 1e-6),   S = L − N
+
+ĥ is ONE structured Newton iteration from `h0` (every parallel state starts at h_S) on the last N
+layers, with any surrogate registered in `snlp_lab.solve.SURROGATES` (IDN, DiagN, HCN, ...). It re-uses
+the sequential forward's states: h_S is the input and h^seq the target, so each N costs one batched
+`model.layers(S, L, ...)` call on top of the forward. Norms run over the feature axes of one position
+(the last axis, or the last two for mHC stream states [B, T, n, D]).
+
+P_s(N), the compared states, counts parallel layers j = 1..N (h_{S+j} is the output of the j-th
+parallel layer): every s-th one, j = s, 2s, ..., plus the last, j = N. Stride 0 or 1 compares all N.
+(j = 1 is exact after one iteration, by finite termination, so it contributes only rounding.)
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .solve import SURROGATES
+
+EPS = 1e-6  # floor of the target norm, so a vanishing state cannot blow the ratio up
+
+
+def parallel_positions(n_par: int, stride: int = 0) -> list[int]:
+    """P_s(N): the parallel layers j (1-based, 1..n_par) whose outputs the regularizer compares."""
+    if stride < 0:
+        raise ValueError(f"stride must be >= 0 (0 or 1 = every parallel layer), got {stride}")
+    if stride <= 1:
+        return list(range(1, n_par + 1))
+    return sorted(set(range(stride, n_par + 1, stride)) | {n_par})
+
+
+def check_n_par_set(n_par_set: Sequence[int], n_layer: int) -> tuple[int, ...]:
+    """The set 𝒩 as a sorted tuple; each N must be a whole number in 1..n_layer."""
+    if len(n_par_set) == 0:
+        raise ValueError("n_par_set is empty; give at least one n_par, e.g. 4,8,12")
+    for n in n_par_set:
+        if not isinstance(n, int) or not 1 <= n <= n_layer:
+            raise ValueError(f"every n_par in n_par_set must be an integer in 1..{n_layer} (the model's "
+                             f"depth), got {n!r}; use smaller values or a deeper model")
+    return tuple(sorted(set(n_par_set)))
+
+
+def one_iteration(model, hS: torch.Tensor, ctx, n_par: int, method: str = "idn",
+                  generator: torch.Generator | None = None, **surrogate_opts) -> torch.Tensor:
+    """ĥ_{S+1..L} [n_par, B, T, ...]: one structured Newton iteration from h0 = h_S on the last n_par
+    layers. Equals `solve(model, idx, method, iters=1, n_par=n_par, init="h0").trace[S + 1:]`."""
+    L = model.n_layer
+    S = L - n_par
+    # h0 init: every parallel state, and so every layer input, is h_S (materialised: forward-mode AD
+    # in DiagN cannot write into an expanded tensor)
+    H = hS.expand(n_par, *hS.shape).contiguous()
+    Fx = model.layers(S, L, H, ctx)
+    sur = SURROGATES[method](model, S, L, ctx, generator=generator, **surrogate_opts)
+    sur.update(H, Fx)
+    return H + sur.scan(Fx - H)
+
+
+def snlp_regularizer(model, trace: Sequence[torch.Tensor], ctx, n_par_set: Sequence[int],
+                     method: str = "idn", stride: int = 0, detach_target: bool = False,
+                     generator: torch.Generator | None = None, **surrogate_opts) -> torch.Tensor:
+    """R above (a scalar), from the sequential forward's states `trace` = h_0..h_L (a list or a
+    stacked tensor) and its Context `ctx`.
+
+    method: a surrogate name from `snlp_lab.solve.SURROGATES`; stride: s of P_s(N);
+    detach_target: no gradient through h^seq (only ĥ is pulled towards the sequential trace);
+    generator: random probes (DiagN); surrogate_opts: passed to the surrogate (kappa, probes, ...).
+    """
+    if method not in SURROGATES:
+        raise ValueError(f"unknown surrogate {method!r}; valid: {', '.join(SURROGATES)}")
+    L = model.n_layer
+    if len(trace) != L + 1:
+        raise ValueError(f"trace must hold the {L + 1} states h_0..h_L, got {len(trace)}")
+    dtype = torch.promote_types(trace[0].dtype, torch.float32)  # norms of bf16 states in fp32
+    total = trace[0].new_zeros((), dtype=dtype)
+    for N in check_n_par_set(n_par_set, L):
+        S = L - N
+        h_hat = one_iteration(model, trace[S], ctx, N, method, generator, **surrogate_opts)
+        js = parallel_positions(N, stride)
+        est = h_hat[[j - 1 for j in js]]
+        target = torch.stack([trace[S + j] for j in js])
+        if detach_target:
+            target = target.detach()
+        feat = tuple(range(3, est.dim()))  # [J, B, T, features...]: norm per position
+        err = torch.linalg.vector_norm(est - target, dim=feat, dtype=dtype)
+        ref = torch.linalg.vector_norm(target, dim=feat, dtype=dtype).clamp_min(EPS)
+        total = total + (err / ref).mean(dim=(1, 2)).sum()
+    return total
