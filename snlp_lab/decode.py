@@ -118,9 +118,12 @@ class Decoder:
         for stack in (self.prefix, self.par):
             if stack is not None and self.apply is not None:
                 stack.apply = self.apply
-        hd = cfg.head_dim
-        self.cache_prefix = KVCache(self.S, B, cfg.n_kv_head, self.max_len, hd, dtype, device) if self.S else None
-        self.cache_par = KVCache(self.par.n_layer, B, self.M * cfg.n_kv_head, self.max_len, hd, dtype, device)
+        key = (B, device, dtype)
+        if getattr(self, "_cache_key", None) != key:  # a new sequence of the same shape reuses the buffers
+            hd = cfg.head_dim
+            self.cache_prefix = KVCache(self.S, B, cfg.n_kv_head, self.max_len, hd, dtype, device) if self.S else None
+            self.cache_par = KVCache(self.par.n_layer, B, self.M * cfg.n_kv_head, self.max_len, hd, dtype, device)
+            self._cache_key = key
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
         self.pos, self._last = 0, None
 

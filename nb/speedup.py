@@ -1,0 +1,82 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Speedup: sequential forward vs SNLP, prefill at B = 1 and KV-cached decode
+#
+# Wall-clock medians of the sequential forward and of SNLP configurations on the same model in the
+# same run (`snlp_lab.bench`). Configurations read `METHOD:K=iters:n=n_par[:CxFM][:init]`;
+# `bound` is the critical-path speedup L / (S + K). Parameters left as `None` are chosen for the
+# profile and device (on a CPU: T = 128 and a 16-token decode).
+
+# %% tags=["parameters"]
+model = None  # preset name; None: "cpu" (profiles smoke, cpu) or "0.5b-plain" (paper)
+device = "auto"  # "auto" picks CUDA when present
+seq_lens = None  # prefill lengths T; decode covers the last decode_tokens tokens of T
+configs = None  # configuration strings; None: snlp_lab.bench.default_configs(depth)
+checkpoint = None  # path of a trained checkpoint; None: random weights (timing does not depend on them)
+repeats = None
+decode_tokens = None
+compile = False  # torch.compile the block function for the baseline and SNLP alike
+profile = "cpu"  # smoke | cpu | paper
+fig_dir = "../figures"
+report_dir = "../reports"
+
+# %%
+import matplotlib.pyplot as plt
+
+from snlp_lab import bench, report
+
+S = bench.settings(model, device, profile, seq_lens, configs, repeats, decode_tokens)
+S
+
+# %%
+df = bench.run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
+                     S["device"], compile=compile, checkpoint=checkpoint, log=print)
+notes = df.attrs["notes"]
+print("\n".join(notes))
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+for ax, col in zip(axes, ["prefill_speedup", "decode_speedup"]):
+    wide = df.pivot(index="config", columns="T", values=col).loc[df["config"].unique()]
+    wide.plot.barh(ax=ax, width=0.8)
+    bound = df.drop_duplicates("config").set_index("config")["bound"].loc[wide.index]
+    ax.scatter(bound, range(len(bound)), marker="|", s=200, color="k", zorder=3, label="bound L/(S+K)")
+    ax.axvline(1.0, color="grey", lw=1, ls="--")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"{col.split('_')[0]} speedup over sequential (x)")
+    ax.legend(title="T", fontsize=8)
+axes[0].invert_yaxis()
+fig.suptitle(f"{S['model']} on {df['device'][0]} ({df['dtype'][0]}), B=1, {df['weights'][0]}", fontsize=10)
+fig.tight_layout()
+name = f"speedup_{S['model']}"
+report.save_figure(fig, name, fig_dir)
+
+# %%
+cols = ["config", "T", "S", "units", "bound", "prefill_ms", "prefill_speedup", "decode_tok_s", "decode_speedup",
+        "top1", "peak_mem_mb"]
+table = df[cols].dropna(axis=1, how="all")  # peak memory is missing only off Linux/CUDA
+meta = dict(model=S["model"], device=f"{df['device'][0]} ({df['dtype'][0]}, compile={compile})",
+            repeats=f"median of {S['repeats']} after {S['warmup']} warm-up, configurations interleaved",
+            decode=f"last {S['decode_tokens']} tokens of each T, KV cache, B=1", notes="; ".join(notes))
+report.save_table(table, name, report_dir, f"Wall-clock speedup of SNLP over the sequential forward ({S['model']})", meta)
+best_p = df.loc[df["prefill_speedup"].idxmax()]
+best_d = df.loc[df["decode_speedup"].idxmax()]
+report.add_reading(report_dir, "speedup", name,
+                   f"{S['model']} on {df['device'][0]}: best prefill x{best_p.prefill_speedup:.2f} ({best_p.config}, "
+                   f"T={best_p['T']}, bound x{best_p.bound:.2f}); best decode x{best_d.decode_speedup:.2f} "
+                   f"({best_d.config}); {'random' if checkpoint is None else 'trained'} weights")
+table

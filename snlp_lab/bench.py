@@ -1,0 +1,408 @@
+"""Wall-clock benchmark: the sequential forward against SNLP configurations on the same model, same run.
+
+Two measurements per configuration and sequence length T (batch B = 1 by default):
+  - prefill: one forward over T tokens (filling the KV cache), median milliseconds;
+  - decode: the last `decode_tokens` tokens of a T-token sequence, one token at a time against the
+    KV cache (after an untimed sequential prefill of the first T - decode_tokens), tokens per second.
+Every number is a median over `repeats` runs after `warmup` runs. Speedups are ratios of medians
+taken in the same run. The sequential baseline and every SNLP configuration go through the same
+`Decoder` (same weight layout, same cache, same kernels, optionally the same torch.compile'd block),
+so a speedup is never against a handicapped baseline.
+
+Configuration strings:  `sequential`  or  `METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ]`
+in any order after the method, e.g. `idn:K=2:n=24:4xF6:h0`, `idn:K=1:n=12`, `scaled-idn:K=2:n=8:fwd`.
+Defaults: K=1, n = all layers (or C·M with chunks), per-layer units, init h0. INIT is h0, fwd or warm;
+"warm" is a decoding init (the previous token's states), so its prefill starts from h0.
+
+`bound` is the critical-path speedup if every batched call cost as much as one layer:
+L / (S + K) for S sequential layers and K iterations (each iteration one batched call, per layer or
+chunked), L / (S + K + 1) with init fwd (its extra batched call). A CPU is compute-bound: a batched
+call of N layers costs about N layers, so SNLP, which evaluates the parallel layers K times, is slower
+unless per-call overhead dominates (small models, single-token decode).
+
+Memory: peak allocated CUDA memory, or on CPU the process's peak resident set (model included).
+Without a checkpoint the weights are random: nanochat's zero-initialised output projections are
+replaced by small random ones (the same FLOPs; `top1` then compares against a random model only).
+
+    python -m snlp_lab.bench --model cpu --configs sequential idn:K=1:n=12 idn:K=2:n=12:4xF3 --seq-lens 128
+    python -m snlp_lab.bench --model 0.5b --configs sequential idn:K=2:n=24:4xF6:h0 --csv out.csv
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+
+from .decode import DECODE_INITS, Decoder
+from .fusion import parse_chunks
+from .model import GPT, build_model
+from .solve import methods
+
+DEFAULT_CONFIGS = ("sequential", "idn:K=1:n=12", "idn:K=2:n=12", "idn:K=2:n=12:4xF3", "idn:K=1:n=12:2xF6",
+                   "idn:K=1:n=12:1xF12")
+COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
+           "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "decode_tokens", "decode_tok_s",
+           "decode_speedup", "top1", "peak_mem_mb"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One line of the benchmark: a method with its iterations, parallel layers, chunks and init."""
+    text: str
+    method: str = "sequential"
+    iters: int = 1
+    n_par: int | None = None
+    chunks: str | None = None
+    init: str = "h0"
+    kappa: float = 0.0
+
+    def decoder(self, model, **kw) -> Decoder:
+        return Decoder(model, method=self.method, iters=self.iters, n_par=self.n_par, chunks=self.chunks,
+                       init=self.init, kappa=self.kappa, **kw)
+
+    def layout(self, L: int) -> tuple[int, int]:
+        """(S, units): sequential prefix layers and parallel units."""
+        if self.method == "sequential" and self.chunks is None:
+            return L, 0
+        C, M = parse_chunks(self.chunks) if self.chunks else (None, 1)
+        n_par = self.n_par or (C * M if C else L)
+        return L - n_par, (C if C else n_par)
+
+    def bound(self, L: int) -> float:
+        """Critical-path speedup bound L / (S + K [+1 for fwd]); the fused sequential pass: L / (S + C)."""
+        S, units = self.layout(L)
+        if self.method == "sequential":
+            return L / (S + units)
+        return L / (S + self.iters + (1 if self.init == "fwd" else 0))
+
+
+    def check(self, L: int) -> None:
+        """Raise a ValueError if the configuration does not fit a model of depth L."""
+        if self.n_par is not None and not 1 <= self.n_par <= L:
+            raise ValueError(f"n={self.n_par} in {self.text!r} must lie in 1..{L} (the model's depth)")
+        if self.chunks:
+            C, M = parse_chunks(self.chunks)
+            parse_chunks(self.chunks, self.n_par or C * M)
+            if C * M > L:
+                raise ValueError(f"chunks {self.chunks} in {self.text!r} cover {C * M} layers; the model has {L}")
+        if self.iters < 1:
+            raise ValueError(f"K={self.iters} in {self.text!r} must be >= 1")
+
+
+_GRAMMAR = "'sequential' or 'METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ]', e.g. 'idn:K=2:n=24:4xF6:h0'"
+
+
+def parse_config(text: str) -> BenchConfig:
+    """Parse a configuration string (grammar in the module docstring)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"a configuration must be a string {_GRAMMAR}, got {text!r}")
+    method, *fields = text.strip().split(":")
+    if method not in methods():
+        raise ValueError(f"unknown method {method!r} in {text!r}; valid methods: {', '.join(methods())}")
+    kw = {}
+    for f in fields:
+        if m := re.fullmatch(r"K=(\d+)", f):
+            kw["iters"] = int(m[1])
+        elif m := re.fullmatch(r"n=(\d+)", f):
+            kw["n_par"] = int(m[1])
+        elif m := re.fullmatch(r"kappa=([0-9.eE+-]+)", f):
+            kw["kappa"] = float(m[1])
+        elif f in DECODE_INITS:
+            kw["init"] = f
+        elif "xF" in f:
+            parse_chunks(f)  # a clear error for a malformed chunking
+            kw["chunks"] = f
+        else:
+            raise ValueError(f"cannot read {f!r} in configuration {text!r}; expected {_GRAMMAR} "
+                             f"(INIT one of {', '.join(DECODE_INITS)})")
+    return BenchConfig(text=text.strip(), method=method, **kw)
+
+
+def default_configs(L: int) -> list[str]:
+    """The configurations benchmarked by default for a model of depth L: the paper's (DESIGN §4) at
+    depth 32, their analogues at other depths."""
+    if L >= 24:
+        n = 24 if L >= 32 else 4 * (3 * L // 16)  # three quarters of the depth, in 4 chunks
+        return ["sequential", f"idn:K=2:n={n}", f"idn:K=2:n={n}:4xF{n // 4}:h0", f"idn:K=2:n={n}:{n // 2}xF2:h0",
+                f"idn:K=1:n=12:2xF6:fwd", "idn:K=1:n=12:1xF12:h0", f"idn:K=1:n={n}:4xF{n // 4}:warm"]
+    if L >= 12:
+        return ["sequential", f"idn:K=1:n=12", "idn:K=2:n=12", "idn:K=2:n=12:4xF3", "idn:K=1:n=12:2xF6",
+                "idn:K=1:n=12:1xF12", "idn:K=1:n=12:4xF3:warm"]
+    half = L - L % 2
+    return ["sequential", f"idn:K=1:n={L}", f"idn:K=2:n={half}:2xF{half // 2}", f"idn:K=1:n={L}:1xF{L}",
+            f"idn:K=1:n={L}:warm"]
+
+
+PROFILES = ("smoke", "cpu", "paper")
+
+
+def settings(model: str | None = None, device: str = "auto", profile: str = "cpu", seq_lens=None, configs=None,
+             repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None) -> dict:
+    """Check the notebook's parameters and fill the ones left as None for the profile and device:
+    smoke = seconds (tiny sequences, one repeat); cpu = T=128 and a short decode on a CPU, T=128 and
+    2048 on a GPU; paper = T=128 and 2048, more repeats. Raises ValueError naming the valid values."""
+    from .config import PRESETS
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    model = model or ("0.5b-plain" if profile == "paper" else "cpu")
+    if model not in PRESETS:
+        raise ValueError(f"unknown model {model!r}; valid models: {', '.join(PRESETS)}")
+    dev = resolve_device(device)
+    cfg = PRESETS[model]
+    if getattr(cfg, "n_streams", 1) > 1:
+        raise ValueError(f"model {model!r} is an mHC model, which the decoder does not drive; valid models: "
+                         f"{', '.join(k for k, v in PRESETS.items() if getattr(v, 'n_streams', 1) == 1)}")
+    big = cfg.n_embd >= 512
+    if profile == "smoke":
+        d = dict(seq_lens=[16], decode_tokens=4, repeats=1, warmup=0)
+    elif profile == "cpu" and dev.type == "cpu":
+        d = dict(seq_lens=[128], decode_tokens=16, repeats=5 if big else 15, warmup=1)
+    else:
+        d = dict(seq_lens=[128, 2048], decode_tokens=32, repeats=10, warmup=2)
+    d["seq_lens"] = [T for T in d["seq_lens"] if T <= cfg.sequence_len] or [cfg.sequence_len]
+    given = dict(seq_lens=seq_lens, decode_tokens=decode_tokens, repeats=repeats, warmup=warmup)
+    d.update({k: v for k, v in given.items() if v is not None})
+    d["seq_lens"] = [int(T) for T in d["seq_lens"]]
+    for T in d["seq_lens"]:
+        if not d["decode_tokens"] < T <= cfg.sequence_len:
+            raise ValueError(f"sequence length {T} must lie in {d['decode_tokens'] + 1}..{cfg.sequence_len} "
+                             f"(more than decode_tokens, at most model {model!r}'s sequence_len)")
+    configs = list(configs) if configs is not None else default_configs(cfg.n_layer)
+    for c in configs:
+        parse_config(c).check(cfg.n_layer)
+    return dict(model=model, device=str(dev), configs=configs, **d)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of one call of fn() (CUDA events and synchronisation on a GPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        _sync(device)
+        start.record()
+        fn()
+        end.record()
+        _sync(device)
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def median_seconds(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
+    """Median wall time of every fn in fns over `repeats` runs after `warmup` runs. The functions take
+    turns (one run of each per round), so a drift in the machine's load hits them all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            times[k].append(seconds(fn, device))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read())[1]) / 2**10
+    except (OSError, TypeError):
+        return float("nan")
+
+
+# ------------------------------------------------------------------------------------------ models
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def perturb_(model: GPT, scale: float = 0.3, seed: int = 0) -> GPT:
+    """Small random output projections in place of nanochat's zeros, so that no layer is the identity."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("c_proj.weight"):
+            p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[-1] ** 0.5)
+    return model
+
+
+def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(model, weights description) from a preset name or a GPT, optionally loading a checkpoint."""
+    if checkpoint is not None:
+        try:
+            from .checkpoint import load_checkpoint
+        except ImportError as e:
+            raise ValueError("checkpoint loading is not available (snlp_lab.checkpoint.load_checkpoint "
+                             "is missing); run without a checkpoint") from e
+        loaded = load_checkpoint(checkpoint)
+        m = loaded if isinstance(loaded, torch.nn.Module) else loaded[0]
+        weights = f"checkpoint {checkpoint}"
+    elif isinstance(model, torch.nn.Module):
+        m, weights = model, "as given"
+    else:
+        torch.manual_seed(seed)
+        m, weights = perturb_(build_model(model), seed=seed), "random (perturbed output projections)"
+    return m.to(device=device, dtype=dtype).eval(), weights
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode_tokens: int = 32,
+              repeats: int = 5, warmup: int = 1, device: str = "auto", dtype: torch.dtype | None = None,
+              compile: bool | str = False, checkpoint: str | None = None, batch: int = 1, seed: int = 0,
+              log=None) -> pd.DataFrame:
+    """Time the sequential forward and every configuration; one row per (configuration, T).
+
+    model: preset name or a GPT; configs: configuration strings (the sequential baseline is added
+    first when missing); dtype: default bf16 on CUDA, fp32 on CPU; compile: torch.compile the block
+    function of every decoder (True or a mode such as "reduce-overhead"). The DataFrame's
+    `attrs["notes"]` says where the weights come from and how memory was measured.
+    """
+    dev = resolve_device(device)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    cfgs = [parse_config(c) for c in configs]
+    if not any(c.method == "sequential" and c.chunks is None for c in cfgs):
+        cfgs.insert(0, parse_config("sequential"))
+    if repeats < 1 or warmup < 0 or batch < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
+    m, weights = load_model(model, checkpoint, dev, dtype, seed)
+    L, ctx_len = m.n_layer, m.config.sequence_len
+    for T in seq_lens:
+        if not decode_tokens < T <= ctx_len:
+            raise ValueError(f"sequence length {T} must lie in {decode_tokens + 1}..{ctx_len} "
+                             f"(more than decode_tokens={decode_tokens}, at most the model's sequence_len)")
+    for c in cfgs:  # fail before any timing on a configuration the model cannot run
+        c.decoder(m)
+    log = log or (lambda s: None)
+    name = model if isinstance(model, str) else type(model).__name__
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    with torch.inference_mode():
+        for T in seq_lens:
+            idx = torch.randint(0, m.config.vocab_size, (batch, T), generator=gen).to(dev)
+            # untimed pass per configuration, alone in memory: peak memory and the prefill logits
+            peak, logits = {}, {}
+            for c in cfgs:
+                _release(dev)
+                _reset_peak(dev)
+                runs = _runs(m, c, idx, decode_tokens, dev, compile)
+                logits[c.text] = runs["prefill"]()
+                runs["decode"]()
+                peak[c.text] = _peak_mb(dev)
+                del runs
+            _release(dev)
+            fns = {}
+            for c in cfgs:
+                for kind, fn in _runs(m, c, idx, decode_tokens, dev, compile).items():
+                    fns[(c.text, kind)] = fn
+            med = median_seconds(fns, repeats, warmup, dev)
+            base = cfgs[0].text  # the sequential baseline
+            for c in cfgs:
+                S, units = c.layout(L)
+                pre, dec = med[(c.text, "prefill")], med[(c.text, "decode")]
+                rows.append(dict(
+                    model=name, weights=weights, device=str(dev), dtype=str(dtype).removeprefix("torch."),
+                    compile=str(compile), config=c.text, method=c.method,
+                    K=c.iters if c.method != "sequential" else 0, n_par=L - S, chunks=c.chunks or "",
+                    init=c.init if c.method != "sequential" else "", S=S, units=units, T=T, bound=c.bound(L),
+                    prefill_ms=1e3 * pre, prefill_speedup=med[(base, "prefill")] / pre,
+                    decode_tokens=decode_tokens, decode_tok_s=decode_tokens / dec,
+                    decode_speedup=med[(base, "decode")] / dec,
+                    top1=float((logits[c.text].argmax(-1) == logits[base].argmax(-1)).float().mean()),
+                    peak_mem_mb=peak[c.text]))
+                r = rows[-1]
+                log(f"[bench] T={T} {c.text}: prefill {r['prefill_ms']:.1f} ms (x{r['prefill_speedup']:.2f}), "
+                    f"decode {r['decode_tok_s']:.1f} tok/s (x{r['decode_speedup']:.2f}), bound {r['bound']:.2f}")
+            del fns
+    df = pd.DataFrame(rows, columns=COLUMNS)
+    df.attrs["notes"] = notes(weights, dev)
+    return df
+
+
+def _release(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _runs(m, c: BenchConfig, idx, decode_tokens, dev, compile) -> dict:
+    """The two timed functions of a configuration on one sequence, with their decoders made:
+    "prefill" (the whole sequence at once; "warm" has no previous token there, so it starts from h0)
+    and "decode" (the last decode_tokens tokens one at a time after an untimed sequential prefill)."""
+    T, P = idx.shape[1], idx.shape[1] - decode_tokens
+    pre = (c if c.init != "warm" else BenchConfig(**{**c.__dict__, "init": "h0"})).decoder(m, max_len=T, compile=compile)
+    dec = c.decoder(m, max_len=T, compile=compile)
+    dec.prefill(idx[:, :P])
+    snap = dec.snapshot()
+
+    def decode():
+        dec.restore(snap)
+        for i in range(P, T):
+            dec.step(idx[:, i])
+
+    return {"prefill": lambda: pre.prefill(idx, parallel=True), "decode": decode}
+
+
+def notes(weights: str, dev: torch.device) -> list[str]:
+    out = [f"weights: {weights}" + ("; timing does not depend on the weights, top1 compares with a random "
+                                    "model only" if weights.startswith("random") else ""),
+           "speedup = sequential median / configuration median, same run; bound = L / (S + K) "
+           "(+1 call for init fwd)",
+           "peak_mem_mb: " + ("peak allocated CUDA memory" if dev.type == "cuda"
+                              else "peak resident set of the process (model weights included)"),
+           f"device: {dev}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"]
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="cpu", help="preset name (snlp_lab.PRESETS)")
+    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
+    ap.add_argument("--seq-lens", nargs="+", type=int, default=[128, 2048])
+    ap.add_argument("--decode-tokens", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    ap.add_argument("--compile", nargs="?", const=True, default=False,
+                    help="torch.compile the block function (optionally a mode, e.g. reduce-overhead)")
+    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    a = ap.parse_args(argv)
+    df = run_bench(a.model, a.configs, a.seq_lens, a.decode_tokens, a.repeats, a.warmup, a.device,
+                   getattr(torch, a.dtype) if a.dtype else None, a.compile, a.checkpoint, a.batch, a.seed,
+                   log=print)
+    print("\n".join(f"- {n}" for n in df.attrs["notes"]) + "\n")
+    print(df.drop(columns=["model", "weights", "device", "dtype", "compile"]).to_markdown(index=False, floatfmt=".4g"))
+    if a.csv:
+        df.to_csv(a.csv, index=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The speed benchmark on the tiny model (seconds) and the speedup notebook in its smoke profile."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from snlp_lab import bench
+
+CONFIGS = ["sequential", "idn:K=1:n=4", "idn:K=2:n=4:2xF2:h0", "idn:K=1:n=3:fwd", "idn:K=4:n=4:warm"]
+
+
+@pytest.fixture(scope="module")
+def table():
+    return bench.run_bench("tiny", CONFIGS, seq_lens=(12, 16), decode_tokens=3, repeats=2, warmup=0, device="cpu")
+
+
+def test_table(table):
+    assert list(table.columns) == bench.COLUMNS
+    assert len(table) == 2 * len(CONFIGS) and list(table["config"][:5]) == CONFIGS
+    assert table.select_dtypes("number").notna().all().all()
+    for T, g in table.groupby("T"):
+        seq = g.iloc[0]
+        # speedups are ratios of the medians measured in the same run
+        torch.testing.assert_close(list(g["prefill_speedup"]), list(seq.prefill_ms / g["prefill_ms"]))
+        torch.testing.assert_close(list(g["decode_speedup"]), list(g["decode_tok_s"] / seq.decode_tok_s))
+        assert seq.prefill_speedup == 1.0 and seq.decode_speedup == 1.0 and seq.top1 == 1.0
+    row = table[table["T"] == 12].set_index("config").loc[CONFIGS]
+    assert list(row["bound"]) == [1.0, 4.0, 2.0, 4 / 3, 1.0]  # L / (S + K), +1 call for fwd
+    assert list(row["S"]) == [4, 0, 0, 1, 0] and list(row["units"]) == [0, 4, 2, 3, 4]
+    assert row.loc["idn:K=4:n=4:warm", "top1"] == 1.0  # K = N is the sequential forward
+    assert row.loc["idn:K=1:n=4", "top1"] < 1.0  # perturbed random weights: a single iteration differs
+    assert (table["prefill_ms"] > 0).all() and (table["decode_tok_s"] > 0).all()
+    assert any("random" in n for n in table.attrs["notes"])
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("newtonish:K=2", "valid methods"), ("idn:K=2:n=4:zz", "cannot read 'zz'"), ("idn:4xG2", "cannot read"),
+    ("idn:n=4:3xF2", "C·M must equal n_par"), ("", "a configuration must be"),
+])
+def test_bad_config_strings(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        bench.parse_config(text).check(4)
+
+
+def test_parse_config():
+    c = bench.parse_config("idn:K=2:n=24:4xF6:h0")
+    assert (c.method, c.iters, c.n_par, c.chunks, c.init) == ("idn", 2, 24, "4xF6", "h0")
+    assert c.bound(32) == 32 / (8 + 2) and c.layout(32) == (8, 4)
+    assert bench.parse_config("idn:fwd:kappa=0.5:K=3").bound(12) == 12 / 4
+
+
+def test_settings():
+    s = bench.settings("0.5b", device="cpu", profile="cpu")
+    assert s["seq_lens"] == [128] and s["decode_tokens"] == 16 and "idn:K=2:n=24:4xF6:h0" in s["configs"]
+    assert bench.settings("cpu", device="cpu", profile="cpu", repeats=2, seq_lens=[64])["repeats"] == 2
+    for kw, msg in [(dict(model="1b"), "valid models: "), (dict(profile="fast"), "valid profiles: smoke, cpu, paper"),
+                    (dict(model="cpu", configs=["idn:n=24"]), r"must lie in 1\.\.12"),
+                    (dict(model="cpu", seq_lens=[512]), "at most model 'cpu'"), (dict(device="tpu"), "valid: auto")]:
+        with pytest.raises(ValueError, match=msg):
+            bench.settings(**kw)
+
+
+def test_bad_run_arguments():
+    with pytest.raises(ValueError, match="sequence length 40"):
+        bench.run_bench("tiny", ["sequential"], seq_lens=(40,), decode_tokens=3, device="cpu")
+    if importlib.util.find_spec("snlp_lab.checkpoint") is None:
+        with pytest.raises(ValueError, match="not available"):
+            bench.run_bench("tiny", ["sequential"], seq_lens=(8,), decode_tokens=3, device="cpu", checkpoint="x.pt")
+
+
+def test_cli_writes_csv(tmp_path, capsys):
+    out = tmp_path / "b.csv"
+    bench.main(["--model", "tiny", "--configs", "idn:K=1:n=4", "--seq-lens", "8", "--decode-tokens", "2",
+                "--repeats", "1", "--warmup", "0", "--device", "cpu", "--csv", str(out)])
+    text = capsys.readouterr().out
+    assert "| config" in text and "random" in text
+    assert out.read_text().splitlines()[0].startswith("model,weights,device")
+
+
+def test_notebook_smoke(tmp_path):
+    """nb/speedup.ipynb runs in its smoke profile and writes its figure and table."""
+    import papermill as pm
+
+    nb = Path(__file__).resolve().parent.parent / "nb" / "speedup.ipynb"
+    fig_dir, report_dir = tmp_path / "figures", tmp_path / "reports"
+    pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), cwd=str(nb.parent), kernel_name="python3",
+                        parameters=dict(profile="smoke", fig_dir=str(fig_dir), report_dir=str(report_dir)),
+                        progress_bar=False)
+    for path in [fig_dir / "speedup_cpu.png", fig_dir / "speedup_cpu.pdf", report_dir / "speedup_cpu.csv",
+                 report_dir / "speedup_cpu.md"]:
+        assert path.exists() and path.stat().st_size > 0, path
