@@ -90,3 +90,12 @@ def test_notebook_smoke(tmp_path):
     for path in [fig_dir / "speedup_cpu.png", fig_dir / "speedup_cpu.pdf", report_dir / "speedup_cpu.csv",
                  report_dir / "speedup_cpu.md"]:
         assert path.exists() and path.stat().st_size > 0, path
+
+
+def test_checkpoint(tmp_path):
+    ckpt = pytest.importorskip("snlp_lab.checkpoint")
+    from snlp_lab import build_model
+    ckpt.save_checkpoint(tmp_path, build_model("tiny"), step=1)
+    df = bench.run_bench("tiny", ["idn:K=1:n=4"], seq_lens=(8,), decode_tokens=2, repeats=1, warmup=0,
+                         device="cpu", checkpoint=str(tmp_path))
+    assert df["weights"][0] == f"checkpoint {tmp_path}" and not any("random" in n for n in df.attrs["notes"])
