@@ -100,8 +100,9 @@ class StreamMixing(nn.Module):
     def reset_parameters(self):
         L, _, n = self.pre.shape
         self.res.copy_(RES_DIAG_INIT * torch.eye(n, device=self.res.device))
-        # Sublayer k = 2l + s reads mostly from stream k mod n. Identical streams with symmetric weights
-        # would stay identical forever (every gradient is symmetric too): distinct readers break that.
+        # Sublayer k = 2l + s reads mostly from stream k mod n. At init the streams are equal (the model
+        # is then exactly a plain residual model); with symmetric readers every gradient would be
+        # symmetric too and they would stay equal forever. Distinct readers let training separate them.
         reads = (torch.arange(2 * L, device=self.pre.device) % n).view(L, 2, 1)
         self.pre.fill_(PRE_OFF_INIT).scatter_(-1, reads, 0.0)
         self.post.zero_()  # 2σ(0) = 1: every stream receives the branch output
