@@ -1,4 +1,6 @@
-"""How far a solve is from the sequential forward: per-layer errors, logits agreement, PPL."""
+"""How far a solve is from the sequential forward: per-layer errors, logits agreement, PPL.
+
+These are measurements, not losses: inputs are detached, results carry no autograd graph."""
 from __future__ import annotations
 
 import math
@@ -8,7 +10,7 @@ import torch.nn.functional as F
 
 
 def _per_layer_norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.flatten(1).double(), dim=1)
+    return torch.linalg.vector_norm(x.detach().flatten(1).double(), dim=1)
 
 
 def layer_errors(trace: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -18,15 +20,15 @@ def layer_errors(trace: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 def cosine_similarity(trace: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Mean over positions of the cosine between h_l and h_l^seq (last axis): [L+1]."""
-    a = trace.flatten(1, -2).double()
-    b = ref.flatten(1, -2).double()
+    a = trace.detach().flatten(1, -2).double()
+    b = ref.detach().flatten(1, -2).double()
     return F.cosine_similarity(a, b, dim=-1).mean(dim=1)
 
 
 def logits_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> float:
     """KL(p_seq ‖ p) per position, averaged: how much the solve's next-token distribution loses."""
-    lp = F.log_softmax(logits.double(), dim=-1)
-    lq = F.log_softmax(ref_logits.double(), dim=-1)
+    lp = F.log_softmax(logits.detach().double(), dim=-1)
+    lq = F.log_softmax(ref_logits.detach().double(), dim=-1)
     return float((lq.exp() * (lq - lp)).sum(-1).mean())
 
 
@@ -37,7 +39,7 @@ def top1_agreement(logits: torch.Tensor, ref_logits: torch.Tensor) -> float:
 
 def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """exp(mean cross-entropy) of logits [B, T, V] on targets [B, T] (ids < 0 are ignored)."""
-    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-1)
+    ce = F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-1)
     return math.exp(float(ce))
 
 
