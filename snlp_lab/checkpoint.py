@@ -1,0 +1,153 @@
+"""Checkpoints of a run folder: weights as safetensors, everything else as JSON (optimizer: torch.save).
+
+A run folder holds
+
+    checkpoint.json            step, model config, train config, data stream position, RNG states,
+                               metrics, and the names of the two files below; written last
+    model_<step>.safetensors   model weights
+    optim_<step>.pt            optimizer and learning-rate scheduler states
+
+Every file is written to a temporary name and moved into place with `os.replace`, and the JSON that
+points to the step's files is replaced last, so an interrupted save leaves the previous checkpoint
+intact. Files of older steps are removed once the new JSON is in place.
+
+    model = load_checkpoint("runs/abc")            # a new model with the saved config
+    load_checkpoint("runs/abc", model)             # into an existing model (same config or ValueError)
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import GPTConfig
+from .model import build_model
+
+CHECKPOINT_JSON = "checkpoint.json"
+FORMAT_VERSION = 1
+
+
+def _atomic(path: Path, write) -> None:
+    """write(tmp_path), then move tmp_path onto path in one step."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _unwrap(model):
+    """The model inside a DistributedDataParallel (or any `.module`) wrapper."""
+    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+
+
+# ------------------------------------------------------------------------------------------ RNG states
+def rng_state() -> dict:
+    """torch's CPU (and CUDA) generator states, JSON-ready (base64)."""
+    enc = lambda t: base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+    state = {"torch": enc(torch.get_rng_state())}
+    if torch.cuda.is_available():
+        state["cuda"] = [enc(s) for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    dec = lambda s: torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
+    torch.set_rng_state(dec(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([dec(s) for s in state["cuda"]])
+
+
+# ------------------------------------------------------------------------------------------ save
+def save_checkpoint(run_dir: str | os.PathLike, model, step: int, train_config: dict | None = None,
+                    optim_state: dict | None = None, **info) -> Path:
+    """Write the checkpoint of `step` into run_dir; returns the path of its JSON.
+
+    train_config: JSON-ready dict of the training options; optim_state: anything torch.save can write
+    (optimizer and scheduler state dicts); info: more JSON-ready entries (stream, metrics, finished...).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = _unwrap(model)
+    files = {"model": f"model_{step:07d}.safetensors"}
+    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    _atomic(run_dir / files["model"], lambda p: save_file(weights, str(p), metadata={"step": str(step)}))
+    if optim_state is not None:
+        files["optimizer"] = f"optim_{step:07d}.pt"
+        _atomic(run_dir / files["optimizer"], lambda p: torch.save(optim_state, p))
+    meta = {"format": FORMAT_VERSION, "step": step, "model_config": dataclasses.asdict(model.config),
+            "train_config": train_config, "files": files, "rng": rng_state(), **info}
+    path = run_dir / CHECKPOINT_JSON
+    _atomic(path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    for old in [*run_dir.glob("model_*.safetensors"), *run_dir.glob("optim_*.pt")]:
+        if old.name not in files.values():
+            old.unlink(missing_ok=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ load
+def _json_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path / CHECKPOINT_JSON if path.is_dir() else path
+
+
+def has_checkpoint(path: str | os.PathLike) -> bool:
+    return _json_path(path).is_file()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The checkpoint's JSON (a run folder or the JSON file itself)."""
+    p = _json_path(path)
+    if not p.is_file():
+        raise ValueError(f"no checkpoint at {path} (expected {p}); train a model into this folder first")
+    meta = json.loads(p.read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise ValueError(f"checkpoint {p} has format {meta.get('format')}, this code reads {FORMAT_VERSION}")
+    return meta
+
+
+def config_mismatch(saved: dict, cfg: GPTConfig) -> dict:
+    """{field: (saved value, model value)} for every config field that differs."""
+    mine = dataclasses.asdict(cfg)
+    return {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
+
+
+def saved_config(meta: dict) -> GPTConfig:
+    known = {f.name for f in dataclasses.fields(GPTConfig)}
+    unknown = sorted(set(meta["model_config"]) - known)
+    if unknown:
+        raise ValueError(f"checkpoint config has fields {unknown} that this GPTConfig lacks; "
+                         f"load it with the code version that wrote it")
+    return GPTConfig(**meta["model_config"])
+
+
+def load_checkpoint(path: str | os.PathLike, model=None, device: str | torch.device = "cpu"):
+    """The checkpoint's weights in `model` (built from the saved config when None); returns the model.
+
+    path: a run folder or its checkpoint.json. A given model must have the saved config: otherwise a
+    ValueError names the mismatching fields. A new model is created on `device`.
+    """
+    meta = read_checkpoint(path)
+    if model is None:
+        model = build_model(saved_config(meta)).to(device)
+    target = _unwrap(model)
+    diff = config_mismatch(meta["model_config"], target.config)
+    if diff:
+        fields = "; ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {path} does not fit this model, config fields differ: {fields}")
+    dev = next(target.parameters()).device
+    state = load_file(str(_json_path(path).parent / meta["files"]["model"]), device=str(dev))
+    target.load_state_dict(state)
+    return model
+
+
+def load_optim_state(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """The optimizer/scheduler states saved with the checkpoint (None if none were saved)."""
+    meta = read_checkpoint(path)
+    name = meta["files"].get("optimizer")
+    if name is None:
+        return None
+    return torch.load(_json_path(path).parent / name, map_location=device, weights_only=True)

@@ -1,0 +1,640 @@
+"""Training: cross-entropy with the SNLP-aware regularizer, or on the SNLP forward; one process or torchrun.
+
+    python -m snlp_lab.train --model cpu-plain --steps 600 --reg idn --lam 0.1 --n-par-set 4,8,12
+    torchrun --nproc_per_node 2 -m snlp_lab.train --model cpu-plain --steps 600    # DDP, same numbers
+    python -m snlp_lab.train --objective snlp-forward --iters 1 --n-par 12 --init-from RUN_DIR
+
+    result = train(TrainConfig(model="cpu-plain", steps=600, reg="idn"))      # in a notebook
+    model = trained_model("cpu-plain", steps=600, reg="idn", lam=0.1)         # cached, see below
+
+Loss (DESIGN §1): objective "ce" is L = CE + w(t)·λ·R with R from `snlp_lab.regularizer` (one
+structured Newton iteration of surrogate `reg` from h0 on the last N layers, N in `n_par_set`, compared
+with the sequential forward's states) and w(t) rising linearly from 0 to 1 over the first
+`warmup_frac` of the steps. Objective "snlp-forward" is the CE of the K-iteration SNLP output
+(`snlp_lab.solve`, differentiable), from scratch or fine-tuning a checkpoint (`init_from`).
+
+Optimizers as nanochat: Muon for the blocks' matrices (the nn.Linear weights under `blocks`), AdamW
+for embeddings, lm head and everything else (resid/x0 lambdas, mHC mixing); AdamW learning rates scale
+with (n_embd/768)^-0.5. Learning rate: linear warm-up, constant, linear warm-down to 0.
+bf16 autocast on CUDA, fp32 on CPU.
+
+A run folder (`out`) holds checkpoint.json + weights (`snlp_lab.checkpoint`) and metrics.jsonl (one
+JSON line per step: loss, ce, reg, step_time, tokens_per_s, ...; and one per evaluation: val_ppl,
+val_ppl[<spec>] for every `eval_snlp` spec). `resume` continues from the checkpoint exactly (same
+losses as an uninterrupted run). `batch_size` is the global batch: with torchrun each of the W ranks
+reads batch_size / W rows of it, so the numbers do not depend on the number of processes.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import importlib.util
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .checkpoint import has_checkpoint, load_checkpoint, load_optim_state, read_checkpoint, save_checkpoint, set_rng_state
+from .config import GPTConfig, get_config
+from .data import TokenStream, prepare_data
+from .evaluate import evaluate_ppl, parse_snlp_specs
+from .model import build_model
+from .paths import cache_dir
+from .regularizer import check_n_par_set, snlp_regularizer
+from .solve import INITS, SURROGATES, NonFiniteError, solve
+
+if importlib.util.find_spec(f"{__package__}.mhc") is not None:
+    from . import mhc  # noqa: F401  (registers the "hcn" surrogate)
+
+OBJECTIVES = ("ce", "snlp-forward")
+METRICS = "metrics.jsonl"
+ADAMW_BETAS, ADAMW_EPS = (0.8, 0.95), 1e-10  # nanochat
+MUON_MOMENTUM = 0.95
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; `python -m snlp_lab.train --help` lists the same fields."""
+    # model and data
+    model: str = "cpu"  # preset name (snlp_lab.config.PRESETS)
+    override: tuple[str, ...] = ()  # model config overrides "key=value" (nanochat field names)
+    data: str = "stdlib"  # "stdlib", a folder of text files, or parquet shards
+    vocab_size: int | None = None  # BPE vocabulary; None: the preset's
+    # optimisation
+    steps: int = 600
+    batch_size: int = 16  # global batch (sequences per step, split over ranks)
+    seq_len: int | None = None  # None: the model's sequence_len
+    seed: int = 0
+    matrix_lr: float = 0.02  # Muon
+    embedding_lr: float = 0.2  # AdamW, times (n_embd/768)^-0.5 like the next two
+    unembedding_lr: float = 0.004
+    scalar_lr: float = 0.5  # resid lambdas get 1/100 of it (nanochat)
+    lr_warmup_frac: float = 0.0
+    lr_warmdown_frac: float = 0.2
+    # SNLP-aware regularizer (objective "ce")
+    reg: str = "none"  # "none" or a surrogate name: idn, diagn, hcn, ...
+    lam: float = 0.1
+    n_par_set: tuple[int, ...] | None = None  # None: depth/4, depth/2, 3·depth/4 (paper: 8,16,24 at 32)
+    stride: int = 0  # P_s(N): every s-th parallel layer plus the last; 0 or 1: all
+    warmup_frac: float = 0.2  # w(t) rises linearly from 0 to 1 over this fraction of the steps
+    detach_target: bool = False
+    # SNLP-forward objective
+    objective: str = "ce"  # "ce" or "snlp-forward"
+    method: str = "idn"  # surrogate of the SNLP forward
+    iters: int = 1  # K
+    n_par: int | None = None  # None: the depth
+    init: str = "h0"
+    init_from: str | None = None  # checkpoint (run folder) to start from
+    # run bookkeeping: these do not change the trained weights
+    out: str | None = None  # run folder; None: cache_dir()/runs/<model>-<hash of the config>
+    resume: bool = False
+    eval_every: int = 0  # validation every this many steps; 0: only at the end
+    eval_batches: int = 16
+    eval_snlp: str = ""  # comma-separated specs, e.g. "idn:K=1:n_par=12,idn:K=2:n_par=12"
+    save_every: int = 200  # checkpoint every this many steps (and always at the end)
+    stop_at: int | None = None  # stop after this step with a checkpoint (time-limited jobs; resume later)
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool | None = None  # progress bar; None: only on a terminal
+
+
+RUN_FIELDS = ("out", "resume", "eval_every", "eval_batches", "eval_snlp", "save_every", "stop_at", "device",
+              "progress")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    run_dir: Path
+    metrics: list[dict]  # every line of metrics.jsonl (training steps and evaluations)
+    step: int
+
+    @property
+    def losses(self) -> list[float]:
+        return [m["loss"] for m in self.metrics if "loss" in m]
+
+    @property
+    def median_step_time(self) -> float:
+        return statistics.median(m["step_time"] for m in self.metrics if "step_time" in m)
+
+    @property
+    def evals(self) -> list[dict]:
+        return [m for m in self.metrics if "val_ppl" in m]
+
+
+# ------------------------------------------------------------------------------------------ config
+def _parse_value(text: str, like):
+    if isinstance(like, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    return type(like)(text)
+
+
+def parse_overrides(override) -> dict:
+    """("n_layer=6", "x0ve=true") -> {"n_layer": 6, "x0ve": True}, typed like GPTConfig's fields."""
+    defaults = GPTConfig()
+    out = {}
+    for item in override:
+        key, sep, val = item.partition("=")
+        if not sep or not hasattr(defaults, key):
+            names = ", ".join(f.name for f in dataclasses.fields(GPTConfig))
+            raise ValueError(f"bad override {item!r}: write key=value with key one of {names}")
+        try:
+            out[key] = _parse_value(val, getattr(defaults, key))
+        except ValueError as e:
+            raise ValueError(f"bad value in override {item!r}: {e}") from None
+    return out
+
+
+def model_config(cfg: TrainConfig) -> GPTConfig:
+    over = parse_overrides(cfg.override)
+    if cfg.vocab_size is not None:
+        over["vocab_size"] = cfg.vocab_size
+    return get_config(cfg.model, **over)
+
+
+def resolve(cfg: TrainConfig) -> TrainConfig:
+    """The config with defaults that depend on the model filled in and every option checked.
+    Raises ValueError with what to change; touches no data."""
+    mcfg = model_config(cfg)
+    L = mcfg.n_layer
+    npset = cfg.n_par_set
+    if npset is None:
+        npset = tuple(sorted({max(1, L * k // 4) for k in (1, 2, 3)}))
+    over = tuple(f"{k}={v}" for k, v in sorted(parse_overrides(cfg.override).items()))
+    cfg = dataclasses.replace(cfg, override=over, vocab_size=mcfg.vocab_size,
+                              seq_len=cfg.seq_len or mcfg.sequence_len, n_par_set=tuple(npset),
+                              n_par=L if cfg.n_par is None else cfg.n_par)
+    for name in ("steps", "batch_size", "seq_len", "iters", "eval_batches"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    for name in ("eval_every", "save_every", "stride"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.seq_len > mcfg.sequence_len:
+        raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context sequence_len={mcfg.sequence_len}; "
+                         f"lower --seq-len or pass --override sequence_len={cfg.seq_len}")
+    for name in ("warmup_frac", "lr_warmup_frac", "lr_warmdown_frac"):
+        if not 0.0 <= getattr(cfg, name) <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
+    if cfg.lr_warmup_frac + cfg.lr_warmdown_frac > 1.0:
+        raise ValueError("lr_warmup_frac + lr_warmdown_frac must be <= 1")
+    for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    regs = ("none",) + tuple(SURROGATES)
+    if cfg.reg not in regs:
+        raise ValueError(f"unknown reg {cfg.reg!r}; valid: {', '.join(regs)}")
+    if not cfg.lam >= 0:
+        raise ValueError(f"lam (regularizer weight λ) must be >= 0, got {cfg.lam}")
+    if cfg.reg != "none":
+        check_n_par_set(cfg.n_par_set, L)
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {cfg.objective!r}; valid: {', '.join(OBJECTIVES)}")
+    if cfg.objective == "snlp-forward":
+        if cfg.reg != "none":
+            raise ValueError("the regularizer needs the sequential forward, which objective 'snlp-forward' "
+                             "does not run; use --reg none with it (or --objective ce with a --reg)")
+        if cfg.method not in SURROGATES:
+            raise ValueError(f"unknown method {cfg.method!r}; valid: {', '.join(SURROGATES)}")
+        if not 1 <= cfg.n_par <= L:
+            raise ValueError(f"n_par must be in 1..{L} (the model's depth), got {cfg.n_par}")
+        if cfg.init not in INITS:
+            raise ValueError(f"unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
+    for spec, _, kw in parse_snlp_specs(cfg.eval_snlp):
+        if not 1 <= kw.get("n_par", L) <= L:
+            raise ValueError(f"n_par in eval spec {spec!r} must be in 1..{L} (the model's depth)")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch sees no GPU; use --device cpu or auto")
+    if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
+        raise ValueError(f"stop_at must be in 1..steps={cfg.steps}, got {cfg.stop_at}")
+    return cfg
+
+
+def config_hash(cfg: TrainConfig) -> str:
+    """Hash of the fields that determine the trained weights (not out, device, eval options...)."""
+    d = {k: v for k, v in dataclasses.asdict(resolve(cfg)).items() if k not in RUN_FIELDS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_dir(cfg: TrainConfig) -> Path:
+    """The cached run folder of a config: cache_dir()/runs/<model>-<config hash>."""
+    return cache_dir() / "runs" / f"{cfg.model}-{config_hash(cfg)}"
+
+
+# ------------------------------------------------------------------------------------------ schedules
+def lr_multiplier(step: int, steps: int, warmup_frac: float, warmdown_frac: float) -> float:
+    """Learning-rate factor at 0-based `step`: linear warm-up, constant, linear warm-down to 0."""
+    warm, down = round(warmup_frac * steps), round(warmdown_frac * steps)
+    if step < warm:
+        return (step + 1) / warm
+    if step < steps - down:
+        return 1.0
+    return max(0.0, (steps - step) / down) if down else 0.0
+
+
+def reg_weight(step: int, steps: int, warmup_frac: float) -> float:
+    """w(t): 0 at the first step, rising linearly to 1 at warmup_frac of the steps."""
+    span = warmup_frac * steps
+    return 1.0 if span <= 0 else min(1.0, step / span)
+
+
+# ------------------------------------------------------------------------------------------ optimizers
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """[Muon for the blocks' nn.Linear weights, AdamW for the rest], nanochat's split and rates."""
+    matrices = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    muon, groups = [], {"embed": [], "head": [], "scalar": [], "resid": []}
+    for name, p in model.named_parameters():
+        if id(p) in matrices:
+            muon.append(p)
+        elif id(p) in embeddings:
+            groups["embed"].append(p)
+        elif p is model.lm_head.weight:
+            groups["head"].append(p)
+        elif name == "resid_lambdas":
+            groups["resid"].append(p)
+        else:  # x0 lambdas, mHC mixing, anything a model variant adds
+            groups["scalar"].append(p)
+    scale = (model.config.n_embd / 768) ** -0.5
+    lrs = {"embed": cfg.embedding_lr * scale, "head": cfg.unembedding_lr * scale,
+           "scalar": cfg.scalar_lr, "resid": cfg.scalar_lr * 0.01}
+    adam_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+    return [torch.optim.Muon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, weight_decay=0.0,
+                             adjust_lr_fn="original"),
+            torch.optim.AdamW(adam_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)]
+
+
+# ------------------------------------------------------------------------------------------ loss
+class SNLPLoss(nn.Module):
+    """The training loss of a batch as one module, so that DistributedDataParallel wraps the whole
+    computation (the model is called through its layer maps, not its forward)."""
+
+    def __init__(self, model: nn.Module, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, weight: float, step: int):
+        """(loss, ce, reg) for inputs x and targets y [B, T]; reg is 0 without a regularizer."""
+        m, cfg = self.model, self.cfg
+        seed = cfg.seed * 1_000_003 + step  # random probes (DiagN) differ per step, same on resume
+        if cfg.objective == "snlp-forward":
+            logits = solve(m, x, method=cfg.method, iters=cfg.iters, n_par=cfg.n_par, init=cfg.init,
+                           seed=seed).logits
+            ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            return ce, ce, torch.zeros_like(ce)
+        h, ctx = m.embed(x)
+        trace = [h]  # the states are kept: the regularizer reuses them
+        for l in range(m.n_layer):
+            trace.append(m.layer(l, trace[-1], ctx))
+        ce = F.cross_entropy(m.head(trace[-1]).flatten(0, 1), y.flatten())
+        if cfg.reg == "none":
+            return ce, ce, torch.zeros_like(ce)
+        reg = snlp_regularizer(m, trace, ctx, cfg.n_par_set, cfg.reg, cfg.stride, cfg.detach_target,
+                               generator=torch.Generator().manual_seed(seed))
+        return ce + weight * cfg.lam * reg, ce, reg
+
+
+# ------------------------------------------------------------------------------------------ helpers
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    owns_group: bool = False  # we initialised the process group, so we tear it down
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+
+def resolve_device(kind: str) -> torch.device:
+    """"auto" -> cuda when torch sees a GPU, else cpu."""
+    return torch.device(kind if kind != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _setup(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
+    kind = resolve_device(cfg.device).type
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return _Dist(), torch.device(kind)
+    d = _Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo")
+        d.owns_group = True
+    if kind == "cuda":
+        torch.cuda.set_device(d.local_rank)
+        return d, torch.device("cuda", d.local_rank)
+    return d, torch.device("cpu")
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
+    if not path.exists():
+        return []
+    lines = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
+    return [m for m in lines if max_step is None or m["step"] <= max_step]
+
+
+def _load_data(cfg: TrainConfig, d: _Dist):
+    """Prepare the dataset (rank 0 first: it builds the cache the others read) and check its size."""
+    if not d.main:
+        d.barrier()
+    ds = prepare_data(cfg.data, vocab_size=cfg.vocab_size, progress=cfg.progress if d.main else False)
+    if d.main:
+        d.barrier()
+    need = cfg.batch_size * cfg.seq_len + 1
+    if len(ds.train) < need:
+        raise ValueError(f"the training split of {cfg.data} holds {len(ds.train)} tokens, fewer than one batch "
+                         f"(batch_size·seq_len + 1 = {need}); use a bigger corpus or a smaller "
+                         f"--batch-size / --seq-len")
+    if len(ds.val) < cfg.seq_len + 1:
+        raise ValueError(f"the validation split of {cfg.data} holds {len(ds.val)} tokens, fewer than one "
+                         f"window (seq_len + 1 = {cfg.seq_len + 1}); use a bigger corpus or a smaller --seq-len")
+    return ds
+
+
+def _check_surrogates(model, cfg: TrainConfig) -> None:
+    """Build every surrogate the run uses once, so that one that does not fit the model (hcn without
+    streams) fails now, before the data is prepared, and not at the first step or evaluation."""
+    used = [cfg.reg] if cfg.reg != "none" else []
+    used += [cfg.method] if cfg.objective == "snlp-forward" else []
+    used += [m for _, m, _ in parse_snlp_specs(cfg.eval_snlp) if m in SURROGATES]
+    with torch.no_grad():
+        for name in dict.fromkeys(used):
+            SURROGATES[name](model, 0, model.n_layer, None)
+
+
+def _comparable(cfg_dict: dict) -> dict:
+    d = json.loads(json.dumps(cfg_dict))  # tuples -> lists, as stored
+    return {k: v for k, v in d.items() if k not in RUN_FIELDS}
+
+
+def _evaluate(model, ds, cfg: TrainConfig, autocast) -> dict:
+    """Validation PPL, sequential and under every `eval_snlp` spec (None where a solve blew up)."""
+    out = {}
+    with autocast:
+        out["val_ppl"] = evaluate_ppl(model, ds.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+        for spec, method, kw in parse_snlp_specs(cfg.eval_snlp):
+            try:
+                out[f"val_ppl[{spec}]"] = evaluate_ppl(model, ds.val, cfg.seq_len, cfg.batch_size,
+                                                       cfg.eval_batches, method=method, **kw)
+            except NonFiniteError:
+                out[f"val_ppl[{spec}]"] = None
+    return out
+
+
+# ------------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig) -> TrainResult:
+    """Train (or resume) the run described by cfg; returns the model, run folder and metrics.
+    Under torchrun (WORLD_SIZE > 1) each rank calls this; rank 0 writes the run folder."""
+    cfg = resolve(cfg)
+    if cfg.out is None:
+        cfg = dataclasses.replace(cfg, out=str(run_dir(cfg)))
+    d, device = _setup(cfg)
+    try:
+        return _train(cfg, d, device)
+    finally:
+        if d.owns_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
+    out = Path(cfg.out)
+    ckpt = read_checkpoint(out) if has_checkpoint(out) else None
+    if ckpt is not None and not cfg.resume:
+        raise ValueError(f"run folder {out} already holds a checkpoint (step {ckpt['step']}); pass --resume "
+                         f"to continue it or choose another --out")
+    if ckpt is not None and _comparable(ckpt["train_config"]) != _comparable(dataclasses.asdict(cfg)):
+        old, new = _comparable(ckpt["train_config"]), _comparable(dataclasses.asdict(cfg))
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
+        raise ValueError(f"cannot resume {out}: the training options differ ({diff}); use another --out")
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(model_config(cfg)).to(device)
+    _check_surrogates(model, cfg)
+    ds = _load_data(cfg, d)
+    if cfg.batch_size % d.world:
+        raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {d.world}")
+    stream = TokenStream(ds.train, cfg.batch_size // d.world, cfg.seq_len, seed=cfg.seed, rank=d.rank,
+                         world_size=d.world, device=device)
+    if cfg.init_from is not None and ckpt is None:
+        load_checkpoint(cfg.init_from, model)
+    opts = build_optimizers(model, cfg)
+    mult = lambda s: lr_multiplier(s, cfg.steps, cfg.lr_warmup_frac, cfg.lr_warmdown_frac)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, mult) for o in opts]
+
+    step, metrics_path = 0, out / METRICS
+    if ckpt is not None:
+        load_checkpoint(out, model)
+        state = load_optim_state(out, device)
+        for o, s in zip(opts, state["optimizers"]):
+            o.load_state_dict(s)
+        for sc, s in zip(scheds, state["schedulers"]):
+            sc.load_state_dict(s)
+        stream.load_state_dict(ckpt["stream"])
+        set_rng_state(ckpt["rng"])
+        step = ckpt["step"]
+    history = _read_jsonl(metrics_path, max_step=step)  # drop lines of steps after the checkpoint
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
+
+    net = SNLPLoss(model, cfg)
+    if d.world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    tokens = cfg.batch_size * cfg.seq_len
+    last = cfg.stop_at or cfg.steps
+
+    def save(done: int):
+        if d.main:
+            save_checkpoint(out, model, done, dataclasses.asdict(cfg),
+                            {"optimizers": [o.state_dict() for o in opts],
+                             "schedulers": [s.state_dict() for s in scheds]},
+                            stream=stream.state_dict(), finished=done == cfg.steps, data=ds.meta["key"],
+                            last_eval=next((m for m in reversed(history) if "val_ppl" in m), None))
+
+    bar = tqdm(total=cfg.steps, initial=step, desc=out.name, unit="step",
+               disable=(not d.main) or (None if cfg.progress is None else not cfg.progress))
+    while step < last:
+        t0 = time.perf_counter()
+        x, y = next(stream)
+        w = reg_weight(step, cfg.steps, cfg.warmup_frac)
+        with autocast:
+            loss, ce, reg = net(x, y, w, step)
+        loss.backward()
+        for o, s in zip(opts, scheds):
+            o.step()
+            s.step()
+        net.zero_grad(set_to_none=True)
+        vals = torch.stack([loss, ce, reg]).detach().float()
+        if d.world > 1:  # the global batch's mean, as one process would report it
+            dist.all_reduce(vals)
+            vals /= d.world
+        loss_v, ce_v, reg_v = vals.tolist()
+        if not math.isfinite(loss_v):
+            raise FloatingPointError(f"the loss became {loss_v} at step {step + 1}; lower the learning rates "
+                                     f"(--matrix-lr, --embedding-lr, ...) or --lam")
+        dt = time.perf_counter() - t0
+        step += 1
+        rec = {"step": step, "loss": loss_v, "ce": ce_v, "reg": reg_v if cfg.reg != "none" else None,
+               "reg_weight": w, "lr_mult": mult(step - 1), "step_time": dt, "tokens_per_s": tokens / dt}
+        history.append(rec)
+        if d.main:
+            _append_jsonl(metrics_path, rec)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tokens / dt:,.0f}")
+        if d.main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+            ev = {"step": step, **_evaluate(model, ds, cfg, autocast)}
+            history.append(ev)
+            _append_jsonl(metrics_path, ev)
+            bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} non-finite"
+                                                    for k, v in ev.items() if k != "step"))
+        if (cfg.save_every and step % cfg.save_every == 0) or step == last:
+            save(step)
+    bar.close()
+    d.barrier()  # the checkpoint is on disk before any rank returns
+    return TrainResult(model=model, run_dir=out, metrics=history, step=step)
+
+
+# ------------------------------------------------------------------------------------------ cached runs
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """One process at a time per run folder (two notebooks asking for the same model)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def trained_model(preset: str = "cpu", steps: int = 600, reg: str = "none", lam: float = 0.1, seed: int = 0,
+                  **kwargs) -> nn.Module:
+    """A model trained with these options, from cache_dir()/runs/<preset>-<config hash> if that run
+    finished, else trained now (resuming an interrupted run). Returned on the training device.
+
+    kwargs: any other TrainConfig field (n_par_set=(4, 8, 12), stride=2, objective=..., progress=False,
+    ...); the remaining ones are model config overrides (nanochat names, e.g. n_layer=6).
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "resume", "override"}
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    bad = sorted(set(kwargs) - names - fields)
+    if bad:
+        raise ValueError(f"unknown option(s) {bad}; valid: TrainConfig fields {', '.join(sorted(names))} "
+                         f"and model config fields {', '.join(sorted(fields))}")
+    train_kw = {k: v for k, v in kwargs.items() if k in names}
+    overrides = tuple(f"{k}={v}" for k, v in kwargs.items() if k in fields)
+    cfg = resolve(TrainConfig(model=preset, steps=steps, reg=reg, lam=lam, seed=seed, override=overrides,
+                              **train_kw))
+    out = run_dir(cfg)
+    cfg = dataclasses.replace(cfg, out=str(out), resume=True)
+    device = resolve_device(cfg.device)
+    with _locked(out):
+        if not (has_checkpoint(out) and read_checkpoint(out).get("finished")):
+            train(cfg)
+        return load_checkpoint(out, device=device)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,16,24, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one option per TrainConfig field (--n-par-set for n_par_set, ...)."""
+    D = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m snlp_lab.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    a("--model", default=D.model, help="model preset (snlp_lab.config.PRESETS)")
+    a("--override", action="append", default=[], metavar="KEY=VALUE",
+      help="model config override, repeatable (e.g. --override n_layer=6)")
+    a("--data", default=D.data, help="'stdlib', a folder of text files, or parquet shards")
+    a("--vocab-size", type=int, default=None, help="BPE vocabulary (default: the preset's)")
+    a("--steps", type=int, default=D.steps)
+    a("--batch-size", type=int, default=D.batch_size, help="global batch, split over the processes")
+    a("--seq-len", type=int, default=None, help="default: the model's sequence_len")
+    a("--seed", type=int, default=D.seed)
+    a("--matrix-lr", type=float, default=D.matrix_lr, help="Muon, blocks' matrices")
+    a("--embedding-lr", type=float, default=D.embedding_lr, help="AdamW, times (n_embd/768)^-0.5")
+    a("--unembedding-lr", type=float, default=D.unembedding_lr, help="AdamW, times (n_embd/768)^-0.5")
+    a("--scalar-lr", type=float, default=D.scalar_lr, help="AdamW, lambdas and mHC mixing")
+    a("--lr-warmup-frac", type=float, default=D.lr_warmup_frac)
+    a("--lr-warmdown-frac", type=float, default=D.lr_warmdown_frac)
+    a("--reg", default=D.reg, help=f"regularizer surrogate: none, {', '.join(SURROGATES)}")
+    a("--lam", type=float, default=D.lam, help="regularizer weight λ")
+    a("--n-par-set", type=_ints, default=None, help="n_par values 𝒩, e.g. 8,16,24 (default: depth/4, /2, 3/4)")
+    a("--stride", type=int, default=D.stride, help="compare every s-th parallel layer plus the last; 0/1: all")
+    a("--warmup-frac", type=float, default=D.warmup_frac, help="regularizer weight warm-up fraction")
+    a("--detach-target", action="store_true", help="no gradient through the sequential target states")
+    a("--objective", default=D.objective, choices=OBJECTIVES)
+    a("--method", default=D.method, help="surrogate of the snlp-forward objective")
+    a("--iters", type=int, default=D.iters, help="K, iterations of the snlp-forward objective")
+    a("--n-par", type=int, default=None, help="parallel layers of the snlp-forward objective (default: all)")
+    a("--init", default=D.init, help=f"initial guess of the snlp-forward objective: {', '.join(INITS)}")
+    a("--init-from", default=None, metavar="CKPT", help="start from this checkpoint's weights (fine-tuning)")
+    a("--out", default=None, help="run folder (default: cache_dir()/runs/<model>-<config hash>)")
+    a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    a("--eval-every", type=int, default=D.eval_every, help="0: only at the end")
+    a("--eval-batches", type=int, default=D.eval_batches)
+    a("--eval-snlp", default=D.eval_snlp, help="SNLP configs for validation PPL, e.g. 'idn:K=1:n_par=12,idn:K=2'")
+    a("--save-every", type=int, default=D.save_every)
+    a("--stop-at", type=int, default=None, help="stop after this step with a checkpoint (resume later)")
+    a("--device", default=D.device, choices=("auto", "cpu", "cuda"))
+    a("--progress", action=argparse.BooleanOptionalAction, default=None)
+    return p
+
+
+def config_from_args(argv=None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    args["override"] = tuple(args["override"])
+    return TrainConfig(**args)
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = config_from_args(argv)
+        res = train(cfg)
+    except ValueError as e:  # bad options or data: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        last = res.evals[-1] if res.evals else {}
+        print(json.dumps({"run_dir": str(res.run_dir), "step": res.step, **last}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
