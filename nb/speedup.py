@@ -30,6 +30,7 @@ checkpoint = None  # path of a trained checkpoint; None: random weights (timing 
 repeats = None
 decode_tokens = None
 compile = False  # torch.compile the block function for the baseline and SNLP alike
+threads = None  # CPU threads; None: torch's default (1 is steadier on a machine shared with other jobs)
 profile = "cpu"  # smoke | cpu | paper
 fig_dir = "../figures"
 report_dir = "../reports"
@@ -44,7 +45,7 @@ S
 
 # %%
 df = bench.run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
-                     S["device"], compile=compile, checkpoint=checkpoint, log=print)
+                     S["device"], compile=compile, checkpoint=checkpoint, threads=threads, log=print)
 notes = df.attrs["notes"]
 print("\n".join(notes))
 

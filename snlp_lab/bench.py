@@ -30,6 +30,8 @@ replaced by small random ones (the same FLOPs; `top1` then compares against a ra
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import re
 import statistics
 import time
@@ -39,7 +41,7 @@ import pandas as pd
 import torch
 
 from .decode import DECODE_INITS, Decoder
-from .fusion import parse_chunks
+from .fusion import clear_fused_cache, parse_chunks
 from .model import GPT, build_model
 from .solve import methods
 
@@ -275,15 +277,21 @@ def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch
 def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode_tokens: int = 32,
               repeats: int = 5, warmup: int = 1, device: str = "auto", dtype: torch.dtype | None = None,
               compile: bool | str = False, checkpoint: str | None = None, batch: int = 1, seed: int = 0,
-              log=None) -> pd.DataFrame:
+              threads: int | None = None, log=None) -> pd.DataFrame:
     """Time the sequential forward and every configuration; one row per (configuration, T).
 
     model: preset name or a GPT; configs: configuration strings (the sequential baseline is added
     first when missing); dtype: default bf16 on CUDA, fp32 on CPU; compile: torch.compile the block
-    function of every decoder (True or a mode such as "reduce-overhead"). The DataFrame's
+    function of every decoder (True or a mode such as "reduce-overhead"); threads: CPU threads for
+    the run (torch.set_num_threads; on a machine shared with other jobs, 1 thread avoids the waits of
+    multi-threaded kernels for a descheduled thread, which swamp small kernels). The DataFrame's
     `attrs["notes"]` says where the weights come from and how memory was measured.
     """
     dev = resolve_device(device)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfgs = [parse_config(c) for c in configs]
     if not any(c.method == "sequential" and c.chunks is None for c in cfgs):
@@ -308,14 +316,14 @@ def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode
             # untimed pass per configuration, alone in memory: peak memory and the prefill logits
             peak, logits = {}, {}
             for c in cfgs:
-                _release(dev)
+                _release(dev, m)
                 _reset_peak(dev)
                 runs = _runs(m, c, idx, decode_tokens, dev, compile)
                 logits[c.text] = runs["prefill"]()
                 runs["decode"]()
                 peak[c.text] = _peak_mb(dev)
                 del runs
-            _release(dev)
+            _release(dev, m)
             fns = {}
             for c in cfgs:
                 for kind, fn in _runs(m, c, idx, decode_tokens, dev, compile).items():
@@ -344,9 +352,18 @@ def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode
     return df
 
 
-def _release(dev: torch.device) -> None:
+def _release(dev: torch.device, m) -> None:
+    """Free what earlier configurations left (their fused weights, caches), so that the next peak
+    counts the model and one configuration only."""
+    clear_fused_cache(m)
+    gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
+    else:
+        try:  # give freed heap memory back to the OS, so that the resident set is what is in use
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _runs(m, c: BenchConfig, idx, decode_tokens, dev, compile) -> dict:
@@ -393,11 +410,12 @@ def main(argv=None):
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
     a = ap.parse_args(argv)
     df = run_bench(a.model, a.configs, a.seq_lens, a.decode_tokens, a.repeats, a.warmup, a.device,
                    getattr(torch, a.dtype) if a.dtype else None, a.compile, a.checkpoint, a.batch, a.seed,
-                   log=print)
+                   a.threads, log=print)
     print("\n".join(f"- {n}" for n in df.attrs["notes"]) + "\n")
     print(df.drop(columns=["model", "weights", "device", "dtype", "compile"]).to_markdown(index=False, floatfmt=".4g"))
     if a.csv:

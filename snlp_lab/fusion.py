@@ -103,6 +103,11 @@ def fused_weights(model, start: int, stop: int, M: int) -> dict:
     return cache[1][(start, stop, M)]
 
 
+def clear_fused_cache(model) -> None:
+    """Drop the cached fused weights of a model (e.g. to measure one configuration's memory alone)."""
+    model._fused_cache = None
+
+
 def fused_value_embeddings(model, start: int, stop: int, M: int, ctx):
     """Value embeddings of the fused chunks [C, B, T, M·kv_dim] (None on models without them): each
     chunk's M layers side by side, in the same layer-major order as the fused key/value heads."""
