@@ -32,7 +32,7 @@ decode_tokens = None
 compile = False  # torch.compile the block function for the baseline and SNLP alike
 threads = None  # CPU threads; None: torch's default (1 is steadier on a machine shared with other jobs)
 profile = "cpu"  # smoke | cpu | paper
-fig_dir = "../figures"
+fig_dir = "../figures"  # relative paths: relative to nb/
 report_dir = "../reports"
 
 # %%
@@ -40,7 +40,8 @@ import matplotlib.pyplot as plt
 
 from snlp_lab import bench, report
 
-S = bench.settings(model, device, profile, seq_lens, configs, repeats, decode_tokens)
+S = bench.settings(model, device, profile, seq_lens, configs, repeats, decode_tokens, fig_dir=fig_dir,
+                   report_dir=report_dir)
 S
 
 # %%
@@ -64,7 +65,7 @@ axes[0].invert_yaxis()
 fig.suptitle(f"{S['model']} on {df['device'][0]} ({df['dtype'][0]}), B=1, {df['weights'][0]}", fontsize=10)
 fig.tight_layout()
 name = f"speedup_{S['model']}"
-report.save_figure(fig, name, fig_dir)
+report.save_figure(fig, name, S["fig_dir"])
 
 # %%
 cols = ["config", "T", "S", "units", "bound", "prefill_ms", "prefill_speedup", "decode_tok_s", "decode_speedup",
@@ -73,10 +74,10 @@ table = df[cols].dropna(axis=1, how="all")  # peak memory is missing only off Li
 meta = dict(model=S["model"], device=f"{df['device'][0]} ({df['dtype'][0]}, compile={compile})",
             repeats=f"median of {S['repeats']} after {S['warmup']} warm-up, configurations interleaved",
             decode=f"last {S['decode_tokens']} tokens of each T, KV cache, B=1", notes="; ".join(notes))
-report.save_table(table, name, report_dir, f"Wall-clock speedup of SNLP over the sequential forward ({S['model']})", meta)
+report.save_table(table, name, S["report_dir"], f"Wall-clock speedup of SNLP over the sequential forward ({S['model']})", meta)
 best_p = df.loc[df["prefill_speedup"].idxmax()]
 best_d = df.loc[df["decode_speedup"].idxmax()]
-report.add_reading(report_dir, "speedup", name,
+report.add_reading(S["report_dir"], "speedup", name,
                    f"{S['model']} on {df['device'][0]}: best prefill x{best_p.prefill_speedup:.2f} ({best_p.config}, "
                    f"T={best_p['T']}, bound x{best_p.bound:.2f}); best decode x{best_d.decode_speedup:.2f} "
                    f"({best_d.config}); {'random' if checkpoint is None else 'trained'} weights")

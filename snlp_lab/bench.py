@@ -36,6 +36,7 @@ import re
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -125,15 +126,19 @@ def parse_config(text: str) -> BenchConfig:
     return BenchConfig(text=text.strip(), method=method, **kw)
 
 
-def default_configs(L: int) -> list[str]:
+def default_configs(L: int, mhc: bool = False) -> list[str]:
     """The configurations benchmarked by default for a model of depth L: the paper's (DESIGN §4) at
-    depth 32, their analogues at other depths."""
+    depth 32, their analogues at other depths; on mHC models (no fusion) per-layer IDN and HCN."""
+    if mhc:
+        n = 20 if L >= 32 else L
+        return ["sequential", f"idn:K=1:n={n}", f"idn:K=2:n={n}", f"hcn:K=2:n={n}", f"hcn:K=4:n={n}:h0",
+                f"hcn:K=1:n={n}:warm"]
     if L >= 24:
         n = 24 if L >= 32 else 4 * (3 * L // 16)  # three quarters of the depth, in 4 chunks
         return ["sequential", f"idn:K=2:n={n}", f"idn:K=2:n={n}:4xF{n // 4}:h0", f"idn:K=2:n={n}:{n // 2}xF2:h0",
                 f"idn:K=1:n=12:2xF6:fwd", "idn:K=1:n=12:1xF12:h0", f"idn:K=1:n={n}:4xF{n // 4}:warm"]
     if L >= 12:
-        return ["sequential", f"idn:K=1:n=12", "idn:K=2:n=12", "idn:K=2:n=12:4xF3", "idn:K=1:n=12:2xF6",
+        return ["sequential", "idn:K=1:n=12", "idn:K=2:n=12", "idn:K=2:n=12:4xF3", "idn:K=1:n=12:2xF6",
                 "idn:K=1:n=12:1xF12", "idn:K=1:n=12:4xF3:warm"]
     half = L - L % 2
     return ["sequential", f"idn:K=1:n={L}", f"idn:K=2:n={half}:2xF{half // 2}", f"idn:K=1:n={L}:1xF{L}",
@@ -144,10 +149,13 @@ PROFILES = ("smoke", "cpu", "paper")
 
 
 def settings(model: str | None = None, device: str = "auto", profile: str = "cpu", seq_lens=None, configs=None,
-             repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None) -> dict:
+             repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None,
+             fig_dir: str = "../figures", report_dir: str = "../reports") -> dict:
     """Check the notebook's parameters and fill the ones left as None for the profile and device:
     smoke = seconds (tiny sequences, one repeat); cpu = T=128 and a short decode on a CPU, T=128 and
-    2048 on a GPU; paper = T=128 and 2048, more repeats. Raises ValueError naming the valid values."""
+    2048 on a GPU; paper = T=128 and 2048, more repeats. Raises ValueError naming the valid values.
+    Relative fig_dir / report_dir are taken relative to the notebooks' folder nb/, wherever the
+    kernel runs (so `papermill nb/speedup.ipynb ...` from the repository root writes to figures/)."""
     from .config import PRESETS
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
@@ -156,9 +164,7 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
         raise ValueError(f"unknown model {model!r}; valid models: {', '.join(PRESETS)}")
     dev = resolve_device(device)
     cfg = PRESETS[model]
-    if getattr(cfg, "n_streams", 1) > 1:
-        raise ValueError(f"model {model!r} is an mHC model, which the decoder does not drive; valid models: "
-                         f"{', '.join(k for k, v in PRESETS.items() if getattr(v, 'n_streams', 1) == 1)}")
+    mhc = getattr(cfg, "n_streams", 1) > 1
     big = cfg.n_embd >= 512
     if profile == "smoke":
         d = dict(seq_lens=[16], decode_tokens=4, repeats=1, warmup=0)
@@ -174,10 +180,14 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
         if not d["decode_tokens"] < T <= cfg.sequence_len:
             raise ValueError(f"sequence length {T} must lie in {d['decode_tokens'] + 1}..{cfg.sequence_len} "
                              f"(more than decode_tokens, at most model {model!r}'s sequence_len)")
-    configs = list(configs) if configs is not None else default_configs(cfg.n_layer)
+    configs = list(configs) if configs is not None else default_configs(cfg.n_layer, mhc)
     for c in configs:
         parse_config(c).check(cfg.n_layer)
-    return dict(model=model, device=str(dev), configs=configs, **d)
+        if mhc and parse_config(c).chunks:
+            raise ValueError(f"configuration {c!r}: chunks (layer fusion) are not supported on mHC model {model!r}")
+    nb_dir = Path(__file__).resolve().parent.parent / "nb"
+    dirs = {k: str((nb_dir / v).resolve()) for k, v in dict(fig_dir=fig_dir, report_dir=report_dir).items()}
+    return dict(model=model, device=str(dev), configs=configs, **d, **dirs)
 
 
 # ------------------------------------------------------------------------------------------ measuring

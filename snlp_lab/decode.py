@@ -49,16 +49,42 @@ class KVCache:
         self.v[a:b, :, :, pos:pos + T] = kv[1]
 
 
+class ModelLayers:
+    """Layers start..stop-1 of any layer stack whose `layers` take `past` and `return_kv` (e.g. the mHC
+    model), one unit per layer, indexed from 0 like a `ChunkStack`. The model reads its own weights on
+    every call; `ChunkStack` (used for the plain GPT) resolves them once."""
+
+    def __init__(self, model, start: int, stop: int):
+        self.model, self.start, self.n_layer, self.config = model, start, stop - start, model.config
+        if hasattr(model, "res_matrices"):  # the HC Newton surrogate's matrices, in unit indices
+            self.res_matrices = lambda a, b, H=None, ctx=None, past=None: model.res_matrices(
+                start + a, start + b, H, ctx, past=past)
+
+    def layers(self, a, b, H, ctx, past=None, return_kv=False):
+        return self.model.layers(self.start + a, self.start + b, H, ctx, past=past, return_kv=return_kv)
+
+    def layer(self, j, h, ctx):
+        return self.layers(j, j + 1, h.unsqueeze(0), ctx)[0]
+
+    def resid_scale(self, j):
+        return self.model.resid_scale(self.start + j)
+
+
 class _AttendingTo:
     """A unit stack whose evaluations attend to a fixed cache: what a surrogate that evaluates the
-    layers itself (DiagN, exact Newton) must see while decoding."""
+    layers itself (DiagN, exact Newton, HCN with dynamic mixing) must see while decoding."""
 
-    def __init__(self, stack: ChunkStack, past):
+    def __init__(self, stack, past):
         self.stack, self.past, self.n_layer = stack, past, stack.n_layer
+        self.config = getattr(stack, "config", None)
+        if hasattr(stack, "res_matrices"):
+            self.res_matrices = lambda a, b, H=None, ctx=None: stack.res_matrices(a, b, H, ctx, past=self._past(a, b))
+
+    def _past(self, a, b):
+        return None if self.past is None else (self.past[0][a:b], self.past[1][a:b])
 
     def layers(self, a, b, H, ctx):
-        past = None if self.past is None else (self.past[0][a:b], self.past[1][a:b])
-        return self.stack.layers(a, b, H, ctx, past=past)
+        return self.stack.layers(a, b, H, ctx, past=self._past(a, b))
 
     def layer(self, j, h, ctx):
         return self.layers(j, j + 1, h.unsqueeze(0), ctx)[0]
@@ -88,8 +114,12 @@ class Decoder:
     def __init__(self, model, method: str = "idn", iters: int = 1, n_par: int | None = None,
                  chunks: str | None = None, init: str = "h0", kappa: float = 0.0, probes: int = 1,
                  jac: str = "jvp", seed: int = 0, max_len: int | None = None, compile: bool | str = False):
-        check_chunkable(model)  # mHC models: the decoder drives single-stream blocks only
         L = model.n_layer
+        # the plain GPT runs on weights resolved once (ChunkStack); other stacks (mHC) on their own
+        # `layers`, one unit per layer: fusion is defined for the single-stream GPT only
+        self._resolved = getattr(model.config, "n_streams", 1) == 1
+        if chunks is not None:
+            check_chunkable(model)
         if method not in methods():
             raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(methods())}")
         if not isinstance(iters, int) or iters < 1:
@@ -107,14 +137,17 @@ class Decoder:
         self.n_par, self.chunks, self.M, self.S = n_par, chunks, M, L - n_par
         self.opts = dict(kappa=kappa, probes=probes, jac=jac)
         self.seed, self.max_len = seed, max_len
+        if compile and not self._resolved:
+            raise ValueError("compile is supported for the plain GPT (n_streams=1) only")
         self.apply = compiled_block_apply(compile if isinstance(compile, str) else None) if compile else None
         self.pos, self._last = 0, None
 
     # ------------------------------------------------------------------------------------------ state
     def _setup(self, B: int, device, dtype) -> None:
         cfg, L = self.model.config, self.model.n_layer
-        self.prefix = ChunkStack(self.model, 0, self.S, 1) if self.S > 0 else None
-        self.par = ChunkStack(self.model, self.S, L, self.M)
+        units = ChunkStack if self._resolved else (lambda model, start, stop, M: ModelLayers(model, start, stop))
+        self.prefix = units(self.model, 0, self.S, 1) if self.S > 0 else None
+        self.par = units(self.model, self.S, L, self.M)
         for stack in (self.prefix, self.par):
             if stack is not None and self.apply is not None:
                 stack.apply = self.apply

@@ -134,7 +134,7 @@ class ChunkStack:
         if not 0 <= start < stop <= model.n_layer or (stop - start) % M:
             raise ValueError(f"layers {start}..{stop - 1} cannot be cut into chunks of M={M} "
                              f"(model depth {model.n_layer})")
-        self.model, self.start, self.stop, self.M = model, start, stop, M
+        self.model, self.start, self.stop, self.M, self.config = model, start, stop, M, model.config
         self.n_layer = (stop - start) // M
         self.head_dim = model.config.head_dim
         self.W = fused_weights(model, start, stop, M)

@@ -56,7 +56,8 @@ def test_settings():
     assert bench.settings("cpu", device="cpu", profile="cpu", repeats=2, seq_lens=[64])["repeats"] == 2
     for kw, msg in [(dict(model="1b"), "valid models: "), (dict(profile="fast"), "valid profiles: smoke, cpu, paper"),
                     (dict(model="cpu", configs=["idn:n=24"]), r"must lie in 1\.\.12"),
-                    (dict(model="cpu", seq_lens=[512]), "at most model 'cpu'"), (dict(device="tpu"), "valid: auto")]:
+                    (dict(model="cpu", seq_lens=[512]), "at most model 'cpu'"), (dict(device="tpu"), "valid: auto"),
+                    (dict(model="cpu-mhc", configs=["idn:n=12:2xF6"]), "not supported on mHC")]:
         with pytest.raises(ValueError, match=msg):
             bench.settings(**kw)
 
@@ -99,3 +100,12 @@ def test_checkpoint(tmp_path):
     df = bench.run_bench("tiny", ["idn:K=1:n=4"], seq_lens=(8,), decode_tokens=2, repeats=1, warmup=0,
                          device="cpu", checkpoint=str(tmp_path))
     assert df["weights"][0] == f"checkpoint {tmp_path}" and not any("random" in n for n in df.attrs["notes"])
+
+
+def test_mhc_model_per_layer():
+    from snlp_lab import build_model
+    m = build_model("tiny", x0ve=False, n_streams=2)
+    df = bench.run_bench(m, ["sequential", "hcn:K=4:n=4", "idn:K=1:n=4"], seq_lens=(8,), decode_tokens=2,
+                         repeats=1, warmup=0, device="cpu")
+    assert list(df["top1"][:2]) == [1.0, 1.0] and len(df) == 3
+    assert bench.settings("cpu-mhc", device="cpu")["configs"][3] == "hcn:K=2:n=12"

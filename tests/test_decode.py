@@ -23,9 +23,10 @@ def idn_decode_without_cache(model, prompt, fed, iters, n_par, chunks, init):
     L = model.n_layer
     C, M = parse_chunks(chunks) if chunks else (n_par, 1)
     S = L - n_par
-    fused = ChunkStack(model, S, L, M)
-    units = [lambda x, ctx, l=l: model.layer(l, x, ctx) for l in range(S)]
-    units += [lambda x, ctx, c=c: fused.layer(c, x, ctx) for c in range(C)]
+    units = [lambda x, ctx, l=l: model.layer(l, x, ctx) for l in range(S if chunks else L)]
+    if chunks:
+        fused = ChunkStack(model, S, L, M)
+        units += [lambda x, ctx, c=c: fused.layer(c, x, ctx) for c in range(C)]
     # prompt: sequential pass over the units; remember each unit's inputs
     h, ctx = model.embed(prompt)
     seen = []
@@ -183,3 +184,26 @@ def test_misuse(tiny, tokens):
         dec.step(fed[:, 1])
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(tiny, prompt, -1)
+
+
+@pytest.fixture(params=[False, True], ids=["mhc-static", "mhc-dynamic"])
+def tiny_mhc(request):
+    torch.manual_seed(0)
+    from snlp_lab import build_model
+    from conftest import randomize
+    return randomize(build_model("tiny", x0ve=False, n_streams=2, mhc_dynamic=request.param).double())
+
+
+@pytest.mark.parametrize("method", ["idn", "hcn"])
+def test_mhc_decoding(tiny_mhc, tokens, method):
+    """mHC models decode one unit per layer through their own `layers`: K = N is sequential decoding,
+    and a single iteration matches the cache-free recomputation (IDN)."""
+    prompt, fed = tokens
+    got = decode_logits(Decoder(tiny_mhc, method=method, iters=3, n_par=3, init="warm"), prompt, fed)
+    torch.testing.assert_close(got, tiny_mhc(torch.cat([prompt, fed], dim=1))[:, PROMPT_LEN:], rtol=1e-9, atol=1e-9)
+    if method == "idn":
+        one = decode_logits(Decoder(tiny_mhc, method="idn", iters=1, n_par=3, init="h0"), prompt, fed)
+        ref = idn_decode_without_cache(tiny_mhc, prompt, fed, 1, 3, None, "h0")
+        torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="not supported on mHC"):
+        Decoder(tiny_mhc, chunks="2xF2")
