@@ -30,7 +30,7 @@ checkpoint = None  # path of a trained checkpoint; None: random weights (timing 
 repeats = None
 decode_tokens = None
 compile = False  # torch.compile the block function for the baseline and SNLP alike
-threads = None  # CPU threads; None: torch's default (1 is steadier on a machine shared with other jobs)
+threads = None  # CPU threads; None: 1 on a CPU (steady on a shared machine), torch's default on a GPU
 profile = "cpu"  # smoke | cpu | paper
 fig_dir = "../figures"  # relative paths: relative to nb/
 report_dir = "../reports"
@@ -41,12 +41,12 @@ import matplotlib.pyplot as plt
 from snlp_lab import bench, report
 
 S = bench.settings(model, device, profile, seq_lens, configs, repeats, decode_tokens, fig_dir=fig_dir,
-                   report_dir=report_dir)
+                   report_dir=report_dir, threads=threads)
 S
 
 # %%
 df = bench.run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
-                     S["device"], compile=compile, checkpoint=checkpoint, threads=threads, log=print)
+                     S["device"], compile=compile, checkpoint=checkpoint, threads=S["threads"], log=print)
 notes = df.attrs["notes"]
 print("\n".join(notes))
 

@@ -150,10 +150,13 @@ PROFILES = ("smoke", "cpu", "paper")
 
 def settings(model: str | None = None, device: str = "auto", profile: str = "cpu", seq_lens=None, configs=None,
              repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None,
-             fig_dir: str = "../figures", report_dir: str = "../reports") -> dict:
+             fig_dir: str = "../figures", report_dir: str = "../reports", threads: int | None = None) -> dict:
     """Check the notebook's parameters and fill the ones left as None for the profile and device:
     smoke = seconds (tiny sequences, one repeat); cpu = T=128 and a short decode on a CPU, T=128 and
     2048 on a GPU; paper = T=128 and 2048, more repeats. Raises ValueError naming the valid values.
+    threads: CPU threads, 1 by default on a CPU: the ratios compare like with like either way, and a
+    single thread never waits for a descheduled one on a machine shared with other jobs (with 2
+    threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them).
     Relative fig_dir / report_dir are taken relative to the notebooks' folder nb/, wherever the
     kernel runs (so `papermill nb/speedup.ipynb ...` from the repository root writes to figures/)."""
     from .config import PRESETS
@@ -187,7 +190,11 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
             raise ValueError(f"configuration {c!r}: chunks (layer fusion) are not supported on mHC model {model!r}")
     nb_dir = Path(__file__).resolve().parent.parent / "nb"
     dirs = {k: str((nb_dir / v).resolve()) for k, v in dict(fig_dir=fig_dir, report_dir=report_dir).items()}
-    return dict(model=model, device=str(dev), configs=configs, **d, **dirs)
+    if threads is None:
+        threads = 1 if dev.type == "cpu" else None
+    elif threads < 1:
+        raise ValueError(f"threads must be >= 1 or None, got {threads}")
+    return dict(model=model, device=str(dev), configs=configs, threads=threads, **d, **dirs)
 
 
 # ------------------------------------------------------------------------------------------ measuring
