@@ -58,7 +58,6 @@ for ax, col in zip(axes, ["prefill_speedup", "decode_speedup"]):
     bound = df.drop_duplicates("config").set_index("config")["bound"].loc[wide.index]
     ax.scatter(bound, range(len(bound)), marker="|", s=200, color="k", zorder=3, label="bound L/(S+K)")
     ax.axvline(1.0, color="grey", lw=1, ls="--")
-    ax.set_xscale("log")
     ax.set_xlabel(f"{col.split('_')[0]} speedup over sequential (x)")
     ax.legend(title="T", fontsize=8)
 axes[0].invert_yaxis()
