@@ -3,6 +3,10 @@ import torch
 
 import snlp_lab
 
+# Toy models: extra threads only add synchronisation, and on a shared 2-core machine they make a
+# tiny matmul thousands of times slower. One thread keeps the suite fast and steady.
+torch.set_num_threads(1)
+
 
 def randomize(model, scale: float = 0.3, seed: int = 0):
     """Give a fresh model non-trivial weights: nanochat zero-initialises the output projections,

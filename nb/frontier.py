@@ -1,0 +1,102 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Speed–quality frontier
+#
+# For each trained model (baseline and regularized, seed 0 of each variant), every SNLP configuration
+# of the grid — n_par, K, init, and fused CxFM chunkings — gets a validation PPL and a measured
+# prefill speedup over the sequential forward (B = 1, T = the training context, medians over repeated
+# runs in the same process). The analog of the paper's Tables A and C. On a CPU the batched call of
+# N layers costs about N layers, so SNLP is expected to be slower here; the GPU numbers come from
+# `nb/speedup.ipynb` on a GPU.
+
+# %% tags=["parameters"]
+profile = "cpu"
+fig_dir = "../figures"
+report_dir = "../reports"
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from tqdm.auto import tqdm
+
+from snlp_lab import experiments as E
+from snlp_lab.bench import parse_config, run_bench
+from snlp_lab.report import add_reading, save_figure, save_table
+
+P = E.get_profile(profile)
+ds = E.dataset(P)
+
+# %%
+frames = []
+jobs = [(v, reg) for v, var in P.variants.items() for reg in ("none", var.reg)]
+for v, reg in tqdm(jobs, desc="models"):
+    model = E.trained(P, v, reg, P.seeds[0])
+    configs = E.frontier_configs(model.n_layer, mhc=model.config.n_streams > 1)
+    t = run_bench(model, configs, seq_lens=(P.seq_len,), decode_tokens=4, repeats=P.bench_repeats,
+                  device=P.device)
+    ppl = []
+    for text in t.config:
+        c = parse_config(text)
+        kw = {} if c.method == "sequential" else dict(iters=c.iters, n_par=c.n_par, chunks=c.chunks, init=c.init)
+        ppl.append(E.ppl(P, model, ds, c.method, **kw))
+    frames.append(t.assign(variant=v, reg=reg, model_name=f"{v}/{reg}", ppl=ppl))
+res = pd.concat(frames, ignore_index=True)
+seq = res[res.config == "sequential"].set_index("model_name").ppl
+res["ppl_change_%"] = 100 * (res.ppl / res.model_name.map(seq) - 1)
+res["speedup"] = res.prefill_speedup
+res["pareto"] = False
+for name, d in res.groupby("model_name"):
+    res.loc[d.index, "pareto"] = E.pareto(d)
+
+# %%
+g = sns.relplot(res, x="speedup", y="ppl", hue="reg", col="variant", style="init", kind="scatter", height=3.2,
+                facet_kws={"sharey": False, "sharex": False})
+for ax, v in zip(g.axes.flat, res.variant.unique()):
+    for reg, d in res[(res.variant == v) & res.pareto].groupby("reg"):
+        d = d.sort_values("speedup")
+        ax.plot(d.speedup, d.ppl, lw=1, alpha=0.7)
+    for reg, d in res[(res.variant == v) & (res.config == "sequential")].groupby("reg"):
+        ax.axhline(d.ppl.iloc[0], ls="--", lw=0.8, color="grey")
+g.set(yscale="log", xlabel="prefill speedup over sequential (measured)", ylabel="validation PPL")
+save_figure(g.figure, "frontier", fig_dir)
+
+# %%
+cols = ["model_name", "config", "S", "units", "bound", "ppl", "ppl_change_%", "prefill_ms", "speedup", "pareto"]
+res[cols].to_csv(f"{report_dir}/frontier_all.csv", index=False)
+front = res[res.pareto | (res.config == "sequential")][cols].sort_values(["model_name", "speedup"])
+save_table(front, "frontier", report_dir, "Pareto-optimal SNLP configurations: PPL (change) and measured speedup",
+           {**P.describe(), "timing": f"prefill B=1, T={P.seq_len}, median of {P.bench_repeats} runs after warm-up, "
+                                      f"{res.device.iloc[0]} {res.dtype.iloc[0]}",
+            "all configurations": "frontier_all.csv",
+            "paper (GPU, 0.5B w/o x0ve IDN)": "4xF6-h0 K2: -6.1% PPL at 2.32x; 0.5B IDN 12xF2-h0 K2: +0.8% at 2.37x"})
+front
+
+# %%
+best = res[res.config != "sequential"].sort_values("speedup", ascending=False).groupby("model_name").head(1)
+fastest = res[res.config != "sequential"].speedup.max()
+near = res[(res.config != "sequential") & (res["ppl_change_%"] <= 5)]
+reading = (f"Fastest SNLP configuration on {res.device.iloc[0]}: {fastest:.2f}x the sequential prefill "
+           f"(critical-path bound up to {res.bound.max():.1f}x); "
+           + ("no configuration beats sequential here, as expected where a batched call of N layers costs N layers"
+              if fastest < 1 else f"{int((res.speedup > 1).sum())} configurations beat sequential")
+           + f". Within +5% PPL of sequential: {near.config.nunique()} configurations"
+           + (f", best speedup {near.speedup.max():.2f}x." if len(near) else ".")
+           + " Paper (GPU): 2.32-2.37x at -6%/+1% PPL.")
+add_reading(report_dir, "frontier", "frontier", reading)
+print(reading)

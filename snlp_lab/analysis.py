@@ -1,0 +1,72 @@
+"""Measurements the notebooks plot: convergence curves of the solvers and per-layer Jacobian spectra.
+
+Both return pandas DataFrames (one row per measurement), so notebooks only group and plot.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import torch
+
+from . import diagnostics as dg
+from . import jacobian as jac
+from .solve import SURROGATES, solve
+
+
+@torch.no_grad()
+def _ppl(logits, targets):
+    return dg.perplexity(logits, targets)
+
+
+def convergence_curve(model, idx, targets, method: str, n_par: int | None = None, max_iters: int | None = None,
+                      ref=None, **solve_kw) -> pd.DataFrame:
+    """Error, residual and PPL of `method` after k = 1..max_iters iterations (default: n_par, where
+    finite termination makes every method exact), against the sequential forward `ref`.
+
+    One row per k: the max relative residual of the iterate the k-th iteration started from
+    (`res_in`, from the solve's history), the relative error of the last state, the logits KL and
+    top-1 agreement with the sequential forward, and the PPL on `targets`.
+    """
+    n_par = model.n_layer if n_par is None else n_par
+    max_iters = n_par if max_iters is None else max_iters
+    ref = solve(model, idx, method="sequential") if ref is None else ref
+    rows = []
+    for k in range(1, max_iters + 1):
+        r = solve(model, idx, method=method, iters=k, n_par=n_par, check_finite=False, **solve_kw)
+        err = dg.layer_errors(r.trace, ref.trace)
+        finite = bool(torch.isfinite(r.logits).all())
+        rows.append({"method": method, "k": k, "res_in": float(r.rel_history[-1].max()),
+                     "final_err": float(err[-1]), "max_err": float(err.max()),
+                     "kl": dg.logits_kl(r.logits, ref.logits) if finite else float("inf"),
+                     "top1": dg.top1_agreement(r.logits, ref.logits),
+                     "ppl": _ppl(r.logits, targets) if finite else float("inf")})
+    return pd.DataFrame(rows)
+
+
+def surrogate_operator(model, l: int, h: torch.Tensor, ctx, method: str, **opts):
+    """v -> A_l v for the surrogate `method` of layer l at input h (the matrix the solver would use)."""
+    if method == "jacobi":
+        return lambda v: torch.zeros_like(v)
+    sur = SURROGATES[method](model, l, l + 1, ctx, **opts)
+    sur.update(h.unsqueeze(0), model.layers(l, l + 1, h.unsqueeze(0), ctx))
+    return lambda v: sur.matvec(0, v)
+
+
+def layer_spectra(model, idx, surrogates=("idn", "scaled-idn", "diagn"), probes: int = 8,
+                  power_iters: int = 20, seed: int = 0) -> pd.DataFrame:
+    """For every layer l at its sequential input h_{l-1}: σ_max(J_l) by power iteration and each
+    surrogate's relative distance ‖J_l − A_l‖_F / ‖J_l‖_F (Rademacher probes, independent of the
+    probes a DiagN surrogate used to estimate itself)."""
+    ref = solve(model, idx, method="sequential")
+    h0, ctx = model.embed(idx)
+    rows = []
+    for l in range(model.n_layer):
+        h = ref.trace[l].detach()
+        f = jac.layer_fn(model, l, ctx)
+        g = torch.Generator().manual_seed(seed + l)
+        row = {"layer": l + 1, "sigma_max": jac.sigma_max(f, h, iters=power_iters, generator=g)}
+        for s in surrogates:
+            A = surrogate_operator(model, l, h, ctx, s, probes=probes,
+                                   generator=torch.Generator().manual_seed(10_000 + seed + l))
+            row[f"dist_{s}"] = jac.surrogate_distance(f, h, A, probes=probes, generator=g)
+        rows.append(row)
+    return pd.DataFrame(rows)
