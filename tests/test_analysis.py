@@ -1,0 +1,54 @@
+"""Measurements behind the notebooks: convergence curves, Jacobian spectra, profiles, Pareto fronts."""
+import pandas as pd
+import pytest
+import torch
+
+from snlp_lab import experiments as E
+from snlp_lab.analysis import convergence_curve, layer_spectra, surrogate_operator
+from snlp_lab import jacobian as jac
+
+
+def test_convergence_curve_ends_exact(tiny, idx):
+    targets = torch.roll(idx, -1, dims=1)
+    for method in ("jacobi", "idn", "newton"):
+        df = convergence_curve(tiny, idx, targets, method)
+        assert list(df.k) == [1, 2, 3, 4]
+        assert df.final_err.iloc[-1] < 1e-10 and df.final_err.iloc[0] > 1e-4
+        assert df.kl.iloc[-1] < 1e-12 and df.top1.iloc[-1] == 1.0
+        assert df.res_in.iloc[0] > df.res_in.iloc[-1]
+
+
+def test_layer_spectra_rows_and_exact_surrogate(tiny):
+    x = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    df = layer_spectra(tiny, x, ("idn", "newton"), probes=4, power_iters=10)
+    assert list(df.layer) == [1, 2, 3, 4]
+    assert (df.sigma_max > 0).all() and (df.dist_idn > 1e-3).all()
+    assert (df.dist_newton < 1e-10).all()  # exact Newton's surrogate is the Jacobian itself
+
+
+def test_surrogate_operator_matches_definition(tiny, idx):
+    h0, ctx = tiny.embed(idx)
+    v = torch.randn_like(h0)
+    torch.testing.assert_close(surrogate_operator(tiny, 1, h0, ctx, "scaled-idn")(v), tiny.resid_lambdas[1] * v)
+    torch.testing.assert_close(surrogate_operator(tiny, 1, h0, ctx, "idn", kappa=0.25)(v), 0.75 * v)
+    assert surrogate_operator(tiny, 1, h0, ctx, "jacobi")(v).abs().max() == 0
+
+
+def test_profiles_and_choices():
+    assert set(E.PROFILES) == {"smoke", "cpu", "paper"}
+    with pytest.raises(ValueError, match="valid profiles: smoke, cpu, paper"):
+        E.get_profile("gpu")
+    with pytest.raises(ValueError, match="valid: plain, x0ve, mhc"):
+        E.train_options(E.get_profile("cpu"), "d20")
+    P = E.get_profile("cpu")
+    assert P.variants["mhc"].reg == "hcn" and P.variants["plain"].reg == "idn"
+    assert max(P.n_par_set) <= 12 and len(P.seeds) >= 3
+
+
+def test_frontier_grid_and_pareto():
+    cfgs = E.frontier_configs(12)
+    assert cfgs[0] == "sequential" and "idn:K=2:n=12:4xF3:h0" in cfgs and len(set(cfgs)) == len(cfgs)
+    assert any(c.startswith("hcn") for c in E.frontier_configs(12, mhc=True))
+    assert not any("xF" in c for c in E.frontier_configs(12, mhc=True))
+    df = pd.DataFrame({"speedup": [1.0, 2.0, 1.5, 0.5], "ppl": [10.0, 12.0, 13.0, 9.0]})
+    assert E.pareto(df) == [True, True, False, True]
