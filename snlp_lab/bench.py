@@ -30,6 +30,7 @@ replaced by small random ones (the same FLOPs; `top1` then compares against a ra
 from __future__ import annotations
 
 import argparse
+import copy
 import ctypes
 import gc
 import re
@@ -82,7 +83,6 @@ class BenchConfig:
         if self.method == "sequential":
             return L / (S + units)
         return L / (S + self.iters + (1 if self.init == "fwd" else 0))
-
 
     def check(self, L: int) -> None:
         """Raise a ValueError if the configuration does not fit a model of depth L."""
@@ -284,10 +284,14 @@ def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch
         weights = f"checkpoint {checkpoint}"
     elif isinstance(model, torch.nn.Module):
         m, weights = model, "as given"
+        p = next(m.parameters())
+        same_device = p.device.type == device.type and device.index in (None, p.device.index)
+        if not same_device or p.dtype != dtype:  # convert a copy: the caller's model stays as it is
+            m = copy.deepcopy(m)
     else:
         torch.manual_seed(seed)
         m, weights = perturb_(build_model(model), seed=seed), "random (perturbed output projections)"
-    return m.to(device=device, dtype=dtype).eval(), weights
+    return m.to(device=device, dtype=dtype), weights
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
@@ -311,8 +315,9 @@ def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode
         torch.set_num_threads(threads)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     cfgs = [parse_config(c) for c in configs]
-    if not any(c.method == "sequential" and c.chunks is None for c in cfgs):
-        cfgs.insert(0, parse_config("sequential"))
+    is_base = [c.method == "sequential" and c.chunks is None for c in cfgs]
+    base = cfgs.pop(is_base.index(True)) if any(is_base) else parse_config("sequential")
+    cfgs.insert(0, base)  # the baseline comes first: every speedup divides by it
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
     m, weights = load_model(model, checkpoint, dev, dtype, seed)

@@ -109,3 +109,10 @@ def test_mhc_model_per_layer():
                          repeats=1, warmup=0, device="cpu")
     assert list(df["top1"][:2]) == [1.0, 1.0] and len(df) == 3
     assert bench.settings("cpu-mhc", device="cpu")["configs"][3] == "hcn:K=2:n=12"
+
+
+def test_baseline_first_and_caller_model_untouched(tiny):
+    df = bench.run_bench(tiny, ["idn:K=1:n=4", "sequential"], seq_lens=(8,), decode_tokens=2, repeats=1,
+                         warmup=0, device="cpu")
+    assert list(df["config"]) == ["sequential", "idn:K=1:n=4"] and df["prefill_speedup"][0] == 1.0
+    assert next(tiny.parameters()).dtype == torch.float64  # timed on a float32 copy
