@@ -140,19 +140,21 @@ class Decoder:
         if compile and not self._resolved:
             raise ValueError("compile is supported for the plain GPT (n_streams=1) only")
         self.apply = compiled_block_apply(compile if isinstance(compile, str) else None) if compile else None
-        self.pos, self._last = 0, None
+        self.pos, self._last, self._cache_key = 0, None, None
 
     # ------------------------------------------------------------------------------------------ state
     def _setup(self, B: int, device, dtype) -> None:
         cfg, L = self.model.config, self.model.n_layer
-        units = ChunkStack if self._resolved else (lambda model, start, stop, M: ModelLayers(model, start, stop))
-        self.prefix = units(self.model, 0, self.S, 1) if self.S > 0 else None
-        self.par = units(self.model, self.S, L, self.M)
+        def units(start, stop, M):
+            return ChunkStack(self.model, start, stop, M) if self._resolved else ModelLayers(self.model, start, stop)
+
+        self.prefix = units(0, self.S, 1) if self.S > 0 else None
+        self.par = units(self.S, L, self.M)
         for stack in (self.prefix, self.par):
             if stack is not None and self.apply is not None:
                 stack.apply = self.apply
         key = (B, device, dtype)
-        if getattr(self, "_cache_key", None) != key:  # a new sequence of the same shape reuses the buffers
+        if self._cache_key != key:  # a new sequence of the same shape reuses the buffers
             hd = cfg.head_dim
             self.cache_prefix = KVCache(self.S, B, cfg.n_kv_head, self.max_len, hd, dtype, device) if self.S else None
             self.cache_par = KVCache(self.par.n_layer, B, self.M * cfg.n_kv_head, self.max_len, hd, dtype, device)
