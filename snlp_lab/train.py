@@ -38,7 +38,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -118,7 +118,7 @@ RUN_FIELDS = ("out", "resume", "eval_every", "eval_batches", "eval_snlp", "save_
 class TrainResult:
     model: nn.Module
     run_dir: Path
-    metrics: list[dict]  # every line of metrics.jsonl (training steps and evaluations)
+    metrics: list[dict]  # metrics.jsonl's lines, steps and evaluations (on ranks > 0: this run's steps)
     step: int
 
     @property
@@ -178,7 +178,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         npset = tuple(sorted({max(1, L * k // 4) for k in (1, 2, 3)}))
     over = tuple(f"{k}={v}" for k, v in sorted(parse_overrides(cfg.override).items()))
     cfg = dataclasses.replace(cfg, override=over, vocab_size=mcfg.vocab_size,
-                              seq_len=cfg.seq_len or mcfg.sequence_len, n_par_set=tuple(npset),
+                              seq_len=mcfg.sequence_len if cfg.seq_len is None else cfg.seq_len, n_par_set=tuple(npset),
                               n_par=L if cfg.n_par is None else cfg.n_par)
     for name in ("steps", "batch_size", "seq_len", "iters", "eval_batches"):
         if getattr(cfg, name) < 1:
@@ -379,6 +379,19 @@ def _load_data(cfg: TrainConfig, d: _Dist):
     return ds
 
 
+def _restore(out: Path, ckpt: dict, model, opts, scheds, stream, device) -> int:
+    """Load the run's checkpoint into model, optimizers, schedulers, data stream and RNG; its step."""
+    load_checkpoint(out, model)
+    state = load_optim_state(out, device)
+    for o, s in zip(opts, state["optimizers"]):
+        o.load_state_dict(s)
+    for sc, s in zip(scheds, state["schedulers"]):
+        sc.load_state_dict(s)
+    stream.load_state_dict(ckpt["stream"])
+    set_rng_state(ckpt["rng"])
+    return ckpt["step"]
+
+
 def _check_surrogates(model, cfg: TrainConfig) -> None:
     """Build every surrogate the run uses once, so that one that does not fit the model (hcn without
     streams) fails now, before the data is prepared, and not at the first step or evaluation."""
@@ -449,19 +462,10 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
     mult = lambda s: lr_multiplier(s, cfg.steps, cfg.lr_warmup_frac, cfg.lr_warmdown_frac)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, mult) for o in opts]
 
-    step, metrics_path = 0, out / METRICS
-    if ckpt is not None:
-        load_checkpoint(out, model)
-        state = load_optim_state(out, device)
-        for o, s in zip(opts, state["optimizers"]):
-            o.load_state_dict(s)
-        for sc, s in zip(scheds, state["schedulers"]):
-            sc.load_state_dict(s)
-        stream.load_state_dict(ckpt["stream"])
-        set_rng_state(ckpt["rng"])
-        step = ckpt["step"]
-    history = _read_jsonl(metrics_path, max_step=step)  # drop lines of steps after the checkpoint
-    if d.main:
+    step = _restore(out, ckpt, model, opts, scheds, stream, device) if ckpt is not None else 0
+    metrics_path, history = out / METRICS, []
+    if d.main:  # keep the lines up to the checkpoint: a crashed run may have logged steps after it
+        history = _read_jsonl(metrics_path, max_step=step)
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
 
@@ -537,14 +541,7 @@ def _locked(folder: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def trained_model(preset: str = "cpu", steps: int = 600, reg: str = "none", lam: float = 0.1, seed: int = 0,
-                  **kwargs) -> nn.Module:
-    """A model trained with these options, from cache_dir()/runs/<preset>-<config hash> if that run
-    finished, else trained now (resuming an interrupted run). Returned on the training device.
-
-    kwargs: any other TrainConfig field (n_par_set=(4, 8, 12), stride=2, objective=..., progress=False,
-    ...); the remaining ones are model config overrides (nanochat names, e.g. n_layer=6).
-    """
+def _cached_config(preset: str, steps: int, reg: str, lam: float, seed: int, **kwargs) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"out", "resume", "override"}
     fields = {f.name for f in dataclasses.fields(GPTConfig)}
     bad = sorted(set(kwargs) - names - fields)
@@ -555,13 +552,30 @@ def trained_model(preset: str = "cpu", steps: int = 600, reg: str = "none", lam:
     overrides = tuple(f"{k}={v}" for k, v in kwargs.items() if k in fields)
     cfg = resolve(TrainConfig(model=preset, steps=steps, reg=reg, lam=lam, seed=seed, override=overrides,
                               **train_kw))
-    out = run_dir(cfg)
-    cfg = dataclasses.replace(cfg, out=str(out), resume=True)
-    device = resolve_device(cfg.device)
+    return dataclasses.replace(cfg, out=str(run_dir(cfg)), resume=True)
+
+
+def trained_model(preset: str = "cpu", steps: int = 600, reg: str = "none", lam: float = 0.1, seed: int = 0,
+                  **kwargs) -> nn.Module:
+    """A model trained with these options, from cache_dir()/runs/<preset>-<config hash> if that run
+    finished, else trained now (resuming an interrupted run). Returned on the training device.
+
+    kwargs: any other TrainConfig field (n_par_set=(4, 8, 12), stride=2, objective=..., progress=False,
+    ...); the remaining ones are model config overrides (nanochat names, e.g. n_layer=6).
+    """
+    cfg = _cached_config(preset, steps, reg, lam, seed, **kwargs)
+    out = Path(cfg.out)
     with _locked(out):
         if not (has_checkpoint(out) and read_checkpoint(out).get("finished")):
             train(cfg)
-        return load_checkpoint(out, device=device)
+        return load_checkpoint(out, device=resolve_device(cfg.device))
+
+
+def trained_run_dir(preset: str = "cpu", steps: int = 600, reg: str = "none", lam: float = 0.1, seed: int = 0,
+                    **kwargs) -> Path:
+    """The run folder `trained_model` with the same arguments uses (metrics.jsonl, checkpoint); it
+    exists only once that model has been trained."""
+    return Path(_cached_config(preset, steps, reg, lam, seed, **kwargs).out)
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -18,11 +18,10 @@ from snlp_lab import train as T
 from snlp_lab.checkpoint import load_checkpoint, read_checkpoint
 from snlp_lab.data import TokenStream, prepare_data, val_batches
 from snlp_lab.evaluate import evaluate_ppl, parse_snlp_spec
+from snlp_lab.paths import cache_dir
 from snlp_lab.regularizer import snlp_regularizer
 from snlp_lab.solve import SURROGATES
 from snlp_lab.train import TrainConfig, train, trained_model
-
-from conftest import randomize
 
 if importlib.util.find_spec("snlp_lab.mhc") is not None:
     import snlp_lab.mhc  # noqa: F401  (registers "hcn")
@@ -169,6 +168,16 @@ def test_regularized_loss_is_ce_plus_weighted_reg(corpus, tmp_path):
     assert r.item() > 1e-3 and math.isfinite(r.item())
 
 
+def test_hcn_regularizer_trains_an_mhc_model(corpus, tmp_path):
+    if "hcn" not in SURROGATES:
+        pytest.skip("the hcn surrogate (snlp_lab.mhc) is not registered in this checkout")
+    res = train(cfg_for(corpus, tmp_path, steps=6, reg="hcn", n_par_set=(2, 4), warmup_frac=0.0,
+                        override=("x0ve=False", "n_streams=2")))
+    lines = [m for m in res.metrics if "loss" in m]
+    assert res.model.n_streams == 2 and lines[-1]["loss"] < lines[0]["loss"]
+    assert lines[-1]["reg"] > 1e-4 and all(math.isfinite(m["reg"]) for m in lines)
+
+
 def test_snlp_forward_objective_first_loss(corpus, tmp_path):
     """The first logged loss is the CE of the K-iteration SNLP output of the initial model."""
     cfg = cfg_for(corpus, tmp_path, steps=3, objective="snlp-forward", iters=2, n_par=3, init="h0")
@@ -225,6 +234,8 @@ def test_checkpoint_load_and_mismatch(corpus, tmp_path):
 def test_trained_model_is_cached(corpus, tmp_path, monkeypatch):
     kw = dict(data=str(corpus), vocab_size=300, seq_len=32, batch_size=4, progress=False)
     m1 = trained_model("tiny", steps=3, reg="idn", n_par_set=(2,), **kw)
+    folder = T.trained_run_dir("tiny", steps=3, reg="idn", n_par_set=(2,), **kw)
+    assert read_checkpoint(folder)["finished"] and folder.parent == cache_dir() / "runs"
     calls = []
     monkeypatch.setattr(T, "train", lambda cfg: calls.append(cfg))
     m2 = trained_model("tiny", steps=3, reg="idn", n_par_set=(2,), eval_every=1, **kw)  # eval: same run
