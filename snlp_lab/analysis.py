@@ -34,7 +34,7 @@ def convergence_curve(model, idx, targets, method: str, n_par: int | None = None
         r = solve(model, idx, method=method, iters=k, n_par=n_par, check_finite=False, **solve_kw)
         err = dg.layer_errors(r.trace, ref.trace)
         finite = bool(torch.isfinite(r.logits).all())
-        rows.append({"method": method, "k": k, "res_in": float(r.rel_history[-1].max()),
+        rows.append({"method": method, "k": k, "res_in": float(r.rel_history[-1].detach().max()),
                      "final_err": float(err[-1]), "max_err": float(err.max()),
                      "kl": dg.logits_kl(r.logits, ref.logits) if finite else float("inf"),
                      "top1": dg.top1_agreement(r.logits, ref.logits),

@@ -1,0 +1,97 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # SNLP on models trained without the regularizer, and fine-tuning them with it
+#
+# The paper finds that off-the-shelf models (Qwen2.5-0.5B, TinyLlama, Gemma-3-1B) are never faster than
+# sequential at useful PPL, and that fine-tuning TinyLlama with the regularizer did not fix that:
+# SNLP-friendliness has to be trained in from scratch. Here: (1) SNLP on the baseline models of the
+# profile (trained without the regularizer) and on any checkpoint given by path; (2) the baseline
+# fine-tuned with the IDN regularizer for a few steps, against the model regularized from scratch.
+# Downloading hub checkpoints is not possible offline; `checkpoint` takes a local checkpoint written
+# by `snlp_lab.train` (safetensors + JSON).
+
+# %% tags=["parameters"]
+profile = "cpu"
+fig_dir = "../figures"
+report_dir = "../reports"
+variant = "plain"
+# a run folder or checkpoint written by snlp_lab.train; "" = none
+checkpoint = ""
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+from tqdm.auto import tqdm
+
+from snlp_lab import experiments as E
+from snlp_lab.checkpoint import load_checkpoint
+from snlp_lab.report import add_reading, save_figure, save_table
+
+P = E.get_profile(profile)
+E.check_choice("variant", variant, [v for v, var in P.variants.items() if "idn" in var.regs])
+ds = E.dataset(P)
+
+# %%
+seed = P.seeds[0]
+models = {"baseline (no reg)": E.trained(P, variant, "none", seed),
+          "baseline + IDN fine-tune": E.trained(P, variant, "idn", seed, steps=P.finetune_steps,
+                                                init_from=str(E.run_folder(P, variant, "none", seed))),
+          "IDN from scratch": E.trained(P, variant, "idn", seed)}
+if checkpoint:
+    models[f"checkpoint {checkpoint}"] = load_checkpoint(checkpoint).eval().requires_grad_(False)
+
+rows = []
+for name, model in tqdm(models.items(), desc="models"):
+    L = model.n_layer
+    seq_ppl = E.ppl(P, model, ds)
+    rows.append({"model": name, "config": "sequential", "n_par": 0, "K": 0, "ppl": seq_ppl})
+    for n in sorted({L // 2, L}):
+        for K in (1, 2, 4):
+            rows.append({"model": name, "config": f"idn K={K} n={n} h0", "n_par": n, "K": K,
+                         "ppl": E.ppl(P, model, ds, "idn", iters=K, n_par=n, init="h0")})
+res = pd.DataFrame(rows)
+res["ppl_change_%"] = 100 * (res.ppl / res.model.map(res[res.config == "sequential"].set_index("model").ppl) - 1)
+
+# %%
+fig, ax = plt.subplots(figsize=(7, 3.6))
+d = res[res.config != "sequential"]
+sns.lineplot(d, x="K", y="ppl_change_%", hue="model", style="n_par", marker="o", ax=ax)
+ax.axhline(0, color="k", lw=0.8)
+ax.set(ylabel="PPL change vs own sequential (%)", xlabel="IDN iterations K", yscale="symlog")
+save_figure(fig, "pretrained", fig_dir)
+save_table(res, "pretrained", report_dir, "SNLP on unregularized models and after fine-tuning with the regularizer",
+           {**P.describe(variant), "fine-tuning": f"{P.finetune_steps} steps with the IDN regularizer from the baseline",
+            "paper": "off-the-shelf models never faster at useful PPL; fine-tuning TinyLlama did not fix it"})
+res
+
+# %%
+def change(model, K, n):
+    r = res[(res.model == model) & (res.K == K) & (res.n_par == n)]
+    return float(r["ppl_change_%"].iloc[0])
+
+L = models["baseline (no reg)"].n_layer
+names = list(models)
+gap_base, gap_ft = change(names[0], 1, L), change(names[1], 1, L)
+reading = ("One IDN iteration over all layers changes PPL by "
+           + ", ".join(f"{change(m, 1, L):+.1f}% ({m})" for m in names[:3])
+           + (f"; {P.finetune_steps} fine-tuning steps with the regularizer take the baseline's gap from "
+              f"{gap_base:+.1f}% to {gap_ft:+.1f}%, against {change(names[2], 1, L):+.1f}% for the model "
+              "regularized from scratch."))
+add_reading(report_dir, "pretrained", "pretrained", reading)
+print(reading)

@@ -1,0 +1,65 @@
+"""Every notebook runs end to end with the smoke profile (what `make figures` runs, at toy size),
+so notebooks cannot rot. Outputs go to a temporary folder; the committed figures are not touched."""
+import math
+import os
+
+import pandas as pd
+import pytest
+
+from snlp_lab import figures
+from snlp_lab.report import read_readings
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("figures")
+    old = os.environ.get("SNLP_CACHE")
+    os.environ["SNLP_CACHE"] = str(out / "cache")  # trained toy models stay out of the user's cache
+    try:
+        times = figures.run_all("smoke", fig_dir=out / "figures", report_dir=out / "reports")
+    finally:
+        if old is None:
+            os.environ.pop("SNLP_CACHE")
+        else:
+            os.environ["SNLP_CACHE"] = old
+    return out, times
+
+
+def test_every_notebook_ran(smoke_run):
+    out, times = smoke_run
+    assert set(times) == {p.stem for p in figures.notebooks()}
+    assert {"regularization", "convergence", "jacobians", "frontier", "speedup", "pretrained"} <= set(times)
+    for name in times:
+        assert (out / "reports" / f"{name}.ipynb").exists()
+
+
+def test_outputs_exist_and_hold_numbers(smoke_run):
+    out, _ = smoke_run
+    readings = read_readings(out / "reports")
+    assert {r["notebook"] for r in readings} >= {"regularization", "convergence", "jacobians", "frontier", "pretrained"}
+    for r in readings:
+        assert "nan" not in r["reading"].lower(), r
+    for csv in (out / "reports").glob("*.csv"):
+        df = pd.read_csv(csv)
+        assert len(df), csv
+        num = df.select_dtypes("number")
+        assert not num.isna().any().any(), f"NaN in {csv.name}"
+    for stem in ("regularization", "convergence_error", "convergence_ppl", "jacobian_sigma", "jacobian_distance",
+                 "frontier", "pretrained"):
+        assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
+        assert (out / "figures" / f"{stem}.pdf").exists()
+    index = (out / "reports" / "README.md").read_text()
+    assert "## convergence" in index and "frontier" in index
+
+
+def test_convergence_shows_finite_termination(smoke_run):
+    out, _ = smoke_run
+    curves = pd.read_csv(out / "reports" / "convergence_curves.csv")
+    at_L = curves[curves.k == curves.L]
+    assert (at_L.final_err < 1e-4).all()  # float32 models: exact up to rounding at K = L
+    assert math.isfinite(curves.ppl.max())
+
+
+def test_bad_profile_fails_fast(tmp_path):
+    with pytest.raises(ValueError, match="valid profiles: smoke, cpu, paper"):
+        figures.run_all("huge", fig_dir=tmp_path, report_dir=tmp_path)
