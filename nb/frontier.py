@@ -53,8 +53,7 @@ for v, reg in tqdm(jobs, desc="models"):
     ppl = []
     for text in t.config:
         c = parse_config(text)
-        kw = {} if c.method == "sequential" else dict(iters=c.iters, n_par=c.n_par, chunks=c.chunks, init=c.init)
-        ppl.append(E.ppl(P, model, ds, c.method, **kw))
+        ppl.append(E.ppl(P, model, ds, c.method, **c.solve_kwargs()))
     frames.append(t.assign(variant=v, reg=reg, model_name=f"{v}/{reg}", ppl=ppl))
 res = pd.concat(frames, ignore_index=True)
 seq = res[res.config == "sequential"].set_index("model_name").ppl

@@ -10,7 +10,9 @@ taken in the same run. The sequential baseline and every SNLP configuration go t
 so a speedup is never against a handicapped baseline.
 
 Configuration strings:  `sequential`  or  `METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ]`
-in any order after the method, e.g. `idn:K=2:n=24:4xF6:h0`, `idn:K=1:n=12`, `scaled-idn:K=2:n=8:fwd`.
+in any order after the method, e.g. `idn:K=2:n=24:4xF6:h0`, `idn:K=1:n=12`, `scaled-idn:K=2:n=8:fwd`;
+`probes=P`, `jac=jvp|vjp|fd` and `seed=S` set DiagN's probes and exact Newton's Jacobian products.
+The same strings name SNLP configurations everywhere (training's `--eval-snlp`, the notebooks).
 Defaults: K=1, n = all layers (or C·M with chunks), per-layer units, init h0. INIT is h0, fwd or warm;
 "warm" is a decoding init (the previous token's states), so its prefill starts from h0.
 
@@ -45,7 +47,7 @@ import torch
 from .decode import DECODE_INITS, Decoder
 from .fusion import clear_fused_cache, parse_chunks
 from .model import GPT, build_model
-from .solve import methods
+from .solve import INITS, methods
 
 DEFAULT_CONFIGS = ("sequential", "idn:K=1:n=12", "idn:K=2:n=12", "idn:K=2:n=12:4xF3", "idn:K=1:n=12:2xF6",
                    "idn:K=1:n=12:1xF12")
@@ -64,10 +66,23 @@ class BenchConfig:
     chunks: str | None = None
     init: str = "h0"
     kappa: float = 0.0
+    probes: int = 1
+    jac: str = "jvp"
+    seed: int = 0
+
+    def solve_kwargs(self) -> dict:
+        """Keyword arguments of `snlp_lab.solve` (and `evaluate_ppl`) for this configuration."""
+        if self.method == "sequential":
+            return {} if self.chunks is None else {"chunks": self.chunks, "n_par": self.n_par}
+        if self.init not in INITS:
+            raise ValueError(f"init {self.init!r} in {self.text!r} is a decoding init; a full-sequence "
+                             f"solve takes {', '.join(INITS)}")
+        return dict(iters=self.iters, n_par=self.n_par, chunks=self.chunks, init=self.init, kappa=self.kappa,
+                    probes=self.probes, jac=self.jac, seed=self.seed)
 
     def decoder(self, model, **kw) -> Decoder:
         return Decoder(model, method=self.method, iters=self.iters, n_par=self.n_par, chunks=self.chunks,
-                       init=self.init, kappa=self.kappa, **kw)
+                       init=self.init, kappa=self.kappa, probes=self.probes, jac=self.jac, seed=self.seed, **kw)
 
     def layout(self, L: int) -> tuple[int, int]:
         """(S, units): sequential prefix layers and parallel units."""
@@ -115,6 +130,10 @@ def parse_config(text: str) -> BenchConfig:
             kw["n_par"] = int(m[1])
         elif m := re.fullmatch(r"kappa=([0-9.eE+-]+)", f):
             kw["kappa"] = float(m[1])
+        elif m := re.fullmatch(r"(probes|seed)=(\d+)", f):
+            kw[m[1]] = int(m[2])
+        elif m := re.fullmatch(r"jac=(\w+)", f):
+            kw["jac"] = m[1]
         elif f in DECODE_INITS:
             kw["init"] = f
         elif "xF" in f:

@@ -2,7 +2,7 @@
 
     ppl = evaluate_ppl(model, ds.val, seq_len=256, batch_size=8)                            # sequential
     ppl = evaluate_ppl(model, ds.val, 256, 8, method="idn", iters=1, n_par=12, init="h0")  # SNLP
-    method, kw = parse_snlp_spec("idn:K=1:n_par=12")   # the command line's "--eval-snlp" form
+    method, kw = parse_snlp_spec("idn:K=1:n=12:h0")   # the command line's "--eval-snlp" form
 """
 from __future__ import annotations
 
@@ -13,10 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import val_batches
-from .solve import methods, solve
-
-SPEC_KEYS = {"K": "iters", "iters": "iters", "n_par": "n_par", "init": "init", "kappa": "kappa",
-             "probes": "probes", "jac": "jac", "seed": "seed"}
+from .solve import solve
 
 
 @torch.no_grad()
@@ -38,32 +35,12 @@ def evaluate_ppl(model, val_tokens: np.ndarray, seq_len: int, batch_size: int, m
     return math.exp(total / count)
 
 
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_snlp_spec(spec: str) -> tuple[str, dict]:
-    """"idn:K=1:n_par=12:init=h0" -> ("idn", {"iters": 1, "n_par": 12, "init": "h0"}).
-
-    The first field is the method, then key=value pairs; keys: K (= iters), n_par, init, kappa,
-    probes, jac, seed. Values are checked by `solve` when it runs.
-    """
-    method, *pairs = spec.strip().split(":")
-    if method not in methods():
-        raise ValueError(f"unknown method {method!r} in SNLP spec {spec!r}; valid: {', '.join(methods())}")
-    kw = {}
-    for pair in pairs:
-        key, sep, val = pair.partition("=")
-        if not sep or key not in SPEC_KEYS:
-            raise ValueError(f"bad field {pair!r} in SNLP spec {spec!r}; write key=value with key one "
-                             f"of {', '.join(SPEC_KEYS)}, e.g. 'idn:K=1:n_par=12'")
-        kw[SPEC_KEYS[key]] = _value(val)
-    return method, kw
+    """"idn:K=1:n=12:h0" -> ("idn", solve keyword arguments), in the configuration grammar of
+    `snlp_lab.bench` (METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ][:probes=P][:jac=J][:seed=S])."""
+    from .bench import parse_config  # bench builds on the decoder; import it only when parsing
+    c = parse_config(spec)
+    return c.method, c.solve_kwargs()
 
 
 def parse_snlp_specs(text: str) -> list[tuple[str, str, dict]]:

@@ -103,7 +103,7 @@ class TrainConfig:
     resume: bool = False
     eval_every: int = 0  # validation every this many steps; 0: only at the end
     eval_batches: int = 16
-    eval_snlp: str = ""  # comma-separated specs, e.g. "idn:K=1:n_par=12,idn:K=2:n_par=12"
+    eval_snlp: str = ""  # comma-separated configurations (snlp_lab.bench grammar), e.g. "idn:K=1:n=12,idn:K=2:n=12"
     save_every: int = 200  # checkpoint every this many steps (and always at the end)
     stop_at: int | None = None  # stop after this step with a checkpoint (time-limited jobs; resume later)
     device: str = "auto"  # auto | cpu | cuda
@@ -217,7 +217,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         if cfg.init not in INITS:
             raise ValueError(f"unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
     for spec, _, kw in parse_snlp_specs(cfg.eval_snlp):
-        if not 1 <= kw.get("n_par", L) <= L:
+        if not 1 <= (kw.get("n_par") or L) <= L:
             raise ValueError(f"n_par in eval spec {spec!r} must be in 1..{L} (the model's depth)")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda")
@@ -623,7 +623,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--eval-every", type=int, default=D.eval_every, help="0: only at the end")
     a("--eval-batches", type=int, default=D.eval_batches)
-    a("--eval-snlp", default=D.eval_snlp, help="SNLP configs for validation PPL, e.g. 'idn:K=1:n_par=12,idn:K=2'")
+    a("--eval-snlp", default=D.eval_snlp, help="SNLP configs for validation PPL, e.g. 'idn:K=1:n=12,idn:K=2:n=12:4xF3'")
     a("--save-every", type=int, default=D.save_every)
     a("--stop-at", type=int, default=None, help="stop after this step with a checkpoint (resume later)")
     a("--device", default=D.device, choices=("auto", "cpu", "cuda"))

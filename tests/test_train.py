@@ -123,17 +123,21 @@ def test_evaluate_ppl_value(tiny):
 
 
 def test_parse_snlp_spec():
-    assert parse_snlp_spec("idn:K=2:n_par=12:init=fwd") == ("idn", {"iters": 2, "n_par": 12, "init": "fwd"})
-    assert parse_snlp_spec("idn:kappa=0.5") == ("idn", {"kappa": 0.5})
+    method, kw = parse_snlp_spec("idn:K=2:n=12:fwd:4xF3")
+    assert method == "idn" and (kw["iters"], kw["n_par"], kw["init"], kw["chunks"]) == (2, 12, "fwd", "4xF3")
+    assert parse_snlp_spec("diagn:kappa=0.5:probes=3")[1]["probes"] == 3
+    assert parse_snlp_spec("sequential") == ("sequential", {})
     with pytest.raises(ValueError, match="valid"):
         parse_snlp_spec("nope:K=1")
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(ValueError, match="cannot read"):
         parse_snlp_spec("idn:K1")
+    with pytest.raises(ValueError, match="decoding init"):
+        parse_snlp_spec("idn:K=1:warm")
 
 
 # ------------------------------------------------------------------------------------------ training
 def test_loss_goes_down_and_metrics(corpus, tmp_path):
-    res = train(cfg_for(corpus, tmp_path, steps=40, eval_every=20, eval_snlp="idn:K=1:n_par=4"))
+    res = train(cfg_for(corpus, tmp_path, steps=40, eval_every=20, eval_snlp="idn:K=1:n=4"))
     losses = res.losses
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
     assert losses[0] == pytest.approx(math.log(300), abs=0.3)  # uniform at init
@@ -143,7 +147,7 @@ def test_loss_goes_down_and_metrics(corpus, tmp_path):
     evals = [m for m in lines if "val_ppl" in m]
     assert [m["step"] for m in evals] == [20, 40]
     assert evals[1]["val_ppl"] < evals[0]["val_ppl"] < 300
-    assert evals[1]["val_ppl[idn:K=1:n_par=4]"] > evals[1]["val_ppl"]
+    assert evals[1]["val_ppl[idn:K=1:n=4]"] > evals[1]["val_ppl"]
     assert all(m["tokens_per_s"] > 0 for m in lines if "step_time" in m)
     ck = read_checkpoint(res.run_dir)
     assert ck["step"] == 40 and ck["finished"] and ck["last_eval"] == evals[1]
@@ -264,7 +268,7 @@ def test_bad_input_stops_before_training(corpus, tmp_path):
         (dict(data=str(tmp_path / "binary")), "no text"),
         (dict(data=str(small), batch_size=64), "fewer than one batch"),
         (dict(seq_len=64), "sequence_len"),
-        (dict(eval_snlp="idn:K=1:n_par=9"), r"1\.\.4"),
+        (dict(eval_snlp="idn:K=1:n=9"), r"1\.\.4"),
         (dict(override=("n_layers=3",)), "n_layer"),
     ]
     if "hcn" in SURROGATES:
