@@ -13,10 +13,11 @@ from .decode import Decoder, generate
 from .data import prepare_data
 from .evaluate import evaluate_ppl
 from .checkpoint import load_checkpoint, save_checkpoint
-from .train import TrainConfig, train, trained_model
+# `train` stays the module (snlp_lab.train.train is the function), as `python -m snlp_lab.train` expects
+from .train import TrainConfig, trained_model
 from . import diagnostics, jacobian, mhc
 
 __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model", "SURROGATES", "NonFiniteError",
            "SolveResult", "methods", "register_surrogate", "solve", "Decoder", "generate", "prepare_data",
-           "evaluate_ppl", "load_checkpoint", "save_checkpoint", "TrainConfig", "train", "trained_model",
+           "evaluate_ppl", "load_checkpoint", "save_checkpoint", "TrainConfig", "trained_model",
            "diagnostics", "jacobian", "mhc"]
