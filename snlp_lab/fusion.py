@@ -26,7 +26,7 @@ import re
 
 import torch
 
-from .model import block_apply
+from .model import block_apply, param_key
 
 _CHUNKS = re.compile(r"(\d+)xF(\d+)")
 _ROW_WEIGHTS = ("q", "k", "v", "fc", "gate")  # [N, out, in]: fusing concatenates output rows
@@ -80,10 +80,6 @@ def fuse(W: dict, M: int) -> dict:
     return out
 
 
-def _param_key(model) -> tuple:
-    return tuple((p.data_ptr(), p._version, p.dtype) for p in model.parameters())
-
-
 def fused_weights(model, start: int, stop: int, M: int) -> dict:
     """Fused weights of layers start..stop-1 in chunks of M: [C, ...] per weight kind.
 
@@ -94,7 +90,7 @@ def fused_weights(model, start: int, stop: int, M: int) -> dict:
         return model.stacked_weights(start, stop)
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
         return fuse(model.stacked_weights(start, stop), M)
-    key = _param_key(model)
+    key = param_key(model)
     cache = getattr(model, "_fused_cache", None)
     if cache is None or cache[0] != key:
         cache = model._fused_cache = (key, {})

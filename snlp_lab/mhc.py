@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .model import GPT, attn_branch, mlp_branch, rms_norm, stacked_linear
+from .model import GPT, attn_branch, mlp_branch, param_key, rms_norm, stacked_linear
 from .solve import Surrogate, register_surrogate
 
 SINKHORN_ITERS = 20  # the paper's t_max
@@ -186,7 +186,7 @@ class MHCGPT(GPT):
             return torch.sigmoid(m.pre[sl]), 2 * torch.sigmoid(m.post[sl]), sinkhorn(m.res[sl])
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.mix.parameters()):
             return coeffs(slice(start, stop))
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.mix.parameters())
+        key = param_key(self.mix)
         if key != self._mix_key:
             self._mix_cache, self._mix_key = coeffs(slice(None)), key
         return tuple(c[start:stop] for c in self._mix_cache)

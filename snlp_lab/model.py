@@ -46,6 +46,12 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+def param_key(module: nn.Module) -> tuple:
+    """Identifies the current values of a module's parameters: storage, in-place version and dtype.
+    Caches of derived weights (stacked, fused, mixing matrices) are rebuilt when it changes."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in module.parameters())
+
+
 def stacked_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [N, ..., in] @ w[N, out, in]^T -> [N, ..., out]: one batched matmul for N units."""
     N, out = w.shape[0], w.shape[1]
@@ -252,7 +258,7 @@ class GPT(nn.Module):
         """
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.blocks.parameters()):
             return self._stack_layers(range(start, stop))
-        key = tuple((p.data_ptr(), p._version, p.dtype) for p in self.parameters())
+        key = param_key(self)
         if key != self._stack_key:
             self._stack, self._stack_key = self._stack_layers(range(self.n_layer)), key
         return {k: v[start:stop] for k, v in self._stack.items()}
