@@ -44,9 +44,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from .config import resolve_device
 from .decode import DECODE_INITS, Decoder
 from .fusion import clear_fused_cache, parse_chunks
 from .model import GPT, build_model
+from .experiments import PROFILES
 from .solve import INITS, methods
 
 DEFAULT_CONFIGS = ("sequential", "idn:K=1:n=12", "idn:K=2:n=12", "idn:K=2:n=12:4xF3", "idn:K=1:n=12:2xF6",
@@ -164,7 +166,6 @@ def default_configs(L: int, mhc: bool = False) -> list[str]:
             f"idn:K=1:n={L}:warm"]
 
 
-PROFILES = ("smoke", "cpu", "paper")
 
 
 def settings(model: str | None = None, device: str = "auto", profile: str = "cpu", seq_lens=None, configs=None,
@@ -272,14 +273,6 @@ def _peak_mb(device: torch.device) -> float:
 
 
 # ------------------------------------------------------------------------------------------ models
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
-    return torch.device(device)
-
-
 @torch.no_grad()
 def perturb_(model: GPT, scale: float = 0.3, seed: int = 0) -> GPT:
     """Small random output projections in place of nanochat's zeros, so that no layer is the identity."""

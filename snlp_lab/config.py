@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -74,3 +76,12 @@ def get_config(preset: str | GPTConfig, **overrides) -> GPTConfig:
     if bad:
         raise ValueError(f"unknown config field(s) {bad}; valid fields: {', '.join(sorted(fields))}")
     return dataclasses.replace(cfg, **overrides).validate()
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA when torch sees a GPU, else the CPU; "cpu", "cuda" and "cuda:N" as given."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(device)

@@ -13,9 +13,9 @@ import argparse
 import time
 from pathlib import Path
 
+from .experiments import PROFILES
 from .report import write_index
 
-PROFILES = ("smoke", "cpu", "paper")
 ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup")
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def run_all(profile: str = "cpu", fig_dir: Path = ROOT / "figures", report_dir: 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default="cpu", choices=PROFILES)
+    ap.add_argument("--profile", default="cpu", choices=list(PROFILES))
     ap.add_argument("--out", type=Path, default=None, help="write figures/ and reports/ under this folder")
     ap.add_argument("--only", nargs="*", help="run only these notebooks (by name)")
     a = ap.parse_args(argv)

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import has_checkpoint, load_checkpoint, load_optim_state, read_checkpoint, save_checkpoint, set_rng_state
-from .config import GPTConfig, get_config
+from .config import GPTConfig, get_config, resolve_device
 from .data import TokenStream, prepare_data
 from .evaluate import evaluate_ppl, parse_snlp_specs
 from .model import build_model
@@ -327,11 +327,6 @@ class _Dist:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
-
-
-def resolve_device(kind: str) -> torch.device:
-    """"auto" -> cuda when torch sees a GPU, else cpu."""
-    return torch.device(kind if kind != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def _setup(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
