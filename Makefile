@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test figures lab env clean-cache
+.PHONY: test figures lab env clean-cache gpu-check
 
 env: $(STAMP)
 
@@ -22,6 +22,12 @@ test: $(STAMP)
 
 figures: $(STAMP)
 	$(PY) -m snlp_lab.figures --profile $(PROFILE)
+
+# The GPU check runs with whatever Python has CUDA torch: .venv when it exists (see the README's GPU
+# route), else python3 (a GPU machine's own). It installs nothing. SMOKE=1: the CPU code path at toy size.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) -m snlp_lab.gpu_check $(if $(SMOKE),--smoke)
 
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab nb/

@@ -36,8 +36,6 @@ fig_dir = "../figures"  # relative paths: relative to nb/
 report_dir = "../reports"
 
 # %%
-import matplotlib.pyplot as plt
-
 from snlp_lab import bench, report
 
 S = bench.settings(model, device, profile, seq_lens, configs, repeats, decode_tokens, fig_dir=fig_dir,
@@ -51,18 +49,7 @@ notes = df.attrs["notes"]
 print("\n".join(notes))
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
-for ax, col in zip(axes, ["prefill_speedup", "decode_speedup"]):
-    wide = df.pivot(index="config", columns="T", values=col).loc[df["config"].unique()]
-    wide.plot.barh(ax=ax, width=0.8)
-    bound = df.drop_duplicates("config").set_index("config")["bound"].loc[wide.index]
-    ax.scatter(bound, range(len(bound)), marker="|", s=200, color="k", zorder=3, label="bound L/(S+K)")
-    ax.axvline(1.0, color="grey", lw=1, ls="--")
-    ax.set_xlabel(f"{col.split('_')[0]} speedup over sequential (x)")
-    ax.legend(title="T", fontsize=8)
-axes[0].invert_yaxis()
-fig.suptitle(f"{S['model']} on {df['device'][0]} ({df['dtype'][0]}), B=1, {df['weights'][0]}", fontsize=10)
-fig.tight_layout()
+fig = report.plot_speedup(df, title=f"{S['model']} on {df['device'][0]} ({df['dtype'][0]}), B=1, {df['weights'][0]}")
 name = f"speedup_{S['model']}"
 report.save_figure(fig, name, S["fig_dir"])
 

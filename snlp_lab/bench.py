@@ -56,6 +56,8 @@ DEFAULT_CONFIGS = ("sequential", "idn:K=1:n=12", "idn:K=2:n=12", "idn:K=2:n=12:4
 COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
            "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "decode_tokens", "decode_tok_s",
            "decode_speedup", "top1", "peak_mem_mb"]
+GRAPHABLE = ("sequential", "jacobi", "idn", "scaled-idn", "hcn")  # no host reads or host randomness per step
+GRAPH_COLUMNS = ["prefill_graph_ms", "prefill_graph_speedup", "decode_graph_tok_s", "decode_graph_speedup", "graph_err"]
 
 
 @dataclass(frozen=True)
@@ -275,11 +277,14 @@ def _peak_mb(device: torch.device) -> float:
 # ------------------------------------------------------------------------------------------ models
 @torch.no_grad()
 def perturb_(model: GPT, scale: float = 0.3, seed: int = 0) -> GPT:
-    """Small random output projections in place of nanochat's zeros, so that no layer is the identity."""
+    """Small random output projections and value-embedding gates in place of nanochat's zeros, so that
+    no layer is the identity and every gate reads its input; x0 lambdas spread around their init."""
     g = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
-        if name.endswith("c_proj.weight"):
+        if name.endswith(("c_proj.weight", "ve_gate.weight")):
             p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[-1] ** 0.5)
+        elif name.endswith(("resid_lambdas", "x0_lambdas")):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
     return model
 
 
@@ -310,15 +315,17 @@ def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch
 def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode_tokens: int = 32,
               repeats: int = 5, warmup: int = 1, device: str = "auto", dtype: torch.dtype | None = None,
               compile: bool | str = False, checkpoint: str | None = None, batch: int = 1, seed: int = 0,
-              threads: int | None = None, log=None) -> pd.DataFrame:
+              threads: int | None = None, graphs: bool = False, name: str | None = None, log=None) -> pd.DataFrame:
     """Time the sequential forward and every configuration; one row per (configuration, T).
 
-    model: preset name or a GPT; configs: configuration strings (the sequential baseline is added
+    model: preset name, GPTConfig or a GPT (name: what the table calls it); configs: configuration strings (the sequential baseline is added
     first when missing); dtype: default bf16 on CUDA, fp32 on CPU; compile: torch.compile the block
     function of every decoder (True or a mode such as "reduce-overhead"); threads: CPU threads for
     the run (torch.set_num_threads; on a machine shared with other jobs, 1 thread avoids the waits of
-    multi-threaded kernels for a descheduled thread, which swamp small kernels). The DataFrame's
-    `attrs["notes"]` says where the weights come from and how memory was measured.
+    multi-threaded kernels for a descheduled thread, which swamp small kernels); graphs: also time every
+    configuration replayed from captured CUDA graphs (`GRAPH_COLUMNS`, see `graphed_runs`; on a CPU
+    the same functions run uncaptured, so the path stays tested). The DataFrame's `attrs["notes"]`
+    says where the weights come from and how memory was measured.
     """
     dev = resolve_device(device)
     if threads is not None:
@@ -341,7 +348,7 @@ def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode
     for c in cfgs:  # fail before any timing on a configuration the model cannot run
         c.decoder(m)
     log = log or (lambda s: None)
-    name = model if isinstance(model, str) else type(model).__name__
+    name = name or (model if isinstance(model, str) else type(model).__name__)
     gen = torch.Generator().manual_seed(seed)
     rows = []
     with torch.inference_mode():
@@ -358,10 +365,16 @@ def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode
                 peak[c.text] = _peak_mb(dev)
                 del runs
             _release(dev, m)
-            fns = {}
+            fns, graph_err = {}, {}
             for c in cfgs:
                 for kind, fn in _runs(m, c, idx, decode_tokens, dev, compile).items():
                     fns[(c.text, kind)] = fn
+                if graphs:
+                    g = graphed_runs(m, c, idx, decode_tokens, dev)
+                    fns[(c.text, "prefill_graph")], fns[(c.text, "decode_graph")] = g["prefill"], g["decode"]
+                    out = g["prefill"]()  # a replay computes what the eager prefill computed
+                    graph_err[c.text] = float((out.float() - logits[c.text].float()).abs().max()
+                                              / logits[c.text].float().abs().max().clamp_min(1e-30))
             med = median_seconds(fns, repeats, warmup, dev)
             base = cfgs[0].text  # the sequential baseline
             for c in cfgs:
@@ -377,12 +390,20 @@ def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode
                     decode_speedup=med[(base, "decode")] / dec,
                     top1=float((logits[c.text].argmax(-1) == logits[base].argmax(-1)).float().mean()),
                     peak_mem_mb=peak[c.text]))
+                if graphs:
+                    pre_g, dec_g = med[(c.text, "prefill_graph")], med[(c.text, "decode_graph")]
+                    rows[-1].update(prefill_graph_ms=1e3 * pre_g,
+                                    prefill_graph_speedup=med[(base, "prefill_graph")] / pre_g,
+                                    decode_graph_tok_s=decode_tokens / dec_g,
+                                    decode_graph_speedup=med[(base, "decode_graph")] / dec_g,
+                                    graph_err=graph_err[c.text])
                 r = rows[-1]
                 log(f"[bench] T={T} {c.text}: prefill {r['prefill_ms']:.1f} ms (x{r['prefill_speedup']:.2f}), "
                     f"decode {r['decode_tok_s']:.1f} tok/s (x{r['decode_speedup']:.2f}), bound {r['bound']:.2f}")
             del fns
-    df = pd.DataFrame(rows, columns=COLUMNS)
-    df.attrs["notes"] = notes(weights, dev)
+            _release(dev, m)
+    df = pd.DataFrame(rows, columns=COLUMNS + (GRAPH_COLUMNS if graphs else []))
+    df.attrs["notes"] = notes(weights, dev, graphs)
     return df
 
 
@@ -418,7 +439,64 @@ def _runs(m, c: BenchConfig, idx, decode_tokens, dev, compile) -> dict:
     return {"prefill": lambda: pre.prefill(idx, parallel=True), "decode": decode}
 
 
-def notes(weights: str, dev: torch.device) -> list[str]:
+def graphed_runs(m, c: BenchConfig, idx, decode_tokens, dev) -> dict:
+    """The functions of `_runs`, captured as CUDA graphs and returned as their replays: "prefill" (one
+    graph of the whole parallel prefill; it returns the captured logits) and "decode" (one graph of the
+    decode_tokens steps, each at its own position, after an untimed eager prefill). Replays skip Python and the
+    per-kernel launch cost, as a latency-minded user would run both the baseline and SNLP.
+
+    On a CPU nothing is captured: the functions run as they are (the same code path, so the capture
+    set-up stays tested without a GPU)."""
+    if c.method not in GRAPHABLE:
+        raise ValueError(f"configuration {c.text!r} cannot be captured as a CUDA graph (its surrogate draws "
+                         f"probes on the host or reads values back); methods that can: {', '.join(GRAPHABLE)}")
+    T, P = idx.shape[1], idx.shape[1] - decode_tokens
+    pre = (c if c.init != "warm" else BenchConfig(**{**c.__dict__, "init": "h0"})).decoder(m, max_len=T)
+    dec = c.decoder(m, max_len=T)
+    dec.prefill(idx[:, :P])
+    snap = dec.snapshot()
+    steps = [(lambda i=i: dec.step(idx[:, i])) for i in range(P, T)]
+    if dev.type != "cuda":
+        def decode():
+            dec.restore(snap)
+            for s in steps:
+                s()
+        return {"prefill": lambda: pre.prefill(idx, parallel=True), "decode": decode}
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            pre.prefill(idx, parallel=True)
+            dec.restore(snap)
+            for s in steps:
+                s()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    g_pre = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_pre):
+        out = pre.prefill(idx, parallel=True)
+    # the whole decode (one step per position, each attending to a longer cache) as one graph
+    g_dec = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_dec):
+        dec.restore(snap)
+        for s in steps:
+            s()
+    return {"prefill": _Replay(g_pre, out, pre), "decode": _Replay(g_dec, None, dec)}
+
+
+class _Replay:
+    """Replays a captured CUDA graph and returns its output. It holds what the graph reads and writes
+    outside its own memory pool (the decoder with its KV cache): were that freed, the graph would keep
+    writing into memory that something else then uses."""
+
+    def __init__(self, graph, out, *keep):
+        self.graph, self.out, self.keep = graph, out, keep
+
+    def __call__(self):
+        self.graph.replay()
+        return self.out
+
+
+def notes(weights: str, dev: torch.device, graphs: bool = False) -> list[str]:
     out = [f"weights: {weights}" + ("; timing does not depend on the weights, top1 compares with a random "
                                     "model only" if weights.startswith("random") else ""),
            "speedup = sequential median / configuration median, same run; bound = L / (S + K) "
@@ -426,6 +504,11 @@ def notes(weights: str, dev: torch.device) -> list[str]:
            "peak_mem_mb: " + ("peak allocated CUDA memory" if dev.type == "cuda"
                               else "peak resident set of the process (model weights included)"),
            f"device: {dev}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"]
+    if graphs:
+        out.append("*_graph_*: replays of captured CUDA graphs (prefill: one graph; decode: one graph of "
+                   "all decoded positions), baseline and SNLP alike; graph_err = max |graphed - eager| / max |eager| of the "
+                   "prefill logits" + ("" if dev.type == "cuda" else "; on a CPU nothing is captured "
+                                       "(the same functions run eagerly)"))
     return out
 
 
@@ -445,11 +528,13 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also time replays of captured CUDA graphs, baseline and SNLP alike (GPU)")
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
     a = ap.parse_args(argv)
     df = run_bench(a.model, a.configs, a.seq_lens, a.decode_tokens, a.repeats, a.warmup, a.device,
                    getattr(torch, a.dtype) if a.dtype else None, a.compile, a.checkpoint, a.batch, a.seed,
-                   a.threads, log=print)
+                   a.threads, graphs=a.graphs, log=print)
     print("\n".join(f"- {n}" for n in df.attrs["notes"]) + "\n")
     print(df.drop(columns=["model", "weights", "device", "dtype", "compile"]).to_markdown(index=False, floatfmt=".4g"))
     if a.csv:

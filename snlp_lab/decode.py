@@ -159,7 +159,9 @@ class Decoder:
             self.cache_prefix = KVCache(self.S, B, cfg.n_kv_head, self.max_len, hd, dtype, device) if self.S else None
             self.cache_par = KVCache(self.par.n_layer, B, self.M * cfg.n_kv_head, self.max_len, hd, dtype, device)
             self._cache_key = key
-        self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        # on the CPU whatever the device, as in `solve`: probes are drawn there and moved (same seed,
+        # same probes on every device), and seeding it is allowed while a CUDA graph is captured
+        self.generator = torch.Generator().manual_seed(self.seed)
         self.pos, self._last = 0, None
 
     def snapshot(self):

@@ -79,3 +79,31 @@ def fmt_change(new: float, old: float) -> str:
     if not (math.isfinite(new) and math.isfinite(old)) or old == 0:
         raise ValueError(f"cannot form a relative change from {new} and {old}")
     return f"{100 * (new / old - 1):+.1f}%"
+
+
+def plot_speedup(df: pd.DataFrame, columns=("prefill_speedup", "decode_speedup"), title: str = ""):
+    """Horizontal bars of speedup over sequential per configuration (one panel per column of `df`, two
+    panels a row, one bar per sequence length T), with the critical-path bound L/(S+K) marked; `df` is
+    a bench table. One legend for all panels, below them, so that it covers no bar."""
+    import matplotlib.pyplot as plt
+    ncols = min(2, len(columns))
+    nrows = -(-len(columns) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, nrows * (0.45 * df["config"].nunique() + 1.4) + 0.6),
+                             sharey=True, squeeze=False)
+    for ax, col in zip(axes.flat, columns):
+        wide = df.pivot(index="config", columns="T", values=col).loc[df["config"].unique()]
+        wide.plot.barh(ax=ax, width=0.8, legend=False)
+        bound = df.drop_duplicates("config").set_index("config")["bound"].loc[wide.index]
+        ax.scatter(bound, range(len(bound)), marker="|", s=200, color="k", zorder=3, label="bound L/(S+K)")
+        ax.axvline(1.0, color="grey", lw=1, ls="--")
+        ax.set_xlabel(f"{col.removesuffix('_speedup').replace('_', ' ')} speedup over sequential (x)")
+        ax.set_ylabel("")
+    for ax in axes.flat[len(columns):]:
+        ax.set_visible(False)
+    axes[0][0].invert_yaxis()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    labels = [l if l.startswith("bound") else f"T = {l}" for l in labels]
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 / nrows, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    return fig

@@ -1,0 +1,74 @@
+"""The GPU check's code path on the CPU (`make gpu-check SMOKE=1`): every part runs, the correctness
+cases hold on the CPU too, and the report says what it measured."""
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from snlp_lab import bench, gpu_check
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gpu")
+    return gpu_check.run(smoke=True, out=out, log=lambda s: None)
+
+
+def test_correctness_cases_pass_on_cpu(smoke):
+    corr = smoke["correctness"]
+    assert smoke["ok"] and corr.ok.all(), corr[~corr.ok]
+    # every method, chunks, decoding and the regularizer are covered
+    cases = " ".join(corr.case)
+    for what in ("jacobi", "idn", "scaled-idn", "diagn", "newton", "hcn", "2xF2", "decode", "regularizer"):
+        assert what in cases
+    assert (corr.err_fp32 < gpu_check.TOL_FP32).all() and (corr.err_bf16_autocast < gpu_check.TOL_BF16).all()
+    assert (corr.err_bf16_autocast > corr.err_fp32).all()  # bf16 really ran in bf16
+
+
+def test_report_files_and_numbers(smoke):
+    out = smoke["out"]
+    for f in ("README.md", "correctness.md", "speed.csv", "speed.md", "paper.md", "gpu_check.json",
+              "speedup_gpu_0.5b-plain.png", "speedup_gpu_0.5b.png"):
+        assert (out / f).is_file() and (out / f).stat().st_size > 100, f
+    j = json.loads((out / "gpu_check.json").read_text())
+    assert set(j["seconds"]) == {"correctness", "limits", "speed"}  # written by the report part itself
+    assert j["environment"]["torch"] == torch.__version__ and j["smoke"] is True
+    assert j["limits"]["copy_GB_s"] > 0 and j["limits"]["matmul_TFLOP_s"] > 0
+    speed = pd.read_csv(out / "speed.csv")
+    assert set(speed.config) == set(gpu_check.CONFIGS) and set(speed["T"]) == {16, 32}
+    base = speed[speed.config == "sequential"]
+    assert (base.prefill_speedup == 1).all() and (base.prefill_graph_speedup == 1).all()
+    assert (speed.graph_err < 1e-6).all()  # on a CPU the "graphed" functions recompute the same logits
+    assert (speed.prefill_floor_ms > 0).all()
+    assert "Smoke run" in (out / "README.md").read_text()
+
+
+def test_redraw_from_json(smoke, tmp_path):
+    out = smoke["out"]
+    (out / "speed.md").unlink()
+    summary = gpu_check.redraw(out)
+    assert (out / "speed.md").is_file() and len(summary) == len(pd.read_csv(out / "speed.csv"))
+    with pytest.raises(ValueError, match="gpu_check.json is missing"):
+        gpu_check.redraw(tmp_path)
+
+
+def test_model_costs_match_a_hand_count():
+    cfg = gpu_check.get_config("0.5b-plain")
+    c = gpu_check.model_costs(cfg, T=1)
+    D, L, V = 640, 32, 32768
+    assert c["params_matmul"] == L * 12 * D * D + V * D  # q, k, v, o (4 D²) + MLP (8 D²) per layer + head
+    assert gpu_check.floor_ms(1.0, 0.0, {"matmul_TFLOP_s": 1.0, "copy_GB_s": 1.0}) == pytest.approx(1.0)
+
+
+def test_without_gpu_the_cli_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert gpu_check.main([]) == 2
+    assert capsys.readouterr().err.startswith("error: no CUDA device")
+
+
+def test_graphs_refuse_host_side_surrogates(tiny):
+    idx = torch.randint(0, 64, (1, 8))
+    with pytest.raises(ValueError, match="cannot be captured as a CUDA graph"):
+        bench.graphed_runs(tiny, bench.parse_config("diagn:K=1:n=4"), idx, 2, torch.device("cpu"))
