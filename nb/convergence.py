@@ -25,8 +25,8 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = "../figures"
-report_dir = "../reports"
+fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+report_dir = None  # relative paths are relative to the repository root
 
 # %%
 import matplotlib.pyplot as plt
@@ -36,11 +36,13 @@ import torch
 from tqdm.auto import tqdm
 
 from snlp_lab import experiments as E
+from snlp_lab.params import output_dirs
 from snlp_lab import solve
 from snlp_lab.analysis import convergence_curve
 from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
 ds = E.dataset(P)
 x, y = E.eval_batch(P, ds, batch_size=2)
 METHODS = ["jacobi", "idn", "scaled-idn", "diagn", "newton"]
@@ -51,7 +53,8 @@ jobs = [(v, reg) for v, var in P.variants.items() for reg in ("none", var.reg)]
 for v, reg in tqdm(jobs, desc="models"):
     model = E.trained(P, v, reg, P.seeds[0])
     ref = solve(model, x, method="sequential")
-    methods = METHODS + (["hcn"] if P.variants[v].reg == "hcn" else [])
+    # scaled-IDN is IDN on models without x0 lambdas (λ = 1): run only where it differs
+    methods = [m for m in METHODS if m != "scaled-idn" or model.config.x0ve] + (["hcn"] if P.variants[v].reg == "hcn" else [])
     with torch.no_grad():
         seq_ppl = float(torch.nn.functional.cross_entropy(ref.logits.flatten(0, 1), y.flatten()).exp())
     for m in methods:
@@ -61,13 +64,13 @@ curves = pd.concat(frames, ignore_index=True)
 curves.to_csv(f"{report_dir}/convergence_curves.csv", index=False)
 
 # %%
-g = sns.relplot(curves, x="k", y="final_err", hue="method", col="model", col_wrap=min(4, curves.model.nunique()),
-                kind="line", marker="o", height=2.6, facet_kws={"sharey": False})
+g = sns.relplot(curves, x="k", y="final_err", hue="method", style="method", markers=True, col="model",
+                col_wrap=min(4, curves.model.nunique()), kind="line", height=2.6, facet_kws={"sharey": False})
 g.set(yscale="log", xlabel="iterations k", ylabel="rel. error of h_L")
 save_figure(g.figure, "convergence_error", fig_dir)
 
-g = sns.relplot(curves, x="k", y="ppl", hue="method", col="model", col_wrap=min(4, curves.model.nunique()),
-                kind="line", marker="o", height=2.6, facet_kws={"sharey": False})
+g = sns.relplot(curves, x="k", y="ppl", hue="method", style="method", markers=True, col="model",
+                col_wrap=min(4, curves.model.nunique()), kind="line", height=2.6, facet_kws={"sharey": False})
 for ax, (name, d) in zip(g.axes.flat, curves.groupby("model", sort=False)):
     ax.axhline(d.seq_ppl.iloc[0], color="k", ls="--", lw=1)
 g.set(yscale="log", xlabel="iterations k", ylabel="validation PPL")

@@ -25,22 +25,26 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = "../figures"
-report_dir = "../reports"
+fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+report_dir = None  # relative paths are relative to the repository root
 probes = 8
 power_iters = 20
 
 # %%
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import pandas as pd
 import seaborn as sns
 from tqdm.auto import tqdm
 
 from snlp_lab import experiments as E
+from snlp_lab.params import check_int, output_dirs
 from snlp_lab.analysis import layer_spectra
 from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
+probes, power_iters = check_int("probes", probes), check_int("power_iters", power_iters)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
 ds = E.dataset(P)
 x, _ = E.eval_batch(P, ds, batch_size=1, seq_len=min(P.seq_len, 64))
 
@@ -49,7 +53,9 @@ frames = []
 jobs = [(v, reg) for v, var in P.variants.items() for reg in ("none", var.reg)]
 for v, reg in tqdm(jobs, desc="models"):
     model = E.trained(P, v, reg, P.seeds[0])
-    surrogates = ("idn", "scaled-idn", "diagn") + (("hcn",) if P.variants[v].reg == "hcn" else ())
+    # scaled-IDN is IDN on models without x0 lambdas (λ = 1): shown only where it differs
+    surrogates = ("idn",) + (("scaled-idn",) if model.config.x0ve else ()) + ("diagn",) + \
+        (("hcn",) if P.variants[v].reg == "hcn" else ())
     df = layer_spectra(model, x, surrogates, probes=probes, power_iters=power_iters)
     frames.append(df.assign(variant=v, reg=reg))
 spectra = pd.concat(frames, ignore_index=True)
@@ -62,12 +68,16 @@ fig, axes = plt.subplots(1, len(P.variants), figsize=(4 * len(P.variants), 3.2),
 for ax, (v, d) in zip(axes[0], spectra.groupby("variant", sort=False)):
     sns.lineplot(d, x="layer", y="sigma_max", hue="reg", marker="o", ax=ax)
     ax.set_title(f"{v}: σ_max(J_l)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1, 1), fontsize=8)
 fig.tight_layout()
 save_figure(fig, "jacobian_sigma", fig_dir)
 
 g = sns.relplot(long, x="layer", y="distance", hue="surrogate", style="reg", col="variant", kind="line",
                 marker="o", height=3, facet_kws={"sharey": False})
 g.set(ylabel="‖J − A‖_F / ‖J‖_F")
+for ax in g.axes.flat:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 save_figure(g.figure, "jacobian_distance", fig_dir)
 
 # %%
@@ -86,7 +96,7 @@ save_table(table, "jacobians", report_dir, "Mean over layers of the surrogate di
 table
 
 # %%
-own = table[table.surrogate.isin(["idn", "hcn"])]
+own = table[table.surrogate == table.variant.map(lambda v: P.variants[v].reg)]  # the one each was trained with
 parts = [f"{r.variant}/{r.surrogate}: {r.baseline_distance:.3f} -> {r.reg_distance:.3f} ({r.change_pct:+.0f}%)"
          for r in own.itertuples()]
 add_reading(report_dir, "jacobians", "jacobian_distance",

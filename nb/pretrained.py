@@ -27,8 +27,8 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = "../figures"
-report_dir = "../reports"
+fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+report_dir = None  # relative paths are relative to the repository root
 variant = "plain"
 # a run folder or checkpoint written by snlp_lab.train; "" = none
 checkpoint = ""
@@ -40,11 +40,15 @@ import seaborn as sns
 from tqdm.auto import tqdm
 
 from snlp_lab import experiments as E
+from snlp_lab.params import check_path, output_dirs
 from snlp_lab.checkpoint import load_checkpoint
 from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
 E.check_choice("variant", variant, [v for v, var in P.variants.items() if "idn" in var.regs])
+checkpoint = check_path("checkpoint", checkpoint)  # loaded now: a bad path fails before any training
+given = load_checkpoint(checkpoint).eval().requires_grad_(False) if checkpoint else None
 ds = E.dataset(P)
 
 # %%
@@ -53,8 +57,8 @@ models = {"baseline (no reg)": E.trained(P, variant, "none", seed),
           "baseline + IDN fine-tune": E.trained(P, variant, "idn", seed, steps=P.finetune_steps,
                                                 init_from=str(E.run_folder(P, variant, "none", seed))),
           "IDN from scratch": E.trained(P, variant, "idn", seed)}
-if checkpoint:
-    models[f"checkpoint {checkpoint}"] = load_checkpoint(checkpoint).eval().requires_grad_(False)
+if given is not None:
+    models[f"checkpoint {checkpoint.name}"] = given
 
 rows = []
 for name, model in tqdm(models.items(), desc="models"):

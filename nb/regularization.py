@@ -25,8 +25,8 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = "../figures"
-report_dir = "../reports"
+fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+report_dir = None  # relative paths are relative to the repository root
 
 # %%
 import matplotlib.pyplot as plt
@@ -35,9 +35,11 @@ import seaborn as sns
 from tqdm.auto import tqdm
 
 from snlp_lab import experiments as E
-from snlp_lab.report import add_reading, fmt_change, save_figure, save_table
+from snlp_lab.params import output_dirs
+from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
 ds = E.dataset(P)
 
 # %%
@@ -76,7 +78,6 @@ sns.barplot(runs, x="variant", y="seq_ppl", hue="reg", ax=axes[0], errorbar="sd"
 axes[0].set_title("sequential PPL (mean ± sd over seeds)")
 sns.barplot(runs, x="variant", y="snlp_ppl", hue="reg", ax=axes[1], errorbar="sd")
 axes[1].set_title("PPL of one SNLP iteration, all layers parallel")
-axes[1].set_yscale("log")
 fig.tight_layout()
 save_figure(fig, "regularization", fig_dir)
 

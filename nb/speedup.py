@@ -22,49 +22,60 @@
 # profile and device (on a CPU: T = 128 and a 16-token decode).
 
 # %% tags=["parameters"]
-model = None  # preset name; None: "cpu" (profiles smoke, cpu) or "0.5b-plain" (paper)
+model = None  # preset name; None: "cpu" (profiles smoke, cpu), "0.5b-plain" (paper), or the checkpoint's
 device = "auto"  # "auto" picks CUDA when present
-seq_lens = None  # prefill lengths T; decode covers the last decode_tokens tokens of T
-configs = None  # configuration strings; None: snlp_lab.bench.default_configs(depth)
-checkpoint = None  # path of a trained checkpoint; None: random weights (timing does not depend on them)
+seq_lens = None  # prefill lengths T (one value or a list); decode covers the last decode_tokens tokens of T
+configs = None  # configuration strings (one or a list); None: snlp_lab.bench.default_configs(depth)
+checkpoint = None  # a trained run folder; None: random weights (timing does not depend on them)
 repeats = None
 decode_tokens = None
 compile = False  # torch.compile the block function for the baseline and SNLP alike
 threads = None  # CPU threads; None: 1 on a CPU (steady on a shared machine), torch's default on a GPU
 profile = "cpu"  # smoke | cpu | paper
-fig_dir = "../figures"  # relative paths: relative to nb/
-report_dir = "../reports"
+fig_dir = None  # None: figures/ and reports/ for a make-figures run, else a scratch folder
+report_dir = None  # relative paths are relative to the repository root
 
 # %%
-from snlp_lab import bench, report
+import torch
 
-S = bench.settings(model, device, profile, seq_lens, configs, repeats, decode_tokens, fig_dir=fig_dir,
-                   report_dir=report_dir, threads=threads)
+from snlp_lab import bench, report
+from snlp_lab.params import output_dirs
+
+S = bench.settings(model, device, profile, seq_lens, configs, repeats, decode_tokens, threads=threads,
+                   checkpoint=checkpoint)
+# only make figures' own run (default settings, random weights) writes the committed results
+custom = any(v is not None for v in (model, seq_lens, configs, checkpoint, repeats, decode_tokens)) or compile
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
 S
 
 # %%
 df = bench.run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
-                     S["device"], compile=compile, checkpoint=checkpoint, threads=S["threads"], log=print)
+                     S["device"], compile=compile, checkpoint=S["checkpoint"], threads=S["threads"],
+                     name=S["name"], log=print)
 notes = df.attrs["notes"]
 print("\n".join(notes))
 
 # %%
-fig = report.plot_speedup(df, title=f"{S['model']} on {df['device'][0]} ({df['dtype'][0]}), B=1, {df['weights'][0]}")
-name = f"speedup_{S['model']}"
-report.save_figure(fig, name, S["fig_dir"])
+fig = report.plot_speedup(df, title=f"{S['name']}, {df['device'][0]} ({df['dtype'][0]}), B=1, "
+                                   f"{df['weights'][0]}, {torch.get_num_threads()} thread(s)")
+name = f"speedup_{S['name'].split()[0]}" + ("_trained" if S["checkpoint"] else "")
+report.save_figure(fig, name, fig_dir)
 
 # %%
 cols = ["config", "T", "S", "units", "bound", "prefill_ms", "prefill_speedup", "decode_tok_s", "decode_speedup",
         "top1", "peak_mem_mb"]
 table = df[cols].dropna(axis=1, how="all")  # peak memory is missing only off Linux/CUDA
-meta = dict(model=S["model"], device=f"{df['device'][0]} ({df['dtype'][0]}, compile={compile})",
+meta = dict(model=f"{S['name']}: {df.attrs['size']}", device=f"{df['device'][0]} ({df['dtype'][0]}, compile={compile})",
             repeats=f"median of {S['repeats']} after {S['warmup']} warm-up, configurations interleaved",
             decode=f"last {S['decode_tokens']} tokens of each T, KV cache, B=1", notes="; ".join(notes))
-report.save_table(table, name, S["report_dir"], f"Wall-clock speedup of SNLP over the sequential forward ({S['model']})", meta)
+report.save_table(table, name, report_dir, f"Wall-clock speedup of SNLP over the sequential forward ({S['name']})", meta)
 best_p = df.loc[df["prefill_speedup"].idxmax()]
 best_d = df.loc[df["decode_speedup"].idxmax()]
-report.add_reading(S["report_dir"], "speedup", name,
-                   f"{S['model']} on {df['device'][0]}: best prefill x{best_p.prefill_speedup:.2f} ({best_p.config}, "
+report.add_reading(report_dir, "speedup", name,
+                   f"{S['name']} ({df.attrs['size']}) on {df['device'][0]}, {torch.get_num_threads()} thread(s): best prefill x{best_p.prefill_speedup:.2f} ({best_p.config}, "
                    f"T={best_p['T']}, bound x{best_p.bound:.2f}); best decode x{best_d.decode_speedup:.2f} "
-                   f"({best_d.config}); {'random' if checkpoint is None else 'trained'} weights")
+                   f"({best_d.config}); {'random' if checkpoint is None else 'trained'} weights"
+                   + ("; on a CPU a batched call of N layers costs about N layers of arithmetic, so a speedup "
+                      "here comes from issuing fewer operations (per-op overhead, large for a small model), "
+                      "not from parallel arithmetic" if df["device"][0] == "cpu" else ""))
 table

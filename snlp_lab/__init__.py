@@ -11,11 +11,20 @@ from .solve import SURROGATES, NonFiniteError, SolveResult, methods, register_su
 from .mhc import MHCGPT  # also registers the "hcn" surrogate
 from .decode import Decoder, generate
 from .data import prepare_data
-from .evaluate import evaluate_ppl
 from .checkpoint import load_checkpoint, save_checkpoint
-# `train` stays the module (snlp_lab.train.train is the function), as `python -m snlp_lab.train` expects
-from .train import TrainConfig, trained_model
 from . import diagnostics, jacobian, mhc
+
+# Names from the command-line modules (python -m snlp_lab.train, .evaluate, ...) load on first use:
+# imported here, each would already be in sys.modules when runpy runs it as __main__ (a warning and a
+# second copy of the module). `train` stays the module (snlp_lab.train.train is the function).
+_LAZY = {"evaluate_ppl": "evaluate", "TrainConfig": "train", "trained_model": "train"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model", "SURROGATES", "NonFiniteError",
            "SolveResult", "methods", "register_surrogate", "solve", "Decoder", "generate", "prepare_data",

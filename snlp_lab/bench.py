@@ -35,8 +35,10 @@ import argparse
 import copy
 import ctypes
 import gc
+import os
 import re
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,14 +47,13 @@ import pandas as pd
 import torch
 
 from .config import resolve_device
+from .params import as_list, check_choice, check_int, check_path
 from .decode import DECODE_INITS, Decoder
 from .fusion import clear_fused_cache, parse_chunks
 from .model import GPT, build_model
 from .experiments import PROFILES
-from .solve import INITS, methods
+from .solve import INITS, NonFiniteError, methods
 
-DEFAULT_CONFIGS = ("sequential", "idn:K=1:n=12", "idn:K=2:n=12", "idn:K=2:n=12:4xF3", "idn:K=1:n=12:2xF6",
-                   "idn:K=1:n=12:1xF12")
 COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
            "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "decode_tokens", "decode_tok_s",
            "decode_speedup", "top1", "peak_mem_mb"]
@@ -172,23 +173,36 @@ def default_configs(L: int, mhc: bool = False) -> list[str]:
 
 def settings(model: str | None = None, device: str = "auto", profile: str = "cpu", seq_lens=None, configs=None,
              repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None,
-             fig_dir: str = "../figures", report_dir: str = "../reports", threads: int | None = None) -> dict:
-    """Check the notebook's parameters and fill the ones left as None for the profile and device:
-    smoke = seconds (tiny sequences, one repeat); cpu = T=128 and a short decode on a CPU, T=128 and
-    2048 on a GPU; paper = T=128 and 2048, more repeats. Raises ValueError naming the valid values.
+             threads: int | None = None, checkpoint: str | None = None) -> dict:
+    """Check the benchmark's parameters (notebook or command line) and fill the ones left as None for
+    the profile, the model and the device: smoke = seconds (tiny sequences, one repeat); cpu = T=128
+    and a short decode on a CPU, T=128 and 2048 on a GPU; paper = T=128 and 2048, more repeats.
+    Lengths longer than the model's context are dropped from the defaults; configurations default to
+    `default_configs` of the model's depth. Raises ValueError naming the valid values.
+
+    model: a preset name (default "cpu", or "0.5b-plain" with profile paper), or None with a
+    checkpoint, whose saved config and name are used (`name` in the result: the trained run's preset,
+    e.g. "cpu-plain (trained)"). List parameters take a single value or a list (`params.as_list`).
     threads: CPU threads, 1 by default on a CPU: the ratios compare like with like either way, and a
     single thread never waits for a descheduled one on a machine shared with other jobs (with 2
-    threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them).
-    Relative fig_dir / report_dir are taken relative to the notebooks' folder nb/, wherever the
-    kernel runs (so `papermill nb/speedup.ipynb ...` from the repository root writes to figures/)."""
+    threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them)."""
     from .config import PRESETS
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
-    model = model or ("0.5b-plain" if profile == "paper" else "cpu")
-    if model not in PRESETS:
-        raise ValueError(f"unknown model {model!r}; valid models: {', '.join(PRESETS)}")
+    check_choice("profile", profile, PROFILES)
     dev = resolve_device(device)
-    cfg = PRESETS[model]
+    checkpoint = check_path("checkpoint", checkpoint)
+    if checkpoint is not None:
+        from .checkpoint import read_checkpoint, saved_config
+        meta = read_checkpoint(checkpoint)
+        cfg = saved_config(meta)
+        trained_as = (meta.get("train_config") or {}).get("model", "model")
+        if model is not None and model != trained_as:
+            raise ValueError(f"model {model!r} does not match the checkpoint, trained as {trained_as!r}; "
+                             f"leave model unset with a checkpoint")
+        name = f"{trained_as} (trained, step {meta['step']})"
+    else:
+        model = model or ("0.5b-plain" if profile == "paper" else "cpu")
+        check_choice("model", model, PRESETS)
+        cfg, name = PRESETS[model], model
     mhc = getattr(cfg, "n_streams", 1) > 1
     big = cfg.n_embd >= 512
     if profile == "smoke":
@@ -198,25 +212,29 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
     else:
         d = dict(seq_lens=[128, 2048], decode_tokens=32, repeats=10, warmup=2)
     d["seq_lens"] = [T for T in d["seq_lens"] if T <= cfg.sequence_len] or [cfg.sequence_len]
-    given = dict(seq_lens=seq_lens, decode_tokens=decode_tokens, repeats=repeats, warmup=warmup)
-    d.update({k: v for k, v in given.items() if v is not None})
-    d["seq_lens"] = [int(T) for T in d["seq_lens"]]
+    d["decode_tokens"] = min(d["decode_tokens"], min(d["seq_lens"]) - 1)
+    if seq_lens is not None:
+        d["seq_lens"] = [check_int("seq_lens", T) for T in as_list("seq_lens", seq_lens, int)]
+    for k, v, lo in (("decode_tokens", decode_tokens, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if v is not None:
+            d[k] = check_int(k, v, lo)
     for T in d["seq_lens"]:
         if not d["decode_tokens"] < T <= cfg.sequence_len:
             raise ValueError(f"sequence length {T} must lie in {d['decode_tokens'] + 1}..{cfg.sequence_len} "
-                             f"(more than decode_tokens, at most model {model!r}'s sequence_len)")
-    configs = list(configs) if configs is not None else default_configs(cfg.n_layer, mhc)
+                             f"(more than decode_tokens={d['decode_tokens']}, at most the sequence_len of model {name!r})")
+    configs = as_list("configs", configs) if configs is not None else default_configs(cfg.n_layer, mhc)
     for c in configs:
-        parse_config(c).check(cfg.n_layer)
-        if mhc and parse_config(c).chunks:
-            raise ValueError(f"configuration {c!r}: chunks (layer fusion) are not supported on mHC model {model!r}")
-    nb_dir = Path(__file__).resolve().parent.parent / "nb"
-    dirs = {k: str((nb_dir / v).resolve()) for k, v in dict(fig_dir=fig_dir, report_dir=report_dir).items()}
+        c = parse_config(c)
+        c.check(cfg.n_layer)
+        if mhc and c.chunks:
+            raise ValueError(f"configuration {c.text!r}: chunks (layer fusion) are not supported on mHC model "
+                             f"{name!r}; valid: per-layer configurations such as 'hcn:K=2:n={cfg.n_layer}'")
     if threads is None:
         threads = 1 if dev.type == "cpu" else None
-    elif threads < 1:
-        raise ValueError(f"threads must be >= 1 or None, got {threads}")
-    return dict(model=model, device=str(dev), configs=configs, threads=threads, **d, **dirs)
+    else:
+        threads = check_int("threads", threads)
+    return dict(model=None if checkpoint is not None else model, name=name, checkpoint=checkpoint,
+                device=str(dev), configs=configs, threads=threads, **d)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -312,15 +330,16 @@ def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
-def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode_tokens: int = 32,
+def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: int = 32,
               repeats: int = 5, warmup: int = 1, device: str = "auto", dtype: torch.dtype | None = None,
               compile: bool | str = False, checkpoint: str | None = None, batch: int = 1, seed: int = 0,
               threads: int | None = None, graphs: bool = False, name: str | None = None, log=None) -> pd.DataFrame:
     """Time the sequential forward and every configuration; one row per (configuration, T).
 
-    model: preset name, GPTConfig or a GPT (name: what the table calls it); configs: configuration strings (the sequential baseline is added
-    first when missing); dtype: default bf16 on CUDA, fp32 on CPU; compile: torch.compile the block
-    function of every decoder (True or a mode such as "reduce-overhead"); threads: CPU threads for
+    model: preset name, GPTConfig or a GPT (name: what the table calls it); configs: configuration
+    strings (default: `default_configs` of the model; the sequential baseline is added first when
+    missing); dtype: default bf16 on CUDA, fp32 on CPU; compile: torch.compile the block function of
+    every decoder (True or a mode such as "reduce-overhead"); threads: CPU threads for
     the run (torch.set_num_threads; on a machine shared with other jobs, 1 thread avoids the waits of
     multi-threaded kernels for a descheduled thread, which swamp small kernels); graphs: also time every
     configuration replayed from captured CUDA graphs (`GRAPH_COLUMNS`, see `graphed_runs`; on a CPU
@@ -333,14 +352,16 @@ def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode
             raise ValueError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
-    cfgs = [parse_config(c) for c in configs]
-    is_base = [c.method == "sequential" and c.chunks is None for c in cfgs]
-    base = cfgs.pop(is_base.index(True)) if any(is_base) else parse_config("sequential")
-    cfgs.insert(0, base)  # the baseline comes first: every speedup divides by it
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
     m, weights = load_model(model, checkpoint, dev, dtype, seed)
     L, ctx_len = m.n_layer, m.config.sequence_len
+    if configs is None:
+        configs = default_configs(L, getattr(m.config, "n_streams", 1) > 1)
+    cfgs = [parse_config(c) for c in configs]
+    is_base = [c.method == "sequential" and c.chunks is None for c in cfgs]
+    base = cfgs.pop(is_base.index(True)) if any(is_base) else parse_config("sequential")
+    cfgs.insert(0, base)  # the baseline comes first: every speedup divides by it
     for T in seq_lens:
         if not decode_tokens < T <= ctx_len:
             raise ValueError(f"sequence length {T} must lie in {decode_tokens + 1}..{ctx_len} "
@@ -361,6 +382,8 @@ def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode
                 _reset_peak(dev)
                 runs = _runs(m, c, idx, decode_tokens, dev, compile)
                 logits[c.text] = runs["prefill"]()
+                if not bool(torch.isfinite(logits[c.text]).all()):  # never time a broken result
+                    raise NonFiniteError(f"configuration {c.text!r} gives non-finite logits at T={T}")
                 runs["decode"]()
                 peak[c.text] = _peak_mb(dev)
                 del runs
@@ -404,6 +427,9 @@ def run_bench(model="cpu", configs=DEFAULT_CONFIGS, seq_lens=(128, 2048), decode
             _release(dev, m)
     df = pd.DataFrame(rows, columns=COLUMNS + (GRAPH_COLUMNS if graphs else []))
     df.attrs["notes"] = notes(weights, dev, graphs)
+    c = m.config
+    df.attrs["size"] = (f"{L} layers x {c.n_embd} wide, {c.n_head} heads, "
+                        f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters")
     return df
 
 
@@ -426,8 +452,9 @@ def _runs(m, c: BenchConfig, idx, decode_tokens, dev, compile) -> dict:
     "prefill" (the whole sequence at once; "warm" has no previous token there, so it starts from h0)
     and "decode" (the last decode_tokens tokens one at a time after an untimed sequential prefill)."""
     T, P = idx.shape[1], idx.shape[1] - decode_tokens
-    pre = (c if c.init != "warm" else BenchConfig(**{**c.__dict__, "init": "h0"})).decoder(m, max_len=T, compile=compile)
-    dec = c.decoder(m, max_len=T, compile=compile)
+    pre = (c if c.init != "warm" else BenchConfig(**{**c.__dict__, "init": "h0"})).decoder(
+        m, max_len=T, compile=compile, check_finite=False)
+    dec = c.decoder(m, max_len=T, compile=compile, check_finite=False)
     dec.prefill(idx[:, :P])
     snap = dec.snapshot()
 
@@ -451,8 +478,9 @@ def graphed_runs(m, c: BenchConfig, idx, decode_tokens, dev) -> dict:
         raise ValueError(f"configuration {c.text!r} cannot be captured as a CUDA graph (its surrogate draws "
                          f"probes on the host or reads values back); methods that can: {', '.join(GRAPHABLE)}")
     T, P = idx.shape[1], idx.shape[1] - decode_tokens
-    pre = (c if c.init != "warm" else BenchConfig(**{**c.__dict__, "init": "h0"})).decoder(m, max_len=T)
-    dec = c.decoder(m, max_len=T)
+    pre = (c if c.init != "warm" else BenchConfig(**{**c.__dict__, "init": "h0"})).decoder(
+        m, max_len=T, check_finite=False)
+    dec = c.decoder(m, max_len=T, check_finite=False)
     dec.prefill(idx[:, :P])
     snap = dec.snapshot()
     steps = [(lambda i=i: dec.step(idx[:, i])) for i in range(P, T)]
@@ -512,34 +540,48 @@ def notes(weights: str, dev: torch.device, graphs: bool = False) -> list[str]:
     return out
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="cpu", help="preset name (snlp_lab.PRESETS)")
-    ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
-    ap.add_argument("--seq-lens", nargs="+", type=int, default=[128, 2048])
-    ap.add_argument("--decode-tokens", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--device", default="auto")
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m snlp_lab.bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="preset name (snlp_lab.PRESETS; default cpu, or the checkpoint's)")
+    ap.add_argument("--configs", nargs="+", default=None, help="default: the model's (default_configs)")
+    ap.add_argument("--seq-lens", nargs="+", type=int, default=None,
+                    help="default: 128 (and 2048 on a GPU), at most the model's context")
+    ap.add_argument("--decode-tokens", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ap.add_argument("--compile", nargs="?", const=True, default=False,
                     help="torch.compile the block function (optionally a mode, e.g. reduce-overhead)")
-    ap.add_argument("--checkpoint", default=None)
+    ap.add_argument("--checkpoint", default=None, help="a trained run folder (default: random weights)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on a CPU)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time replays of captured CUDA graphs, baseline and SNLP alike (GPU)")
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
     a = ap.parse_args(argv)
-    df = run_bench(a.model, a.configs, a.seq_lens, a.decode_tokens, a.repeats, a.warmup, a.device,
-                   getattr(torch, a.dtype) if a.dtype else None, a.compile, a.checkpoint, a.batch, a.seed,
-                   a.threads, graphs=a.graphs, log=print)
+    try:
+        S = settings(a.model, a.device, "cpu", a.seq_lens, a.configs, a.repeats, a.decode_tokens, a.warmup,
+                     a.threads, a.checkpoint)
+        if a.csv:  # fail now, not after the run
+            csv = Path(a.csv).expanduser()
+            if not (csv.parent.is_dir() and os.access(csv.parent, os.W_OK)) or (csv.exists() and not os.access(csv, os.W_OK)):
+                raise ValueError(f"cannot write --csv {a.csv}: its folder is missing or not writable")
+        df = run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
+                       S["device"], getattr(torch, a.dtype) if a.dtype else None, a.compile, S["checkpoint"],
+                       a.batch, a.seed, S["threads"], graphs=a.graphs, name=S["name"], log=print)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print("\n".join(f"- {n}" for n in df.attrs["notes"]) + "\n")
     print(df.drop(columns=["model", "weights", "device", "dtype", "compile"]).to_markdown(index=False, floatfmt=".4g"))
     if a.csv:
         df.to_csv(a.csv, index=False)
+        print(f"wrote {a.csv}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

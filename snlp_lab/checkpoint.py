@@ -40,8 +40,13 @@ def _atomic(path: Path, write) -> None:
 
 
 def _unwrap(model):
-    """The model inside a DistributedDataParallel (or any `.module`) wrapper."""
-    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+    """The model inside its wrappers: DistributedDataParallel (`.module`) and torch.compile
+    (`._orig_mod`), in any nesting, so that saved keys never carry a wrapper's prefix."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
 
 
 # ------------------------------------------------------------------------------------------ RNG states
@@ -124,6 +129,15 @@ def saved_config(meta: dict) -> GPTConfig:
     return GPTConfig(**meta["model_config"])
 
 
+def checkpoint_weights(path: str | os.PathLike, meta: dict | None = None) -> Path:
+    """The weights file of the checkpoint at `path`; ValueError when the JSON or the file is missing."""
+    meta = meta or read_checkpoint(path)
+    weights = _json_path(path).parent / meta["files"]["model"]
+    if not weights.is_file():
+        raise ValueError(f"checkpoint {path} is incomplete: its weights file {weights} is missing")
+    return weights
+
+
 def load_checkpoint(path: str | os.PathLike, model=None, device: str | torch.device = "cpu"):
     """The checkpoint's weights in `model` (built from the saved config when None); returns the model.
 
@@ -139,7 +153,7 @@ def load_checkpoint(path: str | os.PathLike, model=None, device: str | torch.dev
         fields = "; ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"checkpoint {path} does not fit this model, config fields differ: {fields}")
     dev = next(target.parameters()).device
-    state = load_file(str(_json_path(path).parent / meta["files"]["model"]), device=str(dev))
+    state = load_file(str(checkpoint_weights(path, meta)), device=str(dev))
     target.load_state_dict(state)
     return model
 

@@ -82,6 +82,9 @@ def resolve_device(device: str) -> torch.device:
     """"auto" -> CUDA when torch sees a GPU, else the CPU; "cpu", "cuda" and "cuda:N" as given."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+    if not isinstance(device, str) or (device not in ("cpu", "cuda") and not device.startswith("cuda:")):
         raise ValueError(f"unknown device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but torch {torch.__version__} sees no GPU; "
+                         f"use 'cpu' or 'auto'")
     return torch.device(device)

@@ -26,7 +26,7 @@ import functools
 import torch
 
 from .fusion import ChunkStack, check_chunkable, parse_chunks
-from .solve import SURROGATES, iterate, methods
+from .solve import SURROGATES, NonFiniteError, iterate, methods
 
 DECODE_INITS = ("h0", "fwd", "warm")
 
@@ -107,13 +107,16 @@ class Decoder:
     method: "sequential" or a surrogate name (`snlp_lab.methods()`); iters: iterations K per token;
     n_par: parallel layers (default: all, or C·M with chunks); chunks: "CxFM" or None; init: "h0",
     "fwd" or "warm"; kappa, probes, jac, seed: as in `solve`; max_len: cache length (default: the
-    model's sequence_len); compile: False, True or a torch.compile mode (e.g. "reduce-overhead").
+    model's sequence_len); compile: False, True or a torch.compile mode (e.g. "reduce-overhead");
+    check_finite: raise `NonFiniteError` when a step's logits hold inf or NaN (one host sync per call;
+    skipped while a CUDA graph is captured; the benchmark turns it off and checks its untimed pass).
     The weights are read at `prefill`; prefill again after changing the model.
     """
 
     def __init__(self, model, method: str = "idn", iters: int = 1, n_par: int | None = None,
                  chunks: str | None = None, init: str = "h0", kappa: float = 0.0, probes: int = 1,
-                 jac: str = "jvp", seed: int = 0, max_len: int | None = None, compile: bool | str = False):
+                 jac: str = "jvp", seed: int = 0, max_len: int | None = None, compile: bool | str = False,
+                 check_finite: bool = True):
         L = model.n_layer
         # the plain GPT runs on weights resolved once (ChunkStack); other stacks (mHC) on their own
         # `layers`, one unit per layer: fusion is defined for the single-stream GPT only
@@ -136,7 +139,7 @@ class Decoder:
         self.model, self.method, self.iters, self.init = model, method, iters, init
         self.n_par, self.chunks, self.M, self.S = n_par, chunks, M, L - n_par
         self.opts = dict(kappa=kappa, probes=probes, jac=jac)
-        self.seed, self.max_len = seed, max_len
+        self.seed, self.max_len, self.check_finite = seed, max_len, check_finite
         if compile and not self._resolved:
             raise ValueError("compile is supported for the plain GPT (n_streams=1) only")
         self.apply = compiled_block_apply(compile if isinstance(compile, str) else None) if compile else None
@@ -208,7 +211,13 @@ class Decoder:
             H = torch.stack(states)
         self._last = H[:, :, -1:]  # the warm start of the next token
         self.pos = p + T
-        return self.model.head(H[-1])
+        logits = self.model.head(H[-1])
+        capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
+        if self.check_finite and not capturing and not bool(torch.isfinite(logits).all()):
+            raise NonFiniteError(f"decoding ({self.method}, K={self.iters}, n_par={self.n_par}, chunks={self.chunks}) "
+                                 f"produced non-finite logits at positions {p}..{p + T - 1}; the weights or the "
+                                 f"input hold inf/NaN, or the iteration diverged")
+        return logits
 
     @staticmethod
     def _unit(stack, cache, j, h, ctx, p):

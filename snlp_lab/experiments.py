@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .params import check_choice
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -100,12 +102,6 @@ def get_profile(name: str) -> Profile:
     if P.threads:
         torch.set_num_threads(P.threads)
     return P
-
-
-def check_choice(what: str, value, valid) -> None:
-    """Fail at a notebook's first cell with the valid values, rather than deep inside a run."""
-    if value not in valid:
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(map(str, valid))}")
 
 
 # Paper reference numbers (arXiv 2605.17842 v1, DESIGN §4): sequential PPL without / with the regularizer.

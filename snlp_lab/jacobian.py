@@ -59,6 +59,11 @@ def dense_jacobian(f: Fn, h: torch.Tensor) -> torch.Tensor:
         return torch.func.jacrev(lambda x: f(x.view_as(h)).reshape(-1))(h.reshape(-1)).reshape(n, n).detach()
 
 
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
 def _probe(h: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     z = torch.randint(0, 2, h.shape, generator=generator).to(h)
     return 2 * z - 1
@@ -66,6 +71,7 @@ def _probe(h: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
 
 def hutchinson_diag(f: Fn, h: torch.Tensor, probes: int = 8, generator: torch.Generator | None = None):
     """diag(J) ≈ mean_z z ⊙ (J z) over Rademacher probes z (unbiased; exact for a diagonal J)."""
+    _check_count("probes", probes)
     acc = torch.zeros_like(h)
     for _ in range(probes):
         z = _probe(h, generator)
@@ -75,6 +81,7 @@ def hutchinson_diag(f: Fn, h: torch.Tensor, probes: int = 8, generator: torch.Ge
 
 def sigma_max(f: Fn, h: torch.Tensor, iters: int = 30, generator: torch.Generator | None = None) -> float:
     """Largest singular value of J by power iteration on J^T J (one JVP and one VJP per step)."""
+    _check_count("iters", iters)
     v = torch.randn(h.shape, generator=generator).to(h)
     v = v / torch.linalg.vector_norm(v)
     with sdpa_kernel(SDPBackend.MATH):

@@ -18,6 +18,7 @@ instead of single layers; the iteration is the same, over C units.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -116,8 +117,8 @@ class DiagonalNewton(Surrogate):
 
     def __init__(self, model, start, stop, ctx, probes: int = 1, generator=None, **opts):
         super().__init__(model, start, stop, ctx)
-        if probes < 1:
-            raise ValueError(f"probes must be >= 1, got {probes}")
+        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+            raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
         self.probes, self.generator = probes, generator
 
     def update(self, X, F):
@@ -167,8 +168,8 @@ class SolveResult:
     logits: torch.Tensor  # [B, T, V]
     history: torch.Tensor  # [iters_run, units] residual norm ||h_l^k - Φ_l(h_{l-1}^k)|| per parallel unit
     rel_history: torch.Tensor  # the same divided by ||Φ_l(h_{l-1}^k)||
-    iters_run: int  # batched evaluations of the parallel layers (with tol: the last found convergence)
-    converged: bool | None  # None when no tol was given
+    iters_run: int  # rows of history: evaluations of the parallel layers whose residuals were recorded
+    converged: bool | None  # with tol: does the returned trace meet it (every unit's relative residual); else None
     method: str
     n_par: int
     init: str
@@ -202,9 +203,13 @@ def iterate(f, hS: torch.Tensor, H: torch.Tensor, sur: Surrogate, iters: int, to
     f maps the stacked inputs X [U, ...] of the U parallel units to their outputs (one batched call);
     hS is the input of the first unit, H [U, ...] the initial guess of the units' outputs.
     Returns (H, history, rel_history, converged); with record=False (and no tol) no norms are formed.
+
+    With tol, `converged` says whether the *returned* H meets it: the loop stops at the first iterate
+    whose relative residual is below tol on every unit, and when all `iters` updates ran, one more
+    evaluation checks the final H (its residuals are the history's last row).
     """
     hist, rel_hist, converged = [], [], None
-    for _ in range(iters):
+    for k in range(iters + (tol is not None)):
         X = torch.cat([hS.unsqueeze(0), H[:-1]])  # inputs h_{l-1}^k of the parallel units
         Fx = f(X)
         r = Fx - H
@@ -212,13 +217,12 @@ def iterate(f, hS: torch.Tensor, H: torch.Tensor, sur: Surrogate, iters: int, to
             dims = tuple(range(1, r.dim()))
             hist.append(torch.linalg.vector_norm(r, dim=dims))
             rel_hist.append(hist[-1] / torch.linalg.vector_norm(Fx, dim=dims).clamp_min(1e-30))
-            if tol is not None and bool((rel_hist[-1] < tol).all()):
-                converged = True
-                break
+            if tol is not None:
+                converged = bool((rel_hist[-1] < tol).all())
+                if converged or k == iters:
+                    break
         sur.update(X, Fx)
         H = H + sur.scan(r)
-    else:
-        converged = False if tol is not None else None
     return H, hist, rel_hist, converged
 
 
@@ -242,6 +246,8 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
         n_par = C * M
     n_par = L if n_par is None else n_par
     _check_args(model, method, iters, n_par, init)
+    if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0 (or None), got {tol!r}")
     h, ctx = model.embed(idx)
     S = L - n_par if method != "sequential" or chunks is not None else L
     trace = [h]

@@ -47,7 +47,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import has_checkpoint, load_checkpoint, load_optim_state, read_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import checkpoint_weights, has_checkpoint, load_checkpoint, load_optim_state, read_checkpoint, save_checkpoint, set_rng_state
 from .config import GPTConfig, get_config, resolve_device
 from .data import TokenStream, prepare_data
 from .evaluate import evaluate_ppl, parse_snlp_specs
@@ -63,6 +63,7 @@ OBJECTIVES = ("ce", "snlp-forward")
 METRICS = "metrics.jsonl"
 ADAMW_BETAS, ADAMW_EPS = (0.8, 0.95), 1e-10  # nanochat
 MUON_MOMENTUM = 0.95
+LOG_SECONDS = 30  # progress lines when the output is not a terminal
 
 
 @dataclass
@@ -194,9 +195,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
     if cfg.lr_warmup_frac + cfg.lr_warmdown_frac > 1.0:
         raise ValueError("lr_warmup_frac + lr_warmdown_frac must be <= 1")
-    for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr"):
-        if not getattr(cfg, name) >= 0:
-            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "lam"):
+        if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {getattr(cfg, name)}")
     regs = ("none",) + tuple(SURROGATES)
     if cfg.reg not in regs:
         raise ValueError(f"unknown reg {cfg.reg!r}; valid: {', '.join(regs)}")
@@ -223,6 +224,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch sees no GPU; use --device cpu or auto")
+    if cfg.init_from is not None:  # a missing or incomplete checkpoint fails here, before any data is read
+        checkpoint_weights(cfg.init_from)
     if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
         raise ValueError(f"stop_at must be in 1..steps={cfg.steps}, got {cfg.stop_at}")
     return cfg
@@ -482,6 +485,9 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
 
     bar = tqdm(total=cfg.steps, initial=step, desc=out.name, unit="step",
                disable=(not d.main) or (None if cfg.progress is None else not cfg.progress))
+    # without a terminal (output to a log file) tqdm stays silent: a plain line every LOG_SECONDS instead
+    log_lines = d.main and bar.disable and cfg.progress is not False
+    last_log = time.perf_counter()
     while step < last:
         t0 = time.perf_counter()
         x, y = next(stream)
@@ -510,6 +516,10 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
             _append_jsonl(metrics_path, rec)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_v:.3f}", tok_s=f"{tokens / dt:,.0f}")
+        if log_lines and (time.perf_counter() - last_log >= LOG_SECONDS or step in (1, last)):
+            print(f"[train] {out.name} step {step}/{cfg.steps}: loss {loss_v:.4f}, {tokens / dt:,.0f} tokens/s",
+                  flush=True)
+            last_log = time.perf_counter()
         if d.main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
             ev = {"step": step, **_evaluate(model, ds, cfg, autocast)}
             history.append(ev)

@@ -56,7 +56,7 @@ def test_settings():
     assert bench.settings("cpu", device="cpu", profile="cpu", repeats=2, seq_lens=[64])["repeats"] == 2
     for kw, msg in [(dict(model="1b"), "valid models: "), (dict(profile="fast"), "valid profiles: smoke, cpu, paper"),
                     (dict(model="cpu", configs=["idn:n=24"]), r"must lie in 1\.\.12"),
-                    (dict(model="cpu", seq_lens=[512]), "at most model 'cpu'"), (dict(device="tpu"), "valid: auto"),
+                    (dict(model="cpu", seq_lens=[512]), "at most the sequence_len of model 'cpu'"), (dict(device="tpu"), "valid: auto"),
                     (dict(model="cpu-mhc", configs=["idn:n=12:2xF6"]), "not supported on mHC")]:
         with pytest.raises(ValueError, match=msg):
             bench.settings(**kw)

@@ -127,8 +127,19 @@ def test_history_and_tolerance(tiny, idx):
     for j in range(4):
         assert res.history[j + 1:, j].max() < 1e-10
     short = solve(tiny, idx, method="idn", iters=2, tol=1e-10)
-    assert short.converged is False and short.iters_run == 2
+    # two updates, then one evaluation that checks the returned trace
+    assert short.converged is False and short.iters_run == 3
     assert solve(tiny, idx, method="idn", iters=2).converged is None
+
+
+def test_converged_describes_the_returned_trace(tiny, idx):
+    # K = n_par iterations give the exact trace (finite termination): it meets any tolerance
+    res = solve(tiny, idx, method="idn", iters=4, n_par=4, tol=1e-5)
+    assert res.converged is True and (res.rel_history[-1] < 1e-5).all()
+    torch.testing.assert_close(res.trace, solve(tiny, idx, method="sequential").trace, rtol=0, atol=1e-12)
+    for bad in (float("nan"), 0, -1, float("inf")):
+        with pytest.raises(ValueError, match="tol must be a finite number > 0"):
+            solve(tiny, idx, method="idn", iters=2, tol=bad)
 
 
 def test_prefix_is_sequential_and_default_is_all_parallel(tiny, idx):

@@ -331,3 +331,35 @@ def test_torchrun_two_processes_match_one(corpus, tmp_path):
              if name.startswith("blocks.")]
     diff = torch.cat([(a - b).flatten() for a, b in pairs]).norm()
     assert diff < 1e-2 * torch.cat([a.flatten() for a, _ in pairs]).norm()
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def test_progress_lines_when_output_is_not_a_terminal(corpus, tmp_path, capsys):
+    train(cfg_for(corpus, tmp_path, steps=3, progress=None))  # pytest's capture is not a terminal
+    out = capsys.readouterr().out
+    assert "step 1/3: loss" in out and "step 3/3: loss" in out
+    train(cfg_for(corpus, tmp_path, name="quiet", steps=2, progress=False))
+    assert "[train]" not in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
+    res = train(cfg_for(corpus, tmp_path, steps=2))
+    for f in res.run_dir.glob("model_*.safetensors"):
+        f.unlink()
+    base = ["--model", "tiny", "--data", str(corpus), "--vocab-size", "300", "--seq-len", "32", "--steps", "2",
+            "--out", str(tmp_path / "cli"), "--no-progress"]
+    for extra, msg in [(["--init-from", str(res.run_dir)], "weights file"),
+                       (["--init-from", str(tmp_path / "nowhere")], "no checkpoint at"),
+                       (["--matrix-lr", "inf"], "matrix_lr must be a finite number"),
+                       (["--lam", "nan"], "lam must be a finite number")]:
+        assert T.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("module", ["train", "bench", "gpu_check", "figures"])
+def test_cli_modules_run_without_runpy_warning(module):
+    p = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", f"snlp_lab.{module}", "--help"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "found in sys.modules" not in p.stderr, p.stderr
+    assert "usage:" in p.stdout
