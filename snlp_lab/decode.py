@@ -26,7 +26,7 @@ import functools
 import torch
 
 from .fusion import ChunkStack, check_chunkable, parse_chunks
-from .solve import SURROGATES, iterate, methods
+from .solve import SURROGATES, backout_state, head_logits, iterate, methods
 
 DECODE_INITS = ("h0", "fwd", "warm")
 
@@ -140,7 +140,7 @@ class Decoder:
         if compile and not self._resolved:
             raise ValueError("compile is supported for the plain GPT (n_streams=1) only")
         self.apply = compiled_block_apply(compile if isinstance(compile, str) else None) if compile else None
-        self.pos, self._last, self._cache_key = 0, None, None
+        self.pos, self._last, self._prev, self._cache_key = 0, None, None, None
 
     # ------------------------------------------------------------------------------------------ state
     def _setup(self, B: int, device, dtype) -> None:
@@ -160,15 +160,15 @@ class Decoder:
             self.cache_par = KVCache(self.par.n_layer, B, self.M * cfg.n_kv_head, self.max_len, hd, dtype, device)
             self._cache_key = key
         self.generator = torch.Generator(device=device).manual_seed(self.seed)
-        self.pos, self._last = 0, None
+        self.pos, self._last, self._prev = 0, None, None
 
     def snapshot(self):
-        """The decoder's position and warm-start states; `restore` rewinds to them (the cache entries
-        before the position are never rewritten)."""
-        return self.pos, self._last
+        """The decoder's position, warm-start states and last token (smear reads it); `restore` rewinds
+        to them (the cache entries before the position are never rewritten)."""
+        return self.pos, self._last, self._prev
 
     def restore(self, snap) -> None:
-        self.pos, self._last = snap
+        self.pos, self._last, self._prev = snap
 
     # ------------------------------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -193,9 +193,11 @@ class Decoder:
         T, p = idx.shape[1], self.pos
         if p + T > self.max_len:
             raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {p}")
-        h, ctx = self.model.embed(idx, pos=p)
+        h, ctx = self.model.embed(idx, pos=p, prev=self._prev)
+        prefix = [h]  # h_0..h_S (backout may read one of them)
         for l in range(self.S):
-            h = self._unit(self.prefix, self.cache_prefix, l, h, ctx, p)
+            prefix.append(self._unit(self.prefix, self.cache_prefix, l, prefix[-1], ctx, p))
+        h = prefix[-1]
         if parallel and self.method != "sequential":
             H = self._solve(h, ctx, p)
         else:
@@ -205,8 +207,9 @@ class Decoder:
                 states.append(h)
             H = torch.stack(states)
         self._last = H[:, :, -1:]  # the warm start of the next token
+        self._prev = idx[:, -1:]
         self.pos = p + T
-        return self.model.head(H[-1])
+        return head_logits(self.model, H[-1], backout_state(self.model, prefix + list(H), self.S, self.M))
 
     @staticmethod
     def _unit(stack, cache, j, h, ctx, p):

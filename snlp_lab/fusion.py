@@ -16,6 +16,9 @@ Choices where the layers disagree:
   - value embeddings (x0ve models): each fused layer keeps its own value embedding and gate, laid
     side by side on the key/value-head axis (a layer without one contributes zeros and a zero gate
     weight). The paper's code dropped value embeddings in fused chunks; here they are kept.
+  - sliding windows: each fused layer's heads keep their layer's window (a per-head attention mask),
+    so a chunk of one layer (M = 1) is exactly that layer. The paper's code attends over the full
+    context in its parallel layers, windowed or not.
 
 `ChunkStack` presents layers start..stop-1 as C = (stop - start) / M such units: a layer stack the
 solver and the decoder iterate over exactly as over single layers (M = 1 gives the layers themselves).
@@ -32,6 +35,7 @@ _CHUNKS = re.compile(r"(\d+)xF(\d+)")
 _ROW_WEIGHTS = ("q", "k", "v", "fc", "gate")  # [N, out, in]: fusing concatenates output rows
 _COL_WEIGHTS = ("o", "proj")  # [N, out, in]: fusing concatenates input columns (sums the outputs)
 _MEAN_WEIGHTS = ("lam", "mu")  # [N] scalars: the chunk uses their mean
+_HEAD_WEIGHTS = ("window",)  # [N, H] per query head: the fused heads keep their own (per-head masks)
 
 
 def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
@@ -74,9 +78,11 @@ def fuse(W: dict, M: int) -> dict:
             out[name] = w.reshape(C, M, *w.shape[1:]).transpose(1, 2).reshape(C, w.shape[1], M * w.shape[2])
         elif name in _MEAN_WEIGHTS:
             out[name] = w.reshape(C, M).mean(dim=1)
+        elif name in _HEAD_WEIGHTS:
+            out[name] = w.reshape(C, M * w.shape[1])
         else:
             raise ValueError(f"don't know how to fuse weight {name!r}; known: "
-                             f"{', '.join(_ROW_WEIGHTS + _COL_WEIGHTS + _MEAN_WEIGHTS)}")
+                             f"{', '.join(_ROW_WEIGHTS + _COL_WEIGHTS + _MEAN_WEIGHTS + _HEAD_WEIGHTS)}")
     return out
 
 

@@ -6,13 +6,21 @@ input from the streams, runs the usual nanochat branch on it and writes the outp
 
     x_in = Σ_i H^pre_i h_i ;   y = branch(norm x_in) ;   h' = H^res h + H^post ⊗ y
 
-with H^res = Sinkhorn(logits) doubly stochastic, H^pre = σ(logits) and H^post = 2σ(logits) (the paper's
-maps). The embedding is copied into every stream; the head reads the sum of the streams. Mixing is
-*static* (logits learned per layer and sublayer) or, with `mhc_dynamic`, *input-dependent* as in the
-paper: logits = b + α · (rms_norm(vec h) φ), per token, with vec h the n·D streams of the token.
+with H^res = Sinkhorn(logits / τ) (`mhc_sinkhorn_iters` iterations at temperature `mhc_sinkhorn_tau`).
+The maps from logits to H^pre and H^post are set by `mhc_maps`:
+  - "softmax" (the SNLP paper's nanochat, nanochat-snlp `HyperConnectionMHC`): H^pre = softmax,
+    H^post = softmax, and H^res is the plain Sinkhorn iterate, not rounded (after 10 iterations its row
+    sums are off by up to ~1e-2: that is the paper's model);
+  - "sigmoid" (the mHC paper): H^pre = σ, H^post = 2σ, H^res rounded to exactly doubly stochastic.
+The embedding (smeared, as in the single-stream model) is copied into every stream; the head reads the
+sum of the streams (backout too). Value embeddings enter the attention branch as in the plain model; with
+x0 lambdas (x0ve without no_x0_resid) the block input is λ h + μ x0 on every stream.
+Mixing is *static* (logits learned per layer and sublayer) or, with `mhc_dynamic` ("sigmoid" maps),
+*input-dependent* as in the mHC paper: logits = b + α · (rms_norm(vec h) φ), per token, with vec h the
+n·D streams of the token.
 
-With its branches held fixed, a layer is linear in the streams with matrix H^res_mlp · H^res_attn (⊗ I_D):
-that is the HCN surrogate for the layer Jacobian, `MHCGPT.res_matrices`. For dynamic mixing the matrices
+With its branches held fixed, a layer is linear in the streams with matrix λ H^res_mlp · H^res_attn (⊗ I_D;
+λ = 1 without x0 lambdas): that is the HCN surrogate for the layer Jacobian, `MHCGPT.res_matrices`. For dynamic mixing the matrices
 are taken at the current iterate (they leave out ∂H/∂h, so HCN is then a surrogate even without branches).
 
 Parameters: every mixing parameter lives in the submodule `mix` (names `mix.*`), stacked over layers
@@ -27,25 +35,29 @@ import torch.nn as nn
 from .model import GPT, attn_branch, mlp_branch, param_key, rms_norm, stacked_linear
 from .solve import Surrogate, register_surrogate
 
-SINKHORN_ITERS = 20  # the paper's t_max
-RES_DIAG_INIT = 5.0  # H^res logits start as 5·I: H^res ≈ 0.98 I, off-diagonals ≈ 0.007 (close to identity, not frozen)
-PRE_OFF_INIT = -2.0  # H^pre logits: 0 on the stream a sublayer reads most, -2 (σ = 0.12) on the others
+SINKHORN_ITERS = 20  # the mHC paper's t_max (the models take theirs from the config)
+RES_DIAG_INIT = 5.0  # sigmoid maps: H^res logits/τ start as 5·I: H^res ≈ 0.98 I, off-diagonals ≈ 0.007
+PRE_OFF_INIT = -2.0  # sigmoid maps: H^pre logits 0 on the stream a sublayer reads most, -2 (σ = 0.12) elsewhere
+# softmax maps (nanochat-snlp init_weights): H^res logits 0 on the diagonal, -0.5 off it (-10 after /τ at
+# τ = 0.05: H^res ≈ I), H^pre logits 0 on the stream the sublayer reads, -1 elsewhere, H^post logits 0
+SOFTMAX_RES_OFF, SOFTMAX_PRE_OFF = -0.5, -1.0
 ALPHA_INIT = 0.01  # scale of the input-dependent term at init (dynamic mixing)
 ATTN, MLP = 0, 1  # the sublayer axis of the mixing parameters
 
 
-def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS) -> torch.Tensor:
-    """Doubly stochastic matrices from logits [..., n, n]: Sinkhorn–Knopp on exp(logits), alternating
-    row and column normalisation in log space, then `round_doubly_stochastic`. Runs in float32 (or
-    float64) even under bf16 autocast: low precision would break the row and column sums that keep the
-    streams' signal from growing or fading."""
+def sinkhorn(logits: torch.Tensor, iters: int = SINKHORN_ITERS, tau: float = 1.0,
+             rounded: bool = True) -> torch.Tensor:
+    """Doubly stochastic matrices from logits [..., n, n]: Sinkhorn–Knopp on exp(logits / tau), `iters`
+    rounds of row then column normalisation in log space, then (rounded=True) `round_doubly_stochastic`.
+    Runs in float32 (or float64) even under bf16 autocast: low precision would break the row and
+    column sums that keep the streams' signal from growing or fading."""
     dt = torch.promote_types(logits.dtype, torch.float32)
     with torch.autocast(logits.device.type, enabled=False):
-        z = logits.to(dt)
+        z = logits.to(dt) / tau
         for _ in range(iters):
             z = z - z.logsumexp(-1, keepdim=True)
             z = z - z.logsumexp(-2, keepdim=True)
-        return round_doubly_stochastic(z.exp())
+        return round_doubly_stochastic(z.exp()) if rounded else z.exp()
 
 
 def round_doubly_stochastic(P: torch.Tensor) -> torch.Tensor:
@@ -85,9 +97,11 @@ class StreamMixing(nn.Module):
     """The mixing logits of all layers: res [L, 2, n, n], pre and post [L, 2, n]; with dynamic mixing
     also phi [L, 2, n² + 2n, n·D] (the per-token map) and alpha [L, 2, 3] (its scale for pre, post, res)."""
 
-    def __init__(self, n_layer: int, n_streams: int, n_embd: int, dynamic: bool):
+    def __init__(self, n_layer: int, n_streams: int, n_embd: int, dynamic: bool, maps: str = "softmax",
+                 tau: float = 1.0):
         super().__init__()
         L, n = n_layer, n_streams
+        self.maps, self.tau = maps, tau
         self.res = nn.Parameter(torch.empty(L, 2, n, n))
         self.pre = nn.Parameter(torch.empty(L, 2, n))
         self.post = nn.Parameter(torch.empty(L, 2, n))
@@ -99,13 +113,18 @@ class StreamMixing(nn.Module):
     @torch.no_grad()
     def reset_parameters(self):
         L, _, n = self.pre.shape
-        self.res.copy_(RES_DIAG_INIT * torch.eye(n, device=self.res.device))
-        # Sublayer k = 2l + s reads mostly from stream k mod n. At init the streams are equal (the model
-        # is then exactly a plain residual model); with symmetric readers every gradient would be
-        # symmetric too and they would stay equal forever. Distinct readers let training separate them.
+        eye = torch.eye(n, device=self.res.device)
+        # Sublayer k = 2l + s reads mostly from stream k mod n. At init the streams are equal; with
+        # symmetric readers every gradient would be symmetric too and they would stay equal forever.
+        # Distinct readers let training separate them.
         reads = (torch.arange(2 * L, device=self.pre.device) % n).view(L, 2, 1)
-        self.pre.fill_(PRE_OFF_INIT).scatter_(-1, reads, 0.0)
-        self.post.zero_()  # 2σ(0) = 1: every stream receives the branch output
+        if self.maps == "softmax":
+            self.res.copy_(SOFTMAX_RES_OFF * (1 - eye))
+            self.pre.fill_(SOFTMAX_PRE_OFF).scatter_(-1, reads, 0.0)
+        else:
+            self.res.copy_(RES_DIAG_INIT * self.tau * eye)
+            self.pre.fill_(PRE_OFF_INIT).scatter_(-1, reads, 0.0)
+        self.post.zero_()  # softmax: 1/n to every stream; sigmoid: 2σ(0) = 1 to every stream
         if hasattr(self, "phi"):
             s = 3 ** 0.5 * self.phi.shape[-1] ** -0.5  # uniform with std 1/sqrt(fan-in), as the block matrices
             nn.init.uniform_(self.phi, -s, s)
@@ -121,7 +140,8 @@ class MHCGPT(GPT):
         cfg = self.config
         if cfg.n_streams < 2:
             raise ValueError(f"MHCGPT needs n_streams >= 2, got {cfg.n_streams}; use GPT for a plain residual")
-        self.mix = StreamMixing(cfg.n_layer, cfg.n_streams, cfg.n_embd, cfg.mhc_dynamic)
+        self.mix = StreamMixing(cfg.n_layer, cfg.n_streams, cfg.n_embd, cfg.mhc_dynamic, cfg.mhc_maps,
+                                cfg.mhc_sinkhorn_tau)
         self._mix_key, self._mix_cache = None, None
 
     @torch.no_grad()
@@ -135,9 +155,9 @@ class MHCGPT(GPT):
         return self.config.n_streams
 
     # ----------------------------------------------------------------------------------- layer maps
-    def embed(self, idx: torch.Tensor, pos: int = 0):
-        """h0 [B, T, n, D] (the normalised embedding in every stream) and the layers' Context."""
-        h0, ctx = super().embed(idx, pos)
+    def embed(self, idx: torch.Tensor, pos: int = 0, prev: torch.Tensor | None = None):
+        """h0 [B, T, n, D] (the smeared, normalised embedding in every stream) and the layers' Context."""
+        h0, ctx = super().embed(idx, pos, prev)
         return h0.unsqueeze(-2).repeat(1, 1, self.n_streams, 1), ctx
 
     def layers(self, start: int, stop: int, H: torch.Tensor, ctx, past=None, return_kv=False):
@@ -148,13 +168,19 @@ class MHCGPT(GPT):
         H = write_streams(res, post, H, mlp_branch(W, rms_norm(read_streams(pre, H))))
         return (H, kv) if return_kv else H
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits from the sum of the streams of the last state h [B, T, n, D]."""
-        return super().head(h.sum(-2))
+    def head(self, h: torch.Tensor, h_backout: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from the sum of the streams of the last state h [B, T, n, D] (backout: of h_backout too)."""
+        return super().head(h.sum(-2), None if h_backout is None else h_backout.sum(-2))
 
     def _attn_sublayer(self, W, start, stop, H, ctx, past=None):
+        """The layers' inputs after x0 lambdas (if any), then the attention sublayer: (streams after it,
+        H^res of the attention sublayer, keys and values)."""
+        N = H.shape[0]
+        if "lam" in W:  # every stream: λ h + μ x0
+            H = W["lam"].view(N, 1, 1, 1, 1) * H + W["mu"].view(N, 1, 1, 1, 1) * ctx.x0.unsqueeze(-2)
         pre, post, res = self.mixing(ATTN, start, stop, H)
-        y, kv = attn_branch(W, rms_norm(read_streams(pre, H)), ctx, self.config.head_dim, past=past)
+        y, kv = attn_branch(W, rms_norm(read_streams(pre, H)), ctx, self.config.head_dim,
+                            ve=self.value_embeddings(start, stop, ctx), past=past)
         return write_streams(res, post, H, y), res, kv
 
     # ----------------------------------------------------------------------------------- mixing
@@ -174,16 +200,22 @@ class MHCGPT(GPT):
         pre = m.pre[start:stop, sub].view(N, 1, 1, n) + a[..., 0:1] * z[..., :n]
         post = m.post[start:stop, sub].view(N, 1, 1, n) + a[..., 1:2] * z[..., n:2 * n]
         res = m.res[start:stop, sub].view(N, 1, 1, n, n) + (a[..., 2:3] * z[..., 2 * n:]).unflatten(-1, (n, n))
-        return torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(res)
+        return torch.sigmoid(pre), 2 * torch.sigmoid(post), self._sinkhorn(res)
+
+    def _sinkhorn(self, logits):
+        cfg = self.config
+        return sinkhorn(logits, cfg.mhc_sinkhorn_iters, cfg.mhc_sinkhorn_tau, rounded=cfg.mhc_maps == "sigmoid")
 
     def _static_mixing(self, start: int, stop: int):
-        """(σ(pre), 2σ(post), Sinkhorn(res)) for layers start..stop-1 from the static logits.
+        """(H^pre, H^post, H^res) for layers start..stop-1 from the static logits (`mhc_maps`).
 
         Without autograd they are computed for all layers once and reused until a mixing parameter
-        changes: a sequential forward would otherwise pay 2·SINKHORN_ITERS small ops per sublayer."""
+        changes: a sequential forward would otherwise pay 2·mhc_sinkhorn_iters small ops per sublayer."""
         def coeffs(sl):
             m = self.mix
-            return torch.sigmoid(m.pre[sl]), 2 * torch.sigmoid(m.post[sl]), sinkhorn(m.res[sl])
+            if self.config.mhc_maps == "softmax":
+                return m.pre[sl].softmax(-1), m.post[sl].softmax(-1), self._sinkhorn(m.res[sl])
+            return torch.sigmoid(m.pre[sl]), 2 * torch.sigmoid(m.post[sl]), self._sinkhorn(m.res[sl])
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.mix.parameters()):
             return coeffs(slice(start, stop))
         key = param_key(self.mix)
@@ -193,8 +225,8 @@ class MHCGPT(GPT):
 
     def res_matrices(self, start: int, stop: int, H: torch.Tensor | None = None, ctx=None,
                      past=None) -> torch.Tensor:
-        """H^res_mlp · H^res_attn [N, *, n, n] for layers start..stop-1: each layer's map on the streams
-        with its branches held fixed (the HCN surrogate). * = (1, 1) for static mixing (H and ctx are not
+        """λ H^res_mlp · H^res_attn [N, *, n, n] for layers start..stop-1: each layer's map on the streams
+        with its branches held fixed (the HCN surrogate; λ = the resid lambda, 1 without x0 lambdas). * = (1, 1) for static mixing (H and ctx are not
         needed); for dynamic mixing * = (B, T), at the layer inputs H [N, B, T, n, D], which costs one
         batched attention sublayer (the MLP's mixing reads the state after attention; `past` = cached
         keys and values, as in `layers`)."""
@@ -206,7 +238,11 @@ class MHCGPT(GPT):
             W = self.stacked_weights(start, stop)
             H_mid, res_attn, _ = self._attn_sublayer(W, start, stop, H, ctx, past)
             res_mlp = self.mixing(MLP, start, stop, H_mid)[2]
-        return stream_mix(res_mlp, res_attn)  # the product in float32 at least, even under autocast
+        M = stream_mix(res_mlp, res_attn)  # the product in float32 at least, even under autocast
+        if self.config.x0_lambdas:
+            lam = self.resid_lambdas[start:stop]
+            M = lam.view(-1, *[1] * (M.dim() - 1)).to(M.dtype) * M
+        return M
 
 
 @register_surrogate("hcn")

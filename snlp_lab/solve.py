@@ -12,7 +12,9 @@ DiagN, a JVP scan for exact Newton. After k iterations the first k parallel laye
 termination), whatever the surrogate.
 
 A `layer stack` is anything with `n_layer`, `embed(idx) -> (h0, ctx)`, `layer(l, h, ctx)`,
-`layers(start, stop, H, ctx)` and `head(h)`: the GPT models here, or a toy stack in the tests.
+`layers(start, stop, H, ctx)` and `head(h)`: the GPT models here, or a toy stack in the tests. A model
+with backout (`backout_layer`) has `head(h, h_backout)`; SNLP logits use the run's own estimate of
+that intermediate state (as the paper's code does).
 With `chunks="CxFM"` the parallel units are C fused chunks of M layers (`snlp_lab.fusion.ChunkStack`)
 instead of single layers; the iteration is the same, over C units.
 """
@@ -184,6 +186,21 @@ class SolveResult:
         return self.trace.shape[0] - 1 - self.n_units
 
 
+def backout_state(model, states, S: int, M: int = 1):
+    """The state a backout head subtracts (None for models without backout): the output of layer
+    `model.backout_layer`, as the run computed it. states = h_0..h_S followed by the parallel units'
+    outputs (units of M fused layers); in a fused chunk the layer's output is the chunk's output."""
+    b = getattr(model, "backout_layer", None)
+    if b is None:
+        return None
+    return states[b + 1] if b < S else states[S + 1 + (b - S) // M]
+
+
+def head_logits(model, h, h_backout=None):
+    """model.head(h) with the backout state where the model has backout (toy stacks have a one-argument head)."""
+    return model.head(h) if h_backout is None else model.head(h, h_backout)
+
+
 def _check_args(model, method, iters, n_par, init):
     if method not in methods():
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(methods())}")
@@ -264,7 +281,7 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
         H, hist, rel_hist, converged = iterate(lambda X: stack.layers(a, b, X, ctx), hS, H, sur, iters, tol)
         trace.extend(H.unbind(0))
     trace = torch.stack(trace)
-    logits = model.head(trace[-1])
+    logits = head_logits(model, trace[-1], backout_state(model, list(trace), S, M if chunks else 1))
     if check_finite and not (torch.isfinite(trace).all() and torch.isfinite(logits).all()):
         raise NonFiniteError(f"{method} (n_par={n_par}, chunks={chunks}, iters={iters}, init={init}) produced non-finite "
                              f"states; pass check_finite=False to inspect them")

@@ -304,7 +304,7 @@ class SNLPLoss(nn.Module):
         trace = [h]  # the states are kept: the regularizer reuses them
         for l in range(m.n_layer):
             trace.append(m.layer(l, trace[-1], ctx))
-        ce = F.cross_entropy(m.head(trace[-1]).flatten(0, 1), y.flatten())
+        ce = F.cross_entropy(m.head_from_trace(trace).flatten(0, 1), y.flatten())
         if cfg.reg == "none":
             return ce, ce, torch.zeros_like(ce)
         reg = snlp_regularizer(m, trace, ctx, cfg.n_par_set, cfg.reg, cfg.stride, cfg.detach_target,
