@@ -62,6 +62,8 @@ if importlib.util.find_spec(f"{__package__}.mhc") is not None:
 OBJECTIVES = ("ce", "snlp-forward")
 METRICS = "metrics.jsonl"
 ADAMW_BETAS, ADAMW_EPS = (0.8, 0.95), 1e-10  # nanochat
+SMEAR_LR = 0.2  # nanochat: smear gate, smear and backout lambdas (not scaled with the width)
+SMEAR_PARAMS = ("smear_gate.weight", "smear_lambda", "backout_lambda")
 MUON_MOMENTUM = 0.95
 
 
@@ -261,7 +263,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     """[Muon for the blocks' nn.Linear weights, AdamW for the rest], nanochat's split and rates."""
     matrices = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    muon, groups = [], {"embed": [], "head": [], "scalar": [], "resid": []}
+    muon, groups = [], {"embed": [], "head": [], "scalar": [], "resid": [], "smear": []}
     for name, p in model.named_parameters():
         if id(p) in matrices:
             muon.append(p)
@@ -271,11 +273,13 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
             groups["head"].append(p)
         elif name == "resid_lambdas":
             groups["resid"].append(p)
+        elif name in SMEAR_PARAMS:
+            groups["smear"].append(p)
         else:  # x0 lambdas, mHC mixing, anything a model variant adds
             groups["scalar"].append(p)
     scale = (model.config.n_embd / 768) ** -0.5
     lrs = {"embed": cfg.embedding_lr * scale, "head": cfg.unembedding_lr * scale,
-           "scalar": cfg.scalar_lr, "resid": cfg.scalar_lr * 0.01}
+           "scalar": cfg.scalar_lr, "resid": cfg.scalar_lr * 0.01, "smear": SMEAR_LR}
     adam_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
     return [torch.optim.Muon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, weight_decay=0.0,
                              adjust_lr_fn="original"),
