@@ -233,6 +233,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 def config_hash(cfg: TrainConfig) -> str:
     """Hash of the fields that determine the trained weights (not out, device, eval options...)."""
     d = {k: v for k, v in dataclasses.asdict(resolve(cfg)).items() if k not in RUN_FIELDS}
+    d["model_config"] = dataclasses.asdict(model_config(cfg))  # a preset whose architecture changed is a new run
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
