@@ -54,11 +54,12 @@ def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
 
 
 def check_chunkable(model) -> None:
-    """Fusion is defined for the single-stream GPT; mHC models have no fused form here."""
+    """`ChunkStack` and the decoder's fused units are the single-stream GPT's; mHC models solve fused
+    chunks through their own `chunk_stack` (`snlp_lab.mhc.MHCChunkStack`), not yet in KV-cached decoding."""
     n_streams = getattr(model.config, "n_streams", 1)
     if n_streams > 1:
-        raise ValueError(f"chunks (layer fusion) are not supported on mHC models (n_streams={n_streams}); "
-                         f"use chunks=None")
+        raise ValueError(f"chunks (layer fusion) in KV-cached decoding are not supported on mHC models "
+                         f"(n_streams={n_streams}); use chunks=None, or solve() for fused mHC chunks")
 
 
 def fuse(W: dict, M: int) -> dict:
@@ -121,6 +122,14 @@ def fused_value_embeddings(model, start: int, stop: int, M: int, ctx):
         N, B, T, kv = ve.shape
         ctx._ve[key] = ve.view(N // M, M, B, T, kv).permute(0, 2, 3, 1, 4).reshape(N // M, B, T, M * kv)
     return ctx._ve[key]
+
+
+def chunk_stack(model, start: int, stop: int, M: int = 1):
+    """Layers start..stop-1 as fused chunks of M: the model's own chunk stack where it has one (mHC,
+    `snlp_lab.mhc.MHCChunkStack`), else a `ChunkStack`."""
+    if hasattr(model, "chunk_stack"):
+        return model.chunk_stack(start, stop, M)
+    return ChunkStack(model, start, stop, M)
 
 
 class ChunkStack:

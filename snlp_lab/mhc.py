@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .fusion import fused_value_embeddings, fused_weights
 from .model import GPT, attn_branch, mlp_branch, param_key, rms_norm, stacked_linear
 from .solve import Surrogate, register_surrogate
 
@@ -91,6 +92,26 @@ def read_streams(pre: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 def write_streams(res: torch.Tensor, post: torch.Tensor, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The new streams H^res h + H^post ⊗ y: res [..., n, n], post [..., n], h [..., n, D], y [..., D]."""
     return stream_mix(res, h) + post.unsqueeze(-1) * y.unsqueeze(-2)
+
+
+def attn_sublayer(W: dict, mixing, H: torch.Tensor, ctx, head_dim: int, ve=None, past=None):
+    """The block input (λ h + μ x0 on every stream where W has x0 lambdas), then the attention sublayer
+    for N units: H [N, B, T, n, D] -> (streams after it, H^res of the sublayer, keys and values).
+    mixing(sub, H) gives the units' (H^pre, H^post, H^res) of sublayer `sub` at sublayer inputs H."""
+    N = H.shape[0]
+    if "lam" in W:
+        H = W["lam"].view(N, 1, 1, 1, 1) * H + W["mu"].view(N, 1, 1, 1, 1) * ctx.x0.unsqueeze(-2)
+    pre, post, res = mixing(ATTN, H)
+    y, kv = attn_branch(W, rms_norm(read_streams(pre, H)), ctx, head_dim, ve=ve, past=past)
+    return write_streams(res, post, H, y), res, kv
+
+
+def mhc_block(W: dict, mixing, H: torch.Tensor, ctx, head_dim: int, ve=None, past=None):
+    """N mHC blocks at once (layers, or fused chunks with wider weights): H [N, B, T, n, D] ->
+    (output streams, keys and values); W and ve as in `block_apply`, mixing as in `attn_sublayer`."""
+    H, _, kv = attn_sublayer(W, mixing, H, ctx, head_dim, ve, past)
+    pre, post, res = mixing(MLP, H)
+    return write_streams(res, post, H, mlp_branch(W, rms_norm(read_streams(pre, H)))), kv
 
 
 class StreamMixing(nn.Module):
@@ -162,10 +183,8 @@ class MHCGPT(GPT):
 
     def layers(self, start: int, stop: int, H: torch.Tensor, ctx, past=None, return_kv=False):
         """Φ_start..Φ_{stop-1} on inputs H [N = stop - start, B, T, n, D], one batched call per weight kind."""
-        W = self.stacked_weights(start, stop)
-        H, _, kv = self._attn_sublayer(W, start, stop, H, ctx, past)
-        pre, post, res = self.mixing(MLP, start, stop, H)
-        H = write_streams(res, post, H, mlp_branch(W, rms_norm(read_streams(pre, H))))
+        H, kv = mhc_block(self.stacked_weights(start, stop), lambda sub, X: self.mixing(sub, start, stop, X), H,
+                          ctx, self.config.head_dim, self.value_embeddings(start, stop, ctx), past)
         return (H, kv) if return_kv else H
 
     def head(self, h: torch.Tensor, h_backout: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,15 +192,12 @@ class MHCGPT(GPT):
         return super().head(h.sum(-2), None if h_backout is None else h_backout.sum(-2))
 
     def _attn_sublayer(self, W, start, stop, H, ctx, past=None):
-        """The layers' inputs after x0 lambdas (if any), then the attention sublayer: (streams after it,
-        H^res of the attention sublayer, keys and values)."""
-        N = H.shape[0]
-        if "lam" in W:  # every stream: λ h + μ x0
-            H = W["lam"].view(N, 1, 1, 1, 1) * H + W["mu"].view(N, 1, 1, 1, 1) * ctx.x0.unsqueeze(-2)
-        pre, post, res = self.mixing(ATTN, start, stop, H)
-        y, kv = attn_branch(W, rms_norm(read_streams(pre, H)), ctx, self.config.head_dim,
-                            ve=self.value_embeddings(start, stop, ctx), past=past)
-        return write_streams(res, post, H, y), res, kv
+        return attn_sublayer(W, lambda sub, X: self.mixing(sub, start, stop, X), H, ctx, self.config.head_dim,
+                             self.value_embeddings(start, stop, ctx), past)
+
+    def chunk_stack(self, start: int, stop: int, M: int) -> "MHCChunkStack":
+        """Layers start..stop-1 as fused chunks of M layers (`MHCChunkStack`)."""
+        return MHCChunkStack(self, start, stop, M)
 
     # ----------------------------------------------------------------------------------- mixing
     def mixing(self, sub: int, start: int, stop: int, H: torch.Tensor | None = None):
@@ -243,6 +259,61 @@ class MHCGPT(GPT):
             lam = self.resid_lambdas[start:stop]
             M = lam.view(-1, *[1] * (M.dim() - 1)).to(M.dtype) * M
         return M
+
+
+class MHCChunkStack:
+    """Layers start..stop-1 of an mHC model as (stop - start) / M fused chunks (`CxFM`), a layer stack
+    for the solver like `snlp_lab.fusion.ChunkStack`, with the same fused weights (heads and hidden units
+    side by side, per-head windows, value embeddings kept, mean x0 lambdas).
+
+    A fused chunk has one input per sublayer, so it reads the streams once, writes them once and mixes
+    them once: it uses the means over its M layers of H^pre, H^post and H^res (of the matrices, after
+    softmax/sigmoid and Sinkhorn, per sublayer), as the paper's chunkwise HCN does. Means of distributions
+    are distributions and means of doubly stochastic matrices are doubly stochastic, so the chunk keeps
+    mHC's stream budget; and with its branches held fixed the chunk is linear in the streams with matrix
+    λ̄ · mean H^res_mlp · mean H^res_attn: the chunk's HCN surrogate (`res_matrices`), exact Newton for
+    flat branches, as per layer. Static mixing only (dynamic mixing has no fused form here)."""
+
+    def __init__(self, model, start: int, stop: int, M: int = 1):
+        if model.config.mhc_dynamic:
+            raise ValueError("chunks (layer fusion) need static mHC mixing; mhc_dynamic=True has no fused form")
+        if not 0 <= start < stop <= model.n_layer or (stop - start) % M:
+            raise ValueError(f"layers {start}..{stop - 1} cannot be cut into chunks of M={M} "
+                             f"(model depth {model.n_layer})")
+        self.model, self.start, self.stop, self.M, self.config = model, start, stop, M, model.config
+        self.n_layer = C = (stop - start) // M
+        self.W = fused_weights(model, start, stop, M)
+        pre, post, res = model._static_mixing(start, stop)  # [N, 2, ...] -> chunk means [C, 2, ...]
+        self.mix = tuple(c.reshape(C, M, *c.shape[1:]).mean(1) for c in (pre, post, res))
+
+    def _mixing(self, a, b):
+        n = self.config.n_streams
+        def mixing(sub, H):
+            pre, post, res = (c[a:b, sub] for c in self.mix)
+            return pre.view(-1, 1, 1, n), post.view(-1, 1, 1, n), res.view(-1, 1, 1, n, n)
+        return mixing
+
+    def layers(self, a: int, b: int, H: torch.Tensor, ctx, past=None, return_kv: bool = False):
+        """Chunks a..b-1 on inputs H [b - a, B, T, n, D] in one batched call."""
+        ve = fused_value_embeddings(self.model, self.start, self.stop, self.M, ctx)
+        W = {k: v[a:b] for k, v in self.W.items()}
+        H, kv = mhc_block(W, self._mixing(a, b), H, ctx, self.config.head_dim, None if ve is None else ve[a:b], past)
+        return (H, kv) if return_kv else H
+
+    def layer(self, c: int, h: torch.Tensor, ctx) -> torch.Tensor:
+        return self.layers(c, c + 1, h.unsqueeze(0), ctx)[0]
+
+    def res_matrices(self, a: int, b: int, H=None, ctx=None, past=None) -> torch.Tensor:
+        """λ̄ · mean H^res_mlp · mean H^res_attn [b - a, 1, 1, n, n] of chunks a..b-1."""
+        M = stream_mix(self._mixing(a, b)(MLP, None)[2], self._mixing(a, b)(ATTN, None)[2])
+        if "lam" in self.W:
+            M = self.W["lam"][a:b].view(-1, 1, 1, 1, 1).to(M.dtype) * M
+        return M
+
+    def resid_scale(self, c: int) -> torch.Tensor:
+        if "lam" in self.W:
+            return self.W["lam"][c]
+        return torch.ones((), dtype=self.W["q"].dtype, device=self.W["q"].device)
 
 
 @register_surrogate("hcn")

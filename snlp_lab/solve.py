@@ -15,7 +15,7 @@ A `layer stack` is anything with `n_layer`, `embed(idx) -> (h0, ctx)`, `layer(l,
 `layers(start, stop, H, ctx)` and `head(h)`: the GPT models here, or a toy stack in the tests. A model
 with backout (`backout_layer`) has `head(h, h_backout)`; SNLP logits use the run's own estimate of
 that intermediate state (as the paper's code does).
-With `chunks="CxFM"` the parallel units are C fused chunks of M layers (`snlp_lab.fusion.ChunkStack`)
+With `chunks="CxFM"` the parallel units are C fused chunks of M layers (`snlp_lab.fusion.chunk_stack`)
 instead of single layers; the iteration is the same, over C units.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fusion import ChunkStack, parse_chunks
+from .fusion import chunk_stack, parse_chunks
 from .jacobian import JAC_PRODUCTS, hutchinson_diag
 
 INITS = ("h0", "fwd")
@@ -265,8 +265,8 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
     for l in range(S):  # sequential prefix (everything, for method="sequential")
         trace.append(model.layer(l, trace[-1], ctx))
     hist, rel_hist, converged = [], [], None
-    # the parallel units: layers S..L-1 of the model, or C fused chunks of a ChunkStack
-    stack, a, b = (model, S, L) if chunks is None else (ChunkStack(model, S, L, M), 0, C)
+    # the parallel units: layers S..L-1 of the model, or C fused chunks (`chunk_stack`)
+    stack, a, b = (model, S, L) if chunks is None else (chunk_stack(model, S, L, M), 0, C)
     if S < L and method == "sequential":  # only with chunks: the fused model's sequential pass
         for c in range(C):
             trace.append(stack.layer(c, trace[-1], ctx))

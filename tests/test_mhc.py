@@ -355,3 +355,41 @@ def test_bad_use(tiny_plain, idx):
         GPT(snlp_lab.get_config("tiny", x0ve=False, n_streams=2))
     with pytest.raises(ValueError, match="pass H"):
         build(dynamic=True).res_matrices(0, L)
+
+
+# ------------------------------------------------------------------------------------------ fused chunks
+@pytest.mark.parametrize("variant", ["static", "softmax-x0ve"])
+@pytest.mark.parametrize("init", ["h0", "fwd"])
+def test_hcn_over_fused_chunks_finite_termination(variant, init, idx):
+    """C = 2 fused chunks of M = 2: after k iterations the first k chunks are exact, so K = C reproduces
+    the fused model's sequential pass; NxF1 is per-layer HCN exactly."""
+    m = build(**VARIANTS[variant])
+    fused = solve(m, idx, method="sequential", chunks="2xF2")
+    res = solve(m, idx, method="hcn", iters=2, chunks="2xF2", init=init)
+    torch.testing.assert_close(res.trace, fused.trace, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(res.logits, fused.logits, rtol=1e-9, atol=1e-9)
+    exact = 1 + (init == "fwd")  # chunks exact after one update ("fwd" makes the first exact for free)
+    assert (res.rel_history[1, :exact] < 1e-11).all() and (res.rel_history[1, exact:] > 1e-8).all()
+    one = solve(m, idx, method="hcn", iters=1, chunks="2xF2", init="h0")
+    assert (one.trace[-1] - fused.trace[-1]).abs().max() > 1e-6  # one iteration is not yet exact
+    assert (fused.trace[-1] - solve(m, idx, method="sequential").trace[-1]).abs().max() > 1e-3  # fused ≠ layers
+    per_layer = solve(m, idx, method="hcn", iters=2, n_par=4, init=init)
+    torch.testing.assert_close(solve(m, idx, method="hcn", iters=2, chunks="4xF1", init=init).trace,
+                               per_layer.trace, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_chunk_uses_mean_mixing_and_is_exact_for_flat_branches(idx):
+    """What a chunk averages: H^pre, H^post, H^res of its layers (per sublayer). With zero branches the
+    chunk is linear in the streams with λ̄ · mean H^res_mlp · mean H^res_attn, and HCN over chunks
+    converges in one iteration."""
+    m = with_stream_states(build(dynamic=False, branches=False, maps="softmax", x0ve=True))
+    stack = m.chunk_stack(0, 4, 2)
+    pre, post, res = m._static_mixing(0, 4)
+    torch.testing.assert_close(stack.mix[2][1], res[2:4].mean(0))
+    M = stack.res_matrices(0, 2)[:, 0, 0]
+    lam = m.resid_lambdas.view(2, 2).mean(1)
+    mean = res.view(2, 2, 2, 4, 4).mean(1)  # [chunk, sublayer, n, n]
+    torch.testing.assert_close(M, lam[:, None, None] * (mean[:, 1] @ mean[:, 0]))
+    ref = solve(m, idx, method="sequential", chunks="2xF2")
+    torch.testing.assert_close(solve(m, idx, method="hcn", iters=1, chunks="2xF2").trace, ref.trace,
+                               rtol=1e-12, atol=1e-12)
