@@ -8,7 +8,7 @@ import torch
 
 
 WINDOW_CHARS = "SL"  # window_pattern letters: S = short sliding window, L = long (full context)
-INITS = ("nanochat", "simple")
+MODEL_INITS = ("nanochat", "simple")
 MHC_MAPS = ("softmax", "sigmoid")
 
 
@@ -82,8 +82,8 @@ class GPTConfig:
             raise ValueError(f"ve_gate_channels={self.ve_gate_channels} exceeds n_embd={self.n_embd}")
         if self.smear and self.n_embd < SMEAR_CHANNELS:
             raise ValueError(f"smear reads {SMEAR_CHANNELS} channels but n_embd={self.n_embd}; set smear=False")
-        if self.init not in INITS:
-            raise ValueError(f"unknown init {self.init!r}; valid: {', '.join(INITS)}")
+        if self.init not in MODEL_INITS:
+            raise ValueError(f"unknown init {self.init!r}; valid: {', '.join(MODEL_INITS)}")
         if self.mhc_maps not in MHC_MAPS:
             raise ValueError(f"unknown mhc_maps {self.mhc_maps!r}; valid: {', '.join(MHC_MAPS)}")
         if not self.mhc_sinkhorn_tau > 0:
