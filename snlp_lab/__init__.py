@@ -4,6 +4,7 @@
     res = snlp_lab.solve(model, idx, method="idn", iters=2, n_par=8, chunks="4xF2")
     tokens = snlp_lab.generate(model, prompt, 32, method="idn", iters=1, n_par=8)   # KV-cached
     model = snlp_lab.trained_model("cpu-plain", steps=300, reg="idn")               # cached training
+    model = snlp_lab.load_nanochat("base_checkpoints/d32")                          # a nanochat checkpoint
 """
 from .config import PRESETS, GPTConfig, get_config
 from .model import GPT, build_model
@@ -12,6 +13,7 @@ from .mhc import MHCGPT  # also registers the "hcn" surrogate
 from .decode import Decoder, generate
 from .data import prepare_data
 from .checkpoint import load_checkpoint, save_checkpoint
+from .nanochat import load_nanochat
 from . import diagnostics, jacobian, mhc
 
 # Names from the command-line modules (python -m snlp_lab.train, .evaluate, ...) load on first use:
@@ -28,5 +30,5 @@ def __getattr__(name):
 
 __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model", "SURROGATES", "NonFiniteError",
            "SolveResult", "methods", "register_surrogate", "solve", "Decoder", "generate", "prepare_data",
-           "evaluate_ppl", "load_checkpoint", "save_checkpoint", "TrainConfig", "trained_model",
+           "evaluate_ppl", "load_checkpoint", "save_checkpoint", "load_nanochat", "TrainConfig", "trained_model",
            "diagnostics", "jacobian", "mhc"]

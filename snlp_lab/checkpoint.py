@@ -13,6 +13,9 @@ intact. Files of older steps are removed once the new JSON is in place.
 
     model = load_checkpoint("runs/abc")            # a new model with the saved config
     load_checkpoint("runs/abc", model)             # into an existing model (same config or ValueError)
+
+`load_checkpoint` also reads a nanochat checkpoint folder (model_<step>.pt + meta_<step>.json, newest
+step; see `snlp_lab.nanochat`), so every `checkpoint` option takes either kind.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .model import build_model
+from .nanochat import is_nanochat_checkpoint, load_nanochat
 
 CHECKPOINT_JSON = "checkpoint.json"
 FORMAT_VERSION = 1
@@ -138,20 +142,32 @@ def checkpoint_weights(path: str | os.PathLike, meta: dict | None = None) -> Pat
     return weights
 
 
+def _check_config(path, saved: dict, model) -> None:
+    diff = config_mismatch(saved, model.config)
+    if diff:
+        fields = "; ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {path} does not fit this model, config fields differ: {fields}")
+
+
 def load_checkpoint(path: str | os.PathLike, model=None, device: str | torch.device = "cpu"):
     """The checkpoint's weights in `model` (built from the saved config when None); returns the model.
 
-    path: a run folder or its checkpoint.json. A given model must have the saved config: otherwise a
-    ValueError names the mismatching fields. A new model is created on `device`.
+    path: a run folder or its checkpoint.json, or a nanochat checkpoint folder (its newest step). A given
+    model must have the saved config: otherwise a ValueError names the mismatching fields. A new model
+    is created on `device`.
     """
+    if is_nanochat_checkpoint(path):
+        loaded = load_nanochat(path, device=device)
+        if model is None:
+            return loaded
+        _check_config(path, dataclasses.asdict(loaded.config), _unwrap(model))
+        _unwrap(model).load_state_dict(loaded.state_dict())
+        return model
     meta = read_checkpoint(path)
     if model is None:
         model = build_model(saved_config(meta)).to(device)
     target = _unwrap(model)
-    diff = config_mismatch(meta["model_config"], target.config)
-    if diff:
-        fields = "; ".join(f"{k}: checkpoint {a!r}, model {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"checkpoint {path} does not fit this model, config fields differ: {fields}")
+    _check_config(path, meta["model_config"], target)
     dev = next(target.parameters()).device
     state = load_file(str(checkpoint_weights(path, meta)), device=str(dev))
     target.load_state_dict(state)

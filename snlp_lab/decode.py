@@ -26,7 +26,7 @@ import functools
 import torch
 
 from .fusion import ChunkStack, check_chunkable, parse_chunks
-from .solve import SURROGATES, NonFiniteError, iterate, methods
+from .solve import SURROGATES, NonFiniteError, backout_state, head_logits, iterate, methods
 
 DECODE_INITS = ("h0", "fwd", "warm")
 
@@ -143,7 +143,7 @@ class Decoder:
         if compile and not self._resolved:
             raise ValueError("compile is supported for the plain GPT (n_streams=1) only")
         self.apply = compiled_block_apply(compile if isinstance(compile, str) else None) if compile else None
-        self.pos, self._last, self._cache_key = 0, None, None
+        self.pos, self._last, self._prev, self._cache_key = 0, None, None, None
 
     # ------------------------------------------------------------------------------------------ state
     def _setup(self, B: int, device, dtype) -> None:
@@ -165,15 +165,15 @@ class Decoder:
         # on the CPU whatever the device, as in `solve`: probes are drawn there and moved (same seed,
         # same probes on every device), and seeding it is allowed while a CUDA graph is captured
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.pos, self._last = 0, None
+        self.pos, self._last, self._prev = 0, None, None
 
     def snapshot(self):
-        """The decoder's position and warm-start states; `restore` rewinds to them (the cache entries
-        before the position are never rewritten)."""
-        return self.pos, self._last
+        """The decoder's position, warm-start states and last token (smear reads it); `restore` rewinds
+        to them (the cache entries before the position are never rewritten)."""
+        return self.pos, self._last, self._prev
 
     def restore(self, snap) -> None:
-        self.pos, self._last = snap
+        self.pos, self._last, self._prev = snap
 
     # ------------------------------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -198,9 +198,11 @@ class Decoder:
         T, p = idx.shape[1], self.pos
         if p + T > self.max_len:
             raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {p}")
-        h, ctx = self.model.embed(idx, pos=p)
+        h, ctx = self.model.embed(idx, pos=p, prev=self._prev)
+        prefix = [h]  # h_0..h_S (backout may read one of them)
         for l in range(self.S):
-            h = self._unit(self.prefix, self.cache_prefix, l, h, ctx, p)
+            prefix.append(self._unit(self.prefix, self.cache_prefix, l, prefix[-1], ctx, p))
+        h = prefix[-1]
         if parallel and self.method != "sequential":
             H = self._solve(h, ctx, p)
         else:
@@ -210,8 +212,9 @@ class Decoder:
                 states.append(h)
             H = torch.stack(states)
         self._last = H[:, :, -1:]  # the warm start of the next token
+        self._prev = idx[:, -1:]
         self.pos = p + T
-        logits = self.model.head(H[-1])
+        logits = head_logits(self.model, H[-1], backout_state(self.model, prefix + list(H), self.S, self.M))
         capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
         if self.check_finite and not capturing and not bool(torch.isfinite(logits).all()):
             raise NonFiniteError(f"decoding ({self.method}, K={self.iters}, n_par={self.n_par}, chunks={self.chunks}) "

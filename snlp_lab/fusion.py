@@ -16,6 +16,9 @@ Choices where the layers disagree:
   - value embeddings (x0ve models): each fused layer keeps its own value embedding and gate, laid
     side by side on the key/value-head axis (a layer without one contributes zeros and a zero gate
     weight). The paper's code dropped value embeddings in fused chunks; here they are kept.
+  - sliding windows: each fused layer's heads keep their layer's window (a per-head attention mask),
+    so a chunk of one layer (M = 1) is exactly that layer. The paper's code attends over the full
+    context in its parallel layers, windowed or not.
 
 `ChunkStack` presents layers start..stop-1 as C = (stop - start) / M such units: a layer stack the
 solver and the decoder iterate over exactly as over single layers (M = 1 gives the layers themselves).
@@ -32,6 +35,7 @@ _CHUNKS = re.compile(r"(\d+)xF(\d+)")
 _ROW_WEIGHTS = ("q", "k", "v", "fc", "gate")  # [N, out, in]: fusing concatenates output rows
 _COL_WEIGHTS = ("o", "proj")  # [N, out, in]: fusing concatenates input columns (sums the outputs)
 _MEAN_WEIGHTS = ("lam", "mu")  # [N] scalars: the chunk uses their mean
+_HEAD_WEIGHTS = ("window",)  # [N, H] per query head: the fused heads keep their own (per-head masks)
 
 
 def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
@@ -50,11 +54,12 @@ def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
 
 
 def check_chunkable(model) -> None:
-    """Fusion is defined for the single-stream GPT; mHC models have no fused form here."""
+    """`ChunkStack` and the decoder's fused units are the single-stream GPT's; mHC models solve fused
+    chunks through their own `chunk_stack` (`snlp_lab.mhc.MHCChunkStack`), not yet in KV-cached decoding."""
     n_streams = getattr(model.config, "n_streams", 1)
     if n_streams > 1:
-        raise ValueError(f"chunks (layer fusion) are not supported on mHC models (n_streams={n_streams}); "
-                         f"use chunks=None")
+        raise ValueError(f"chunks (layer fusion) in KV-cached decoding are not supported on mHC models "
+                         f"(n_streams={n_streams}); use chunks=None, or solve() for fused mHC chunks")
 
 
 def fuse(W: dict, M: int) -> dict:
@@ -74,9 +79,11 @@ def fuse(W: dict, M: int) -> dict:
             out[name] = w.reshape(C, M, *w.shape[1:]).transpose(1, 2).reshape(C, w.shape[1], M * w.shape[2])
         elif name in _MEAN_WEIGHTS:
             out[name] = w.reshape(C, M).mean(dim=1)
+        elif name in _HEAD_WEIGHTS:
+            out[name] = w.reshape(C, M * w.shape[1])
         else:
             raise ValueError(f"don't know how to fuse weight {name!r}; known: "
-                             f"{', '.join(_ROW_WEIGHTS + _COL_WEIGHTS + _MEAN_WEIGHTS)}")
+                             f"{', '.join(_ROW_WEIGHTS + _COL_WEIGHTS + _MEAN_WEIGHTS + _HEAD_WEIGHTS)}")
     return out
 
 
@@ -115,6 +122,14 @@ def fused_value_embeddings(model, start: int, stop: int, M: int, ctx):
         N, B, T, kv = ve.shape
         ctx._ve[key] = ve.view(N // M, M, B, T, kv).permute(0, 2, 3, 1, 4).reshape(N // M, B, T, M * kv)
     return ctx._ve[key]
+
+
+def chunk_stack(model, start: int, stop: int, M: int = 1):
+    """Layers start..stop-1 as fused chunks of M: the model's own chunk stack where it has one (mHC,
+    `snlp_lab.mhc.MHCChunkStack`), else a `ChunkStack`."""
+    if hasattr(model, "chunk_stack"):
+        return model.chunk_stack(start, stop, M)
+    return ChunkStack(model, start, stop, M)
 
 
 class ChunkStack:

@@ -6,7 +6,7 @@ The model knows nothing about Newton: it offers
   - `layer(l, h, ctx)`: one layer map Φ_l (0-based l);
   - `layers(start, stop, H, ctx)`: Φ_start..Φ_{stop-1} evaluated on a stack of inputs H[N, ...] in one
     batched call per weight kind (weights stacked per layer, attention as one SDPA call);
-  - `head(h_L)`: logits.
+  - `head(h_L, h_backout)`: logits (backout: the state `backout_layer` wrote, see `GPT.head`).
 
 All three layer entry points run the same function, `block_apply`, on weights stacked along a leading
 unit axis. A "unit" is one layer, or (for fused chunks) several layers concatenated into one wide block:
@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import GPTConfig, get_config
+from .config import SMEAR_CHANNELS, GPTConfig, get_config
 
-VE_GATE_CHANNELS = 32  # value-embedding gates read the first 32 channels of the block input (as nanochat)
+VE_GATE_SCALE = 3.0  # the value-embedding gate is 3·σ(...), range (0, 3) (nanochat)
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -67,38 +67,62 @@ class Context:
     cos: torch.Tensor  # [T, hd/2]
     sin: torch.Tensor
     pos: int = 0  # absolute position of the first token (KV-cached decoding)
+    qk_scale: float = 1.0  # q and k are multiplied by it after QK-norm
     _ve: dict = field(default_factory=dict)  # (start, stop) -> stacked value embeddings, built lazily
 
 
+def attention_mask(window: torch.Tensor | None, T: int, Tp: int, device) -> torch.Tensor | None:
+    """Which keys each query sees, for T queries at positions Tp..Tp+T-1 and keys 0..Tp+T-1: j <= i and
+    i - j <= window of the query's head. window [N, H] (per unit and query head, on the CPU) or None.
+    Returns None when causal attention over all keys is exact (no past, every window covers the
+    sequence), else a bool mask [N, 1, H or 1, T, Tp + T] (H = 1 when the heads of a unit agree)."""
+    full = window is None or int(window.min()) >= Tp + T - 1
+    if full and Tp == 0:
+        return None
+    rel = (Tp + torch.arange(T, device=device))[:, None] - torch.arange(Tp + T, device=device)[None, :]
+    mask = rel >= 0
+    if full:
+        return mask
+    if bool((window == window[:, :1]).all()):  # one window per unit: a mask per unit, not per head
+        window = window[:, :1]
+    return mask & (rel <= window.to(device)[:, None, :, None, None])
+
+
 def attn_branch(W: dict, a: torch.Tensor, ctx: Context, head_dim: int, ve: torch.Tensor | None = None,
-                gate_in: torch.Tensor | None = None, past: tuple | None = None):
+                past: tuple | None = None):
     """The attention sublayer's branch for N units: normalised input a [N, B, T, D] -> (output
     [N, B, T, D] after the output projection, (k, v) of these tokens).
 
-    Value embeddings ve are gated by `gate_in` (the un-normalised block input, as nanochat).
-    `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier tokens (KV-cached decoding).
+    nanochat's attention (nanochat/gpt.py CausalSelfAttention): value embeddings ve [N, B, T, Hkv·hd] are
+    added to v through the gate 3·σ(W_gate·a[..., :C]) per KV head, on the *normalised* input a; RoPE,
+    then QK-norm, then q and k times ctx.qk_scale; causal attention within each query head's window
+    (W["window"] [N, Hq]: max distance i - j). `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier
+    tokens (KV-cached decoding).
     """
     N, B, T, _ = a.shape
     q = stacked_linear(a, W["q"]).view(N * B, T, -1, head_dim)
     k = stacked_linear(a, W["k"]).view(N * B, T, -1, head_dim)
     v = stacked_linear(a, W["v"]).view(N * B, T, -1, head_dim)
     if ve is not None:
-        gate = 2 * torch.sigmoid(stacked_linear(gate_in[..., :W["gate"].shape[-1]], W["gate"]))  # [N, B, T, Hkv]
+        gate = VE_GATE_SCALE * torch.sigmoid(stacked_linear(a[..., :W["gate"].shape[-1]], W["gate"]))  # [N, B, T, Hkv]
         v = v + gate.view(N * B, T, -1, 1) * ve.view(N * B, T, -1, head_dim)
-    q = rms_norm(apply_rotary(q, ctx.cos, ctx.sin)).transpose(1, 2)  # QK-norm; [NB, H, T, hd]
-    k = rms_norm(apply_rotary(k, ctx.cos, ctx.sin)).transpose(1, 2)
-    v = v.transpose(1, 2)
-    kv = (k.view(N, B, *k.shape[1:]), v.view(N, B, *v.shape[1:]))
-    if past is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+    q = rms_norm(apply_rotary(q, ctx.cos, ctx.sin)) * ctx.qk_scale  # QK-norm
+    k = rms_norm(apply_rotary(k, ctx.cos, ctx.sin)) * ctx.qk_scale
+    # [N, B, H, T, hd]: SDPA takes the unit axis as a batch axis, so masks can differ per unit and head
+    q, k, v = (t.view(N, B, T, -1, head_dim).transpose(2, 3) for t in (q, k, v))
+    kv = (k, v)
+    Tp = 0
+    if past is not None:
+        Tp = past[0].shape[3]
+        k, v = torch.cat([past[0], k], dim=3), torch.cat([past[1], v], dim=3)
+    mask = attention_mask(W.get("window"), T, Tp, a.device)
+    gqa = q.shape[2] != k.shape[2]
+    if mask is None:
+        y = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), is_causal=True,
+                                           enable_gqa=gqa).view(q.shape)
     else:
-        pk, pv = (t.reshape(N * B, *t.shape[2:]) for t in past)
-        k_all, v_all = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        Tp = pk.shape[2]
-        # query i (absolute Tp + i) sees keys 0..Tp + i
-        mask = torch.arange(Tp + T, device=a.device)[None, :] <= (Tp + torch.arange(T, device=a.device))[:, None]
-        y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-    y = y.transpose(1, 2).reshape(N, B, T, -1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    y = y.transpose(2, 3).reshape(N, B, T, -1)
     return stacked_linear(y, W["o"]), kv
 
 
@@ -112,8 +136,9 @@ def block_apply(W: dict, h: torch.Tensor, ctx: Context, head_dim: int, ve: torch
     """Apply N blocks at once: h [N, B, T, D] -> [N, B, T, D].
 
     W holds weights stacked on a leading unit axis N: q [N, Hq*hd, D], k and v [N, Hkv*hd, D],
-    o [N, D, Hq*hd], fc [N, F, D], proj [N, D, F]; optionally lam, mu [N] (x0 lambdas) and
-    gate [N, Hkv, C] with ve [N, B, T, Hkv*hd] (value embeddings).
+    o [N, D, Hq*hd], fc [N, F, D], proj [N, D, F]; window [N, Hq] (per query head, on the CPU; absent:
+    full causal); optionally lam, mu [N] (x0 lambdas) and gate [N, Hkv, C] with ve [N, B, T, Hkv*hd]
+    (value embeddings).
     The block is x = λh + μx0;  x' = x + attn(norm x);  out = x' + mlp(norm x').
     `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier tokens; with `return_kv` the keys and values of
     these tokens are returned too, so a decoder can cache them.
@@ -122,7 +147,7 @@ def block_apply(W: dict, h: torch.Tensor, ctx: Context, head_dim: int, ve: torch
     x = h
     if "lam" in W:
         x = W["lam"].view(N, 1, 1, 1) * h + W["mu"].view(N, 1, 1, 1) * ctx.x0
-    y, kv = attn_branch(W, rms_norm(x), ctx, head_dim, ve=ve, gate_in=x, past=past)
+    y, kv = attn_branch(W, rms_norm(x), ctx, head_dim, ve=ve, past=past)
     x = x + y
     out = x + mlp_branch(W, rms_norm(x))
     return (out, kv) if return_kv else out
@@ -139,7 +164,7 @@ class Block(nn.Module):
         self.attn.c_k = nn.Linear(D, cfg.n_kv_head * hd, bias=False)
         self.attn.c_v = nn.Linear(D, cfg.n_kv_head * hd, bias=False)
         self.attn.c_proj = nn.Linear(cfg.n_head * hd, D, bias=False)
-        self.attn.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, D), cfg.n_kv_head, bias=False) if has_ve else None
+        self.attn.ve_gate = nn.Linear(cfg.ve_gate_channels, cfg.n_kv_head, bias=False) if has_ve else None
         self.mlp = nn.Module()
         self.mlp.c_fc = nn.Linear(D, 4 * D, bias=False)
         self.mlp.c_proj = nn.Linear(4 * D, D, bias=False)
@@ -159,36 +184,68 @@ class GPT(nn.Module):
         self.kv_dim = cfg.n_kv_head * cfg.head_dim
         # Value embeddings on every other layer, always including the last (nanochat's has_ve).
         self.ve_layers = [l for l in range(L) if cfg.x0ve and l % 2 == (L - 1) % 2]
+        # Backout subtracts the output of layer L//2 (nanochat's backout_layer), i.e. trace state L//2 + 1.
+        self.backout_layer = L // 2 if cfg.backout else None
+        # per layer and query head: the attention window (max distance i - j), kept on the CPU
+        self.windows = torch.tensor(cfg.window_sizes()).unsqueeze(1).expand(L, cfg.n_head).contiguous()
         self.wte = nn.Embedding(V, D)
         self.blocks = nn.ModuleList(Block(cfg, l in self.ve_layers) for l in range(L))
         self.lm_head = nn.Linear(D, V, bias=False)
-        if cfg.x0ve:
+        if cfg.x0_lambdas:
             self.resid_lambdas = nn.Parameter(torch.ones(L))
             self.x0_lambdas = nn.Parameter(torch.zeros(L))
+        if cfg.x0ve:
             self.value_embeds = nn.ModuleDict({str(l): nn.Embedding(V, self.kv_dim) for l in self.ve_layers})
+        if cfg.smear:
+            self.smear_gate = nn.Linear(SMEAR_CHANNELS, 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if cfg.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         self._stack_key, self._stack = None, None
         self.init_weights()
 
     # ----------------------------------------------------------------------------------- set-up
     @torch.no_grad()
     def init_weights(self):
-        """nanochat's init: unit-normal embeddings, uniform matrices, zero output projections."""
+        """init="nanochat": nanochat's `init_weights` as the paper trained it (nanochat-snlp): embedding
+        N(0, 0.8²), head N(0, 0.001²), q/k/v uniform with std 1/√D, c_fc 0.4 times that, zero output
+        projections, λ_l from 1.15 to 1.05 and μ_l from 0.20 to 0.05 over depth, value embeddings like
+        c_v, gates U(0, 0.02), smear λ 0, backout λ 0.2.
+        init="simple": unit-normal embeddings, full-scale c_fc, λ = 1, μ = 0.1, zero gates, N(0, 1)
+        value embeddings (smear λ 0, backout λ 0.2 as nanochat)."""
         cfg = self.config
+        nano = cfg.init == "nanochat"
+        L = cfg.n_layer
         s = 3 ** 0.5 * cfg.n_embd ** -0.5  # uniform with std 1/sqrt(D)
-        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.wte.weight, std=0.8 if nano else 1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for b in self.blocks:
-            for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.c_fc):
+            for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v):
                 nn.init.uniform_(lin.weight, -s, s)
+            fc = 0.4 * s if nano else s
+            nn.init.uniform_(b.mlp.c_fc.weight, -fc, fc)
             nn.init.zeros_(b.attn.c_proj.weight)
             nn.init.zeros_(b.mlp.c_proj.weight)
             if b.attn.ve_gate is not None:
-                nn.init.zeros_(b.attn.ve_gate.weight)  # gate = 2·sigmoid(0) = 1
+                if nano:
+                    nn.init.uniform_(b.attn.ve_gate.weight, 0.0, 0.02)
+                else:
+                    nn.init.zeros_(b.attn.ve_gate.weight)
+        if cfg.x0_lambdas:
+            depth = torch.arange(L, dtype=torch.float64) / max(L - 1, 1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth if nano else torch.ones(L))
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth if nano else torch.full((L,), 0.1))
         if cfg.x0ve:
-            self.resid_lambdas.fill_(1.0)
-            self.x0_lambdas.fill_(0.1)
             for e in self.value_embeds.values():
-                nn.init.normal_(e.weight, std=1.0)
+                if nano:
+                    nn.init.uniform_(e.weight, -s, s)
+                else:
+                    nn.init.normal_(e.weight, std=1.0)
+        if cfg.smear:
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+            self.smear_lambda.zero_()  # smear starts switched off; training opens it
+        if cfg.backout:
+            self.backout_lambda.fill_(0.2)
 
     @property
     def n_layer(self) -> int:
@@ -198,8 +255,12 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ----------------------------------------------------------------------------------- layer maps
-    def embed(self, idx: torch.Tensor, pos: int = 0):
-        """h0 [B, T, D] and the layers' Context for token ids idx [B, T] starting at position `pos`."""
+    def embed(self, idx: torch.Tensor, pos: int = 0, prev: torch.Tensor | None = None):
+        """h0 [B, T, D] and the layers' Context for token ids idx [B, T] starting at position `pos`.
+
+        h0 = x0 is the normalised embedding, smeared: for every position after the first,
+        x[t] += smear_lambda·σ(smear_gate·x[t, :24])·x[t-1] (nanochat's smear). With pos > 0 the token
+        before idx[:, 0] is needed: prev [B] or [B, 1] (KV-cached decoding)."""
         cfg = self.config
         if idx.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"token ids must be an integer tensor, got {idx.dtype}")
@@ -214,10 +275,21 @@ class GPT(nn.Module):
         if pos + T > cfg.sequence_len:
             raise ValueError(f"sequence of {pos + T} tokens is longer than the model's context "
                              f"sequence_len={cfg.sequence_len}")
-        h0 = rms_norm(self.wte(idx))
+        x = rms_norm(self.wte(idx))
+        if cfg.smear:
+            if pos == 0:  # the first token has no predecessor
+                x = torch.cat([x[:, :1], self._smear(x[:, 1:], x[:, :-1])], dim=1)
+            elif prev is None:
+                raise ValueError("smear mixes in the previous token's embedding: at pos > 0 pass prev "
+                                 "(the token ids before idx[:, 0])")
+            else:
+                x = self._smear(x, torch.cat([rms_norm(self.wte(prev.reshape(-1, 1))), x[:, :-1]], dim=1))
         positions = torch.arange(pos, pos + T, device=idx.device)
-        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base, h0.dtype)
-        return h0, Context(idx=idx, x0=h0, cos=cos, sin=sin, pos=pos)
+        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base, x.dtype)
+        return x, Context(idx=idx, x0=x, cos=cos, sin=sin, pos=pos, qk_scale=cfg.qk_scale)
+
+    def _smear(self, x: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        return x + self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS])) * before
 
     def layer(self, l: int, h: torch.Tensor, ctx: Context) -> torch.Tensor:
         """Φ_l(h) for one layer (0-based): [B, T, D] -> [B, T, D]."""
@@ -229,24 +301,38 @@ class GPT(nn.Module):
         return block_apply(W, H, ctx, self.config.head_dim, self.value_embeddings(start, stop, ctx),
                            past=past, return_kv=return_kv)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Logits (float32, soft-capped) from the last state."""
+    def head(self, h: torch.Tensor, h_backout: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (float32, soft-capped) from the last state h [B, T, D].
+
+        With backout (nanochat) the head reads h - backout_lambda·h_backout, where h_backout is the
+        output of layer `backout_layer` (trace state backout_layer + 1), or a solver's own estimate of it."""
+        if self.backout_layer is not None:
+            if h_backout is None:
+                raise ValueError(f"this model subtracts the output of layer {self.backout_layer} before the head "
+                                 f"(backout): pass h_backout")
+            h = h - self.backout_lambda * h_backout
         logits = self.lm_head(rms_norm(h)).float()
         c = self.config.softcap
         return c * torch.tanh(logits / c)
 
+    def head_from_trace(self, trace) -> torch.Tensor:
+        """Logits from a full trace h_0..h_L (a list or a stacked tensor)."""
+        hb = None if self.backout_layer is None else trace[self.backout_layer + 1]
+        return self.head(trace[-1], hb)
+
     def resid_scale(self, l: int) -> torch.Tensor:
         """λ_l, the factor on h inside Φ_l (1 without x0 lambdas): the scaled-IDN surrogate."""
-        if self.config.x0ve:
+        if self.config.x0_lambdas:
             return self.resid_lambdas[l]
-        return torch.ones((), device=self.wte.weight.device, dtype=self.wte.weight.dtype)
+        return torch.ones((), device=self.wte.weight.device, dtype=self.lm_head.weight.dtype)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Plain sequential forward. Returns logits, or the mean cross-entropy when targets are given."""
         h, ctx = self.embed(idx)
+        trace = [h]
         for l in range(self.n_layer):
-            h = self.layer(l, h, ctx)
-        logits = self.head(h)
+            trace.append(self.layer(l, trace[-1], ctx))
+        logits = self.head_from_trace(trace)
         if targets is None:
             return logits
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
@@ -270,12 +356,13 @@ class GPT(nn.Module):
         per = [self.blocks[l].weights() for l in ls]
         # one layer: a view, no copy (the sequential forward calls this per layer while training)
         W = {k: per[0][k].unsqueeze(0) if len(ls) == 1 else torch.stack([w[k] for w in per]) for k in per[0]}
-        if self.config.x0ve:
+        W["window"] = self.windows[ls[0]:ls[-1] + 1]
+        if self.config.x0_lambdas:
             W["lam"], W["mu"] = self.resid_lambdas[ls[0]:ls[-1] + 1], self.x0_lambdas[ls[0]:ls[-1] + 1]
-            if self.ve_layers:
-                ref = self.blocks[self.ve_layers[0]].attn.ve_gate.weight
-                W["gate"] = torch.stack([self.blocks[l].attn.ve_gate.weight if l in self.ve_layers
-                                         else torch.zeros_like(ref) for l in ls])
+        if self.ve_layers:
+            ref = self.blocks[self.ve_layers[0]].attn.ve_gate.weight
+            W["gate"] = torch.stack([self.blocks[l].attn.ve_gate.weight if l in self.ve_layers
+                                     else torch.zeros_like(ref) for l in ls])
         return W
 
     def value_embeddings(self, start: int, stop: int, ctx: Context):

@@ -12,8 +12,10 @@ DiagN, a JVP scan for exact Newton. After k iterations the first k parallel laye
 termination), whatever the surrogate.
 
 A `layer stack` is anything with `n_layer`, `embed(idx) -> (h0, ctx)`, `layer(l, h, ctx)`,
-`layers(start, stop, H, ctx)` and `head(h)`: the GPT models here, or a toy stack in the tests.
-With `chunks="CxFM"` the parallel units are C fused chunks of M layers (`snlp_lab.fusion.ChunkStack`)
+`layers(start, stop, H, ctx)` and `head(h)`: the GPT models here, or a toy stack in the tests. A model
+with backout (`backout_layer`) has `head(h, h_backout)`; SNLP logits use the run's own estimate of
+that intermediate state (as the paper's code does).
+With `chunks="CxFM"` the parallel units are C fused chunks of M layers (`snlp_lab.fusion.chunk_stack`)
 instead of single layers; the iteration is the same, over C units.
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fusion import ChunkStack, parse_chunks
+from .fusion import chunk_stack, parse_chunks
 from .jacobian import JAC_PRODUCTS, hutchinson_diag
 
 INITS = ("h0", "fwd")
@@ -185,6 +187,21 @@ class SolveResult:
         return self.trace.shape[0] - 1 - self.n_units
 
 
+def backout_state(model, states, S: int, M: int = 1):
+    """The state a backout head subtracts (None for models without backout): the output of layer
+    `model.backout_layer`, as the run computed it. states = h_0..h_S followed by the parallel units'
+    outputs (units of M fused layers); in a fused chunk the layer's output is the chunk's output."""
+    b = getattr(model, "backout_layer", None)
+    if b is None:
+        return None
+    return states[b + 1] if b < S else states[S + 1 + (b - S) // M]
+
+
+def head_logits(model, h, h_backout=None):
+    """model.head(h) with the backout state where the model has backout (toy stacks have a one-argument head)."""
+    return model.head(h) if h_backout is None else model.head(h, h_backout)
+
+
 def _check_args(model, method, iters, n_par, init):
     if method not in methods():
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(methods())}")
@@ -254,8 +271,8 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
     for l in range(S):  # sequential prefix (everything, for method="sequential")
         trace.append(model.layer(l, trace[-1], ctx))
     hist, rel_hist, converged = [], [], None
-    # the parallel units: layers S..L-1 of the model, or C fused chunks of a ChunkStack
-    stack, a, b = (model, S, L) if chunks is None else (ChunkStack(model, S, L, M), 0, C)
+    # the parallel units: layers S..L-1 of the model, or C fused chunks (`chunk_stack`)
+    stack, a, b = (model, S, L) if chunks is None else (chunk_stack(model, S, L, M), 0, C)
     if S < L and method == "sequential":  # only with chunks: the fused model's sequential pass
         for c in range(C):
             trace.append(stack.layer(c, trace[-1], ctx))
@@ -270,7 +287,7 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
         H, hist, rel_hist, converged = iterate(lambda X: stack.layers(a, b, X, ctx), hS, H, sur, iters, tol)
         trace.extend(H.unbind(0))
     trace = torch.stack(trace)
-    logits = model.head(trace[-1])
+    logits = head_logits(model, trace[-1], backout_state(model, list(trace), S, M if chunks else 1))
     if check_finite and not (torch.isfinite(trace).all() and torch.isfinite(logits).all()):
         raise NonFiniteError(f"{method} (n_par={n_par}, chunks={chunks}, iters={iters}, init={init}) produced non-finite "
                              f"states; pass check_finite=False to inspect them")

@@ -62,6 +62,8 @@ if importlib.util.find_spec(f"{__package__}.mhc") is not None:
 OBJECTIVES = ("ce", "snlp-forward")
 METRICS = "metrics.jsonl"
 ADAMW_BETAS, ADAMW_EPS = (0.8, 0.95), 1e-10  # nanochat
+SMEAR_LR = 0.2  # nanochat: smear gate, smear and backout lambdas (not scaled with the width)
+SMEAR_PARAMS = ("smear_gate.weight", "smear_lambda", "backout_lambda")
 MUON_MOMENTUM = 0.95
 LOG_SECONDS = 30  # progress lines when the output is not a terminal
 
@@ -234,6 +236,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 def config_hash(cfg: TrainConfig) -> str:
     """Hash of the fields that determine the trained weights (not out, device, eval options...)."""
     d = {k: v for k, v in dataclasses.asdict(resolve(cfg)).items() if k not in RUN_FIELDS}
+    d["model_config"] = dataclasses.asdict(model_config(cfg))  # a preset whose architecture changed is a new run
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -264,7 +267,7 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     """[Muon for the blocks' nn.Linear weights, AdamW for the rest], nanochat's split and rates."""
     matrices = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    muon, groups = [], {"embed": [], "head": [], "scalar": [], "resid": []}
+    muon, groups = [], {"embed": [], "head": [], "scalar": [], "resid": [], "smear": []}
     for name, p in model.named_parameters():
         if id(p) in matrices:
             muon.append(p)
@@ -274,11 +277,13 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
             groups["head"].append(p)
         elif name == "resid_lambdas":
             groups["resid"].append(p)
+        elif name in SMEAR_PARAMS:
+            groups["smear"].append(p)
         else:  # x0 lambdas, mHC mixing, anything a model variant adds
             groups["scalar"].append(p)
     scale = (model.config.n_embd / 768) ** -0.5
     lrs = {"embed": cfg.embedding_lr * scale, "head": cfg.unembedding_lr * scale,
-           "scalar": cfg.scalar_lr, "resid": cfg.scalar_lr * 0.01}
+           "scalar": cfg.scalar_lr, "resid": cfg.scalar_lr * 0.01, "smear": SMEAR_LR}
     adam_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
     return [torch.optim.Muon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, weight_decay=0.0,
                              adjust_lr_fn="original"),
@@ -307,7 +312,7 @@ class SNLPLoss(nn.Module):
         trace = [h]  # the states are kept: the regularizer reuses them
         for l in range(m.n_layer):
             trace.append(m.layer(l, trace[-1], ctx))
-        ce = F.cross_entropy(m.head(trace[-1]).flatten(0, 1), y.flatten())
+        ce = F.cross_entropy(m.head_from_trace(trace).flatten(0, 1), y.flatten())
         if cfg.reg == "none":
             return ce, ce, torch.zeros_like(ce)
         reg = snlp_regularizer(m, trace, ctx, cfg.n_par_set, cfg.reg, cfg.stride, cfg.detach_target,

@@ -20,6 +20,10 @@ def randomize(model, scale: float = 0.3, seed: int = 0):
                 p.copy_(0.1 + 0.2 * torch.rand(p.shape, generator=g))
             elif name.endswith("resid_lambdas"):
                 p.copy_(0.8 + 0.4 * torch.rand(p.shape, generator=g))
+            elif name == "smear_gate.weight":  # smear and backout start small or switched off
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif name in ("smear_lambda", "backout_lambda"):
+                p.copy_(0.2 + 0.3 * torch.rand(p.shape, generator=g))
     return model
 
 

@@ -38,7 +38,7 @@ def test_profiles_and_choices():
     assert set(E.PROFILES) == {"smoke", "cpu", "paper"}
     with pytest.raises(ValueError, match="valid profiles: smoke, cpu, paper"):
         E.get_profile("gpu")
-    with pytest.raises(ValueError, match="valid: plain, x0ve, mhc"):
+    with pytest.raises(ValueError, match="valid variants: plain, x0ve, mhc"):
         E.train_options(E.get_profile("cpu"), "d20")
     P = E.get_profile("cpu")
     assert P.variants["mhc"].reg == "hcn" and P.variants["plain"].reg == "idn"

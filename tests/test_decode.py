@@ -43,9 +43,11 @@ def idn_decode_without_cache(model, prompt, fed, iters, n_par, chunks, init):
             return units[u](torch.cat([seen[u], x], dim=1), ctx)[:, -1:]
 
         h = h_all[:, -1:]
+        outs = []  # the prefix layers' outputs at the new position
         for l in range(S):
             h_in, h = h, run(l, h)
             seen[l] = torch.cat([seen[l], h_in], dim=1)
+            outs.append(h)
         hS = h
         if init == "h0":
             H = [hS] * C
@@ -63,7 +65,8 @@ def idn_decode_without_cache(model, prompt, fed, iters, n_par, chunks, init):
         for c in range(C):
             seen[S + c] = torch.cat([seen[S + c], X[c]], dim=1)
         last = torch.stack(H)
-        all_logits.append(model.head(H[-1])[:, -1])
+        b = model.backout_layer  # backout reads the run's own state of layer b (its unit's output)
+        all_logits.append(model.head(H[-1], outs[b] if b < S else H[(b - S) // M])[:, -1])
     return torch.stack(all_logits, dim=1)
 
 
@@ -191,7 +194,10 @@ def tiny_mhc(request):
     torch.manual_seed(0)
     from snlp_lab import build_model
     from conftest import randomize
-    return randomize(build_model("tiny", x0ve=False, n_streams=2, mhc_dynamic=request.param).double())
+    # dynamic: the mHC paper's maps; static: the SNLP paper's (softmax) with value embeddings
+    dyn = request.param
+    return randomize(build_model("tiny", x0ve=not dyn, no_x0_resid=True, n_streams=2, mhc_dynamic=dyn,
+                                 mhc_maps="sigmoid" if dyn else "softmax").double())
 
 
 @pytest.mark.parametrize("method", ["idn", "hcn"])

@@ -13,13 +13,13 @@ def fused_chunk_by_layers(model, layers, h, ctx):
     """The defining formula, one plain call per layer with that layer's own weights:
     x = λ̄h + μ̄x0, x_mid = x + Σ_l attn_l(norm x), out = x_mid + Σ_l mlp_l(norm x_mid)."""
     x = h
-    if model.config.x0ve:
+    if model.config.x0_lambdas:
         lam = torch.stack([model.resid_lambdas[l] for l in layers]).mean()
         mu = torch.stack([model.x0_lambdas[l] for l in layers]).mean()
         x = lam * h + mu * ctx.x0
     hd = model.config.head_dim
     attn = sum(attn_branch(model.stacked_weights(l, l + 1), rms_norm(x)[None], ctx, hd,
-                           ve=model.value_embeddings(l, l + 1, ctx), gate_in=x[None])[0][0] for l in layers)
+                           ve=model.value_embeddings(l, l + 1, ctx))[0][0] for l in layers)
     x_mid = x + attn
     return x_mid + sum(mlp_branch(model.stacked_weights(l, l + 1), rms_norm(x_mid)[None])[0] for l in layers)
 
@@ -61,7 +61,8 @@ def test_fused_weights_shapes(tiny):
     assert W["k"].shape == W["v"].shape == (2, 2 * cfg.n_kv_head * cfg.head_dim, D)
     assert W["o"].shape == (2, D, 2 * cfg.n_head * cfg.head_dim)
     assert W["fc"].shape == (2, 8 * D, D) and W["proj"].shape == (2, D, 8 * D)
-    assert W["gate"].shape == (2, 2 * cfg.n_kv_head, 32) and W["lam"].shape == (2,)
+    assert W["gate"].shape == (2, 2 * cfg.n_kv_head, cfg.ve_gate_channels) and W["lam"].shape == (2,)
+    assert W["window"].tolist() == [[4] * 8, [4] * 4 + [32] * 4]  # per head: SSSL, the last layer long
     torch.testing.assert_close(W["lam"][1], tiny.resid_lambdas[2:4].mean())
 
 

@@ -15,11 +15,18 @@ from conftest import randomize
 L = 4  # depth of the tiny models
 
 
-def build(dynamic: bool, branches: bool = True, seed: int = 0):
+# static and dynamic mixing with the mHC paper's maps; the SNLP paper's softmax maps with value embeddings
+# and x0 lambdas (smear, backout and windows: the tiny preset's, in every variant)
+VARIANTS = {"static": dict(dynamic=False), "dynamic": dict(dynamic=True),
+            "softmax-x0ve": dict(dynamic=False, maps="softmax", x0ve=True)}
+variants = pytest.mark.parametrize("variant", list(VARIANTS))
+
+
+def build(dynamic: bool, branches: bool = True, seed: int = 0, maps: str = "sigmoid", x0ve: bool = False):
     """Tiny mHC model (GQA, 4 streams) in float64 with random mixing logits far from the init, and random
     branch output projections unless `branches` is False (then every branch outputs zero, as at init)."""
     torch.manual_seed(seed)
-    m = snlp_lab.build_model("tiny", x0ve=False, n_streams=4, mhc_dynamic=dynamic).double()
+    m = snlp_lab.build_model("tiny", x0ve=x0ve, n_streams=4, mhc_dynamic=dynamic, mhc_maps=maps).double()
     if branches:
         randomize(m, seed=seed)
     g = torch.Generator().manual_seed(seed + 1)
@@ -60,6 +67,12 @@ def reference_forward(model, idx):
     m = model.mix
     for l in range(cfg.n_layer):
         W = {k: w.unsqueeze(0) for k, w in model.blocks[l].weights().items()}
+        W["window"] = torch.full((1, cfg.n_head), cfg.window_sizes()[l])
+        ve = None
+        if l in model.ve_layers:
+            W["gate"], ve = model.blocks[l].attn.ve_gate.weight[None], model.value_embeds[str(l)](idx)[None]
+        if cfg.x0_lambdas:
+            h = [model.resid_lambdas[l] * hi + model.x0_lambdas[l] * h0 for hi in h]
         for sub in (0, 1):
             pre, post, res = m.pre[l, sub], m.post[l, sub], m.res[l, sub]
             if cfg.mhc_dynamic:
@@ -67,27 +80,34 @@ def reference_forward(model, idx):
                 a = m.alpha[l, sub]
                 pre, post = pre + a[0] * z[..., :n], post + a[1] * z[..., n:2 * n]
                 res = res + a[2] * z[..., 2 * n:].unflatten(-1, (n, n))
-            pre, post, R = torch.sigmoid(pre), 2 * torch.sigmoid(post), sinkhorn(res)
+            R = sinkhorn(res, cfg.mhc_sinkhorn_iters, cfg.mhc_sinkhorn_tau, rounded=cfg.mhc_maps == "sigmoid")
+            if cfg.mhc_maps == "sigmoid":
+                pre, post = torch.sigmoid(pre), 2 * torch.sigmoid(post)
+            else:
+                pre, post = pre.softmax(-1), post.softmax(-1)
             x = sum(pre[..., i, None] * h[i] for i in range(n))
             a_in = rms_norm(x).unsqueeze(0)
-            y = (attn_branch(W, a_in, ctx, cfg.head_dim)[0] if sub == 0 else mlp_branch(W, a_in))[0]
+            y = (attn_branch(W, a_in, ctx, cfg.head_dim, ve=ve)[0] if sub == 0 else mlp_branch(W, a_in))[0]
             h = [sum(R[..., i, j, None] * h[j] for j in range(n)) + post[..., i, None] * y for i in range(n)]
-    logits = model.lm_head(rms_norm(sum(h)))
+        if l == model.backout_layer:
+            h_backout = sum(h)
+    logits = model.lm_head(rms_norm(sum(h) - model.backout_lambda * h_backout))
     return cfg.softcap * torch.tanh(logits / cfg.softcap)
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_forward_matches_reference(dynamic, idx):
-    m = build(dynamic)
+@variants
+def test_forward_matches_reference(variant, idx):
+    m = build(**VARIANTS[variant])
     torch.testing.assert_close(m(idx), reference_forward(m, idx).float(), rtol=1e-6, atol=1e-6)
     h0, ctx = m.embed(idx)
     assert h0.shape == (*idx.shape, 4, 32) and all(torch.equal(h0[:, :, i], ctx.x0) for i in range(4))
-    torch.testing.assert_close(m.head(h0), GPT.head(m, 4 * ctx.x0))  # head reads the sum of the streams
+    # the head reads the sum of the streams (and of the backout state's)
+    torch.testing.assert_close(m.head(h0, 0.5 * h0), GPT.head(m, 4 * ctx.x0, 2 * ctx.x0))
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_batched_layers_equal_one_at_a_time(dynamic, idx):
-    m = build(dynamic)
+@variants
+def test_batched_layers_equal_one_at_a_time(variant, idx):
+    m = build(**VARIANTS[variant])
     H, ctx = random_states(m, idx)
     for start, stop in [(0, 4), (1, 4), (2, 3)]:
         batched = m.layers(start, stop, H[start:stop], ctx)
@@ -106,16 +126,17 @@ def test_batched_layers_equal_one_at_a_time(dynamic, idx):
     torch.testing.assert_close(after, m.layers(0, 4, H, ctx), rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_cached_keys_and_values(dynamic, idx):
+@variants
+def test_cached_keys_and_values(variant, idx):
     """Later tokens with the earlier tokens' cached K/V give what the whole sequence gives (decoding)."""
-    m = build(dynamic)
+    m = build(**VARIANTS[variant])
+    dynamic = VARIANTS[variant]["dynamic"]
     H, ctx = random_states(m, idx)
     full = m.layers(0, L, H, ctx)
     M_full = m.res_matrices(0, L, H, ctx)
     t = 7
     first, kv = m.layers(0, L, H[:, :, :t], m.embed(idx[:, :t])[1], return_kv=True)
-    ctx2 = m.embed(idx[:, t:], pos=t)[1]
+    ctx2 = m.embed(idx[:, t:], pos=t, prev=idx[:, t - 1])[1]
     torch.testing.assert_close(torch.cat([first, m.layers(0, L, H[:, :, t:], ctx2, past=kv)], 2), full,
                                rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(m.res_matrices(0, L, H[:, :, t:], ctx2, past=kv),
@@ -125,7 +146,7 @@ def test_cached_keys_and_values(dynamic, idx):
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_res_doubly_stochastic_at_init_and_after_training(dynamic):
     torch.manual_seed(0)
-    m = snlp_lab.build_model("tiny", x0ve=False, n_streams=4, mhc_dynamic=dynamic).double()
+    m = snlp_lab.build_model("tiny", x0ve=False, n_streams=4, mhc_dynamic=dynamic, mhc_maps="sigmoid").double()
     g = torch.Generator().manual_seed(5)
     tokens = torch.randint(0, 64, (4, 17), generator=g)
 
@@ -185,7 +206,7 @@ def test_sinkhorn_in_float32_under_bf16_autocast():
     assert_doubly_stochastic(P)
     assert sinkhorn(logits.double()).dtype == torch.float64
     torch.manual_seed(0)
-    m = randomize(snlp_lab.build_model("tiny", x0ve=False, n_streams=4, mhc_dynamic=True))
+    m = randomize(snlp_lab.build_model("tiny", x0ve=False, n_streams=4, mhc_dynamic=True, mhc_maps="sigmoid"))
     idx = torch.randint(0, 64, (2, 8), generator=g)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         h, ctx = m.embed(idx)
@@ -196,12 +217,12 @@ def test_sinkhorn_in_float32_under_bf16_autocast():
 
 
 # ------------------------------------------------------------------------------------------ solvers
-@pytest.mark.parametrize("dynamic", [False, True])
+@variants
 @pytest.mark.parametrize("method", ["hcn", "idn", "diagn"])
 @pytest.mark.parametrize("init", ["h0", "fwd"])
-def test_finite_termination(dynamic, method, init, idx):
+def test_finite_termination(variant, method, init, idx):
     """After k iterations the first k layers are exact (residual history); K = N reproduces the trace."""
-    m = build(dynamic)
+    m = build(**VARIANTS[variant])
     ref = solve(m, idx, method="sequential")
     res = solve(m, idx, method=method, iters=L, init=init)
     torch.testing.assert_close(res.trace, ref.trace, rtol=1e-9, atol=1e-9)
@@ -219,8 +240,8 @@ def with_stream_states(model, seed=7):
     every doubly stochastic map, which would make a test of the mixing vacuous."""
     plain = model.embed
 
-    def embed(idx, pos=0):
-        h0, ctx = plain(idx, pos)
+    def embed(idx, pos=0, prev=None):
+        h0, ctx = plain(idx, pos, prev)
         g = torch.Generator().manual_seed(seed)
         return h0 + torch.randn(h0.shape, generator=g, dtype=h0.dtype), ctx
     model.embed = embed
@@ -292,17 +313,20 @@ def test_jacobian_tools_and_diagnostics_on_streams(idx):
 
 # ------------------------------------------------------------------------------------------ config
 def test_presets_and_parameters():
-    for name, plain in (("cpu-mhc", "cpu-plain"), ("0.5b-mhc", "0.5b-plain")):
+    for name, plain in (("cpu-mhc", "cpu"), ("0.5b-mhc", "0.5b")):
         c, p = snlp_lab.PRESETS[name], snlp_lab.PRESETS[plain]
-        assert c.n_streams == 4 and not c.mhc_dynamic
+        assert c.n_streams == 4 and not c.mhc_dynamic and c.x0ve and not c.x0_lambdas
+        assert (c.mhc_maps, c.mhc_sinkhorn_iters, c.mhc_sinkhorn_tau) == ("softmax", 10, 0.05)
         assert (c.n_layer, c.n_embd, c.n_head, c.vocab_size, c.sequence_len) == \
                (p.n_layer, p.n_embd, p.n_head, p.vocab_size, p.sequence_len)
     with torch.device("meta"):
         m = snlp_lab.build_model("0.5b-mhc")
-        plain = snlp_lab.build_model("0.5b-plain")
+        plain = snlp_lab.build_model("0.5b")
     assert isinstance(m, MHCGPT) and type(plain) is GPT
-    assert m.num_params() - plain.num_params() == 32 * 2 * (16 + 4 + 4)
-    names = [n for n, _ in snlp_lab.build_model("tiny", x0ve=False, n_streams=3, mhc_dynamic=True).named_parameters()
+    # mixing logits instead of the resid/x0 lambdas; value embeddings kept
+    assert m.num_params() - plain.num_params() == 32 * 2 * (16 + 4 + 4) - 2 * 32
+    names = [n for n, _ in snlp_lab.build_model("tiny", x0ve=False, n_streams=3, mhc_dynamic=True,
+                                                mhc_maps="sigmoid").named_parameters()
              if n.startswith("mix.")]
     assert names == ["mix.res", "mix.pre", "mix.post", "mix.phi", "mix.alpha"]
 
@@ -314,7 +338,9 @@ def test_same_seed_same_numbers(idx):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(n_streams=0, x0ve=False), "n_streams must be >= 1"),
-    (dict(n_streams=4), "do not support x0ve"),
+    (dict(n_streams=4, mhc_dynamic=True), "set mhc_maps='sigmoid'"),
+    (dict(n_streams=4, mhc_maps="tanh"), "valid: softmax, sigmoid"),
+    (dict(n_streams=4, mhc_sinkhorn_tau=0.0), "mhc_sinkhorn_tau must be > 0"),
     (dict(mhc_dynamic=True, x0ve=False), "mhc_dynamic=True needs an mHC model"),
 ])
 def test_bad_configs(kw, match):
@@ -329,3 +355,41 @@ def test_bad_use(tiny_plain, idx):
         GPT(snlp_lab.get_config("tiny", x0ve=False, n_streams=2))
     with pytest.raises(ValueError, match="pass H"):
         build(dynamic=True).res_matrices(0, L)
+
+
+# ------------------------------------------------------------------------------------------ fused chunks
+@pytest.mark.parametrize("variant", ["static", "softmax-x0ve"])
+@pytest.mark.parametrize("init", ["h0", "fwd"])
+def test_hcn_over_fused_chunks_finite_termination(variant, init, idx):
+    """C = 2 fused chunks of M = 2: after k iterations the first k chunks are exact, so K = C reproduces
+    the fused model's sequential pass; NxF1 is per-layer HCN exactly."""
+    m = build(**VARIANTS[variant])
+    fused = solve(m, idx, method="sequential", chunks="2xF2")
+    res = solve(m, idx, method="hcn", iters=2, chunks="2xF2", init=init)
+    torch.testing.assert_close(res.trace, fused.trace, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(res.logits, fused.logits, rtol=1e-9, atol=1e-9)
+    exact = 1 + (init == "fwd")  # chunks exact after one update ("fwd" makes the first exact for free)
+    assert (res.rel_history[1, :exact] < 1e-11).all() and (res.rel_history[1, exact:] > 1e-8).all()
+    one = solve(m, idx, method="hcn", iters=1, chunks="2xF2", init="h0")
+    assert (one.trace[-1] - fused.trace[-1]).abs().max() > 1e-6  # one iteration is not yet exact
+    assert (fused.trace[-1] - solve(m, idx, method="sequential").trace[-1]).abs().max() > 1e-3  # fused ≠ layers
+    per_layer = solve(m, idx, method="hcn", iters=2, n_par=4, init=init)
+    torch.testing.assert_close(solve(m, idx, method="hcn", iters=2, chunks="4xF1", init=init).trace,
+                               per_layer.trace, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_chunk_uses_mean_mixing_and_is_exact_for_flat_branches(idx):
+    """What a chunk averages: H^pre, H^post, H^res of its layers (per sublayer). With zero branches the
+    chunk is linear in the streams with λ̄ · mean H^res_mlp · mean H^res_attn, and HCN over chunks
+    converges in one iteration."""
+    m = with_stream_states(build(dynamic=False, branches=False, maps="softmax", x0ve=True))
+    stack = m.chunk_stack(0, 4, 2)
+    pre, post, res = m._static_mixing(0, 4)
+    torch.testing.assert_close(stack.mix[2][1], res[2:4].mean(0))
+    M = stack.res_matrices(0, 2)[:, 0, 0]
+    lam = m.resid_lambdas.view(2, 2).mean(1)
+    mean = res.view(2, 2, 2, 4, 4).mean(1)  # [chunk, sublayer, n, n]
+    torch.testing.assert_close(M, lam[:, None, None] * (mean[:, 1] @ mean[:, 0]))
+    ref = solve(m, idx, method="sequential", chunks="2xF2")
+    torch.testing.assert_close(solve(m, idx, method="hcn", iters=1, chunks="2xF2").trace, ref.trace,
+                               rtol=1e-12, atol=1e-12)

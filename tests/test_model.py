@@ -14,7 +14,11 @@ def reference_forward(model, idx):
     cfg = model.config
     B, T = idx.shape
     hd, H, Hkv = cfg.head_dim, cfg.n_head, cfg.n_kv_head
-    x0 = rms_norm(model.wte(idx))
+    e = rms_norm(model.wte(idx))
+    x0 = e.clone()
+    if cfg.smear:
+        for t in range(1, T):
+            x0[:, t] = e[:, t] + model.smear_lambda * torch.sigmoid(e[:, t, :24] @ model.smear_gate.weight.T) * e[:, t - 1]
     pos = torch.arange(T, dtype=torch.float64)
     inv = 1.0 / cfg.rope_base ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)
     ang = (pos[:, None].float() * inv[None]).double()
@@ -24,19 +28,21 @@ def reference_forward(model, idx):
         a, b = t[..., : hd // 2], t[..., hd // 2:]
         return torch.cat([a * cos + b * sin, b * cos - a * sin], -1)
 
-    h = x0
-    mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    h, states = x0, [x0]
+    windows = cfg.window_sizes()
+    dist = torch.arange(T)[:, None] - torch.arange(T)[None, :]  # i - j
     for l, blk in enumerate(model.blocks):
-        x = model.resid_lambdas[l] * h + model.x0_lambdas[l] * x0 if cfg.x0ve else h
+        mask = (dist >= 0) & (dist <= windows[l])
+        x = model.resid_lambdas[l] * h + model.x0_lambdas[l] * x0 if cfg.x0_lambdas else h
         a = rms_norm(x)
         q = (a @ blk.attn.c_q.weight.T).view(B, T, H, hd)
         k = (a @ blk.attn.c_k.weight.T).view(B, T, Hkv, hd)
         v = (a @ blk.attn.c_v.weight.T).view(B, T, Hkv, hd)
         if l in model.ve_layers:
             ve = model.value_embeds[str(l)](idx).view(B, T, Hkv, hd)
-            gate = 2 * torch.sigmoid(x[..., :32] @ blk.attn.ve_gate.weight.T)
+            gate = 3 * torch.sigmoid(a[..., :cfg.ve_gate_channels] @ blk.attn.ve_gate.weight.T)
             v = v + gate[..., None] * ve
-        q, k = rms_norm(rope(q)), rms_norm(rope(k))
+        q, k = rms_norm(rope(q)) * cfg.qk_scale, rms_norm(rope(k)) * cfg.qk_scale
         k = k.repeat_interleave(H // Hkv, dim=2)
         v = v.repeat_interleave(H // Hkv, dim=2)
         att = torch.einsum("bihd,bjhd->bhij", q, k) / math.sqrt(hd)
@@ -45,6 +51,9 @@ def reference_forward(model, idx):
         x = x + y @ blk.attn.c_proj.weight.T
         x = x + F.relu(rms_norm(x) @ blk.mlp.c_fc.weight.T).square() @ blk.mlp.c_proj.weight.T
         h = x
+        states.append(h)
+    if cfg.backout:
+        h = h - model.backout_lambda * states[cfg.n_layer // 2 + 1]
     logits = rms_norm(h) @ model.lm_head.weight.T
     return cfg.softcap * torch.tanh(logits / cfg.softcap)
 
@@ -80,15 +89,19 @@ def test_fresh_model_layers_are_identity_with_x0(idx):
 
 
 def test_preset_shapes_and_parameter_counts():
-    assert set(["0.5b", "0.5b-plain", "3b", "d20", "tiny", "cpu", "cpu-plain"]) <= set(snlp_lab.PRESETS)
+    assert set(["0.5b", "0.5b-plain", "0.5b-mhc", "3b", "d20", "d20-v1", "tiny", "cpu", "cpu-plain"]) <= set(snlp_lab.PRESETS)
     with torch.device("meta"):
-        d20 = snlp_lab.build_model("d20")
+        d20 = snlp_lab.build_model("d20-v1")
         half = snlp_lab.build_model("0.5b")
-    assert d20.num_params() == 560_988_160
+        mhc = snlp_lab.build_model("0.5b-mhc")
+    assert d20.num_params() == 560_988_160  # nanochat's first d20: "561M parameters"
+    assert mhc.value_embeds and not hasattr(mhc, "x0_lambdas")  # the paper's mHC: VE, no x0 lambdas
     ve = sum(p.numel() for p in half.value_embeds.parameters())
     assert 530e6 < half.num_params() < 540e6 and ve > half.num_params() / 2
     c = snlp_lab.PRESETS["0.5b"]
     assert (c.n_layer, c.n_embd, c.n_head, c.head_dim, c.vocab_size, c.sequence_len) == (32, 640, 5, 128, 32768, 2048)
+    assert c.window_sizes() == [512, 512, 512, 2048] * 8  # SSSL, short = ceil(2048/4/128)·128
+    assert (c.qk_scale, c.rope_base, c.smear, c.backout, c.init) == (1.2, 100000, True, True, "nanochat")
 
 
 def test_overrides_and_bad_presets():

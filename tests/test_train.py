@@ -154,13 +154,14 @@ def test_loss_goes_down_and_metrics(corpus, tmp_path):
 
 
 def test_regularized_loss_is_ce_plus_weighted_reg(corpus, tmp_path):
-    cfg = cfg_for(corpus, tmp_path, steps=10, reg="idn", lam=0.5, n_par_set=(2, 4), stride=2, warmup_frac=0.3)
+    cfg = cfg_for(corpus, tmp_path, steps=10, reg="scaled-idn", lam=0.5, n_par_set=(2, 4), stride=2, warmup_frac=0.3)
     res = train(cfg)
     lines = [m for m in res.metrics if "loss" in m]
     assert [m["reg_weight"] for m in lines[:4]] == pytest.approx([0, 1 / 3, 2 / 3, 1])
     for m in lines:
         assert m["loss"] == pytest.approx(m["ce"] + m["reg_weight"] * 0.5 * m["reg"], rel=1e-5)
-    # step 1: the fresh model's layers have constant branches (zero output projections): R = 0
+    # step 1: the fresh model's layers have constant branches (zero output projections), Φ(h) = λh + μx0,
+    # for which scaled IDN is exact: R = 0
     assert lines[0]["reg"] < 1e-5 and lines[-1]["reg"] > 1e-3
     # the logged R is the regularizer of the batch, recomputed here for the final model's next batch
     stream = TokenStream(prepare_data(str(corpus), 300).train, 4, 32, seed=0)
@@ -168,7 +169,7 @@ def test_regularized_loss_is_ce_plus_weighted_reg(corpus, tmp_path):
     x, _ = next(stream)
     ref = solve(res.model, x, method="sequential")
     _, ctx = res.model.embed(x)
-    r = snlp_regularizer(res.model, ref.trace, ctx, (2, 4), "idn", stride=2)
+    r = snlp_regularizer(res.model, ref.trace, ctx, (2, 4), "scaled-idn", stride=2)
     assert r.item() > 1e-3 and math.isfinite(r.item())
 
 
@@ -305,11 +306,18 @@ def test_cli_parser_maps_one_to_one(capsys):
 def test_torchrun_two_processes_match_one(corpus, tmp_path):
     """DDP over 2 CPU processes (gloo), each reading half of the global batch, gives the losses of one
     process with the whole batch."""
-    kw = dict(steps=4, batch_size=4, reg="idn", n_par_set=(2, 4))
+    # The model without smear and backout, with the simple init. At nanochat's init (zero output
+    # projections) the gradient of backout_lambda is rounding noise (~1e-10: every state is a multiple of
+    # x0, and the normalised head input does not depend on it), so AdamW's first step moves it by ±lr with
+    # the sign of that noise, differently in each split (the two runs then part by 50% in loss at step 4).
+    # With smear on and backout off, the rounding differences grow to 1.4e-4..1.4e-3 in the loss by step
+    # 4 (measured: simple / nanochat init); without either, they stay below the 2e-4 asserted below.
+    kw = dict(steps=4, batch_size=4, reg="idn", n_par_set=(2, 4), override=("backout=false", "init=simple", "smear=false"))
     one = train(cfg_for(corpus, tmp_path, "one", **kw))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "snlp_lab.train", "--model", "tiny", "--data", str(corpus), "--vocab-size", "300",
            "--seq-len", "32", "--batch-size", "4", "--steps", "4", "--reg", "idn", "--n-par-set", "2,4",
+           "--override", "backout=false", "--override", "init=simple", "--override", "smear=false",
            "--eval-batches", "2", "--save-every", "0", "--no-progress", "--out", str(tmp_path / "two")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
