@@ -35,6 +35,7 @@ import argparse
 import copy
 import ctypes
 import gc
+import os
 import re
 import statistics
 import time
@@ -284,7 +285,15 @@ def perturb_(model: GPT, scale: float = 0.3, seed: int = 0) -> GPT:
 
 
 def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """(model, weights description) from a preset name or a GPT, optionally loading a checkpoint."""
+    """(model, weights description) from a preset name, a local Hugging Face folder (`snlp_lab.hf`) or
+    a model, optionally loading a checkpoint."""
+    from .config import PRESETS
+    if isinstance(model, str) and model not in PRESETS and checkpoint is None:
+        if not os.path.isdir(os.path.expanduser(model)):
+            raise ValueError(f"unknown model {model!r}; valid: a preset ({', '.join(PRESETS)}) or a local "
+                             f"Hugging Face model folder")
+        from .hf import load_hf
+        return load_hf(model, dtype=dtype).to(device), f"Hugging Face folder {model}"
     if checkpoint is not None:
         try:
             from .checkpoint import load_checkpoint
@@ -431,7 +440,7 @@ def notes(weights: str, dev: torch.device) -> list[str]:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="cpu", help="preset name (snlp_lab.PRESETS)")
+    ap.add_argument("--model", default="cpu", help="preset name (snlp_lab.PRESETS) or a local Hugging Face folder")
     ap.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
     ap.add_argument("--seq-lens", nargs="+", type=int, default=[128, 2048])
     ap.add_argument("--decode-tokens", type=int, default=32)

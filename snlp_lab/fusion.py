@@ -49,12 +49,22 @@ def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
     return C, M
 
 
+def fusable(model) -> bool:
+    """Whether fused chunks are defined for the model: the single-stream GPT, whose stacked weights
+    (`stacked_weights`) fusion re-arranges. mHC models and transformers models (`snlp_lab.hf`) have no
+    fused form here."""
+    return hasattr(model, "stacked_weights") and getattr(model.config, "n_streams", 1) == 1
+
+
 def check_chunkable(model) -> None:
-    """Fusion is defined for the single-stream GPT; mHC models have no fused form here."""
+    """Raise a ValueError, saying why, if `fusable(model)` is False."""
     n_streams = getattr(model.config, "n_streams", 1)
     if n_streams > 1:
         raise ValueError(f"chunks (layer fusion) are not supported on mHC models (n_streams={n_streams}); "
                          f"use chunks=None")
+    if not fusable(model):
+        raise ValueError(f"chunks (layer fusion) are not supported on {type(model).__name__} models (fusing "
+                         f"their decoder layers into one wide block is out of scope); use chunks=None")
 
 
 def fuse(W: dict, M: int) -> dict:
