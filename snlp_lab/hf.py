@@ -43,6 +43,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import param_key
 
+MIN_TRANSFORMERS = "5.4"  # from 5.4 on every supported family's quirks live in its modules (Gemma's
+# embedding scale moved into its embedding module then); tested with 5.4.0 and 5.24.0
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 # attributes of a decoder layer's submodules that may differ between layers: what they select (the
 # attention window, the rotary table) is passed to every layer explicitly, and the cache index is unused
@@ -339,14 +341,17 @@ def load_hf(path: str | os.PathLike, dtype=None) -> HFModel:
     Raises ValueError for a folder that is not a supported causal LM, naming the supported families.
     The model is in eval mode; call `.to(device)` to move it.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
+    from packaging.version import Version
     from .checkpoint import has_checkpoint, hf_weights_folder
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise ValueError(f"snlp_lab.hf needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}")
     dt = resolve_dtype(dtype)
     if has_checkpoint(path):  # a training run folder: its latest weights
         path = hf_weights_folder(path)
     hf_config(path)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(Path(path).expanduser(), local_files_only=True, dtype=dt)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(Path(path).expanduser(), local_files_only=True, dtype=dt)
     except (OSError, ValueError) as e:
         raise ValueError(f"transformers cannot load {path} as a causal LM: {e}") from None
     return HFModel(hf, path).eval()

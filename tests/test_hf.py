@@ -285,3 +285,27 @@ def test_bad_token_ids_and_lengths(llama):
         m.embed(torch.tensor([[0, VOCAB]]))
     with pytest.raises(ValueError, match="longer than the model's context max_position_embeddings=64"):
         m.embed(torch.zeros(1, 65, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------ notebook
+def test_pretrained_notebook_with_an_off_the_shelf_model(llama, tmp_path, monkeypatch):
+    """nb/pretrained with `-p hf_model PATH`: one-step SNLP on the folder's model next to our models."""
+    import pandas as pd
+    import papermill as pm
+    from snlp_lab.figures import ROOT
+    monkeypatch.setenv("SNLP_CACHE", str(tmp_path / "cache"))  # the toy models stay out of the user's cache
+    nb = ROOT / "nb" / "pretrained.ipynb"
+    pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), cwd=str(nb.parent), kernel_name="python3",
+                        parameters=dict(profile="smoke", fig_dir=str(tmp_path / "fig"), report_dir=str(tmp_path / "rep"),
+                                        hf_model=str(llama)), progress_bar=False)
+    df = pd.read_csv(tmp_path / "rep" / "pretrained.csv")
+    ours = df[df.model == f"off-the-shelf {llama.name}"].set_index("config")
+    assert len(ours) == 7 and ours.loc["sequential", "ppl"] > 1
+    assert abs(ours.loc[f"idn K={L} n={L} h0", "ppl_change_%"]) < 1e-3  # K = n_par: sequential
+    assert abs(ours.loc[f"idn K=1 n={L} h0", "ppl_change_%"]) > 1e-2
+    assert f"off-the-shelf {llama.name})" in (tmp_path / "rep" / "readings.jsonl").read_text()
+    with pytest.raises(pm.PapermillExecutionError, match="not a Hugging Face model folder") as err:
+        pm.execute_notebook(str(nb), str(tmp_path / "bad.ipynb"), cwd=str(nb.parent), kernel_name="python3",
+                            parameters=dict(profile="smoke", fig_dir=str(tmp_path), report_dir=str(tmp_path),
+                                            hf_model=str(tmp_path / "nothing")), progress_bar=False)
+    assert err.value.exec_count <= 3  # the first code cell
