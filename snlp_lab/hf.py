@@ -29,7 +29,6 @@ Families: `SUPPORTED` (tested with tiny random models of each, `tests/test_hf.py
 """
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from dataclasses import dataclass, field
@@ -143,6 +142,7 @@ class HFModel(nn.Module):
         self._window = [getattr(l.self_attn, "sliding_window", getattr(c, "sliding_window", None)) for l in base.layers]
         params = inspect.signature(base.layers[0].forward).parameters
         self._cache_kw = next(k for k in ("cache", "past_key_values", "past_key_value") if k in params)
+        self._sdpa = attn == "sdpa"
         self._stack_key, self._stacks = None, {}
 
     # ----------------------------------------------------------------------------------- parts
@@ -186,12 +186,21 @@ class HFModel(nn.Module):
             rope[t] = base.rotary_emb(h0, position_ids) if t is None else base.rotary_emb(h0, position_ids, t)
         return h0, HFContext(idx=idx, pos=pos, position_ids=position_ids, rope=rope)
 
-    def _mask(self, ctx: HFContext, past_len: int, window: int | None, dtype) -> torch.Tensor:
+    def _mask(self, ctx: HFContext, past_len: int, window: int | None, dtype, explicit: bool = False):
         """Additive mask [1, 1, T, past_len + T]: query i (absolute past_len + i) sees key j iff
-        j <= past_len + i and, in a sliding-window layer, past_len + i - j < window (transformers' rule)."""
+        j <= past_len + i and, in a sliding-window layer, past_len + i - j < window (transformers' rule).
+
+        None where SDPA needs none, as transformers passes it: no window reached and either no earlier
+        tokens (SDPA's own causal masking) or one new token (it sees every key). Besides speed, this keeps
+        single-token decoding off the fused CUDA kernels' masked paths (cuDNN failed there, torch 2.11).
+        The eager attention (Gemma 2) always gets the mask; `explicit` asks for it in any case."""
+        T = ctx.idx.shape[1]
+        if (self._sdpa and not explicit and (window is None or past_len + T <= window)
+                and (past_len == 0 or T == 1)):
+            return None
         key = (past_len, window, dtype)
         if key not in ctx._masks:
-            T, dev = ctx.idx.shape[1], ctx.idx.device
+            dev = ctx.idx.device
             q = past_len + torch.arange(T, device=dev)[:, None]
             k = torch.arange(past_len + T, device=dev)[None, :]
             ok = k <= q
@@ -220,7 +229,10 @@ class HFModel(nn.Module):
             out = self.blocks[start](H[0], **kws[0], **{self._cache_kw: cache})
             out = (out[0] if isinstance(out, tuple) else out).unsqueeze(0)
             return (out, (cache.k.unsqueeze(0), cache.v.unsqueeze(0))) if return_kv else out
-        mask = torch.stack([kw["attention_mask"] for kw in kws])
+        masks = [kw["attention_mask"] for kw in kws]
+        if any(m is None for m in masks) and not all(m is None for m in masks):  # one stack: all explicit
+            masks = [self._mask(ctx, Tp, self._window[l], H.dtype, explicit=True) for l in range(start, stop)]
+        mask = None if masks[0] is None else torch.stack(masks)
         cos = torch.stack([kw["position_embeddings"][0] for kw in kws])
         sin = torch.stack([kw["position_embeddings"][1] for kw in kws])
         template, pos_ids = self.blocks[start], ctx.position_ids
@@ -233,10 +245,11 @@ class HFModel(nn.Module):
             return (out, cache.k, cache.v) if return_kv else out
 
         pk, pv = past if past is not None else (None, None)
-        dims = (0, 0, 0, 0, 0, None if pk is None else 0, None if pv is None else 0)
-        # SDPA's fused CPU kernel has no vmap batching rule (vmap would loop over the layers): on a CPU
-        # attention runs on the math kernel, which is batched like the rest
-        with sdpa_kernel(SDPBackend.MATH) if H.device.type == "cpu" else contextlib.nullcontext():
+        dims = (0, 0, None if mask is None else 0, 0, 0, None if pk is None else 0, None if pv is None else 0)
+        # Attention runs on SDPA's math kernel here, batched over the layers like the rest: the fused
+        # kernels' vmap support is missing on a CPU (vmap would loop over the layers) and, on CUDA, failed
+        # for masked bf16 inputs (torch 2.11)
+        with sdpa_kernel(SDPBackend.MATH):
             res = torch.vmap(one, in_dims=dims)(self._stacked(start, stop), H, mask, cos, sin, pk, pv)
         return (res[0], (res[1], res[2])) if return_kv else res
 
