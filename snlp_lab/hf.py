@@ -143,7 +143,7 @@ class HFModel(nn.Module):
         params = inspect.signature(base.layers[0].forward).parameters
         self._cache_kw = next(k for k in ("cache", "past_key_values", "past_key_value") if k in params)
         self._sdpa = attn == "sdpa"
-        self._stack_key, self._stacks = None, {}
+        self._stack_key, self._stack = None, None
 
     # ----------------------------------------------------------------------------------- parts
     @property
@@ -256,20 +256,19 @@ class HFModel(nn.Module):
     def _stacked(self, start: int, stop: int) -> dict:
         """Parameters and buffers of layers start..stop-1 stacked on a leading axis, by name.
 
-        Under autograd they are stacked on every call (gradients flow to the layers); without it, once
-        per range and kept until a parameter changes (a copy of those layers' weights)."""
+        Under autograd they are stacked on every call (gradients flow to the layers). Without it, the
+        stack of the last range asked for is kept until the range or a parameter changes: one copy of
+        those layers' weights at most (solvers and decoders ask for the same range again and again)."""
         def stack():
-            mods = list(self.blocks[start:stop])
-            named = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in mods]
+            named = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in self.blocks[start:stop]]
             return {k: torch.stack([d[k] for d in named]) for k in named[0]}
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.blocks.parameters()):
             return stack()
-        key = param_key(self.blocks)
+        key = (start, stop, param_key(self.blocks))
         if key != self._stack_key:
-            self._stack_key, self._stacks = key, {}
-        if (start, stop) not in self._stacks:
-            self._stacks[(start, stop)] = stack()
-        return self._stacks[(start, stop)]
+            self._stack_key, self._stack = None, None  # free the old copy before making the new one
+            self._stack_key, self._stack = key, stack()
+        return self._stack
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Logits [B, T, V] in float32 at least: final norm, lm_head, and the family's final soft-cap."""
