@@ -148,9 +148,13 @@ def parse_config(text: str) -> BenchConfig:
     return BenchConfig(text=text.strip(), method=method, **kw)
 
 
-def default_configs(L: int, mhc: bool = False) -> list[str]:
+def default_configs(L: int, mhc: bool = False, fusion: bool = True) -> list[str]:
     """The configurations benchmarked by default for a model of depth L: the paper's (DESIGN §4) at
-    depth 32, their analogues at other depths; on mHC models (no fusion) per-layer IDN and HCN."""
+    depth 32, their analogues at other depths; on mHC models (no fusion) per-layer IDN and HCN; on
+    models without fusion (transformers models, `snlp_lab.hf`) per-layer IDN over half and all layers."""
+    if not fusion and not mhc:
+        h = max(1, L // 2)
+        return ["sequential", f"idn:K=1:n={h}", f"idn:K=2:n={h}", f"idn:K=1:n={L}", f"idn:K=1:n={h}:warm"]
     if mhc:
         n = 20 if L >= 32 else L
         return ["sequential", f"idn:K=1:n={n}", f"idn:K=2:n={n}", f"hcn:K=2:n={n}", f"hcn:K=4:n={n}:h0",

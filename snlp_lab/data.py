@@ -49,7 +49,8 @@ Cache
     ``prepare_data`` writes ``tokenizer.json``, ``train.npy``, ``val.npy`` (uint16) and
     ``meta.json`` (written last: it marks a complete entry) to ``cache_dir()/data/<key>/``, where
     the key hashes the corpus metadata (source, file list and sizes, ...), the vocabulary size and
-    ``max_train_bytes`` (a pretrained tokenizer: a hash of its files instead; no tokenizer.json). An unchanged second call loads everything and trains nothing. Note that the
+    ``max_train_bytes`` (a pretrained tokenizer: a hash of its files instead; no tokenizer.json).
+    An unchanged second call loads everything and trains nothing. Note that the
     file list hash uses sizes, not contents: an edit that keeps a file's size is not noticed
     (delete the cache folder). Files are written atomically, so an interrupted run leaves no
     half-written entry; concurrent callers (e.g. several ranks) each build the same files, so let
@@ -480,10 +481,11 @@ def prepare_data(source: str | os.PathLike | Corpus = "stdlib", vocab_size: int 
     tokenizer: a local Hugging Face model folder whose tokenizer to use (`PretrainedTokenizer`)
     instead of training a BPE; vocab_size and max_train_bytes are then ignored.
     """
+    if tokenizer is None:
+        _check_vocab_size(vocab_size)
     corpus = source if isinstance(source, Corpus) else load_corpus(source)
     pretrained = None if tokenizer is None else PretrainedTokenizer(tokenizer)
     if pretrained is None:
-        _check_vocab_size(vocab_size)
         key = _cache_key(corpus.meta, vocab_size, max_train_bytes)
     else:
         key = _cache_key(corpus.meta, pretrained.vocab_size, 0, pretrained.fingerprint())

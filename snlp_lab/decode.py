@@ -51,8 +51,9 @@ class KVCache:
 
 class ModelLayers:
     """Layers start..stop-1 of any layer stack whose `layers` take `past` and `return_kv` (the mHC
-    model, a transformers model of `snlp_lab.hf`), one unit per layer, indexed from 0 like a `ChunkStack`. The model reads its own weights on
-    every call; `ChunkStack` (used for the plain GPT) resolves them once."""
+    model, a transformers model of `snlp_lab.hf`), one unit per layer, indexed from 0 like a
+    `ChunkStack`. The model reads its own weights on every call; `ChunkStack` (used for the plain GPT)
+    resolves them once."""
 
     def __init__(self, model, start: int, stop: int):
         self.model, self.start, self.n_layer, self.config = model, start, stop - start, model.config

@@ -67,8 +67,8 @@ class HFConfig:
 
     @classmethod
     def from_hf(cls, c) -> "HFConfig":
-        return cls(model_type=c.model_type, n_layer=c.num_hidden_layers, n_embd=c.hidden_size,
-                   n_head=c.num_attention_heads, n_kv_head=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+        return cls(model_type=c.model_type, n_layer=c.num_hidden_layers, n_embd=c.hidden_size, n_head=c.num_attention_heads,
+                   n_kv_head=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                    head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads,
                    vocab_size=c.vocab_size, sequence_len=c.max_position_embeddings)
 
@@ -131,8 +131,7 @@ class HFModel(nn.Module):
         self.hf, self.path = hf, None if path is None else str(path)
         self.config = HFConfig.from_hf(c)
         base = hf.get_decoder()
-        shapes = {str(_structure(l)) for l in base.layers}
-        if len(shapes) > 1:
+        if len({str(_structure(l)) for l in base.layers}) > 1:
             raise ValueError(f"the decoder layers of this {c.model_type} model differ in structure, so they "
                              f"cannot be evaluated as one batched call")
         # per layer: its rotary table's name (layer type) where the family has several, and its window

@@ -471,7 +471,8 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
                          f"to continue it or choose another --out")
     if ckpt is not None and _comparable(ckpt["train_config"]) != _comparable(dataclasses.asdict(cfg)):
         old, new = _comparable(ckpt["train_config"]), _comparable(dataclasses.asdict(cfg))
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k))
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                         if old.get(k) != new.get(k))
         raise ValueError(f"cannot resume {out}: the training options differ ({diff}); use another --out")
 
     torch.manual_seed(cfg.seed)

@@ -10,7 +10,7 @@ import transformers as tf
 
 import snlp_lab
 from snlp_lab import solve
-from snlp_lab.bench import run_bench
+from snlp_lab.bench import default_configs, run_bench
 from snlp_lab.data import PretrainedTokenizer, load_corpus, prepare_data
 from snlp_lab.decode import Decoder, generate
 from snlp_lab.hf import SUPPORTED, load_hf
@@ -178,11 +178,11 @@ def text(tmp_path_factory):
 
 
 def test_bench_runs_on_a_folder(llama):
-    df = run_bench(str(llama), configs=["sequential", f"idn:K={L}:n={L}", "idn:K=1:n=3:warm"],
-                                  seq_lens=[12], decode_tokens=3, repeats=1, warmup=0, device="cpu")
-    assert list(df.config) == ["sequential", f"idn:K={L}:n={L}", "idn:K=1:n=3:warm"]
+    configs = default_configs(L, fusion=False) + [f"idn:K={L}:n={L}"]  # the defaults for a model without fusion
+    df = run_bench(str(llama), configs=configs, seq_lens=[12], decode_tokens=3, repeats=1, warmup=0, device="cpu")
+    assert list(df.config) == configs and not any("xF" in c for c in configs)
     assert df.weights[0] == f"Hugging Face folder {llama}" and (df.prefill_ms > 0).all()
-    assert df.top1[1] == 1.0  # K = n_par: the sequential logits
+    assert df.top1.iloc[-1] == 1.0  # K = n_par: the sequential logits
     with pytest.raises(ValueError, match="not supported on HFModel"):
         run_bench(str(llama), configs=["idn:K=1:n=4:2xF2"], seq_lens=[12], decode_tokens=3)
 
@@ -296,8 +296,8 @@ def test_pretrained_notebook_with_an_off_the_shelf_model(llama, tmp_path, monkey
     monkeypatch.setenv("SNLP_CACHE", str(tmp_path / "cache"))  # the toy models stay out of the user's cache
     nb = ROOT / "nb" / "pretrained.ipynb"
     pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), cwd=str(nb.parent), kernel_name="python3",
-                        parameters=dict(profile="smoke", fig_dir=str(tmp_path / "fig"), report_dir=str(tmp_path / "rep"),
-                                        hf_model=str(llama)), progress_bar=False)
+                        parameters=dict(profile="smoke", fig_dir=str(tmp_path / "fig"),
+                                        report_dir=str(tmp_path / "rep"), hf_model=str(llama)), progress_bar=False)
     df = pd.read_csv(tmp_path / "rep" / "pretrained.csv")
     ours = df[df.model == f"off-the-shelf {llama.name}"].set_index("config")
     assert len(ours) == 7 and ours.loc["sequential", "ppl"] > 1
