@@ -20,10 +20,15 @@
 # The paper finds that off-the-shelf models (Qwen2.5-0.5B, TinyLlama, Gemma-3-1B) are never faster than
 # sequential at useful PPL, and that fine-tuning TinyLlama with the regularizer did not fix that:
 # SNLP-friendliness has to be trained in from scratch. Here: (1) SNLP on the baseline models of the
-# profile (trained without the regularizer) and on any checkpoint given by path; (2) the baseline
-# fine-tuned with the IDN regularizer for a few steps, against the model regularized from scratch.
-# Downloading hub checkpoints is not possible offline; `checkpoint` takes a local checkpoint written
-# by `snlp_lab.train` (safetensors + JSON).
+# profile (trained without the regularizer), on any checkpoint given by path and on an off-the-shelf
+# model from a local Hugging Face folder (`-p hf_model PATH`: Llama, Mistral, Qwen2/3, Gemma 1/2/3,
+# run by transformers' own layers); (2) the baseline fine-tuned with the IDN regularizer for a few
+# steps, against the model regularized from scratch. Nothing is downloaded: `checkpoint` takes a local
+# checkpoint written by `snlp_lab.train`, `hf_model` a folder written by `save_pretrained`.
+#
+# The off-the-shelf model reads the profile's corpus through its own tokenizer, so its PPL is on other
+# tokens than our models'; what compares across models is the change against each model's own
+# sequential PPL.
 
 # %% tags=["parameters"]
 profile = "cpu"
@@ -32,8 +37,12 @@ report_dir = None  # relative paths are relative to the repository root
 variant = "plain"
 # a run folder or checkpoint written by snlp_lab.train; "" = none
 checkpoint = ""
+# a local Hugging Face causal-LM folder (snlp_lab.load_hf); "" = none
+hf_model = ""
 
 # %%
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import pandas as pd
 import seaborn as sns
@@ -42,13 +51,18 @@ from tqdm.auto import tqdm
 from snlp_lab import experiments as E
 from snlp_lab.params import check_path, output_dirs
 from snlp_lab.checkpoint import load_checkpoint
+from snlp_lab.data import prepare_data
+from snlp_lab.hf import hf_config, load_hf
 from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
 E.check_choice("variant", variant, [v for v, var in P.variants.items() if "idn" in var.regs])
 checkpoint = check_path("checkpoint", checkpoint)  # loaded now: a bad path fails before any training
 given = load_checkpoint(checkpoint).eval().requires_grad_(False) if checkpoint else None
+if hf_model:
+    hf_config(hf_model)  # a folder that is not a supported causal LM fails here, before any training
+# a run with a model of the user's own writes to the scratch folder unless told otherwise
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=bool(checkpoint or hf_model))
 ds = E.dataset(P)
 
 # %%
@@ -57,18 +71,24 @@ models = {"baseline (no reg)": E.trained(P, variant, "none", seed),
           "baseline + IDN fine-tune": E.trained(P, variant, "idn", seed, steps=P.finetune_steps,
                                                 init_from=str(E.run_folder(P, variant, "none", seed))),
           "IDN from scratch": E.trained(P, variant, "idn", seed)}
+data = {name: ds for name in models}  # the corpus in each model's tokens
 if given is not None:
     models[f"checkpoint {checkpoint.name}"] = given
+    data[f"checkpoint {checkpoint.name}"] = ds
+if hf_model:
+    name = f"off-the-shelf {Path(hf_model).name}"
+    models[name] = load_hf(hf_model).requires_grad_(False)
+    data[name] = prepare_data(P.data, tokenizer=hf_model)
 
 rows = []
 for name, model in tqdm(models.items(), desc="models"):
     L = model.n_layer
-    seq_ppl = E.ppl(P, model, ds)
+    seq_ppl = E.ppl(P, model, data[name])
     rows.append({"model": name, "config": "sequential", "n_par": 0, "K": 0, "ppl": seq_ppl})
     for n in sorted({L // 2, L}):
         for K in (1, 2, 4):
             rows.append({"model": name, "config": f"idn K={K} n={n} h0", "n_par": n, "K": K,
-                         "ppl": E.ppl(P, model, ds, "idn", iters=K, n_par=n, init="h0")})
+                         "ppl": E.ppl(P, model, data[name], "idn", iters=K, n_par=n, init="h0")})
 res = pd.DataFrame(rows)
 res["ppl_change_%"] = 100 * (res.ppl / res.model.map(res[res.config == "sequential"].set_index("model").ppl) - 1)
 
@@ -81,21 +101,22 @@ ax.set(ylabel="PPL change vs own sequential (%)", xlabel="IDN iterations K", ysc
 save_figure(fig, "pretrained", fig_dir)
 save_table(res, "pretrained", report_dir, "SNLP on unregularized models and after fine-tuning with the regularizer",
            {**P.describe(variant), "fine-tuning": f"{P.finetune_steps} steps with the IDN regularizer from the baseline",
+            **({"off-the-shelf": f"{hf_model}, float32, the corpus in its own tokenizer's tokens (its PPL is "
+                                 f"on other tokens than our models'; compare the changes)"} if hf_model else {}),
             "paper": "off-the-shelf models never faster at useful PPL; fine-tuning TinyLlama did not fix it"})
 res
 
 # %%
-def change(model, K, n):
-    r = res[(res.model == model) & (res.K == K) & (res.n_par == n)]
+def change(name, K=1):
+    """PPL change of K IDN iterations over all of the model's layers, against its own sequential PPL."""
+    r = res[(res.model == name) & (res.K == K) & (res.n_par == models[name].n_layer)]
     return float(r["ppl_change_%"].iloc[0])
 
-L = models["baseline (no reg)"].n_layer
 names = list(models)
-gap_base, gap_ft = change(names[0], 1, L), change(names[1], 1, L)
 reading = ("One IDN iteration over all layers changes PPL by "
-           + ", ".join(f"{change(m, 1, L):+.1f}% ({m})" for m in names[:3])
+           + ", ".join(f"{change(m):+.1f}% ({m})" for m in names)
            + (f"; {P.finetune_steps} fine-tuning steps with the regularizer take the baseline's gap from "
-              f"{gap_base:+.1f}% to {gap_ft:+.1f}%, against {change(names[2], 1, L):+.1f}% for the model "
-              "regularized from scratch."))
+              f"{change(names[0]):+.1f}% to {change(names[1]):+.1f}%, against {change(names[2]):+.1f}% for the "
+              "model regularized from scratch."))
 add_reading(report_dir, "pretrained", "pretrained", reading)
 print(reading)

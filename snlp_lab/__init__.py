@@ -5,6 +5,7 @@
     tokens = snlp_lab.generate(model, prompt, 32, method="idn", iters=1, n_par=8)   # KV-cached
     model = snlp_lab.trained_model("cpu-plain", steps=300, reg="idn")               # cached training
     model = snlp_lab.load_nanochat("base_checkpoints/d32")                          # a nanochat checkpoint
+    model = snlp_lab.load_hf("~/models/Qwen2.5-0.5B")    # a local Hugging Face folder as a layer stack
 """
 from .config import PRESETS, GPTConfig, get_config
 from .model import GPT, build_model
@@ -14,6 +15,7 @@ from .decode import Decoder, generate
 from .data import prepare_data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .nanochat import load_nanochat
+from .hf import HFModel, load_hf
 from . import diagnostics, jacobian, mhc
 
 # Names from the command-line modules (python -m snlp_lab.train, .evaluate, ...) load on first use:
@@ -30,5 +32,5 @@ def __getattr__(name):
 
 __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model", "SURROGATES", "NonFiniteError",
            "SolveResult", "methods", "register_surrogate", "solve", "Decoder", "generate", "prepare_data",
-           "evaluate_ppl", "load_checkpoint", "save_checkpoint", "load_nanochat", "TrainConfig", "trained_model",
+           "evaluate_ppl", "load_checkpoint", "save_checkpoint", "load_nanochat", "HFModel", "load_hf", "TrainConfig", "trained_model",
            "diagnostics", "jacobian", "mhc"]

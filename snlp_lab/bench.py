@@ -49,7 +49,7 @@ import torch
 from .config import resolve_device
 from .params import as_list, check_choice, check_int, check_path
 from .decode import DECODE_INITS, Decoder
-from .fusion import clear_fused_cache, parse_chunks
+from .fusion import clear_fused_cache, fusable, parse_chunks
 from .model import GPT, build_model
 from .experiments import PROFILES
 from .solve import INITS, NonFiniteError, methods
@@ -150,9 +150,13 @@ def parse_config(text: str) -> BenchConfig:
     return BenchConfig(text=text.strip(), method=method, **kw)
 
 
-def default_configs(L: int, mhc: bool = False) -> list[str]:
+def default_configs(L: int, mhc: bool = False, fusion: bool = True) -> list[str]:
     """The configurations benchmarked by default for a model of depth L: the paper's (DESIGN §4) at
-    depth 32, their analogues at other depths; on mHC models (no fusion) per-layer IDN and HCN."""
+    depth 32, their analogues at other depths; on mHC models (no fusion) per-layer IDN and HCN; on
+    models without fusion (transformers models, `snlp_lab.hf`) per-layer IDN over half and all layers."""
+    if not fusion and not mhc:
+        h = max(1, L // 2)
+        return ["sequential", f"idn:K=1:n={h}", f"idn:K=2:n={h}", f"idn:K=1:n={L}", f"idn:K=1:n={h}:warm"]
     if mhc:
         n = 20 if L >= 32 else L
         return ["sequential", f"idn:K=1:n={n}", f"idn:K=2:n={n}", f"hcn:K=2:n={n}", f"hcn:K=4:n={n}:h0",
@@ -201,9 +205,14 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
         name = f"{trained_as} (trained, step {meta['step']})"
     else:
         model = model or ("0.5b-plain" if profile == "paper" else "cpu")
-        check_choice("model", model, PRESETS)
-        cfg, name = PRESETS[model], model
+        if model not in PRESETS and os.path.isdir(os.path.expanduser(str(model))):  # a transformers folder
+            from .hf import HFConfig, hf_config
+            cfg, name = HFConfig.from_hf(hf_config(model)), Path(model).name
+        else:
+            check_choice("model", model, PRESETS)
+            cfg, name = PRESETS[model], model
     mhc = getattr(cfg, "n_streams", 1) > 1
+    fusion = not hasattr(cfg, "model_type")  # fused chunks: our GPT only (snlp_lab.fusion.fusable)
     big = cfg.n_embd >= 512
     if profile == "smoke":
         d = dict(seq_lens=[16], decode_tokens=4, repeats=1, warmup=0)
@@ -222,7 +231,7 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
         if not d["decode_tokens"] < T <= cfg.sequence_len:
             raise ValueError(f"sequence length {T} must lie in {d['decode_tokens'] + 1}..{cfg.sequence_len} "
                              f"(more than decode_tokens={d['decode_tokens']}, at most the sequence_len of model {name!r})")
-    configs = as_list("configs", configs) if configs is not None else default_configs(cfg.n_layer, mhc)
+    configs = as_list("configs", configs) if configs is not None else default_configs(cfg.n_layer, mhc, fusion)
     for c in configs:
         c = parse_config(c)
         c.check(cfg.n_layer)
@@ -307,16 +316,18 @@ def perturb_(model: GPT, scale: float = 0.3, seed: int = 0) -> GPT:
 
 
 def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """(model, weights description) from a preset name or a GPT, optionally loading a checkpoint."""
+    """(model, weights description) from a preset name, a local Hugging Face folder (`snlp_lab.hf`) or
+    a model, optionally loading a checkpoint."""
+    from .config import PRESETS
+    if isinstance(model, str) and model not in PRESETS and checkpoint is None:
+        if not os.path.isdir(os.path.expanduser(model)):
+            raise ValueError(f"unknown model {model!r}; valid: a preset ({', '.join(PRESETS)}) or a local "
+                             f"Hugging Face model folder")
+        from .hf import load_hf
+        return load_hf(model, dtype=dtype).to(device), f"Hugging Face folder {model}"
     if checkpoint is not None:
-        try:
-            from .checkpoint import load_checkpoint
-        except ImportError as e:
-            raise ValueError("checkpoint loading is not available (snlp_lab.checkpoint.load_checkpoint "
-                             "is missing); run without a checkpoint") from e
-        loaded = load_checkpoint(checkpoint)
-        m = loaded if isinstance(loaded, torch.nn.Module) else loaded[0]
-        weights = f"checkpoint {checkpoint}"
+        from .checkpoint import load_checkpoint
+        m, weights = load_checkpoint(checkpoint), f"checkpoint {checkpoint}"
     elif isinstance(model, torch.nn.Module):
         m, weights = model, "as given"
         p = next(m.parameters())
@@ -357,7 +368,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     m, weights = load_model(model, checkpoint, dev, dtype, seed)
     L, ctx_len = m.n_layer, m.config.sequence_len
     if configs is None:
-        configs = default_configs(L, getattr(m.config, "n_streams", 1) > 1)
+        configs = default_configs(L, getattr(m.config, "n_streams", 1) > 1, fusable(m))
     cfgs = [parse_config(c) for c in configs]
     is_base = [c.method == "sequential" and c.chunks is None for c in cfgs]
     base = cfgs.pop(is_base.index(True)) if any(is_base) else parse_config("sequential")
@@ -543,7 +554,7 @@ def notes(weights: str, dev: torch.device, graphs: bool = False) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m snlp_lab.bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="preset name (snlp_lab.PRESETS; default cpu, or the checkpoint's)")
+    ap.add_argument("--model", default=None, help="preset name (snlp_lab.PRESETS), or a local Hugging Face folder; default cpu, or the checkpoint's")
     ap.add_argument("--configs", nargs="+", default=None, help="default: the model's (default_configs)")
     ap.add_argument("--seq-lens", nargs="+", type=int, default=None,
                     help="default: 128 (and 2048 on a GPU), at most the model's context")

@@ -4,7 +4,8 @@ A run folder holds
 
     checkpoint.json            step, model config, train config, data stream position, RNG states,
                                metrics, and the names of the two files below; written last
-    model_<step>.safetensors   model weights
+    model_<step>.safetensors   model weights (a transformers model, `snlp_lab.hf`: the folder hf_<step>/
+                               written by its save_pretrained, which `load_hf` and transformers read)
     optim_<step>.pt            optimizer and learning-rate scheduler states
 
 Every file is written to a temporary name and moved into place with `os.replace`, and the JSON that
@@ -23,6 +24,7 @@ import base64
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -37,9 +39,11 @@ FORMAT_VERSION = 1
 
 
 def _atomic(path: Path, write) -> None:
-    """write(tmp_path), then move tmp_path onto path in one step."""
+    """write(tmp_path), then move tmp_path onto path in one step (a file, or a folder that is new)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
+    if path.is_dir():  # the same step saved again
+        shutil.rmtree(path)
     os.replace(tmp, path)
 
 
@@ -81,9 +85,13 @@ def save_checkpoint(run_dir: str | os.PathLike, model, step: int, train_config: 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = _unwrap(model)
-    files = {"model": f"model_{step:07d}.safetensors"}
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic(run_dir / files["model"], lambda p: save_file(weights, str(p), metadata={"step": str(step)}))
+    if hasattr(model, "save_pretrained"):  # a transformers model: its own folder format
+        files = {"model": f"hf_{step:07d}"}
+        _atomic(run_dir / files["model"], model.save_pretrained)
+    else:
+        files = {"model": f"model_{step:07d}.safetensors"}
+        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        _atomic(run_dir / files["model"], lambda p: save_file(weights, str(p), metadata={"step": str(step)}))
     if optim_state is not None:
         files["optimizer"] = f"optim_{step:07d}.pt"
         _atomic(run_dir / files["optimizer"], lambda p: torch.save(optim_state, p))
@@ -91,9 +99,9 @@ def save_checkpoint(run_dir: str | os.PathLike, model, step: int, train_config: 
             "train_config": train_config, "files": files, "rng": rng_state(), **info}
     path = run_dir / CHECKPOINT_JSON
     _atomic(path, lambda p: p.write_text(json.dumps(meta, indent=1)))
-    for old in [*run_dir.glob("model_*.safetensors"), *run_dir.glob("optim_*.pt")]:
+    for old in [*run_dir.glob("model_*.safetensors"), *run_dir.glob("optim_*.pt"), *run_dir.glob("hf_*")]:
         if old.name not in files.values():
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     return path
 
 
@@ -134,10 +142,11 @@ def saved_config(meta: dict) -> GPTConfig:
 
 
 def checkpoint_weights(path: str | os.PathLike, meta: dict | None = None) -> Path:
-    """The weights file of the checkpoint at `path`; ValueError when the JSON or the file is missing."""
+    """The weights of the checkpoint at `path` (a safetensors file, or a transformers model's folder);
+    ValueError when the JSON or the weights are missing."""
     meta = meta or read_checkpoint(path)
     weights = _json_path(path).parent / meta["files"]["model"]
-    if not weights.is_file():
+    if not weights.exists():
         raise ValueError(f"checkpoint {path} is incomplete: its weights file {weights} is missing")
     return weights
 
@@ -164,14 +173,31 @@ def load_checkpoint(path: str | os.PathLike, model=None, device: str | torch.dev
         _unwrap(model).load_state_dict(loaded.state_dict())
         return model
     meta = read_checkpoint(path)
-    if model is None:
+    weights = checkpoint_weights(path, meta)
+    if weights.is_dir():  # a transformers model's folder (snlp_lab.hf)
+        from .hf import load_hf
+        saved = load_hf(weights, dtype="auto")
+        if model is None:
+            return saved.to(device)
+    elif model is None:
         model = build_model(saved_config(meta)).to(device)
     target = _unwrap(model)
     _check_config(path, meta["model_config"], target)
     dev = next(target.parameters()).device
-    state = load_file(str(checkpoint_weights(path, meta)), device=str(dev))
+    state = saved.state_dict() if weights.is_dir() else load_file(str(weights), device=str(dev))
     target.load_state_dict(state)
     return model
+
+
+def hf_weights_folder(path: str | os.PathLike) -> Path:
+    """The Hugging Face folder holding the weights of a run folder's checkpoint (a fine-tuned
+    transformers model); ValueError for a checkpoint of one of our GPTs."""
+    meta = read_checkpoint(path)
+    folder = _json_path(path).parent / meta["files"]["model"]
+    if not folder.is_dir():
+        raise ValueError(f"the checkpoint in {path} holds one of snlp_lab's own models, not a Hugging Face "
+                         f"model; load it with snlp_lab.load_checkpoint")
+    return folder
 
 
 def load_optim_state(path: str | os.PathLike, device: str | torch.device = "cpu"):

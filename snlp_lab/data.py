@@ -40,12 +40,17 @@ Tokenizer
     ``max_train_bytes`` of the training split (BPE training on all of a big corpus is slow and
     hardly better); the sample is spread over the whole split by a hash of the document keys.
     One special token, ``<|bos|>``, which starts every document.
+    Or, with ``prepare_data(..., tokenizer=FOLDER)``, the tokenizer of a local Hugging Face model
+    folder (``PretrainedTokenizer``): nothing is trained, every document starts with the model's BOS
+    token (its EOS token where it has no BOS, as Qwen's), and tokens are stored as uint32 when the
+    vocabulary exceeds 65536.
 
 Cache
     ``prepare_data`` writes ``tokenizer.json``, ``train.npy``, ``val.npy`` (uint16) and
     ``meta.json`` (written last: it marks a complete entry) to ``cache_dir()/data/<key>/``, where
     the key hashes the corpus metadata (source, file list and sizes, ...), the vocabulary size and
-    ``max_train_bytes``. An unchanged second call loads everything and trains nothing. Note that the
+    ``max_train_bytes`` (a pretrained tokenizer: a hash of its files instead; no tokenizer.json).
+    An unchanged second call loads everything and trains nothing. Note that the
     file list hash uses sizes, not contents: an edit that keeps a file's size is not noticed
     (delete the cache folder). Files are written atomically, so an interrupted run leaves no
     half-written entry; concurrent callers (e.g. several ranks) each build the same files, so let
@@ -375,6 +380,56 @@ class Tokenizer:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id})"
 
 
+class PretrainedTokenizer:
+    """The tokenizer of a local Hugging Face model folder (`transformers.AutoTokenizer`) with the
+    interface of `Tokenizer`. `bos_id` is the id that starts every document: the tokenizer's BOS
+    token, or its EOS token where it has none (then documents are separated by EOS, as Qwen's are)."""
+
+    FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+             "vocab.json", "merges.txt")  # what defines a tokenizer: their hash names the data cache
+
+    def __init__(self, path: str | os.PathLike):
+        from transformers import AutoTokenizer
+
+        self.path = str(Path(path).expanduser())
+        try:
+            self.hf = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"cannot load a tokenizer from {path} (a Hugging Face model folder with "
+                             f"tokenizer files is needed): {e}") from None
+        bos = self.hf.bos_token_id if self.hf.bos_token_id is not None else self.hf.eos_token_id
+        if bos is None:
+            raise ValueError(f"the tokenizer in {path} has neither a BOS nor an EOS token to start documents with")
+        self.bos_id: int = bos
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+        return len(self.hf)
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for name in self.FILES:
+            f = Path(self.path) / name
+            if f.is_file():
+                h.update(name.encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        # verbose=False: documents longer than the model's context are fine here (cut into windows later)
+        return self.hf(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
+
+    def decode(self, ids, skip_bos: bool = False) -> str:
+        ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
+        return self.hf.decode(ids, skip_special_tokens=skip_bos)
+
+    def __repr__(self) -> str:
+        return f"PretrainedTokenizer({self.path!r}, vocab_size={self.vocab_size}, bos_id={self.bos_id})"
+
+
 def _tokenizer_sample(corpus: Corpus, max_train_bytes: int) -> list[str]:
     """A deterministic sample of about max_train_bytes of training text, spread over the split.
 
@@ -401,13 +456,13 @@ def _tokenizer_sample(corpus: Corpus, max_train_bytes: int) -> list[str]:
 
 @dataclass
 class Dataset:
-    """Tokenized corpus: `train` and `val` are 1-D uint16 arrays (memory-mapped from `path`),
+    """Tokenized corpus: `train` and `val` are 1-D uint16 (uint32) arrays (memory-mapped from `path`),
     every document starting with `tokenizer.bos_id`. `cached` is True when nothing was trained
     or encoded (all loaded from the cache)."""
 
     train: np.ndarray
     val: np.ndarray
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | PretrainedTokenizer
     meta: dict
     path: Path
     cached: bool = False
@@ -415,30 +470,40 @@ class Dataset:
 
 def prepare_data(source: str | os.PathLike | Corpus = "stdlib", vocab_size: int = 4096,
                  max_train_bytes: int = DEFAULT_MAX_TRAIN_BYTES,
-                 cache: str | os.PathLike | None = None, progress: bool | None = None) -> Dataset:
+                 cache: str | os.PathLike | None = None, progress: bool | None = None,
+                 tokenizer: str | os.PathLike | None = None) -> Dataset:
     """Load a corpus, train (or reuse) its tokenizer and tokenize it (or reuse the token arrays).
 
     source: see `load_corpus`, or a Corpus. vocab_size: BPE vocabulary, BOS included (<= 65536).
     max_train_bytes: size of the training-text sample the BPE is learned from.
     cache: folder holding the `<key>/` dataset folders; default `cache_dir()/"data"`.
     progress: show progress bars and messages; None = only on a terminal.
+    tokenizer: a local Hugging Face model folder whose tokenizer to use (`PretrainedTokenizer`)
+    instead of training a BPE; vocab_size and max_train_bytes are then ignored.
     """
-    _check_vocab_size(vocab_size)
+    if tokenizer is None:
+        _check_vocab_size(vocab_size)
     corpus = source if isinstance(source, Corpus) else load_corpus(source)
-    path = Path(cache if cache is not None else cache_dir() / "data") / _cache_key(
-        corpus.meta, vocab_size, max_train_bytes)
+    pretrained = None if tokenizer is None else PretrainedTokenizer(tokenizer)
+    if pretrained is None:
+        key = _cache_key(corpus.meta, vocab_size, max_train_bytes)
+    else:
+        key = _cache_key(corpus.meta, pretrained.vocab_size, 0, pretrained.fingerprint())
+    path = Path(cache if cache is not None else cache_dir() / "data") / key
     files = {name: path / f"{name}.npy" for name in ("train", "val")}
     tok_file, meta_file = path / "tokenizer.json", path / "meta.json"
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
 
-    if meta_file.exists() and tok_file.exists() and all(f.exists() for f in files.values()):
+    if meta_file.exists() and (pretrained or tok_file.exists()) and all(f.exists() for f in files.values()):
         return Dataset(train=np.load(files["train"], mmap_mode="r"),
                        val=np.load(files["val"], mmap_mode="r"),
-                       tokenizer=Tokenizer.load(tok_file), meta=json.loads(meta_file.read_text()),
+                       tokenizer=pretrained or Tokenizer.load(tok_file), meta=json.loads(meta_file.read_text()),
                        path=path, cached=True)
 
     path.mkdir(parents=True, exist_ok=True)
-    if tok_file.exists():  # a previous run got past training and stopped while encoding
+    if pretrained is not None:
+        tokenizer, sample_bytes = pretrained, None
+    elif tok_file.exists():  # a previous run got past training and stopped while encoding
         tokenizer, sample_bytes = Tokenizer.load(tok_file), None
     else:
         sample = _tokenizer_sample(corpus, max_train_bytes)
@@ -453,7 +518,7 @@ def prepare_data(source: str | os.PathLike | Corpus = "stdlib", vocab_size: int 
         "format": FORMAT_VERSION, "key": path.name, "corpus": corpus.meta,
         "vocab_size": tokenizer.vocab_size, "vocab_size_requested": vocab_size,
         "bos_id": tokenizer.bos_id, "max_train_bytes": max_train_bytes,
-        "tokenizer_train_bytes": sample_bytes,
+        "tokenizer_train_bytes": sample_bytes, "pretrained_tokenizer": pretrained and pretrained.path,
         "train_docs": counts["train"][0], "val_docs": counts["val"][0],
         "train_tokens": counts["train"][1], "val_tokens": counts["val"][1],
     }
@@ -463,20 +528,30 @@ def prepare_data(source: str | os.PathLike | Corpus = "stdlib", vocab_size: int 
                    tokenizer=tokenizer, meta=meta, path=path, cached=False)
 
 
-def _cache_key(corpus_meta: dict, vocab_size: int, max_train_bytes: int) -> str:
-    blob = json.dumps({"format": FORMAT_VERSION, "corpus": corpus_meta, "vocab_size": vocab_size,
-                       "max_train_bytes": max_train_bytes}, sort_keys=True)
-    return f"{corpus_meta['kind']}-v{vocab_size}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+def _cache_key(corpus_meta: dict, vocab_size: int, max_train_bytes: int, tokenizer: str | None = None) -> str:
+    """The dataset's folder name; `tokenizer` = a pretrained tokenizer's fingerprint (None: our BPE)."""
+    d = {"format": FORMAT_VERSION, "corpus": corpus_meta, "vocab_size": vocab_size, "max_train_bytes": max_train_bytes}
+    if tokenizer is not None:
+        d["tokenizer"] = tokenizer
+    blob = json.dumps(d, sort_keys=True)
+    kind = "hf" if tokenizer is not None else "v"
+    return f"{corpus_meta['kind']}-{kind}{vocab_size}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
 
 
-def _encode_split(corpus: Corpus, split: str, tokenizer: Tokenizer, out: Path,
+def token_dtype(vocab_size: int):
+    """uint16 while every id fits, else uint32 (pretrained vocabularies reach 262144)."""
+    return np.uint16 if vocab_size <= MAX_VOCAB else np.uint32
+
+
+def _encode_split(corpus: Corpus, split: str, tokenizer: Tokenizer | PretrainedTokenizer, out: Path,
                   progress: bool | None) -> tuple[int, int]:
-    """Tokenize one split into a uint16 .npy file, each doc prefixed with BOS. Returns (docs, tokens).
+    """Tokenize one split into a uint16 (uint32) .npy file, each doc prefixed with BOS. Returns (docs, tokens).
 
     Tokens are streamed to a raw temp file and then wrapped as .npy, so memory stays bounded
     by one chunk whatever the corpus size.
     """
     raw = out.with_name(f"{out.name}.{os.getpid()}.raw")
+    dtype = token_dtype(tokenizer.vocab_size)
     n_docs = n_tokens = 0
     bar = tqdm(total=corpus.meta[f"{split}_docs"], desc=f"tokenize {split}", unit="doc",
                disable=None if progress is None else not progress)
@@ -486,11 +561,11 @@ def _encode_split(corpus: Corpus, split: str, tokenizer: Tokenizer, out: Path,
             for doc in tokenizer.encode_batch(chunk):
                 ids.append(tokenizer.bos_id)
                 ids.extend(doc)
-            f.write(np.asarray(ids, dtype=np.uint16).tobytes())
+            f.write(np.asarray(ids, dtype=dtype).tobytes())
             n_docs, n_tokens = n_docs + len(chunk), n_tokens + len(ids)
             bar.update(len(chunk))
     bar.close()
-    tokens = np.memmap(raw, dtype=np.uint16, mode="r") if n_tokens else np.zeros(0, np.uint16)
+    tokens = np.memmap(raw, dtype=dtype, mode="r") if n_tokens else np.zeros(0, dtype)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, tokens)

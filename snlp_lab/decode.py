@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-from .fusion import ChunkStack, check_chunkable, parse_chunks
+from .fusion import ChunkStack, check_chunkable, fusable, parse_chunks
 from .solve import SURROGATES, NonFiniteError, backout_state, head_logits, iterate, methods
 
 DECODE_INITS = ("h0", "fwd", "warm")
@@ -50,9 +50,10 @@ class KVCache:
 
 
 class ModelLayers:
-    """Layers start..stop-1 of any layer stack whose `layers` take `past` and `return_kv` (e.g. the mHC
-    model), one unit per layer, indexed from 0 like a `ChunkStack`. The model reads its own weights on
-    every call; `ChunkStack` (used for the plain GPT) resolves them once."""
+    """Layers start..stop-1 of any layer stack whose `layers` take `past` and `return_kv` (the mHC
+    model, a transformers model of `snlp_lab.hf`), one unit per layer, indexed from 0 like a
+    `ChunkStack`. The model reads its own weights on every call; `ChunkStack` (used for the plain GPT)
+    resolves them once."""
 
     def __init__(self, model, start: int, stop: int):
         self.model, self.start, self.n_layer, self.config = model, start, stop - start, model.config
@@ -118,9 +119,9 @@ class Decoder:
                  jac: str = "jvp", seed: int = 0, max_len: int | None = None, compile: bool | str = False,
                  check_finite: bool = True):
         L = model.n_layer
-        # the plain GPT runs on weights resolved once (ChunkStack); other stacks (mHC) on their own
-        # `layers`, one unit per layer: fusion is defined for the single-stream GPT only
-        self._resolved = getattr(model.config, "n_streams", 1) == 1
+        # the plain GPT runs on weights resolved once (ChunkStack); other stacks (mHC, transformers
+        # models) on their own `layers`, one unit per layer: fusion is defined for the plain GPT only
+        self._resolved = fusable(model)
         if chunks is not None:
             check_chunkable(model)
         if method not in methods():
@@ -183,7 +184,7 @@ class Decoder:
         if parallel and self.init == "warm" and self.method != "sequential":
             raise ValueError("init='warm' needs the previous token's states; prefill with parallel=False, "
                              "or use init='h0' or 'fwd' for a parallel prefill")
-        self._setup(idx.shape[0], idx.device, self.model.wte.weight.dtype)
+        self._setup(idx.shape[0], idx.device, next(self.model.parameters()).dtype)
         return self._advance(idx, parallel=parallel)
 
     @torch.no_grad()

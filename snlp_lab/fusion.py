@@ -53,13 +53,24 @@ def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
     return C, M
 
 
+def fusable(model) -> bool:
+    """Whether fused chunks are defined for the model: the single-stream GPT, whose stacked weights
+    (`stacked_weights`) fusion re-arranges. mHC models and transformers models (`snlp_lab.hf`) have no
+    fused form here."""
+    return hasattr(model, "stacked_weights") and getattr(model.config, "n_streams", 1) == 1
+
+
 def check_chunkable(model) -> None:
-    """`ChunkStack` and the decoder's fused units are the single-stream GPT's; mHC models solve fused
-    chunks through their own `chunk_stack` (`snlp_lab.mhc.MHCChunkStack`), not yet in KV-cached decoding."""
+    """Raise a ValueError, saying why, if `fusable(model)` is False. `ChunkStack` and the decoder's fused
+    units are the single-stream GPT's; mHC models solve fused chunks through their own `chunk_stack`
+    (`snlp_lab.mhc.MHCChunkStack`), not yet in KV-cached decoding."""
     n_streams = getattr(model.config, "n_streams", 1)
     if n_streams > 1:
         raise ValueError(f"chunks (layer fusion) in KV-cached decoding are not supported on mHC models "
                          f"(n_streams={n_streams}); use chunks=None, or solve() for fused mHC chunks")
+    if not fusable(model):
+        raise ValueError(f"chunks (layer fusion) are not supported on {type(model).__name__} models (fusing "
+                         f"their decoder layers into one wide block is out of scope); use chunks=None")
 
 
 def fuse(W: dict, M: int) -> dict:

@@ -223,9 +223,19 @@ def paper_table(speed: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["model", "config", "T", "paper", "eager", "graphed", "bound"])
 
 
-def environment(device: torch.device) -> dict:
+def environment(device: torch.device, size: dict) -> dict:
+    """Versions, device names, the source commit and the timed models' configs (what the numbers are of)."""
+    import dataclasses
+    import subprocess
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_root() or ".", capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "device": str(device), "host": platform.node(), "cpu": platform.processor() or platform.machine()}
+           "device": str(device), "host": platform.node(), "cpu": platform.processor() or platform.machine(),
+           "commit": commit, "models": {p: dataclasses.asdict(get_config(p, **size["overrides"]))
+                                        for p in size["models"]}}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
         env.update(gpu=p.name, gpu_memory_GiB=round(p.total_memory / 2**30, 1), sm_count=p.multi_processor_count,
@@ -274,7 +284,8 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
             f"best graphed decode `{bd.config}` x{bd.decode_graph_speedup:.2f} "
             f"({bd.decode_graph_tok_s:.0f} vs {seq.decode_graph_tok_s:.0f} tokens/s).")
     lines = ["# GPU check", "",
-             f"`python -m snlp_lab.gpu_check{' --smoke' if smoke else ''}` on {where}; "
+             f"`python -m snlp_lab.gpu_check{' --smoke' if smoke else ''}` on {where}"
+             + (f", source commit {env['commit']}" if env.get("commit") else "") + "; "
              f"{sum(seconds.values()):.0f} s in all (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ").",
              "" if not smoke else "**Smoke run** (CPU, toy sizes): it tests the code path, its numbers mean nothing.",
              "", "## Correctness", "",
@@ -312,7 +323,7 @@ def run(smoke: bool = False, out: Path | None = None, device: str | None = None,
         raise ValueError("the full check needs a GPU; --smoke runs its code path on the CPU at toy sizes")
     size = SIZES["smoke" if smoke else "gpu"]
     out = Path(out) if out is not None else (repo_root() or Path.cwd()) / "reports" / "gpu"
-    env, seconds = environment(dev), {}
+    env, seconds = environment(dev, size), {}
 
     def part(name, fn):
         t0 = time.perf_counter()

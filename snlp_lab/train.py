@@ -3,6 +3,7 @@
     python -m snlp_lab.train --model cpu-plain --steps 600 --reg idn --lam 0.1 --n-par-set 4,8,12
     torchrun --nproc_per_node 2 -m snlp_lab.train --model cpu-plain --steps 600    # DDP, same numbers
     python -m snlp_lab.train --objective snlp-forward --iters 1 --n-par 12 --init-from RUN_DIR
+    python -m snlp_lab.train --init-from-hf ~/models/Qwen2.5-0.5B --data DIR --reg idn --n-par-set 6,12,18
 
     result = train(TrainConfig(model="cpu-plain", steps=600, reg="idn"))      # in a notebook
     model = trained_model("cpu-plain", steps=600, reg="idn", lam=0.1)         # cached, see below
@@ -12,6 +13,11 @@ structured Newton iteration of surrogate `reg` from h0 on the last N layers, N i
 with the sequential forward's states) and w(t) rising linearly from 0 to 1 over the first
 `warmup_frac` of the steps. Objective "snlp-forward" is the CE of the K-iteration SNLP output
 (`snlp_lab.solve`, differentiable), from scratch or fine-tuning a checkpoint (`init_from`).
+
+`init_from_hf` fine-tunes a transformers model from a local folder (`snlp_lab.hf.load_hf`) instead, on
+the same loop, optimizers and checkpoints: --data is encoded with the model's own tokenizer, learning
+rates default to fine-tuning values (`FINETUNE_LRS`, a starting point, not tuned), and the checkpoint's
+weights are a Hugging Face folder (`hf_<step>/`, save_pretrained) that `load_hf(run_dir)` loads.
 
 Optimizers as nanochat: Muon for the blocks' matrices (the nn.Linear weights under `blocks`), AdamW
 for embeddings, lm head and everything else (resid/x0 lambdas, mHC mixing); AdamW learning rates scale
@@ -49,12 +55,13 @@ from tqdm import tqdm
 
 from .checkpoint import checkpoint_weights, has_checkpoint, load_checkpoint, load_optim_state, read_checkpoint, save_checkpoint, set_rng_state
 from .config import GPTConfig, get_config, resolve_device
+from .hf import HFConfig, hf_config, load_hf
 from .data import TokenStream, prepare_data
 from .evaluate import evaluate_ppl, parse_snlp_specs
 from .model import build_model
 from .paths import cache_dir
 from .regularizer import check_n_par_set, snlp_regularizer
-from .solve import INITS, SURROGATES, NonFiniteError, solve
+from .solve import INITS, SURROGATES, NonFiniteError, backout_state, head_logits, solve
 
 if importlib.util.find_spec(f"{__package__}.mhc") is not None:
     from . import mhc  # noqa: F401  (registers the "hcn" surrogate)
@@ -66,13 +73,17 @@ SMEAR_LR = 0.2  # nanochat: smear gate, smear and backout lambdas (not scaled wi
 SMEAR_PARAMS = ("smear_gate.weight", "smear_lambda", "backout_lambda")
 MUON_MOMENTUM = 0.95
 LOG_SECONDS = 30  # progress lines when the output is not a terminal
+# learning rates when left unset: nanochat's for training our models, smaller ones for fine-tuning a
+# pretrained transformers model (nanochat's would wreck it within a few steps)
+NANOCHAT_LRS = {"matrix_lr": 0.02, "embedding_lr": 0.2, "unembedding_lr": 0.004, "scalar_lr": 0.5}
+FINETUNE_LRS = {"matrix_lr": 0.002, "embedding_lr": 1e-5, "unembedding_lr": 1e-5, "scalar_lr": 1e-5}
 
 
 @dataclass
 class TrainConfig:
     """Everything a run depends on; `python -m snlp_lab.train --help` lists the same fields."""
     # model and data
-    model: str = "cpu"  # preset name (snlp_lab.config.PRESETS)
+    model: str = "cpu"  # preset name (snlp_lab.config.PRESETS); "hf" with init_from_hf
     override: tuple[str, ...] = ()  # model config overrides "key=value" (nanochat field names)
     data: str = "stdlib"  # "stdlib", a folder of text files, or parquet shards
     vocab_size: int | None = None  # BPE vocabulary; None: the preset's
@@ -81,10 +92,11 @@ class TrainConfig:
     batch_size: int = 16  # global batch (sequences per step, split over ranks)
     seq_len: int | None = None  # None: the model's sequence_len
     seed: int = 0
-    matrix_lr: float = 0.02  # Muon
-    embedding_lr: float = 0.2  # AdamW, times (n_embd/768)^-0.5 like the next two
-    unembedding_lr: float = 0.004
-    scalar_lr: float = 0.5  # resid lambdas get 1/100 of it (nanochat)
+    # None: NANOCHAT_LRS, or FINETUNE_LRS with init_from_hf
+    matrix_lr: float | None = None  # Muon
+    embedding_lr: float | None = None  # AdamW, times (n_embd/768)^-0.5 like the next one
+    unembedding_lr: float | None = None
+    scalar_lr: float | None = None  # AdamW: lambdas, norms, biases; resid lambdas get 1/100 of it (nanochat)
     lr_warmup_frac: float = 0.0
     lr_warmdown_frac: float = 0.2
     # SNLP-aware regularizer (objective "ce")
@@ -101,6 +113,7 @@ class TrainConfig:
     n_par: int | None = None  # None: the depth
     init: str = "h0"
     init_from: str | None = None  # checkpoint (run folder) to start from
+    init_from_hf: str | None = None  # a local Hugging Face model folder to fine-tune (snlp_lab.hf)
     # run bookkeeping: these do not change the trained weights
     out: str | None = None  # run folder; None: cache_dir()/runs/<model>-<hash of the config>
     resume: bool = False
@@ -164,7 +177,16 @@ def parse_overrides(override) -> dict:
     return out
 
 
-def model_config(cfg: TrainConfig) -> GPTConfig:
+def model_config(cfg: TrainConfig) -> GPTConfig | HFConfig:
+    """The model's config: the preset's with the overrides, or the transformers folder's."""
+    if cfg.init_from_hf is not None:
+        if cfg.override:
+            raise ValueError("--override changes our presets; a Hugging Face model (--init-from-hf) keeps its config")
+        mcfg = HFConfig.from_hf(hf_config(cfg.init_from_hf))
+        if cfg.vocab_size not in (None, mcfg.vocab_size):
+            raise ValueError(f"vocab_size={cfg.vocab_size}, but the model in {cfg.init_from_hf} has "
+                             f"{mcfg.vocab_size} tokens (its tokenizer encodes the data); leave --vocab-size out")
+        return mcfg
     over = parse_overrides(cfg.override)
     if cfg.vocab_size is not None:
         over["vocab_size"] = cfg.vocab_size
@@ -180,6 +202,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if npset is None:
         npset = tuple(sorted({max(1, L * k // 4) for k in (1, 2, 3)}))
     over = tuple(f"{k}={v}" for k, v in sorted(parse_overrides(cfg.override).items()))
+    hf = cfg.init_from_hf is not None
+    if hf and cfg.init_from is not None:
+        raise ValueError("give one of --init-from (our checkpoint) and --init-from-hf (a Hugging Face folder)")
+    lrs = {k: v for k, v in (FINETUNE_LRS if hf else NANOCHAT_LRS).items() if getattr(cfg, k) is None}
+    cfg = dataclasses.replace(cfg, **lrs, model="hf" if hf else cfg.model,
+                              init_from_hf=str(Path(cfg.init_from_hf).expanduser().resolve()) if hf else None)
     cfg = dataclasses.replace(cfg, override=over, vocab_size=mcfg.vocab_size,
                               seq_len=mcfg.sequence_len if cfg.seq_len is None else cfg.seq_len, n_par_set=tuple(npset),
                               n_par=L if cfg.n_par is None else cfg.n_par)
@@ -264,7 +292,7 @@ def reg_weight(step: int, steps: int, warmup_frac: float) -> float:
 
 # ------------------------------------------------------------------------------------------ optimizers
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """[Muon for the blocks' nn.Linear weights, AdamW for the rest], nanochat's split and rates."""
+    """[Muon for the blocks' nn.Linear weights, AdamW for the rest], nanochat's split; cfg is resolved (`resolve`)."""
     matrices = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     muon, groups = [], {"embed": [], "head": [], "scalar": [], "resid": [], "smear": []}
@@ -312,7 +340,8 @@ class SNLPLoss(nn.Module):
         trace = [h]  # the states are kept: the regularizer reuses them
         for l in range(m.n_layer):
             trace.append(m.layer(l, trace[-1], ctx))
-        ce = F.cross_entropy(m.head_from_trace(trace).flatten(0, 1), y.flatten())
+        logits = head_logits(m, trace[-1], backout_state(m, trace, m.n_layer))  # any layer stack (ours, HF)
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         if cfg.reg == "none":
             return ce, ce, torch.zeros_like(ce)
         reg = snlp_regularizer(m, trace, ctx, cfg.n_par_set, cfg.reg, cfg.stride, cfg.detach_target,
@@ -368,7 +397,8 @@ def _load_data(cfg: TrainConfig, d: _Dist):
     """Prepare the dataset (rank 0 first: it builds the cache the others read) and check its size."""
     if not d.main:
         d.barrier()
-    ds = prepare_data(cfg.data, vocab_size=cfg.vocab_size, progress=cfg.progress if d.main else False)
+    ds = prepare_data(cfg.data, vocab_size=cfg.vocab_size, progress=cfg.progress if d.main else False,
+                      tokenizer=cfg.init_from_hf)
     if d.main:
         d.barrier()
     need = cfg.batch_size * cfg.seq_len + 1
@@ -408,7 +438,7 @@ def _check_surrogates(model, cfg: TrainConfig) -> None:
 
 def _comparable(cfg_dict: dict) -> dict:
     d = json.loads(json.dumps(cfg_dict))  # tuples -> lists, as stored
-    return {k: v for k, v in d.items() if k not in RUN_FIELDS}
+    return {k: v for k, v in d.items() if k not in RUN_FIELDS and v is not None}  # None = an option not set
 
 
 def _evaluate(model, ds, cfg: TrainConfig, autocast) -> dict:
@@ -448,11 +478,15 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
                          f"to continue it or choose another --out")
     if ckpt is not None and _comparable(ckpt["train_config"]) != _comparable(dataclasses.asdict(cfg)):
         old, new = _comparable(ckpt["train_config"]), _comparable(dataclasses.asdict(cfg))
-        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k))
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+                         if old.get(k) != new.get(k))
         raise ValueError(f"cannot resume {out}: the training options differ ({diff}); use another --out")
 
     torch.manual_seed(cfg.seed)
-    model = build_model(model_config(cfg)).to(device)
+    if cfg.init_from_hf is not None:  # fine-tuning in float32; autocast gives bf16 compute on a GPU
+        model = load_hf(cfg.init_from_hf, dtype=torch.float32).train().to(device)
+    else:
+        model = build_model(model_config(cfg)).to(device)
     _check_surrogates(model, cfg)
     ds = _load_data(cfg, d)
     if cfg.batch_size % d.world:
@@ -602,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m snlp_lab.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
-    a("--model", default=D.model, help="model preset (snlp_lab.config.PRESETS)")
+    a("--model", default=D.model, help="model preset (snlp_lab.config.PRESETS); not used with --init-from-hf")
     a("--override", action="append", default=[], metavar="KEY=VALUE",
       help="model config override, repeatable (e.g. --override n_layer=6)")
     a("--data", default=D.data, help="'stdlib', a folder of text files, or parquet shards")
@@ -611,10 +645,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch-size", type=int, default=D.batch_size, help="global batch, split over the processes")
     a("--seq-len", type=int, default=None, help="default: the model's sequence_len")
     a("--seed", type=int, default=D.seed)
-    a("--matrix-lr", type=float, default=D.matrix_lr, help="Muon, blocks' matrices")
-    a("--embedding-lr", type=float, default=D.embedding_lr, help="AdamW, times (n_embd/768)^-0.5")
-    a("--unembedding-lr", type=float, default=D.unembedding_lr, help="AdamW, times (n_embd/768)^-0.5")
-    a("--scalar-lr", type=float, default=D.scalar_lr, help="AdamW, lambdas and mHC mixing")
+    lr = lambda k: f"default {NANOCHAT_LRS[k]}, with --init-from-hf {FINETUNE_LRS[k]}"
+    a("--matrix-lr", type=float, default=None, help=f"Muon, blocks' matrices ({lr('matrix_lr')})")
+    a("--embedding-lr", type=float, default=None, help=f"AdamW, times (n_embd/768)^-0.5 ({lr('embedding_lr')})")
+    a("--unembedding-lr", type=float, default=None, help=f"AdamW, times (n_embd/768)^-0.5 ({lr('unembedding_lr')})")
+    a("--scalar-lr", type=float, default=None, help=f"AdamW, lambdas, norms, biases, mHC mixing ({lr('scalar_lr')})")
     a("--lr-warmup-frac", type=float, default=D.lr_warmup_frac)
     a("--lr-warmdown-frac", type=float, default=D.lr_warmdown_frac)
     a("--reg", default=D.reg, help=f"regularizer surrogate: none, {', '.join(SURROGATES)}")
@@ -629,6 +664,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--n-par", type=int, default=None, help="parallel layers of the snlp-forward objective (default: all)")
     a("--init", default=D.init, help=f"initial guess of the snlp-forward objective: {', '.join(INITS)}")
     a("--init-from", default=None, metavar="CKPT", help="start from this checkpoint's weights (fine-tuning)")
+    a("--init-from-hf", default=None, metavar="PATH",
+      help="fine-tune the transformers causal LM in this local folder (its tokenizer encodes --data)")
     a("--out", default=None, help="run folder (default: cache_dir()/runs/<model>-<config hash>)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--eval-every", type=int, default=D.eval_every, help="0: only at the end")

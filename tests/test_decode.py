@@ -66,7 +66,8 @@ def idn_decode_without_cache(model, prompt, fed, iters, n_par, chunks, init):
             seen[S + c] = torch.cat([seen[S + c], X[c]], dim=1)
         last = torch.stack(H)
         b = model.backout_layer  # backout reads the run's own state of layer b (its unit's output)
-        all_logits.append(model.head(H[-1], outs[b] if b < S else H[(b - S) // M])[:, -1])
+        hb = None if b is None else outs[b] if b < S else H[(b - S) // M]
+        all_logits.append((model.head(H[-1]) if hb is None else model.head(H[-1], hb))[:, -1])
     return torch.stack(all_logits, dim=1)
 
 

@@ -89,7 +89,7 @@ def test_optimizer_split():
         if over.get("n_streams") and "hcn" not in SURROGATES:
             continue
         m = snlp_lab.build_model("tiny", **over)
-        muon, adamw = T.build_optimizers(m, TrainConfig())
+        muon, adamw = T.build_optimizers(m, T.resolve(TrainConfig(model="tiny")))  # learning rates filled in
         muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
         adam_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
         blocks = {id(mod.weight) for mod in m.blocks.modules() if isinstance(mod, torch.nn.Linear)}
