@@ -170,6 +170,13 @@ class Decoder:
     def restore(self, snap) -> None:
         self.pos, self._last = snap
 
+    def rewind(self, pos: int) -> None:
+        """Forget the tokens from position pos on: the next token is written there. The warm-start
+        states are not rewound (use snapshot/restore where init="warm" needs them)."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"can rewind to a position in 0..{self.pos} (the current one), got {pos}")
+        self.pos = pos
+
     # ------------------------------------------------------------------------------------------ decoding
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor, parallel: bool = False) -> torch.Tensor:
@@ -190,12 +197,36 @@ class Decoder:
         return self._advance(idx, parallel=True)[:, -1]
 
     def _advance(self, idx: torch.Tensor, parallel: bool) -> torch.Tensor:
+        return self.feed_states(*self.prefix_states(idx), parallel=parallel)
+
+    # ------------------------------------------------------------------------------------------ split steps
+    # A step is the S prefix layers (`prefix_states`) then the parallel units (`feed_states`). Self-speculative
+    # decoding (snlp_lab.speculative) calls the two halves itself: its verifier reuses the drafter's prefix
+    # states, which are those of the sequential model.
+    def start(self, batch: int, device) -> None:
+        """Begin a new, empty sequence of `batch` rows (what `prefill` does before its first token)."""
+        self._setup(batch, torch.device(device), self.model.wte.weight.dtype)
+
+    @torch.no_grad()
+    def prefix_states(self, idx: torch.Tensor):
+        """The S prefix layers on tokens idx [B, T] at the current position: (h_S [B, T, D], ctx). Their
+        keys/values go into the prefix cache; the position does not move until `feed_states`."""
         T, p = idx.shape[1], self.pos
         if p + T > self.max_len:
             raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {p}")
         h, ctx = self.model.embed(idx, pos=p)
         for l in range(self.S):
             h = self._unit(self.prefix, self.cache_prefix, l, h, ctx, p)
+        return h, ctx
+
+    @torch.no_grad()
+    def feed_states(self, h: torch.Tensor, ctx, parallel: bool = True) -> torch.Tensor:
+        """The parallel units on prefix states h [B, T, D] (from `prefix_states`, with its ctx): logits
+        [B, T, V]. SNLP iterations when `parallel`, else the units in sequence. Caches the units' keys and
+        values and moves the position past these T tokens."""
+        T, p = h.shape[1], self.pos
+        if p + T > self.max_len:
+            raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {p}")
         if parallel and self.method != "sequential":
             H = self._solve(h, ctx, p)
         else:
