@@ -16,7 +16,7 @@ from pathlib import Path
 from .experiments import PROFILES
 from .report import write_index
 
-ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup")
+ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup", "speculative")
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -79,3 +79,9 @@ def fmt_change(new: float, old: float) -> str:
     if not (math.isfinite(new) and math.isfinite(old)) or old == 0:
         raise ValueError(f"cannot form a relative change from {new} and {old}")
     return f"{100 * (new / old - 1):+.1f}%"
+
+
+def output_dir(path) -> Path:
+    """A notebook's output folder: a relative path is taken relative to the notebooks' folder nb/,
+    wherever the kernel runs (so "../figures" is the repository's figures/ from any working directory)."""
+    return (Path(__file__).resolve().parent.parent / "nb" / path).resolve()

@@ -37,7 +37,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch
@@ -46,6 +45,7 @@ from .bench import BenchConfig, median_seconds, parse_config
 from .decode import Decoder, generate
 
 DEFAULT_DRAFT = "idn:K=1:n=8"
+
 
 @dataclass
 class SpeculativeStats:
@@ -188,8 +188,11 @@ def speculative_generate(model, idx: torch.Tensor, max_new_tokens: int, draft: s
         n, y = verify(p_logits, fed[1:], q, temperature, top_k, gen)
         tokens += fed[1:n + 1] + [y]
         verifier.rewind(verifier.pos - (B - n))  # keep t, d_1..d_n
-        stats.drafted, stats.accepted, stats.rejected = stats.drafted + B, stats.accepted + n, stats.rejected + (n < B)
-        stats.verifier_passes, stats.drafter_steps = stats.verifier_passes + 1, stats.drafter_steps + B
+        stats.drafted += B
+        stats.accepted += n
+        stats.rejected += n < B
+        stats.verifier_passes += 1
+        stats.drafter_steps += B
         stats.new_tokens += n + 1
         stats.shared_layer_tokens += drafter.S * B
         if len(tokens) < total:  # another round: bring the drafter to t, d_1..d_n
@@ -226,8 +229,8 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
             max_new_tokens: int = 32, repeats: int = 3, warmup: int = 1, seed: int = 0, log=None) -> pd.DataFrame:
     """Speculative decoding against sequential KV-cached decoding and the drafter alone, same run.
 
-    One row per (temperature, block B): acceptance rate α and tokens per verifier pass over all prompts
-    (prompt i sampled with seed + i); wall time of decoding every prompt (prefill included), median of
+    One row per (temperature, block B): the drafter's prefix layers S (shared with the verifier),
+    acceptance rate α and tokens per verifier pass over all prompts (prompt i sampled with seed + i); wall time of decoding every prompt (prefill included), median of
     `repeats` after `warmup`, the three methods interleaved (`bench.median_seconds`); speedup =
     sequential / speculative time; drafter_speedup s = sequential / drafter time; predicted =
     `predicted_speedup(α, B, s)`; identical: at temperature 0, whether every prompt's tokens equal
@@ -235,6 +238,7 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
     """
     cfg = parse_config(draft)
     cfg.check(model.n_layer)
+    S = cfg.decoder(model).S  # prefix layers the drafter shares with the verifier
     device = prompts[0].device
     log = log or (lambda s: None)
     rows = []
@@ -251,15 +255,14 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
         s = med["sequential"] / med["drafter"]
         for B in blocks:
             out = fns[B]()
-            st = SpeculativeStats(block=B)
-            for _, x in out:  # totals over the prompts
-                for k in ("drafted", "accepted", "rejected", "verifier_passes", "new_tokens", "shared_layer_tokens"):
-                    setattr(st, k, getattr(st, k) + getattr(x, k))
+            st = SpeculativeStats(block=B)  # totals over the prompts
+            for k in ("drafted", "accepted", "rejected", "verifier_passes", "new_tokens", "shared_layer_tokens"):
+                setattr(st, k, sum(getattr(x, k) for _, x in out))
             alpha = st.acceptance_rate
             if alpha is None:
                 raise ValueError("no draft token was tested: raise max_new_tokens above 1")
             same = all(torch.equal(o, r) for (o, _), r in zip(out, reference))
-            rows.append(dict(draft=draft, temperature=t, block=B, alpha=alpha, tokens_per_pass=st.tokens_per_pass,
+            rows.append(dict(draft=draft, S=S, temperature=t, block=B, alpha=alpha, tokens_per_pass=st.tokens_per_pass,
                              drafted=st.drafted, accepted=st.accepted, verifier_passes=st.verifier_passes,
                              speedup=med["sequential"] / med[B], drafter_speedup=s,
                              predicted=predicted_speedup(alpha, B, s),
