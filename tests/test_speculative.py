@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,14 +37,22 @@ def chi_square_p(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat / 2))
 
 
+WORDS = "def return import class self lambda while for in range print value key if else try with as pass".split()
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A briefly trained tiny model (its run folder), trained on this package's source."""
+    """A briefly trained tiny model (its run folder), on a fixed corpus of 30 files of pseudo-code."""
     root = tmp_path_factory.mktemp("spec")
     old = os.environ.get("SNLP_CACHE")
     os.environ["SNLP_CACHE"] = str(root / "cache")
     torch.set_num_threads(1)
-    cfg = TrainConfig(model="tiny", override=("vocab_size=300",), data=str(Path(snlp_lab.__file__).parent),
+    rng = np.random.default_rng(0)
+    (root / "corpus").mkdir()
+    for i in range(30):
+        text = "\n".join(" ".join(rng.choice(WORDS, size=8)) for _ in range(40))
+        (root / "corpus" / f"f{i:02d}.txt").write_text(text + "\n")
+    cfg = TrainConfig(model="tiny", override=("vocab_size=300",), data=str(root / "corpus"),
                       steps=40, batch_size=8, seq_len=32, out=str(root / "run"), device="cpu", progress=False)
     train(cfg)
     yield root / "run"
@@ -71,7 +80,7 @@ def test_greedy_equals_sequential(tiny, trained, which, draft):
     model = tiny if which == "random" else trained
     V, n_ctx = model.config.vocab_size, model.config.sequence_len
     g = torch.Generator().manual_seed(3)
-    refs, alphas = {}, []
+    rejected = 0
     for B in range(1, 9):
         T = (1, 2, 5, 9)[B % 4]
         new = n_ctx + 1 - T if B == 8 else 10
@@ -80,8 +89,9 @@ def test_greedy_equals_sequential(tiny, trained, which, draft):
         got, st = speculative_generate(model, prompt, new, draft=draft, block=B)
         assert torch.equal(got, ref), (B, T)
         assert st.new_tokens == new and st.accepted + st.verifier_passes == new
-        alphas.append(st.acceptance_rate)
-    assert min(alphas) < 1  # the drafter is not the model: the verifier had drafts to reject
+        rejected += st.rejected
+    if draft.startswith("jacobi"):  # a poor drafter: the verifier must have had drafts to reject
+        assert rejected > 0
 
 
 def test_sequential_draft_is_always_accepted(tiny):
@@ -248,13 +258,13 @@ def test_measure_table(trained):
 # ------------------------------------------------------------------------------------------ commands
 def test_run_carries_its_tokenizer(run, tmp_path):
     tok = load_tokenizer(run)
-    assert (run / TOKENIZER_JSON).is_file() and tok.vocab_size == 300
+    assert (run / TOKENIZER_JSON).is_file() and tok.vocab_size <= 300
     # a run without the file: rebuilt from the training settings, the same tokenizer
     (tmp_path / "old").mkdir()
     for f in run.iterdir():
         if f.name != TOKENIZER_JSON and f.is_file():
             (tmp_path / "old" / f.name).write_bytes(f.read_bytes())
-    text = "def speculative(x):\n    return x"
+    text = "def speculative(x):\n    return lambda value: x"
     assert load_tokenizer(tmp_path / "old").encode(text) == tok.encode(text)
 
 
@@ -277,11 +287,12 @@ def test_evaluate_command(run, capsys):
                           "--max-batches", "2"]) == 0
     out = capsys.readouterr().out
     model = load_checkpoint(run)
-    val = encode_split(str(Path(snlp_lab.__file__).parent), load_tokenizer(run))
+    val = encode_split(str(run.parent / "corpus"), load_tokenizer(run))
     seq = evaluate_ppl(model, val, 32, 8, 2)
     rows = [[c.strip() for c in l.strip("|").split("|")] for l in out.splitlines() if l.startswith("| ")]
     assert rows[0] == ["config", "ppl", "tokens", "seconds"]
-    assert rows[1][:3] == ["sequential", f"{seq:.4f}", "512"] and rows[2][0] == "idn:K=1:n=4:2xF2"
+    assert rows[1][0] == "sequential" and float(rows[1][1]) == pytest.approx(seq, abs=1e-4) and rows[1][2] == "512"
+    assert rows[2][0] == "idn:K=1:n=4:2xF2"
     assert float(rows[2][1]) != float(rows[1][1])  # a fused chunk is another function
 
 
