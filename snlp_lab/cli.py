@@ -133,7 +133,7 @@ def _evaluate(argv) -> int:
     if data is None:
         raise ValueError(f"checkpoint {a.checkpoint} records no training data; pass --data")
     seq_len = a.seq_len or tc.get("seq_len") or model.config.sequence_len
-    if not 1 <= seq_len <= model.config.sequence_len or a.batch_size < 1 or (a.max_batches or 1) < 1:
+    if not 1 <= seq_len <= model.config.sequence_len or a.batch_size < 1 or (a.max_batches is not None and a.max_batches < 1):
         raise ValueError(f"need 1 <= --seq-len <= {model.config.sequence_len} (sequence_len), --batch-size >= 1 and "
                          f"--max-batches >= 1; got {seq_len}, {a.batch_size}, {a.max_batches}")
     val = encode_split(data, tok, "val")

@@ -303,6 +303,7 @@ def test_evaluate_command(run, capsys):
     (generate_main, ["RUN", "--prompt", "x", "--max-new-tokens", "99"], "sequence_len"),
     (evaluate_main, ["RUN", "--configs", "warp:K=1"], "unknown method 'warp'"),
     (evaluate_main, ["RUN", "--data", "/nonexistent"], "does not exist"),
+    (evaluate_main, ["RUN", "--max-batches", "0"], "--max-batches >= 1"),
 ])
 def test_commands_bad_input_is_one_error_line(run, capsys, main, args, msg):
     args = ["--checkpoint", str(run), *args[1:]] if args[0] == "RUN" else args
