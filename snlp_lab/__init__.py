@@ -3,6 +3,7 @@
     model = snlp_lab.build_model("cpu")                          # presets: snlp_lab.PRESETS
     res = snlp_lab.solve(model, idx, method="idn", iters=2, n_par=8, chunks="4xF2")
     tokens = snlp_lab.generate(model, prompt, 32, method="idn", iters=1, n_par=8)   # KV-cached
+    tokens, stats = snlp_lab.speculative_generate(model, prompt, 32, draft="idn:K=1:n=8", block=4)  # lossless
     model = snlp_lab.trained_model("cpu-plain", steps=300, reg="idn")               # cached training
     model = snlp_lab.load_nanochat("base_checkpoints/d32")                          # a nanochat checkpoint
     model = snlp_lab.load_hf("~/models/Qwen2.5-0.5B")    # a local Hugging Face folder as a layer stack
@@ -12,25 +13,30 @@ from .model import GPT, build_model
 from .solve import SURROGATES, NonFiniteError, SolveResult, methods, register_surrogate, solve
 from .mhc import MHCGPT  # also registers the "hcn" surrogate
 from .decode import Decoder, generate
+from .speculative import SpeculativeStats, speculative_generate
 from .data import prepare_data
 from .checkpoint import load_checkpoint, save_checkpoint
 from .nanochat import load_nanochat
 from .hf import HFModel, load_hf
 from . import diagnostics, jacobian, mhc
 
-# Names from the command-line modules (python -m snlp_lab.train, .evaluate, ...) load on first use:
-# imported here, each would already be in sys.modules when runpy runs it as __main__ (a warning and a
-# second copy of the module). `train` stays the module (snlp_lab.train.train is the function).
-_LAZY = {"evaluate_ppl": "evaluate", "TrainConfig": "train", "trained_model": "train"}
+# Modules that are also commands (`python -m snlp_lab.train`, `... .evaluate`) load on first use: imported
+# here, `python -m` would find them loaded already and run a second copy (runpy warns). `train` stays the
+# module (snlp_lab.train.train is the function).
+_ON_USE = {"TrainConfig": "train", "trained_model": "train", "evaluate_ppl": "evaluate",
+           "train": "train", "evaluate": "evaluate"}
 
 
-def __getattr__(name):
-    if name in _LAZY:
+def __getattr__(name: str):
+    if name in _ON_USE:
         import importlib
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        module = importlib.import_module(f".{_ON_USE[name]}", __name__)
+        return module if name == _ON_USE[name] else getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model", "SURROGATES", "NonFiniteError",
-           "SolveResult", "methods", "register_surrogate", "solve", "Decoder", "generate", "prepare_data",
-           "evaluate_ppl", "load_checkpoint", "save_checkpoint", "load_nanochat", "HFModel", "load_hf", "TrainConfig", "trained_model",
+           "SolveResult", "methods", "register_surrogate", "solve", "Decoder", "generate", "speculative_generate",
+           "SpeculativeStats", "prepare_data", "evaluate_ppl", "load_checkpoint", "save_checkpoint", "load_nanochat",
+           "HFModel", "load_hf", "TrainConfig", "trained_model",
            "diagnostics", "jacobian", "mhc"]

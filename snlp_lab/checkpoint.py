@@ -7,6 +7,7 @@ A run folder holds
     model_<step>.safetensors   model weights (a transformers model, `snlp_lab.hf`: the folder hf_<step>/
                                written by its save_pretrained, which `load_hf` and transformers read)
     optim_<step>.pt            optimizer and learning-rate scheduler states
+    tokenizer.json             the run's tokenizer (written by snlp_lab.train; `load_tokenizer`)
 
 Every file is written to a temporary name and moved into place with `os.replace`, and the JSON that
 points to the step's files is replaced last, so an interrupted save leaves the previous checkpoint
@@ -35,6 +36,7 @@ from .model import build_model
 from .nanochat import is_nanochat_checkpoint, load_nanochat
 
 CHECKPOINT_JSON = "checkpoint.json"
+TOKENIZER_JSON = "tokenizer.json"  # written by snlp_lab.train beside the checkpoint
 FORMAT_VERSION = 1
 
 
@@ -207,3 +209,29 @@ def load_optim_state(path: str | os.PathLike, device: str | torch.device = "cpu"
     if name is None:
         return None
     return torch.load(_json_path(path).parent / name, map_location=device, weights_only=True)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The tokenizer a run was trained with (`snlp_lab.data.Tokenizer`): the run folder's tokenizer.json,
+    or for a fine-tuned transformers model (`--init-from-hf`) that model's own tokenizer.
+
+    A run written before runs carried their tokenizer is rebuilt from its training settings (data
+    source and vocabulary size: the same corpus gives the same tokenizer); the data key recorded at
+    training must match, otherwise the corpus changed since and a ValueError says so.
+    """
+    from .data import Tokenizer, prepare_data  # tokenizers are needed only here
+    folder = _json_path(path).parent
+    if (folder / TOKENIZER_JSON).is_file():
+        return Tokenizer.load(folder / TOKENIZER_JSON)
+    meta = read_checkpoint(path)
+    tc = meta.get("train_config") or {}
+    if tc.get("init_from_hf"):  # a fine-tuned transformers model reads text with its own tokenizer
+        from .data import PretrainedTokenizer
+        return PretrainedTokenizer(tc["init_from_hf"])
+    if "data" not in tc or "data" not in meta:
+        raise ValueError(f"run {path} holds no {TOKENIZER_JSON} and records no training data to rebuild it from")
+    ds = prepare_data(tc["data"], vocab_size=tc["vocab_size"])
+    if ds.meta["key"] != meta["data"]:
+        raise ValueError(f"run {path} holds no {TOKENIZER_JSON}, and its training data {tc['data']!r} changed "
+                         f"since training (data key {ds.meta['key']}, trained on {meta['data']})")
+    return ds.tokenizer

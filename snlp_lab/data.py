@@ -556,14 +556,10 @@ def _encode_split(corpus: Corpus, split: str, tokenizer: Tokenizer | PretrainedT
     bar = tqdm(total=corpus.meta[f"{split}_docs"], desc=f"tokenize {split}", unit="doc",
                disable=None if progress is None else not progress)
     with open(raw, "wb") as f:
-        for chunk in _chunks(corpus.docs(split)):
-            ids: list[int] = []
-            for doc in tokenizer.encode_batch(chunk):
-                ids.append(tokenizer.bos_id)
-                ids.extend(doc)
+        for docs, ids in _encoded_chunks(corpus, split, tokenizer):
             f.write(np.asarray(ids, dtype=dtype).tobytes())
-            n_docs, n_tokens = n_docs + len(chunk), n_tokens + len(ids)
-            bar.update(len(chunk))
+            n_docs, n_tokens = n_docs + docs, n_tokens + len(ids)
+            bar.update(docs)
     bar.close()
     tokens = np.memmap(raw, dtype=dtype, mode="r") if n_tokens else np.zeros(0, dtype)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
@@ -573,6 +569,25 @@ def _encode_split(corpus: Corpus, split: str, tokenizer: Tokenizer | PretrainedT
     os.replace(tmp, out)
     os.remove(raw)
     return n_docs, n_tokens
+
+
+def _encoded_chunks(corpus: Corpus, split: str, tokenizer: Tokenizer) -> Iterator[tuple[int, list[int]]]:
+    """(number of documents, token ids) per chunk of a split, every document BOS-first."""
+    for chunk in _chunks(corpus.docs(split)):
+        ids: list[int] = []
+        for doc in tokenizer.encode_batch(chunk):
+            ids.append(tokenizer.bos_id)
+            ids.extend(doc)
+        yield len(chunk), ids
+
+
+def encode_split(source: str | os.PathLike | Corpus, tokenizer: Tokenizer, split: str = "val") -> np.ndarray:
+    """One split of a corpus (see `load_corpus`) encoded with a given tokenizer, every document BOS-first
+    as `prepare_data` does: uint16 [N], in memory, not cached. For evaluating a trained model (with its
+    own tokenizer) on any text; with the run's training corpus it gives that run's validation tokens."""
+    corpus = source if isinstance(source, Corpus) else load_corpus(source)
+    chunks = [np.asarray(ids, dtype=np.uint16) for _, ids in _encoded_chunks(corpus, split, tokenizer)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
 
 
 def _chunks(docs: Iterator[tuple[str, str]], max_chars: int = 1 << 20,

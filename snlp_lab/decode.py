@@ -144,7 +144,7 @@ class Decoder:
         if compile and not self._resolved:
             raise ValueError("compile is supported for the plain GPT (n_streams=1) only")
         self.apply = compiled_block_apply(compile if isinstance(compile, str) else None) if compile else None
-        self.pos, self._last, self._prev, self._cache_key = 0, None, None, None
+        self.pos, self._last, self._cache_key = 0, None, None
 
     # ------------------------------------------------------------------------------------------ state
     def _setup(self, B: int, device, dtype) -> None:
@@ -162,19 +162,32 @@ class Decoder:
             hd = cfg.head_dim
             self.cache_prefix = KVCache(self.S, B, cfg.n_kv_head, self.max_len, hd, dtype, device) if self.S else None
             self.cache_par = KVCache(self.par.n_layer, B, self.M * cfg.n_kv_head, self.max_len, hd, dtype, device)
+            self.ids = torch.zeros(B, self.max_len, dtype=torch.long, device=device)  # the tokens fed so far
             self._cache_key = key
         # on the CPU whatever the device, as in `solve`: probes are drawn there and moved (same seed,
         # same probes on every device), and seeding it is allowed while a CUDA graph is captured
         self.generator = torch.Generator().manual_seed(self.seed)
-        self.pos, self._last, self._prev = 0, None, None
+        self.pos, self._last = 0, None
 
     def snapshot(self):
-        """The decoder's position, warm-start states and last token (smear reads it); `restore` rewinds
-        to them (the cache entries before the position are never rewritten)."""
-        return self.pos, self._last, self._prev
+        """The decoder's position and warm-start states; `restore` rewinds to them (the cache entries and
+        tokens before the position are never rewritten)."""
+        return self.pos, self._last
 
     def restore(self, snap) -> None:
-        self.pos, self._last, self._prev = snap
+        self.pos, self._last = snap
+
+    def prev_token(self) -> torch.Tensor | None:
+        """The token before the current position [B, 1] (nanochat's smear mixes it into the next
+        embedding), or None at the start of a sequence."""
+        return None if self.pos == 0 else self.ids[:, self.pos - 1:self.pos]
+
+    def rewind(self, pos: int) -> None:
+        """Forget the tokens from position pos on: the next token is written there. The warm-start
+        states are not rewound (use snapshot/restore where init="warm" needs them)."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"can rewind to a position in 0..{self.pos} (the current one), got {pos}")
+        self.pos = pos
 
     # ------------------------------------------------------------------------------------------ decoding
     @torch.no_grad()
@@ -196,14 +209,38 @@ class Decoder:
         return self._advance(idx, parallel=True)[:, -1]
 
     def _advance(self, idx: torch.Tensor, parallel: bool) -> torch.Tensor:
+        return self.feed_states(*self.prefix_states(idx), parallel=parallel)
+
+    # ------------------------------------------------------------------------------------------ split steps
+    # A step is the S prefix layers (`prefix_states`) then the parallel units (`feed_states`). Self-speculative
+    # decoding (snlp_lab.speculative) calls the two halves itself: its verifier reuses the drafter's prefix
+    # states, which are those of the sequential model.
+    def start(self, batch: int, device) -> None:
+        """Begin a new, empty sequence of `batch` rows (what `prefill` does before its first token)."""
+        self._setup(batch, torch.device(device), next(self.model.parameters()).dtype)
+
+    @torch.no_grad()
+    def prefix_states(self, idx: torch.Tensor):
+        """The S prefix layers on tokens idx [B, T] at the current position: (states h_0..h_S, a list of
+        [B, T, D], and the layers' ctx). Their keys/values go into the prefix cache; the position does not
+        move until `feed_states`."""
         T, p = idx.shape[1], self.pos
         if p + T > self.max_len:
             raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {p}")
-        h, ctx = self.model.embed(idx, pos=p, prev=self._prev)
+        h, ctx = self.model.embed(idx, pos=p, prev=self.prev_token())
         prefix = [h]  # h_0..h_S (backout may read one of them)
         for l in range(self.S):
             prefix.append(self._unit(self.prefix, self.cache_prefix, l, prefix[-1], ctx, p))
-        h = prefix[-1]
+        return prefix, ctx
+
+    @torch.no_grad()
+    def feed_states(self, prefix: list, ctx, parallel: bool = True) -> torch.Tensor:
+        """The parallel units on the prefix states h_0..h_S (a list of [B, T, D], from `prefix_states`,
+        with its ctx): logits [B, T, V]. SNLP iterations when `parallel`, else the units in sequence.
+        Caches the units' keys and values and the tokens (ctx.idx), and moves the position past them."""
+        h, T, p = prefix[-1], prefix[-1].shape[1], self.pos
+        if p + T > self.max_len:
+            raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {p}")
         if parallel and self.method != "sequential":
             H = self._solve(h, ctx, p)
         else:
@@ -213,7 +250,7 @@ class Decoder:
                 states.append(h)
             H = torch.stack(states)
         self._last = H[:, :, -1:]  # the warm start of the next token
-        self._prev = idx[:, -1:]
+        self.ids[:, p:p + T] = ctx.idx
         self.pos = p + T
         logits = head_logits(self.model, H[-1], backout_state(self.model, prefix + list(H), self.S, self.M))
         capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()

@@ -3,6 +3,8 @@
     ppl = evaluate_ppl(model, ds.val, seq_len=256, batch_size=8)                            # sequential
     ppl = evaluate_ppl(model, ds.val, 256, 8, method="idn", iters=1, n_par=12, init="h0")  # SNLP
     method, kw = parse_snlp_spec("idn:K=1:n=12:h0")   # the command line's "--eval-snlp" form
+
+    python -m snlp_lab.evaluate --checkpoint RUN --configs sequential idn:K=1:n=8   # see snlp_lab.cli
 """
 from __future__ import annotations
 
@@ -35,6 +37,14 @@ def evaluate_ppl(model, val_tokens: np.ndarray, seq_len: int, batch_size: int, m
     return math.exp(total / count)
 
 
+def evaluated_tokens(n_tokens: int, seq_len: int, batch_size: int, max_batches: int | None = None) -> int:
+    """How many target tokens `evaluate_ppl` scores on a validation stream of n_tokens tokens."""
+    windows = (n_tokens - 1) // seq_len
+    if max_batches is not None:
+        windows = min(windows, max_batches * batch_size)
+    return windows * seq_len
+
+
 def parse_snlp_spec(spec: str) -> tuple[str, dict]:
     """"idn:K=1:n=12:h0" -> ("idn", solve keyword arguments), in the configuration grammar of
     `snlp_lab.bench` (METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ][:probes=P][:jac=J][:seed=S])."""
@@ -46,3 +56,9 @@ def parse_snlp_spec(spec: str) -> tuple[str, dict]:
 def parse_snlp_specs(text: str) -> list[tuple[str, str, dict]]:
     """A comma-separated list of specs -> [(spec, method, kwargs)]; "" -> []."""
     return [(s.strip(), *parse_snlp_spec(s)) for s in text.split(",") if s.strip()]
+
+
+if __name__ == "__main__":
+    import sys
+    from .cli import evaluate_main
+    sys.exit(evaluate_main())

@@ -24,7 +24,8 @@ for embeddings, lm head and everything else (resid/x0 lambdas, mHC mixing); Adam
 with (n_embd/768)^-0.5. Learning rate: linear warm-up, constant, linear warm-down to 0.
 bf16 autocast on CUDA, fp32 on CPU.
 
-A run folder (`out`) holds checkpoint.json + weights (`snlp_lab.checkpoint`) and metrics.jsonl (one
+A run folder (`out`) holds checkpoint.json + weights (`snlp_lab.checkpoint`), the tokenizer
+(tokenizer.json, `snlp_lab.checkpoint.load_tokenizer`) and metrics.jsonl (one
 JSON line per step: loss, ce, reg, step_time, tokens_per_s, ...; and one per evaluation: val_ppl,
 val_ppl[<spec>] for every `eval_snlp` spec). `resume` continues from the checkpoint exactly (same
 losses as an uninterrupted run). `batch_size` is the global batch: with torchrun each of the W ranks
@@ -53,7 +54,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import checkpoint_weights, has_checkpoint, load_checkpoint, load_optim_state, read_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import (TOKENIZER_JSON, checkpoint_weights, has_checkpoint, load_checkpoint, load_optim_state,
+                         read_checkpoint, save_checkpoint, set_rng_state)
 from .config import GPTConfig, get_config, resolve_device
 from .hf import HFConfig, hf_config, load_hf
 from .data import TokenStream, prepare_data
@@ -505,6 +507,8 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
         history = _read_jsonl(metrics_path, max_step=step)
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
+        if cfg.init_from_hf is None:  # the run reads and writes text without data settings
+            ds.tokenizer.save(out / TOKENIZER_JSON)  # (a transformers model's tokenizer stays in its folder)
 
     net = SNLPLoss(model, cfg)
     if d.world > 1:

@@ -28,7 +28,7 @@ def smoke_run(tmp_path_factory):
 def test_every_notebook_ran(smoke_run):
     out, times = smoke_run
     assert set(times) == {p.stem for p in figures.notebooks()}
-    assert {"regularization", "convergence", "jacobians", "frontier", "speedup", "pretrained"} <= set(times)
+    assert {"regularization", "convergence", "jacobians", "frontier", "speedup", "pretrained", "speculative"} <= set(times)
     for name in times:
         assert (out / "reports" / f"{name}.ipynb").exists()
 
@@ -36,7 +36,8 @@ def test_every_notebook_ran(smoke_run):
 def test_outputs_exist_and_hold_numbers(smoke_run):
     out, _ = smoke_run
     readings = read_readings(out / "reports")
-    assert {r["notebook"] for r in readings} >= {"regularization", "convergence", "jacobians", "frontier", "pretrained"}
+    assert {r["notebook"] for r in readings} >= {"regularization", "convergence", "jacobians", "frontier", "pretrained",
+                                                  "speculative"}
     for r in readings:
         assert "nan" not in r["reading"].lower(), r
     for csv in (out / "reports").glob("*.csv"):
@@ -45,7 +46,7 @@ def test_outputs_exist_and_hold_numbers(smoke_run):
         num = df.select_dtypes("number")
         assert not num.isna().any().any(), f"NaN in {csv.name}"
     for stem in ("regularization", "convergence_error", "convergence_ppl", "jacobian_sigma", "jacobian_distance",
-                 "frontier", "pretrained"):
+                 "frontier", "pretrained", "speculative"):
         assert (out / "figures" / f"{stem}.png").stat().st_size > 1000
         assert (out / "figures" / f"{stem}.pdf").exists()
     index = (out / "reports" / "README.md").read_text()
@@ -58,6 +59,13 @@ def test_convergence_shows_finite_termination(smoke_run):
     at_L = curves[curves.k == curves.L]
     assert (at_L.final_err < 1e-4).all()  # float32 models: exact up to rounding at K = L
     assert math.isfinite(curves.ppl.max())
+
+
+def test_speculative_is_lossless_and_measured(smoke_run):
+    out, _ = smoke_run
+    df = pd.read_csv(out / "reports" / "speculative.csv")
+    assert set(df.temperature) == {0.0, 1.0} and (df[df.temperature == 0].identical == "yes").all()
+    assert df.alpha.between(0, 1).all() and (df.speedup > 0).all() and (df.predicted > 0).all()
 
 
 def test_bad_profile_fails_fast(tmp_path):
@@ -73,3 +81,5 @@ def test_bad_parameters_fail_in_the_first_cell(tmp_path):
                             parameters=dict(profile="huge", fig_dir=str(tmp_path), report_dir=str(tmp_path)),
                             progress_bar=False)
     assert err.value.exec_count <= 3  # markdown, parameters, injected parameters, then the first code cell
+
+

@@ -220,7 +220,7 @@ def test_resume_equals_uninterrupted(corpus, tmp_path):
     for (k, a), b in zip(full.model.state_dict().items(), second.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert sorted(p.name for p in second.run_dir.iterdir() if not p.name.startswith(".")) == [
-        "checkpoint.json", "metrics.jsonl", "model_0000008.safetensors", "optim_0000008.pt"]
+        "checkpoint.json", "metrics.jsonl", "model_0000008.safetensors", "optim_0000008.pt", "tokenizer.json"]
 
 
 def test_checkpoint_load_and_mismatch(corpus, tmp_path):

@@ -1,0 +1,124 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: tags,-all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Self-speculative decoding: SNLP drafts, the sequential model verifies
+#
+# An SNLP decoder proposes B tokens, one sequential pass over the block verifies them, and the output is
+# exactly sequential decoding's (greedy) or follows its distribution (sampling; `snlp_lab.speculative`).
+# On the profile's regularized model: the acceptance rate α and the wall-clock speedup over sequential
+# KV-cached decoding against the block size B and the temperature, beside the prediction
+# ((1 − α^{B+1})/(1 − α)) / (B/s + 1) with α and the drafter's speedup s measured in the same run.
+
+# %% tags=["parameters"]
+profile = "cpu"
+fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+report_dir = None  # relative paths are relative to the repository root
+variant = "plain"
+reg = None  # None: the variant's main regularizer (IDN; HCN on mHC)
+drafts = None  # drafter configurations; None: one IDN iteration over all layers, and over the last half
+blocks = None  # draft tokens per round; None: the profile's
+temperatures = [0.0, 1.0]
+n_prompts = None  # prompts: windows spread over the validation split
+prompt_len = None
+max_new_tokens = None
+repeats = None  # timing: median of `repeats` runs after one warm-up
+threads = None  # CPU threads; None: 1 on a CPU (steady medians on a shared machine)
+
+# %%
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+
+from snlp_lab import experiments as E
+from snlp_lab.params import as_list, check_int, output_dirs
+from snlp_lab.report import add_reading, save_figure, save_table
+from snlp_lab.speculative import measure
+
+P = E.get_profile(profile)
+E.check_choice("variant", variant, P.variants)
+reg = reg or P.variants[variant].reg
+E.check_choice("reg", reg, P.variants[variant].regs)
+D = {"smoke": dict(blocks=[1, 2, 4], n_prompts=2, prompt_len=8, max_new_tokens=12, repeats=1),
+     "cpu": dict(blocks=[1, 2, 4, 6, 8], n_prompts=4, prompt_len=32, max_new_tokens=64, repeats=3),
+     "paper": dict(blocks=[1, 2, 4, 8, 16], n_prompts=8, prompt_len=256, max_new_tokens=256, repeats=5)}[profile]
+given = dict(n_prompts=n_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens, repeats=repeats)
+D.update({k: check_int(k, v) for k, v in given.items() if v is not None})
+D["blocks"] = [check_int("blocks", b) for b in as_list("blocks", blocks if blocks is not None else D["blocks"], int)]
+temperatures = [float(t) for t in as_list("temperatures", temperatures, float)]
+if drafts is not None:
+    drafts = as_list("drafts", drafts)
+custom = any(v is not None for v in (reg, drafts, blocks, *given.values()))
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
+if P.device == "cpu":
+    torch.set_num_threads(threads or 1)
+
+model = E.trained(P, variant, reg, P.seeds[0])
+L = model.n_layer
+drafts = drafts or [f"idn:K=1:n={L}", f"idn:K=1:n={L // 2}"]
+ds = E.dataset(P)
+val = np.asarray(ds.val, dtype=np.int64)
+starts = np.linspace(0, len(val) - D["prompt_len"], D["n_prompts"]).astype(int)
+prompts = [torch.from_numpy(val[s:s + D["prompt_len"]])[None].to(P.device) for s in starts]
+dict(model=f"{variant}/{reg}", drafts=drafts, **D)
+
+# %%
+df = pd.concat([measure(model, prompts, d, D["blocks"], temperatures, D["max_new_tokens"], repeats=D["repeats"],
+                        warmup=1, seed=0, log=print) for d in drafts], ignore_index=True)
+df
+
+# %%
+fig, axes = plt.subplots(1, len(drafts) + 1, figsize=(4.2 * (len(drafts) + 1), 3.8))
+colors = {t: f"C{i}" for i, t in enumerate(temperatures)}
+for ax, (d, dd) in zip(axes, df.groupby("draft", sort=False)):
+    for t, g in dd.groupby("temperature"):
+        ax.plot(g.block, g.speedup, "o-", color=colors[t], label=f"measured, T={t:g}")
+        ax.plot(g.block, g.predicted, "x--", color=colors[t], label=f"predicted, T={t:g}")
+        axes[-1].plot(g.block, g.alpha, "o-" if d == drafts[0] else "s:", color=colors[t], label=f"{d}, T={t:g}")
+    ax.axhline(1.0, color="grey", lw=1, ls=":")
+    ax.set(title=f"drafter {d} (x{dd.drafter_speedup.iloc[0]:.2f} alone, S={dd.S.iloc[0]})", xlabel="block B",
+           ylabel="speedup over sequential decoding (x)")
+    ax.title.set_fontsize(9)
+axes[-1].set(xlabel="block B", ylabel="acceptance rate α", ylim=(max(0, df.alpha.min() - 0.1), 1.01))
+for ax in axes:
+    ax.legend(fontsize=7)
+fig.suptitle(f"{variant}/{reg} model, {D['n_prompts']} prompts of {D['prompt_len']} tokens + {D['max_new_tokens']} new, "
+             f"{P.device}", fontsize=10)
+fig.tight_layout()
+save_figure(fig, "speculative", fig_dir)
+
+# %%
+meta = {**P.describe(variant), "model": f"{variant}/{reg}, seed {P.seeds[0]}",
+        "prompts": f"{D['n_prompts']} windows of {D['prompt_len']} tokens spread over the validation split, "
+                   f"{D['max_new_tokens']} new tokens each (prompt i sampled with seed i)",
+        "timing": f"decoding all prompts (prefill included), median of {D['repeats']} after 1 warm-up, "
+                  "sequential / drafter / speculative interleaved; speedup = sequential time / speculative time",
+        "alpha": "accepted / (accepted + rejected): the probability that a tested draft token is kept",
+        "predicted": "((1 - alpha^(B+1)) / (1 - alpha)) / (B/s + 1), s = drafter_speedup (drafter alone vs sequential)",
+        "S": "prefix layers the drafter computes once for both (shared_layer_tokens: token x layer evaluations "
+             "the verifier skipped)",
+        "identical": "temperature 0: every prompt's tokens equal sequential greedy decoding's"}
+save_table(df, "speculative", report_dir, "Self-speculative decoding: acceptance and speedup against block size and temperature", meta)
+
+best = {(d, t): g.loc[g.speedup.idxmax()] for (d, t), g in df.groupby(["draft", "temperature"], sort=False)}
+greedy = df[df.temperature == 0].identical
+reading = ("; ".join(f"{d} (x{r.drafter_speedup:.2f} alone) at T={t:g}: best B={int(r.block)}, alpha {r.alpha:.2f}, "
+                     f"x{r.speedup:.2f} over sequential decoding (predicted x{r.predicted:.2f})"
+                     for (d, t), r in best.items())
+           + ("" if greedy.empty else f"; greedy output identical to sequential: {'yes' if (greedy == 'yes').all() else 'NO'}"))
+add_reading(report_dir, "speculative", "speculative", reading)
+print(reading)

@@ -1,0 +1,187 @@
+"""SNLP configurations: one grammar for every way in, validated in one place.
+
+    sequential
+    METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ][:probes=P][:jac=J][:seed=S]
+
+in any order after the method, e.g. `idn:K=2:n=24:4xF6:h0`, `idn:K=1:n=12`, `scaled-idn:K=2:n=8:fwd`.
+Defaults: K = 1, n = all layers (or C·M with chunks), one unit per layer, init h0. INIT is h0, fwd or
+warm ("warm", the previous token's states, is a decoding init). `CxFM` solves C fused chunks of M layers
+(`snlp_lab.fusion`). The same strings name configurations in the benchmark, validation PPL (`evaluate`,
+training's `--eval-snlp`), speculative drafts and the notebooks.
+
+`SNLPConfig` holds one configuration and checks its fields when it is made; `check(n_layer)` checks what
+depends on the model's depth. `solve`, `Decoder` and the trainer build one from their keyword
+arguments, so method, iterations, parallel layers, chunks and init are validated here and nowhere else
+(a surrogate checks its own options: IDN's κ, DiagN's probes, exact Newton's Jacobian products).
+
+The registry of surrogates lives here too, so that the valid methods are known where they are checked:
+`snlp_lab.solver` registers the built-in ones, `snlp_lab.mhc` registers HCN.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+INITS = ("h0", "fwd")  # initial guesses of a full-sequence solve
+DECODE_INITS = INITS + ("warm",)  # ... and of KV-cached decoding
+
+# ------------------------------------------------------------------------------------------ surrogates
+SURROGATES: dict[str, type] = {}  # name -> Surrogate class
+
+
+def register_surrogate(name: str):
+    """Class decorator: make a surrogate available as `solve(..., method=name)` and in configurations."""
+    def deco(cls):
+        SURROGATES[name] = cls
+        cls.name = name
+        return cls
+    return deco
+
+
+def methods() -> tuple[str, ...]:
+    """"sequential" and every registered surrogate."""
+    return ("sequential",) + tuple(SURROGATES)
+
+
+# ------------------------------------------------------------------------------------------ chunks
+_CHUNKS = re.compile(r"(\d+)xF(\d+)")
+
+
+def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
+    """'CxFM' -> (C, M): C chunks of M fused layers, e.g. '4xF6' -> (4, 6). With n_par, C·M must equal it."""
+    m = _CHUNKS.fullmatch(chunks.strip()) if isinstance(chunks, str) else None
+    if m is None:
+        raise ValueError(f"chunks must be a string 'CxFM' (C chunks of M fused layers, e.g. '4xF6', "
+                         f"'12xF2', '1xF12'), got {chunks!r}")
+    C, M = int(m[1]), int(m[2])
+    if C < 1 or M < 1:
+        raise ValueError(f"chunks 'CxFM' needs C >= 1 and M >= 1, got C={C}, M={M} in {chunks!r}")
+    if n_par is not None and C * M != n_par:
+        raise ValueError(f"chunks {chunks!r} cover C·M = {C * M} layers but n_par = {n_par}; "
+                         f"C·M must equal n_par (e.g. '{n_par}xF1' or '1xF{n_par}')")
+    return C, M
+
+
+# ------------------------------------------------------------------------------------------ configurations
+GRAMMAR = "'sequential' or 'METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ]', e.g. 'idn:K=2:n=24:4xF6:h0'"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class SNLPConfig:
+    """One SNLP configuration (see the module docstring); `text` is its label in tables."""
+    method: str = "sequential"
+    iters: int = 1
+    n_par: int | None = None
+    chunks: str | None = None
+    init: str = "h0"
+    kappa: float = 0.0
+    probes: int = 1
+    jac: str = "jvp"
+    seed: int = 0
+    text: str = ""
+
+    def __post_init__(self):
+        if self.method not in methods():
+            raise ValueError(f"unknown method {self.method!r}; valid methods: {', '.join(methods())}")
+        if not _is_int(self.iters) or self.iters < 1:
+            raise ValueError(f"iters (K) must be an integer >= 1, got {self.iters!r}")
+        if self.n_par is not None and (not _is_int(self.n_par) or self.n_par < 1):
+            raise ValueError(f"n_par must be an integer >= 1, got {self.n_par!r}")
+        if self.chunks is not None:
+            parse_chunks(self.chunks, self.n_par)
+        if self.init not in DECODE_INITS:
+            raise ValueError(f"unknown init {self.init!r}; valid inits: {', '.join(DECODE_INITS)}")
+        if not self.text:
+            object.__setattr__(self, "text", self.canonical())
+
+    def canonical(self) -> str:
+        """The configuration as a string of the grammar (what `parse_config` reads back)."""
+        if self.method == "sequential" and self.chunks is None:
+            return "sequential"
+        parts = [self.method, f"K={self.iters}"] + ([f"n={self.n_par}"] if self.n_par else []) + \
+            ([self.chunks] if self.chunks else []) + [self.init]
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        parts += [f"{k}={getattr(self, k)}" for k in ("kappa", "probes", "jac", "seed")
+                  if getattr(self, k) != defaults[k]]
+        return ":".join(parts)
+
+    def units(self, n_layer: int) -> tuple[int, int, int]:
+        """(n_par, C, M): parallel layers (defaults filled in), parallel units and layers per unit."""
+        C, M = parse_chunks(self.chunks) if self.chunks else (None, 1)
+        n_par = self.n_par or (C * M if C else n_layer)
+        return n_par, (C if C else n_par), M
+
+    def check(self, n_layer: int, decoding: bool = True) -> "SNLPConfig":
+        """Raise a ValueError if the configuration does not fit a model of depth n_layer (or, with
+        decoding=False, is not a full-sequence solve: init warm). Returns the configuration."""
+        n_par, _, _ = self.units(n_layer)
+        if not 1 <= n_par <= n_layer:
+            raise ValueError(f"n={n_par} in {self.text!r} must lie in 1..{n_layer} (the model's depth)")
+        if not decoding and self.init not in INITS:
+            raise ValueError(f"init {self.init!r} in {self.text!r} is a decoding init; a full-sequence "
+                             f"solve takes {', '.join(INITS)}")
+        return self
+
+    def layout(self, n_layer: int) -> tuple[int, int]:
+        """(S, units): sequential prefix layers and parallel units."""
+        if self.method == "sequential" and self.chunks is None:
+            return n_layer, 0
+        n_par, units, _ = self.units(n_layer)
+        return n_layer - n_par, units
+
+    def bound(self, n_layer: int) -> float:
+        """Critical-path speedup bound L / (S + K [+1 for fwd]); the fused sequential pass: L / (S + C)."""
+        S, units = self.layout(n_layer)
+        if self.method == "sequential":
+            return n_layer / (S + units)
+        return n_layer / (S + self.iters + (1 if self.init == "fwd" else 0))
+
+    def solve_kwargs(self) -> dict:
+        """Keyword arguments of `snlp_lab.solve` (and `evaluate_ppl`) for this configuration."""
+        if self.method == "sequential":
+            return {} if self.chunks is None else {"chunks": self.chunks, "n_par": self.n_par}
+        if self.init not in INITS:
+            raise ValueError(f"init {self.init!r} in {self.text!r} is a decoding init; a full-sequence "
+                             f"solve takes {', '.join(INITS)}")
+        return dict(iters=self.iters, n_par=self.n_par, chunks=self.chunks, init=self.init, kappa=self.kappa,
+                    probes=self.probes, jac=self.jac, seed=self.seed)
+
+    def decoder_kwargs(self) -> dict:
+        """Keyword arguments of `snlp_lab.Decoder` for this configuration."""
+        return dict(method=self.method, iters=self.iters, n_par=self.n_par, chunks=self.chunks, init=self.init,
+                    kappa=self.kappa, probes=self.probes, jac=self.jac, seed=self.seed)
+
+
+def parse_config(text: str) -> SNLPConfig:
+    """Read a configuration string (grammar in the module docstring)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"a configuration must be a string {GRAMMAR}, got {text!r}")
+    method, *fields = text.strip().split(":")
+    if method not in methods():
+        raise ValueError(f"unknown method {method!r} in {text!r}; valid methods: {', '.join(methods())}")
+    kw = {}
+    for f in fields:
+        if m := re.fullmatch(r"K=(\d+)", f):
+            kw["iters"] = int(m[1])
+        elif m := re.fullmatch(r"n=(\d+)", f):
+            kw["n_par"] = int(m[1])
+        elif m := re.fullmatch(r"kappa=([0-9.eE+-]+)", f):
+            kw["kappa"] = float(m[1])
+        elif m := re.fullmatch(r"(probes|seed)=(\d+)", f):
+            kw[m[1]] = int(m[2])
+        elif m := re.fullmatch(r"jac=(\w+)", f):
+            kw["jac"] = m[1]
+        elif f in DECODE_INITS:
+            kw["init"] = f
+        elif "xF" in f:
+            parse_chunks(f)  # a clear error for a malformed chunking
+            kw["chunks"] = f
+        else:
+            raise ValueError(f"cannot read {f!r} in configuration {text!r}; expected {GRAMMAR} "
+                             f"(INIT one of {', '.join(DECODE_INITS)})")
+    return SNLPConfig(method=method, text=text.strip(), **kw)
