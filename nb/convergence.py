@@ -39,6 +39,7 @@ from snlp_lab import experiments as E
 from snlp_lab.params import output_dirs
 from snlp_lab import solve
 from snlp_lab.analysis import convergence_curve
+from snlp_lab.diagnostics import perplexity
 from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
@@ -49,14 +50,14 @@ METHODS = ["jacobi", "idn", "scaled-idn", "diagn", "newton"]
 
 # %%
 frames = []
-jobs = [(v, reg) for v, var in P.variants.items() for reg in ("none", var.reg)]
+jobs = E.model_pairs(P)
 for v, reg in tqdm(jobs, desc="models"):
     model = E.trained(P, v, reg, P.seeds[0])
     ref = solve(model, x, method="sequential")
     # scaled-IDN is IDN on models without x0 lambdas (λ = 1): run only where it differs
     methods = [m for m in METHODS if m != "scaled-idn" or model.config.x0ve] + (["hcn"] if P.variants[v].reg == "hcn" else [])
     with torch.no_grad():
-        seq_ppl = float(torch.nn.functional.cross_entropy(ref.logits.flatten(0, 1), y.flatten()).exp())
+        seq_ppl = perplexity(ref.logits, y)
     for m in methods:
         df = convergence_curve(model, x, y, m, ref=ref)
         frames.append(df.assign(variant=v, reg=reg, model=f"{v}/{reg}", seq_ppl=seq_ppl, L=model.n_layer))

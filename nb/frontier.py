@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from snlp_lab import experiments as E
 from snlp_lab.params import output_dirs
-from snlp_lab.bench import parse_config, run_bench
+from snlp_lab.bench import run_bench
 from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
@@ -46,24 +46,15 @@ ds = E.dataset(P)
 
 # %%
 frames = []
-jobs = [(v, reg) for v, var in P.variants.items() for reg in ("none", var.reg)]
+jobs = E.model_pairs(P)
 for v, reg in tqdm(jobs, desc="models"):
     model = E.trained(P, v, reg, P.seeds[0])
     configs = E.frontier_configs(model.n_layer, mhc=model.config.n_streams > 1)
     t = run_bench(model, configs, seq_lens=(P.seq_len,), decode_tokens=4, repeats=P.bench_repeats,
                   device=P.device)
-    ppl = []
-    for text in t.config:
-        c = parse_config(text)
-        ppl.append(E.ppl(P, model, ds, c.method, **c.solve_kwargs()))
+    ppl = E.ppl_grid(P, model, ds, t.config)
     frames.append(t.assign(variant=v, reg=reg, model_name=f"{v}/{reg}", ppl=ppl, size_desc=t.attrs["size"]))
-res = pd.concat(frames, ignore_index=True)
-seq = res[res.config == "sequential"].set_index("model_name").ppl
-res["ppl_change_%"] = 100 * (res.ppl / res.model_name.map(seq) - 1)
-res["speedup"] = res.prefill_speedup
-res["pareto"] = False
-for name, d in res.groupby("model_name"):
-    res.loc[d.index, "pareto"] = E.pareto(d)
+res = E.frontier_table(pd.concat(frames, ignore_index=True))
 
 # %%
 g = sns.relplot(res, x="speedup", y="ppl", hue="reg", col="variant", style="init", kind="scatter", height=3.2,

@@ -50,7 +50,7 @@ x, _ = E.eval_batch(P, ds, batch_size=1, seq_len=min(P.seq_len, 64))
 
 # %%
 frames = []
-jobs = [(v, reg) for v, var in P.variants.items() for reg in ("none", var.reg)]
+jobs = E.model_pairs(P)
 for v, reg in tqdm(jobs, desc="models"):
     model = E.trained(P, v, reg, P.seeds[0])
     # scaled-IDN is IDN on models without x0 lambdas (λ = 1): shown only where it differs

@@ -9,8 +9,10 @@
     model = snlp_lab.load_hf("~/models/Qwen2.5-0.5B")    # a local Hugging Face folder as a layer stack
 """
 from .config import PRESETS, GPTConfig, get_config
-from .model import GPT, build_model
-from .solve import SURROGATES, NonFiniteError, SolveResult, methods, register_surrogate, solve
+from .build import build_model
+from .model import GPT
+from .snlp_config import SURROGATES, SNLPConfig, methods, parse_config, register_surrogate
+from .solver import NonFiniteError, SolveResult, solve
 from .mhc import MHCGPT  # also registers the "hcn" surrogate
 from .decode import Decoder, generate
 from .speculative import SpeculativeStats, speculative_generate
@@ -36,7 +38,7 @@ def __getattr__(name: str):
 
 
 __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model", "SURROGATES", "NonFiniteError",
-           "SolveResult", "methods", "register_surrogate", "solve", "Decoder", "generate", "speculative_generate",
+           "SolveResult", "SNLPConfig", "parse_config", "methods", "register_surrogate", "solve", "Decoder", "generate", "speculative_generate",
            "SpeculativeStats", "prepare_data", "evaluate_ppl", "load_checkpoint", "save_checkpoint", "load_nanochat",
            "HFModel", "load_hf", "TrainConfig", "trained_model",
            "diagnostics", "jacobian", "mhc"]

@@ -9,12 +9,7 @@ import torch
 
 from . import diagnostics as dg
 from . import jacobian as jac
-from .solve import SURROGATES, solve
-
-
-@torch.no_grad()
-def _ppl(logits, targets):
-    return dg.perplexity(logits, targets)
+from .solver import SURROGATES, solve
 
 
 def convergence_curve(model, idx, targets, method: str, n_par: int | None = None, max_iters: int | None = None,
@@ -38,7 +33,7 @@ def convergence_curve(model, idx, targets, method: str, n_par: int | None = None
                      "final_err": float(err[-1]), "max_err": float(err.max()),
                      "kl": dg.logits_kl(r.logits, ref.logits) if finite else float("inf"),
                      "top1": dg.top1_agreement(r.logits, ref.logits),
-                     "ppl": _ppl(r.logits, targets) if finite else float("inf")})
+                     "ppl": dg.perplexity(r.logits, targets) if finite else float("inf")})
     return pd.DataFrame(rows)
 
 

@@ -9,11 +9,7 @@ taken in the same run. The sequential baseline and every SNLP configuration go t
 `Decoder` (same weight layout, same cache, same kernels, optionally the same torch.compile'd block),
 so a speedup is never against a handicapped baseline.
 
-Configuration strings:  `sequential`  or  `METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ]`
-in any order after the method, e.g. `idn:K=2:n=24:4xF6:h0`, `idn:K=1:n=12`, `scaled-idn:K=2:n=8:fwd`;
-`probes=P`, `jac=jvp|vjp|fd` and `seed=S` set DiagN's probes and exact Newton's Jacobian products.
-The same strings name SNLP configurations everywhere (training's `--eval-snlp`, the notebooks).
-Defaults: K=1, n = all layers (or C·M with chunks), per-layer units, init h0. INIT is h0, fwd or warm;
+Configurations are strings of `snlp_lab.snlp_config` (`sequential`, `idn:K=2:n=24:4xF6:h0`, ...).
 "warm" is a decoding init (the previous token's states), so its prefill starts from h0.
 
 `bound` is the critical-path speedup if every batched call cost as much as one layer:
@@ -33,14 +29,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import ctypes
 import gc
 import os
 import re
-import statistics
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -48,106 +42,19 @@ import torch
 
 from .config import resolve_device
 from .params import as_list, check_choice, check_int, check_path
-from .decode import DECODE_INITS, Decoder
-from .fusion import clear_fused_cache, fusable, parse_chunks
-from .model import GPT, build_model
-from .experiments import PROFILES
-from .solve import INITS, NonFiniteError, methods
+from .decode import Decoder
+from .fusion import clear_fused_cache, fusable
+from .build import build_model
+from .model import GPT
+from .snlp_config import SNLPConfig, parse_config
+from .solver import NonFiniteError
+from .timing import median_seconds
 
 COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
            "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "decode_tokens", "decode_tok_s",
            "decode_speedup", "top1", "peak_mem_mb"]
 GRAPHABLE = ("sequential", "jacobi", "idn", "scaled-idn", "hcn")  # no host reads or host randomness per step
 GRAPH_COLUMNS = ["prefill_graph_ms", "prefill_graph_speedup", "decode_graph_tok_s", "decode_graph_speedup", "graph_err"]
-
-
-@dataclass(frozen=True)
-class BenchConfig:
-    """One line of the benchmark: a method with its iterations, parallel layers, chunks and init."""
-    text: str
-    method: str = "sequential"
-    iters: int = 1
-    n_par: int | None = None
-    chunks: str | None = None
-    init: str = "h0"
-    kappa: float = 0.0
-    probes: int = 1
-    jac: str = "jvp"
-    seed: int = 0
-
-    def solve_kwargs(self) -> dict:
-        """Keyword arguments of `snlp_lab.solve` (and `evaluate_ppl`) for this configuration."""
-        if self.method == "sequential":
-            return {} if self.chunks is None else {"chunks": self.chunks, "n_par": self.n_par}
-        if self.init not in INITS:
-            raise ValueError(f"init {self.init!r} in {self.text!r} is a decoding init; a full-sequence "
-                             f"solve takes {', '.join(INITS)}")
-        return dict(iters=self.iters, n_par=self.n_par, chunks=self.chunks, init=self.init, kappa=self.kappa,
-                    probes=self.probes, jac=self.jac, seed=self.seed)
-
-    def decoder(self, model, **kw) -> Decoder:
-        return Decoder(model, method=self.method, iters=self.iters, n_par=self.n_par, chunks=self.chunks,
-                       init=self.init, kappa=self.kappa, probes=self.probes, jac=self.jac, seed=self.seed, **kw)
-
-    def layout(self, L: int) -> tuple[int, int]:
-        """(S, units): sequential prefix layers and parallel units."""
-        if self.method == "sequential" and self.chunks is None:
-            return L, 0
-        C, M = parse_chunks(self.chunks) if self.chunks else (None, 1)
-        n_par = self.n_par or (C * M if C else L)
-        return L - n_par, (C if C else n_par)
-
-    def bound(self, L: int) -> float:
-        """Critical-path speedup bound L / (S + K [+1 for fwd]); the fused sequential pass: L / (S + C)."""
-        S, units = self.layout(L)
-        if self.method == "sequential":
-            return L / (S + units)
-        return L / (S + self.iters + (1 if self.init == "fwd" else 0))
-
-    def check(self, L: int) -> None:
-        """Raise a ValueError if the configuration does not fit a model of depth L."""
-        if self.n_par is not None and not 1 <= self.n_par <= L:
-            raise ValueError(f"n={self.n_par} in {self.text!r} must lie in 1..{L} (the model's depth)")
-        if self.chunks:
-            C, M = parse_chunks(self.chunks)
-            parse_chunks(self.chunks, self.n_par or C * M)
-            if C * M > L:
-                raise ValueError(f"chunks {self.chunks} in {self.text!r} cover {C * M} layers; the model has {L}")
-        if self.iters < 1:
-            raise ValueError(f"K={self.iters} in {self.text!r} must be >= 1")
-
-
-_GRAMMAR = "'sequential' or 'METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ]', e.g. 'idn:K=2:n=24:4xF6:h0'"
-
-
-def parse_config(text: str) -> BenchConfig:
-    """Parse a configuration string (grammar in the module docstring)."""
-    if not isinstance(text, str) or not text.strip():
-        raise ValueError(f"a configuration must be a string {_GRAMMAR}, got {text!r}")
-    method, *fields = text.strip().split(":")
-    if method not in methods():
-        raise ValueError(f"unknown method {method!r} in {text!r}; valid methods: {', '.join(methods())}")
-    kw = {}
-    for f in fields:
-        if m := re.fullmatch(r"K=(\d+)", f):
-            kw["iters"] = int(m[1])
-        elif m := re.fullmatch(r"n=(\d+)", f):
-            kw["n_par"] = int(m[1])
-        elif m := re.fullmatch(r"kappa=([0-9.eE+-]+)", f):
-            kw["kappa"] = float(m[1])
-        elif m := re.fullmatch(r"(probes|seed)=(\d+)", f):
-            kw[m[1]] = int(m[2])
-        elif m := re.fullmatch(r"jac=(\w+)", f):
-            kw["jac"] = m[1]
-        elif f in DECODE_INITS:
-            kw["init"] = f
-        elif "xF" in f:
-            parse_chunks(f)  # a clear error for a malformed chunking
-            kw["chunks"] = f
-        else:
-            raise ValueError(f"cannot read {f!r} in configuration {text!r}; expected {_GRAMMAR} "
-                             f"(INIT one of {', '.join(DECODE_INITS)})")
-    return BenchConfig(text=text.strip(), method=method, **kw)
 
 
 def default_configs(L: int, mhc: bool = False, fusion: bool = True) -> list[str]:
@@ -191,7 +98,7 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
     single thread never waits for a descheduled one on a machine shared with other jobs (with 2
     threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them)."""
     from .config import PRESETS
-    check_choice("profile", profile, PROFILES)
+    check_choice("profile", profile, ("smoke", "cpu", "paper"))  # snlp_lab.experiments.PROFILES
     dev = resolve_device(device)
     checkpoint = check_path("checkpoint", checkpoint)
     if checkpoint is not None:
@@ -246,40 +153,7 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
                 device=str(dev), configs=configs, threads=threads, **d)
 
 
-# ------------------------------------------------------------------------------------------ measuring
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds(fn, device: torch.device) -> float:
-    """Wall time of one call of fn() (CUDA events and synchronisation on a GPU)."""
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        _sync(device)
-        start.record()
-        fn()
-        end.record()
-        _sync(device)
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
-def median_seconds(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
-    """Median wall time of every fn in fns over `repeats` runs after `warmup` runs. The functions take
-    turns (one run of each per round), so a drift in the machine's load hits them all alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            times[k].append(seconds(fn, device))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
+# ------------------------------------------------------------------------------------------ memory
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -378,7 +252,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
             raise ValueError(f"sequence length {T} must lie in {decode_tokens + 1}..{ctx_len} "
                              f"(more than decode_tokens={decode_tokens}, at most the model's sequence_len)")
     for c in cfgs:  # fail before any timing on a configuration the model cannot run
-        c.decoder(m)
+        Decoder(m, **c.decoder_kwargs())
     log = log or (lambda s: None)
     name = name or (model if isinstance(model, str) else type(model).__name__)
     gen = torch.Generator().manual_seed(seed)
@@ -458,14 +332,18 @@ def _release(dev: torch.device, m) -> None:
             pass
 
 
-def _runs(m, c: BenchConfig, idx, decode_tokens, dev, compile) -> dict:
+def prefill_config(c: SNLPConfig) -> SNLPConfig:
+    """The configuration a prefill runs: "warm" has no previous token there, so it starts from h0."""
+    return c if c.init != "warm" else dataclasses.replace(c, init="h0")
+
+
+def _runs(m, c: SNLPConfig, idx, decode_tokens, dev, compile) -> dict:
     """The two timed functions of a configuration on one sequence, with their decoders made:
     "prefill" (the whole sequence at once; "warm" has no previous token there, so it starts from h0)
     and "decode" (the last decode_tokens tokens one at a time after an untimed sequential prefill)."""
     T, P = idx.shape[1], idx.shape[1] - decode_tokens
-    pre = (c if c.init != "warm" else BenchConfig(**{**c.__dict__, "init": "h0"})).decoder(
-        m, max_len=T, compile=compile, check_finite=False)
-    dec = c.decoder(m, max_len=T, compile=compile, check_finite=False)
+    pre = Decoder(m, **prefill_config(c).decoder_kwargs(), max_len=T, compile=compile, check_finite=False)
+    dec = Decoder(m, **c.decoder_kwargs(), max_len=T, compile=compile, check_finite=False)
     dec.prefill(idx[:, :P])
     snap = dec.snapshot()
 
@@ -477,7 +355,7 @@ def _runs(m, c: BenchConfig, idx, decode_tokens, dev, compile) -> dict:
     return {"prefill": lambda: pre.prefill(idx, parallel=True), "decode": decode}
 
 
-def graphed_runs(m, c: BenchConfig, idx, decode_tokens, dev) -> dict:
+def graphed_runs(m, c: SNLPConfig, idx, decode_tokens, dev) -> dict:
     """The functions of `_runs`, captured as CUDA graphs and returned as their replays: "prefill" (one
     graph of the whole parallel prefill; it returns the captured logits) and "decode" (one graph of the
     decode_tokens steps, each at its own position, after an untimed eager prefill). Replays skip Python and the
@@ -489,9 +367,8 @@ def graphed_runs(m, c: BenchConfig, idx, decode_tokens, dev) -> dict:
         raise ValueError(f"configuration {c.text!r} cannot be captured as a CUDA graph (its surrogate draws "
                          f"probes on the host or reads values back); methods that can: {', '.join(GRAPHABLE)}")
     T, P = idx.shape[1], idx.shape[1] - decode_tokens
-    pre = (c if c.init != "warm" else BenchConfig(**{**c.__dict__, "init": "h0"})).decoder(
-        m, max_len=T, check_finite=False)
-    dec = c.decoder(m, max_len=T, check_finite=False)
+    pre = Decoder(m, **prefill_config(c).decoder_kwargs(), max_len=T, check_finite=False)
+    dec = Decoder(m, **c.decoder_kwargs(), max_len=T, check_finite=False)
     dec.prefill(idx[:, :P])
     snap = dec.snapshot()
     steps = [(lambda i=i: dec.step(idx[:, i])) for i in range(P, T)]

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
-from .model import build_model
+from .build import build_model
 from .nanochat import is_nanochat_checkpoint, load_nanochat
 
 CHECKPOINT_JSON = "checkpoint.json"

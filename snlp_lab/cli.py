@@ -18,13 +18,13 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .bench import parse_config
+from .snlp_config import parse_config
 from .checkpoint import has_checkpoint, load_checkpoint, load_tokenizer, read_checkpoint
 from .config import resolve_device
 from .data import encode_split
 from .decode import generate
 from .evaluate import evaluate_ppl, evaluated_tokens
-from .solve import NonFiniteError
+from .solver import NonFiniteError
 from .speculative import DEFAULT_DRAFT, decode_kwargs, speculative_generate
 
 
@@ -64,7 +64,7 @@ def generate_parser() -> ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text to continue (encoded BOS first, like training documents)")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--config", default=None,
-                   help="SNLP configuration (snlp_lab.bench grammar, e.g. idn:K=1:n=8); with --speculative, the "
+                   help="SNLP configuration (snlp_lab.snlp_config grammar, e.g. idn:K=1:n=8); with --speculative, the "
                         f"drafter's (default {DEFAULT_DRAFT}); without it, the decoder's (default sequential)")
     p.add_argument("--speculative", type=int, default=None, metavar="B",
                    help="self-speculative decoding with B draft tokens per round: the output is the sequential "
@@ -109,7 +109,7 @@ def evaluate_parser() -> ArgumentParser:
                        description="Validation perplexity of a trained model, sequential and under SNLP configurations.")
     p.add_argument("--checkpoint", required=True, help="run folder written by snlp_lab.train")
     p.add_argument("--configs", nargs="+", default=["sequential"],
-                   help="configurations (snlp_lab.bench grammar), e.g. sequential idn:K=1:n=8 idn:K=2:n=8:2xF4:fwd")
+                   help="configurations (snlp_lab.snlp_config grammar), e.g. sequential idn:K=1:n=8 idn:K=2:n=8:2xF4:fwd")
     p.add_argument("--data", default=None,
                    help="corpus whose validation split is evaluated, encoded with the run's tokenizer "
                         "(default: the run's training data)")

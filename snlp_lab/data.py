@@ -123,14 +123,6 @@ class Corpus:
             raise ValueError(f"split must be 'train' or 'val', not {split!r}")
         return self._read(split, keep)
 
-    def train_docs(self) -> Iterator[str]:
-        """The training documents as strings."""
-        return (text for _, text in self.docs("train"))
-
-    def val_docs(self) -> Iterator[str]:
-        """The validation documents as strings."""
-        return (text for _, text in self.docs("val"))
-
 
 def load_corpus(source: str | os.PathLike = "stdlib") -> Corpus:
     """Open a corpus: "stdlib", a folder/glob/file of text files, or of parquet shards.

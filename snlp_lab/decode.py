@@ -25,10 +25,10 @@ import functools
 
 import torch
 
-from .fusion import ChunkStack, check_chunkable, fusable, parse_chunks
-from .solve import SURROGATES, NonFiniteError, backout_state, head_logits, iterate, methods
+from .fusion import ChunkStack, check_chunkable, fusable
+from .snlp_config import SNLPConfig
+from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, iterate
 
-DECODE_INITS = ("h0", "fwd", "warm")
 
 
 class KVCache:
@@ -124,16 +124,7 @@ class Decoder:
         self._resolved = fusable(model)
         if chunks is not None:
             check_chunkable(model)
-        if method not in methods():
-            raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(methods())}")
-        if not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
-        C, M = parse_chunks(chunks, n_par) if chunks is not None else (None, 1)
-        n_par = (L if C is None else C * M) if n_par is None else n_par
-        if not isinstance(n_par, int) or not 1 <= n_par <= L:
-            raise ValueError(f"n_par must be an integer in 1..{L} (the model's depth), got {n_par!r}")
-        if init not in DECODE_INITS:
-            raise ValueError(f"unknown init {init!r}; valid inits: {', '.join(DECODE_INITS)}")
+        n_par, _, M = SNLPConfig(method, iters, n_par, chunks, init, kappa, probes, jac, seed).check(L).units(L)
         max_len = model.config.sequence_len if max_len is None else max_len
         if not 1 <= max_len <= model.config.sequence_len:
             raise ValueError(f"max_len must lie in 1..{model.config.sequence_len} (sequence_len), got {max_len}")

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from .data import val_batches
-from .solve import solve
+from .snlp_config import parse_config
+from .solver import solve
 
 
 @torch.no_grad()
@@ -47,8 +48,7 @@ def evaluated_tokens(n_tokens: int, seq_len: int, batch_size: int, max_batches: 
 
 def parse_snlp_spec(spec: str) -> tuple[str, dict]:
     """"idn:K=1:n=12:h0" -> ("idn", solve keyword arguments), in the configuration grammar of
-    `snlp_lab.bench` (METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ][:probes=P][:jac=J][:seed=S])."""
-    from .bench import parse_config  # bench builds on the decoder; import it only when parsing
+    `snlp_lab.snlp_config`."""
     c = parse_config(spec)
     return c.method, c.solve_kwargs()
 

@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .data import prepare_data, val_batches
+from .evaluate import evaluate_ppl
 from .params import check_choice
+from .snlp_config import parse_config
+from .train import trained_model, trained_run_dir
 
 
 @dataclass(frozen=True)
@@ -115,13 +119,11 @@ PAPER_TABLE_B = {
 # ------------------------------------------------------------------------------------------ shared steps
 def dataset(P: Profile):
     """The tokenized corpus of the profile (built once, cached)."""
-    from .data import prepare_data
     return prepare_data(P.data, vocab_size=P.vocab_size)
 
 
 def eval_batch(P: Profile, ds, batch_size: int | None = None, seq_len: int | None = None):
     """The first validation windows as (idx, targets): the fixed input of convergence/Jacobian studies."""
-    from .data import val_batches
     x, y = next(iter(val_batches(ds.val, seq_len or P.seq_len, batch_size or P.eval_batch_size, 1)))
     return x.to(P.device), y.to(P.device)
 
@@ -141,18 +143,27 @@ def train_options(P: Profile, variant: str, reg: str = "none", seed: int = 0, **
 def trained(P: Profile, variant: str, reg: str = "none", seed: int = 0, **extra):
     """A model of the profile trained with `reg` (cached: trained on first use, reused after), frozen for
     analysis (eval mode, no parameter gradients, so solves build no autograd graph)."""
-    from .train import trained_model
     return trained_model(**train_options(P, variant, reg, seed, **extra)).eval().requires_grad_(False)
 
 
 def ppl(P: Profile, model, ds, method: str = "sequential", **solve_kw) -> float:
     """Validation PPL of the profile's evaluation windows, sequential or under an SNLP configuration."""
-    from .evaluate import evaluate_ppl
     return evaluate_ppl(model, ds.val, P.seq_len, P.eval_batch_size, P.eval_batches, method=method, **solve_kw)
 
 
+def model_pairs(P: Profile) -> list[tuple[str, str]]:
+    """(variant, regularizer) for every model family's baseline ("none") and its main regularizer: the
+    models that the single-seed studies compare (convergence, jacobians, frontier)."""
+    return [(v, reg) for v, var in P.variants.items() for reg in ("none", var.reg)]
+
+
+def ppl_grid(P: Profile, model, ds, configs) -> list[float]:
+    """Validation PPL of `model` under each configuration string (`snlp_lab.snlp_config` grammar)."""
+    return [ppl(P, model, ds, c.method, **c.solve_kwargs()) for c in map(parse_config, configs)]
+
+
 def frontier_configs(L: int, mhc: bool = False) -> list[str]:
-    """The speed–quality grid (configuration strings of `snlp_lab.bench`): n_par in {L/2, 3L/4, L},
+    """The speed–quality grid (configuration strings of `snlp_lab.snlp_config`): n_par in {L/2, 3L/4, L},
     K in {1, 2, 4}, init h0/fwd, per layer (IDN, and HCN on mHC models); and, without mHC, every fused
     chunking CxFM (M > 1) of n_par in {L/2, L} with K in {1, 2} from h0 (K = 1 also from fwd)."""
     ns = sorted({max(1, L // 2), max(1, 3 * L // 4), L})
@@ -177,5 +188,18 @@ def pareto(df, x: str = "speedup", y: str = "ppl"):
 
 def run_folder(P: Profile, variant: str, reg: str = "none", seed: int = 0, **extra):
     """The cached run folder of `trained(P, variant, reg, seed, **extra)` (e.g. to fine-tune from it)."""
-    from .train import trained_run_dir
     return trained_run_dir(**train_options(P, variant, reg, seed, **extra))
+
+
+def frontier_table(res):
+    """A speed–quality table of bench rows with a `ppl` column and a `model_name` column: adds
+    ppl_change_% (against the same model's sequential PPL), speedup (the prefill speedup) and pareto
+    (no configuration of the same model is both faster and better; `pareto`)."""
+    res = res.copy()
+    seq = res[res.config == "sequential"].set_index("model_name").ppl
+    res["ppl_change_%"] = 100 * (res.ppl / res.model_name.map(seq) - 1)
+    res["speedup"] = res.prefill_speedup
+    res["pareto"] = False
+    for _, d in res.groupby("model_name"):
+        res.loc[d.index, "pareto"] = pareto(d)
+    return res

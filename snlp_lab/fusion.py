@@ -25,32 +25,15 @@ solver and the decoder iterate over exactly as over single layers (M = 1 gives t
 """
 from __future__ import annotations
 
-import re
 
 import torch
 
 from .model import block_apply, param_key
 
-_CHUNKS = re.compile(r"(\d+)xF(\d+)")
 _ROW_WEIGHTS = ("q", "k", "v", "fc", "gate")  # [N, out, in]: fusing concatenates output rows
 _COL_WEIGHTS = ("o", "proj")  # [N, out, in]: fusing concatenates input columns (sums the outputs)
 _MEAN_WEIGHTS = ("lam", "mu")  # [N] scalars: the chunk uses their mean
 _HEAD_WEIGHTS = ("window",)  # [N, H] per query head: the fused heads keep their own (per-head masks)
-
-
-def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
-    """'CxFM' -> (C, M): C chunks of M fused layers, e.g. '4xF6' -> (4, 6). With n_par, C·M must equal it."""
-    m = _CHUNKS.fullmatch(chunks.strip()) if isinstance(chunks, str) else None
-    if m is None:
-        raise ValueError(f"chunks must be a string 'CxFM' (C chunks of M fused layers, e.g. '4xF6', "
-                         f"'12xF2', '1xF12'), got {chunks!r}")
-    C, M = int(m[1]), int(m[2])
-    if C < 1 or M < 1:
-        raise ValueError(f"chunks 'CxFM' needs C >= 1 and M >= 1, got C={C}, M={M} in {chunks!r}")
-    if n_par is not None and C * M != n_par:
-        raise ValueError(f"chunks {chunks!r} cover C·M = {C * M} layers but n_par = {n_par}; "
-                         f"C·M must equal n_par (e.g. '{n_par}xF1' or '1xF{n_par}')")
-    return C, M
 
 
 def fusable(model) -> bool:

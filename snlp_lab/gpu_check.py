@@ -36,10 +36,12 @@ import torch
 from . import bench, report
 from .config import get_config
 from .decode import Decoder
-from .model import build_model
+from .build import build_model
 from .paths import repo_root
+from .snlp_config import parse_config
+from .timing import median_seconds
 from .regularizer import snlp_regularizer
-from .solve import solve
+from .solver import solve
 
 TOL_FP32, TOL_BF16 = 1e-4, 3e-2  # relative error against float64 (the issue's thresholds)
 
@@ -78,7 +80,7 @@ def _random_model(preset: str, **overrides):
 
 def _decode(model, cfg: str, idx: torch.Tensor, prompt: int) -> torch.Tensor:
     """Logits of a KV-cached decode: a sequential prefill of `prompt` tokens, then one token at a time."""
-    dec = bench.parse_config(cfg).decoder(model)
+    dec = Decoder(model, **parse_config(cfg).decoder_kwargs())
     out = [dec.prefill(idx[:, :prompt])[:, -1]]
     for i in range(prompt, idx.shape[1]):
         out.append(dec.step(idx[:, i]))
@@ -161,7 +163,7 @@ def machine_limits(device: torch.device, copy_mb: int, matmul_n: int, repeats: i
     dt = torch.bfloat16 if device.type == "cuda" else torch.float32
     a = torch.randn(matmul_n, matmul_n, generator=g, device=device).to(dt)
     b = torch.randn(matmul_n, matmul_n, generator=g, device=device).to(dt)
-    med = bench.median_seconds({"copy": lambda: y.copy_(x), "matmul": lambda: a @ b}, repeats, 3, device)
+    med = median_seconds({"copy": lambda: y.copy_(x), "matmul": lambda: a @ b}, repeats, 3, device)
     return {"copy_GB_s": 2 * x.numel() * 4 / med["copy"] / 1e9,
             "matmul_TFLOP_s": 2 * matmul_n ** 3 / med["matmul"] / 1e12, "matmul_dtype": str(dt).removeprefix("torch.")}
 

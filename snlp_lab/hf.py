@@ -130,7 +130,7 @@ class HFModel(nn.Module):
                              f"attn_implementation='sdpa' or 'eager'")
         self.hf, self.path = hf, None if path is None else str(path)
         self.config = HFConfig.from_hf(c)
-        self.backout_layer = None  # no nanochat backout: head(h) alone (snlp_lab.solve.backout_state)
+        self.backout_layer = None  # no nanochat backout: head(h) alone (snlp_lab.solver.backout_state)
         base = hf.get_decoder()
         if len({str(_structure(l)) for l in base.layers}) > 1:
             raise ValueError(f"the decoder layers of this {c.model_type} model differ in structure, so they "

@@ -34,7 +34,7 @@ import torch.nn as nn
 
 from .fusion import fused_value_embeddings, fused_weights
 from .model import GPT, attn_branch, mlp_branch, param_key, rms_norm, stacked_linear
-from .solve import Surrogate, register_surrogate
+from .solver import Surrogate, register_surrogate
 
 SINKHORN_ITERS = 20  # the mHC paper's t_max (the models take theirs from the config)
 RES_DIAG_INIT = 5.0  # sigmoid maps: H^res logits/τ start as 5·I: H^res ≈ 0.98 I, off-diagonals ≈ 0.007

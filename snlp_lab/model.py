@@ -14,14 +14,13 @@ unit axis. A "unit" is one layer, or (for fused chunks) several layers concatena
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import SMEAR_CHANNELS, GPTConfig, get_config
+from .config import SMEAR_CHANNELS, GPTConfig
 
 VE_GATE_SCALE = 3.0  # the value-embedding gate is 3·σ(...), range (0, 3) (nanochat)
 
@@ -381,13 +380,3 @@ class GPT(nn.Module):
                     per.append(zeros)
             ctx._ve[key] = torch.stack(per)
         return ctx._ve[key]
-
-
-def build_model(preset: str | GPTConfig = "tiny", **overrides) -> GPT:
-    """A freshly initialised model for a preset name (see `PRESETS`) with config overrides:
-    a `GPT`, or an `MHCGPT` (snlp_lab.mhc) when the config has n_streams > 1."""
-    cfg = get_config(preset, **overrides)
-    if cfg.n_streams > 1:
-        from .mhc import MHCGPT  # mhc builds on this module
-        return MHCGPT(cfg)
-    return GPT(cfg)

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .config import GPTConfig
-from .model import build_model
+from .build import build_model
 
 _MODEL_FILE = re.compile(r"model_(\d+)\.pt")
 # nanochat-snlp GPTConfig fields this loader understands (those it does not model are checked below)

@@ -89,9 +89,9 @@ class SNLPConfig:
         if self.method not in methods():
             raise ValueError(f"unknown method {self.method!r}; valid methods: {', '.join(methods())}")
         if not _is_int(self.iters) or self.iters < 1:
-            raise ValueError(f"iters (K) must be an integer >= 1, got {self.iters!r}")
-        if self.n_par is not None and (not _is_int(self.n_par) or self.n_par < 1):
-            raise ValueError(f"n_par must be an integer >= 1, got {self.n_par!r}")
+            raise ValueError(f"iters must be an integer >= 1 (K in a configuration), got {self.iters!r}")
+        if self.n_par is not None and not _is_int(self.n_par):
+            raise ValueError(f"n_par must be an integer, got {self.n_par!r}")
         if self.chunks is not None:
             parse_chunks(self.chunks, self.n_par)
         if self.init not in DECODE_INITS:
@@ -103,7 +103,7 @@ class SNLPConfig:
         """The configuration as a string of the grammar (what `parse_config` reads back)."""
         if self.method == "sequential" and self.chunks is None:
             return "sequential"
-        parts = [self.method, f"K={self.iters}"] + ([f"n={self.n_par}"] if self.n_par else []) + \
+        parts = [self.method, f"K={self.iters}"] + ([f"n={self.n_par}"] if self.n_par is not None else []) + \
             ([self.chunks] if self.chunks else []) + [self.init]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         parts += [f"{k}={getattr(self, k)}" for k in ("kappa", "probes", "jac", "seed")
@@ -113,7 +113,7 @@ class SNLPConfig:
     def units(self, n_layer: int) -> tuple[int, int, int]:
         """(n_par, C, M): parallel layers (defaults filled in), parallel units and layers per unit."""
         C, M = parse_chunks(self.chunks) if self.chunks else (None, 1)
-        n_par = self.n_par or (C * M if C else n_layer)
+        n_par = self.n_par if self.n_par is not None else (C * M if C else n_layer)
         return n_par, (C if C else n_par), M
 
     def check(self, n_layer: int, decoding: bool = True) -> "SNLPConfig":
@@ -121,10 +121,11 @@ class SNLPConfig:
         decoding=False, is not a full-sequence solve: init warm). Returns the configuration."""
         n_par, _, _ = self.units(n_layer)
         if not 1 <= n_par <= n_layer:
-            raise ValueError(f"n={n_par} in {self.text!r} must lie in 1..{n_layer} (the model's depth)")
+            raise ValueError(f"n_par must be an integer in 1..{n_layer} (the model's depth), got {n_par} "
+                             f"in {self.text!r}")
         if not decoding and self.init not in INITS:
-            raise ValueError(f"init {self.init!r} in {self.text!r} is a decoding init; a full-sequence "
-                             f"solve takes {', '.join(INITS)}")
+            raise ValueError(f"init {self.init!r} in {self.text!r} is a decoding init; a full-sequence solve "
+                             f"has valid inits: {', '.join(INITS)}")
         return self
 
     def layout(self, n_layer: int) -> tuple[int, int]:

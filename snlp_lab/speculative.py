@@ -41,7 +41,8 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from .bench import BenchConfig, median_seconds, parse_config
+from .snlp_config import SNLPConfig, parse_config
+from .timing import median_seconds
 from .decode import Decoder, generate
 
 DEFAULT_DRAFT = "idn:K=1:n=8"
@@ -138,7 +139,7 @@ def speculative_generate(model, idx: torch.Tensor, max_new_tokens: int, draft: s
                          seed: int = 0) -> tuple[torch.Tensor, SpeculativeStats]:
     """Prompt idx [1, T] followed by max_new_tokens tokens: ([1, T + max_new_tokens], SpeculativeStats).
 
-    draft: the drafter's configuration (`snlp_lab.bench` grammar, e.g. "idn:K=2:n=12:4xF3:warm");
+    draft: the drafter's configuration (`snlp_lab.snlp_config` grammar, e.g. "idn:K=2:n=12:4xF3:warm");
     block: draft tokens per round (B); temperature 0 is greedy, > 0 samples (top_k: only the k most
     likely tokens) with a generator seeded by `seed` (same seed, same tokens). The tokens are those of
     sequential decoding (greedy) or follow its distribution (sampling), whatever the drafter.
@@ -154,7 +155,7 @@ def speculative_generate(model, idx: torch.Tensor, max_new_tokens: int, draft: s
         return idx, stats
     t0 = time.perf_counter()
     max_len = min(total - 1, model.config.sequence_len)
-    drafter = cfg.decoder(model, max_len=max_len)
+    drafter = Decoder(model, **cfg.decoder_kwargs(), max_len=max_len)
     verifier = Decoder(model, method="sequential", n_par=model.n_layer - drafter.S, max_len=max_len)
     drafter.start(1, idx.device)
     verifier.start(1, idx.device)
@@ -220,10 +221,10 @@ def predicted_speedup(alpha: float, block: int, drafter_speedup: float) -> float
 
 
 # ------------------------------------------------------------------------------------------ measuring
-def decode_kwargs(cfg: BenchConfig) -> dict:
-    """The keyword arguments of `snlp_lab.generate` that decode with configuration cfg."""
-    return dict(method=cfg.method, iters=cfg.iters, n_par=cfg.n_par, chunks=cfg.chunks, init=cfg.init,
-                kappa=cfg.kappa, probes=cfg.probes, jac=cfg.jac)
+def decode_kwargs(cfg: SNLPConfig) -> dict:
+    """The keyword arguments of `snlp_lab.generate` that decode with configuration cfg (generate's own
+    `seed` seeds the decoder too)."""
+    return {k: v for k, v in cfg.decoder_kwargs().items() if k != "seed"}
 
 
 def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), temperatures=(0.0, 1.0),
@@ -232,14 +233,14 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
 
     One row per (temperature, block B): the drafter's prefix layers S (shared with the verifier),
     acceptance rate α and tokens per verifier pass over all prompts (prompt i sampled with seed + i); wall time of decoding every prompt (prefill included), median of
-    `repeats` after `warmup`, the three methods interleaved (`bench.median_seconds`); speedup =
+    `repeats` after `warmup`, the three methods interleaved (`snlp_lab.timing.median_seconds`); speedup =
     sequential / speculative time; drafter_speedup s = sequential / drafter time; predicted =
     `predicted_speedup(α, B, s)`; identical: at temperature 0, whether every prompt's tokens equal
     sequential decoding's ("n/a" when sampling, where only the distribution is the same).
     """
     cfg = parse_config(draft)
     cfg.check(model.n_layer)
-    S = cfg.decoder(model).S  # prefix layers the drafter shares with the verifier
+    S = Decoder(model, **cfg.decoder_kwargs()).S  # prefix layers the drafter shares with the verifier
     device = prompts[0].device
     log = log or (lambda s: None)
     rows = []

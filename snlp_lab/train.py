@@ -42,7 +42,6 @@ import importlib.util
 import json
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -60,10 +59,11 @@ from .config import GPTConfig, get_config, resolve_device
 from .hf import HFConfig, hf_config, load_hf
 from .data import TokenStream, prepare_data
 from .evaluate import evaluate_ppl, parse_snlp_specs
-from .model import build_model
+from .build import build_model
 from .paths import cache_dir
 from .regularizer import check_n_par_set, snlp_regularizer
-from .solve import INITS, SURROGATES, NonFiniteError, backout_state, head_logits, solve
+from .snlp_config import INITS, SNLPConfig, parse_config
+from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, solve
 
 if importlib.util.find_spec(f"{__package__}.mhc") is not None:
     from . import mhc  # noqa: F401  (registers the "hcn" surrogate)
@@ -142,10 +142,6 @@ class TrainResult:
     @property
     def losses(self) -> list[float]:
         return [m["loss"] for m in self.metrics if "loss" in m]
-
-    @property
-    def median_step_time(self) -> float:
-        return statistics.median(m["step_time"] for m in self.metrics if "step_time" in m)
 
     @property
     def evals(self) -> list[dict]:
@@ -245,13 +241,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                              "does not run; use --reg none with it (or --objective ce with a --reg)")
         if cfg.method not in SURROGATES:
             raise ValueError(f"unknown method {cfg.method!r}; valid: {', '.join(SURROGATES)}")
-        if not 1 <= cfg.n_par <= L:
-            raise ValueError(f"n_par must be in 1..{L} (the model's depth), got {cfg.n_par}")
-        if cfg.init not in INITS:
-            raise ValueError(f"unknown init {cfg.init!r}; valid: {', '.join(INITS)}")
-    for spec, _, kw in parse_snlp_specs(cfg.eval_snlp):
-        if not 1 <= (kw.get("n_par") or L) <= L:
-            raise ValueError(f"n_par in eval spec {spec!r} must be in 1..{L} (the model's depth)")
+        SNLPConfig(cfg.method, cfg.iters, cfg.n_par, init=cfg.init).check(L, decoding=False)
+    for spec in filter(None, map(str.strip, cfg.eval_snlp.split(","))):
+        parse_config(spec).check(L, decoding=False)
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda")
     if cfg.device == "cuda" and not torch.cuda.is_available():

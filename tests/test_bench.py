@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from snlp_lab.snlp_config import parse_config
 from snlp_lab import bench
 
 CONFIGS = ["sequential", "idn:K=1:n=4", "idn:K=2:n=4:2xF2:h0", "idn:K=1:n=3:fwd", "idn:K=4:n=4:warm"]
@@ -40,14 +41,14 @@ def test_table(table):
 ])
 def test_bad_config_strings(text, msg):
     with pytest.raises(ValueError, match=msg):
-        bench.parse_config(text).check(4)
+        parse_config(text).check(4)
 
 
 def test_parse_config():
-    c = bench.parse_config("idn:K=2:n=24:4xF6:h0")
+    c = parse_config("idn:K=2:n=24:4xF6:h0")
     assert (c.method, c.iters, c.n_par, c.chunks, c.init) == ("idn", 2, 24, "4xF6", "h0")
     assert c.bound(32) == 32 / (8 + 2) and c.layout(32) == (8, 4)
-    assert bench.parse_config("idn:fwd:kappa=0.5:K=3").bound(12) == 12 / 4
+    assert parse_config("idn:fwd:kappa=0.5:K=3").bound(12) == 12 / 4
 
 
 def test_settings():
@@ -55,7 +56,7 @@ def test_settings():
     assert s["seq_lens"] == [128] and s["decode_tokens"] == 16 and s["threads"] == 1 and "idn:K=2:n=24:4xF6:h0" in s["configs"]
     assert bench.settings("cpu", device="cpu", profile="cpu", repeats=2, seq_lens=[64])["repeats"] == 2
     for kw, msg in [(dict(model="1b"), "valid models: "), (dict(profile="fast"), "valid profiles: smoke, cpu, paper"),
-                    (dict(model="cpu", configs=["idn:n=24"]), r"must lie in 1\.\.12"),
+                    (dict(model="cpu", configs=["idn:n=24"]), r"n_par must be an integer in 1\.\.12"),
                     (dict(model="cpu", seq_lens=[512]), "at most the sequence_len of model 'cpu'"), (dict(device="tpu"), "valid: auto"),
                     (dict(model="cpu-mhc", configs=["idn:n=12:2xF6"]), "not supported on mHC")]:
         with pytest.raises(ValueError, match=msg):

@@ -86,7 +86,7 @@ def test_folder_corpus_split_rule_and_stability(text_dir):
     val = [k for k, _ in c.docs("val")]
     assert len(train) + len(val) == 60 and val, "60 files should give some validation files"
     assert all(is_val(k) for k in val) and not any(is_val(k) for k in train)
-    assert next(c.train_docs()) == (text_dir / train[0]).read_text(encoding="utf-8")
+    assert next(t for _, t in c.docs("train")) == (text_dir / train[0]).read_text(encoding="utf-8")
 
     write_files(text_dir, 40, start=60)  # adding files never moves an old file across the split
     c2 = load_corpus(text_dir)
@@ -193,7 +193,7 @@ def test_prepare_data_caches_and_reuses(text_dir, tmp_path):
     assert (ds.train == ds.tokenizer.bos_id).sum() == m["train_docs"] == m["corpus"]["train_docs"]
     assert ds.train[0] == ds.val[0] == ds.tokenizer.bos_id
     corpus = load_corpus(text_dir)
-    assert ds.tokenizer.decode(ds.val) == "".join(BOS + t for t in corpus.val_docs())
+    assert ds.tokenizer.decode(ds.val) == "".join(BOS + t for t in (t for _, t in corpus.docs("val")))
 
     mtimes = {f.name: f.stat().st_mtime_ns for f in ds.path.iterdir()}
     again = prepare_data(text_dir, vocab_size=320, max_train_bytes=5000, cache=cache, progress=False)

@@ -4,7 +4,8 @@ import torch
 
 from snlp_lab import solve
 from snlp_lab.decode import Decoder, generate
-from snlp_lab.fusion import ChunkStack, parse_chunks
+from snlp_lab.fusion import ChunkStack
+from snlp_lab.snlp_config import parse_chunks
 
 PROMPT_LEN, NEW = 5, 6
 

@@ -1,17 +1,17 @@
 """How users come in: notebook parameters and output folders, the benchmark's command line, silent
 failures (NaN), wrapped models in checkpoints. Each test replays a way in that once failed."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 import snlp_lab
+from snlp_lab.snlp_config import parse_config
 from snlp_lab import bench, jacobian, params, report
 from snlp_lab.checkpoint import load_checkpoint, save_checkpoint
 from snlp_lab.decode import Decoder, generate
 from snlp_lab.paths import repo_root
-from snlp_lab.solve import NonFiniteError
+from snlp_lab.solver import NonFiniteError
 
 ROOT = repo_root()
 
@@ -118,7 +118,7 @@ def test_bad_notebook_parameters_fail_in_the_first_cell(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the bench CLI
 @pytest.mark.parametrize("argv, msg", [
-    (["--model", "1b"], "valid models: 0.5b"), (["--model", "tiny", "--configs", "idn:n=9"], "must lie in 1..4"),
+    (["--model", "1b"], "valid models: 0.5b"), (["--model", "tiny", "--configs", "idn:n=9"], "n_par must be an integer in 1..4"),
     (["--model", "tiny", "--configs", "foo:K=1"], "unknown method 'foo'"),
     (["--model", "tiny", "--configs", "idn:2x3"], "cannot read"), (["--model", "tiny", "--seq-lens", "0"], "must be >= 1"),
     (["--model", "tiny", "--repeats", "0"], "repeats must be >= 1"),
@@ -137,7 +137,7 @@ def test_bench_defaults_fit_the_model(model, capsys):
     s = bench.settings(model, device="cpu", profile="smoke")
     L = snlp_lab.get_config(model).n_layer
     for c in s["configs"]:
-        bench.parse_config(c).check(L)
+        parse_config(c).check(L)
     assert bench.main(["--model", model, "--repeats", "1", "--warmup", "0", "--seq-lens", "8",
                        "--decode-tokens", "2", "--configs", *s["configs"][:3]]) == 0
     assert "sequential" in capsys.readouterr().out

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from snlp_lab import solve
-from snlp_lab.fusion import ChunkStack, check_chunkable, fused_weights, parse_chunks
+from snlp_lab.fusion import ChunkStack, check_chunkable, fused_weights
+from snlp_lab.snlp_config import parse_chunks
 from snlp_lab.model import attn_branch, mlp_branch, rms_norm
 
 

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from snlp_lab.snlp_config import parse_config
 from snlp_lab import bench, gpu_check
 
 
@@ -71,4 +72,4 @@ def test_without_gpu_the_cli_says_so(capsys):
 def test_graphs_refuse_host_side_surrogates(tiny):
     idx = torch.randint(0, 64, (1, 8))
     with pytest.raises(ValueError, match="cannot be captured as a CUDA graph"):
-        bench.graphed_runs(tiny, bench.parse_config("diagn:K=1:n=4"), idx, 2, torch.device("cpu"))
+        bench.graphed_runs(tiny, parse_config("diagn:K=1:n=4"), idx, 2, torch.device("cpu"))

@@ -193,7 +193,7 @@ def test_validation_ppl_with_the_models_own_tokenizer(llama, text, tmp_path):
     assert ds.meta["pretrained_tokenizer"] == str(llama)
     # the validation stream is BOS + the first validation document in the model's own tokens, ...
     enc = tf.AutoTokenizer.from_pretrained(llama)
-    doc = enc.encode(next(load_corpus(str(text)).val_docs()), add_special_tokens=False)
+    doc = enc.encode(next(t for _, t in load_corpus(str(text)).docs("val")), add_special_tokens=False)
     assert ds.val[:1 + len(doc)].tolist() == [enc.bos_token_id] + doc
     # ... and its PPL is exp(CE) of transformers' logits on it
     m = load(llama, torch.float32)

@@ -7,7 +7,7 @@ import torch
 import snlp_lab
 from snlp_lab import solve
 from snlp_lab.regularizer import check_n_par_set, parallel_positions, snlp_regularizer
-from snlp_lab.solve import SURROGATES
+from snlp_lab.solver import SURROGATES
 
 from conftest import randomize
 

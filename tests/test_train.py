@@ -20,7 +20,7 @@ from snlp_lab.data import TokenStream, prepare_data, val_batches
 from snlp_lab.evaluate import evaluate_ppl, parse_snlp_spec
 from snlp_lab.paths import cache_dir
 from snlp_lab.regularizer import snlp_regularizer
-from snlp_lab.solve import SURROGATES
+from snlp_lab.solver import SURROGATES
 from snlp_lab.train import TrainConfig, train, trained_model
 
 if importlib.util.find_spec("snlp_lab.mhc") is not None:

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .fusion import chunk_stack, parse_chunks
+from .fusion import chunk_stack
 from .jacobian import JAC_PRODUCTS, hutchinson_diag
+from .snlp_config import SURROGATES, SNLPConfig, parse_chunks, register_surrogate
 
-INITS = ("h0", "fwd")
 
 
 class NonFiniteError(FloatingPointError):
@@ -36,18 +36,6 @@ class NonFiniteError(FloatingPointError):
 
 
 # ------------------------------------------------------------------------------------------ surrogates
-SURROGATES: dict[str, type] = {}
-
-
-def register_surrogate(name: str):
-    """Class decorator: make a surrogate available as `solve(..., method=name)`."""
-    def deco(cls):
-        SURROGATES[name] = cls
-        cls.name = name
-        return cls
-    return deco
-
-
 class Surrogate:
     """A_l for the parallel layers start..stop-1. Subclasses define `matvec` or override `scan`.
 
@@ -154,13 +142,6 @@ class ExactNewton(Surrogate):
 
 
 # ------------------------------------------------------------------------------------------ solver
-METHODS = ("sequential",)  # plus every registered surrogate; see `methods()`
-
-
-def methods() -> tuple[str, ...]:
-    return METHODS + tuple(SURROGATES)
-
-
 @dataclass
 class SolveResult:
     """What a solve returns. Without chunks the trace is h_0..h_L ([L+1, B, T, ...]); with chunks
@@ -200,17 +181,6 @@ def backout_state(model, states, S: int, M: int = 1):
 def head_logits(model, h, h_backout=None):
     """model.head(h) with the backout state where the model has backout (toy stacks have a one-argument head)."""
     return model.head(h) if h_backout is None else model.head(h, h_backout)
-
-
-def _check_args(model, method, iters, n_par, init):
-    if method not in methods():
-        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(methods())}")
-    if not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"iters must be an integer >= 1, got {iters!r}")
-    if not isinstance(n_par, int) or not 1 <= n_par <= model.n_layer:
-        raise ValueError(f"n_par must be an integer in 1..{model.n_layer} (the model's depth), got {n_par!r}")
-    if init not in INITS:
-        raise ValueError(f"unknown init {init!r}; valid inits: {', '.join(INITS)}")
 
 
 def iterate(f, hS: torch.Tensor, H: torch.Tensor, sur: Surrogate, iters: int, tol: float | None = None,
@@ -262,7 +232,7 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
         C, M = parse_chunks(chunks, n_par)
         n_par = C * M
     n_par = L if n_par is None else n_par
-    _check_args(model, method, iters, n_par, init)
+    SNLPConfig(method, iters, n_par, chunks, init, kappa, probes, jac, seed).check(L, decoding=False)
     if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a finite number > 0 (or None), got {tol!r}")
     h, ctx = model.embed(idx)
