@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .model import param_key
+from .model import check_token_ids, param_key
 
 MIN_TRANSFORMERS = "5.4"  # from 5.4 on every supported family's quirks live in its modules (Gemma's
 # embedding scale moved into its embedding module then); tested with 5.4.0 and 5.24.0
@@ -168,17 +168,8 @@ class HFModel(nn.Module):
         at positions pos..pos+T-1. `prev` (the token before idx, which nanochat's smear reads) is
         accepted for the decoder's sake and unused: these families have no smear."""
         cfg = self.config
-        if idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"token ids must be an integer tensor, got {idx.dtype}")
-        if idx.dim() != 2:
-            raise ValueError(f"token ids must have shape [batch, time], got {tuple(idx.shape)}")
-        if idx.numel() and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (vocab_size), "
-                             f"got range [{int(idx.min())}, {int(idx.max())}]")
+        check_token_ids(idx, cfg.vocab_size, cfg.sequence_len, pos, "max_position_embeddings")
         T = idx.shape[1]
-        if pos + T > cfg.sequence_len:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than the model's context "
-                             f"max_position_embeddings={cfg.sequence_len}")
         base = self.hf.get_decoder()
         h0 = base.get_input_embeddings()(idx)
         position_ids = torch.arange(pos, pos + T, device=idx.device)[None]

@@ -30,6 +30,24 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def check_token_ids(idx: torch.Tensor, vocab_size: int, context: int, pos: int = 0,
+                    context_name: str = "sequence_len") -> None:
+    """ValueError unless idx is an integer [batch, time] tensor of ids in [0, vocab_size) whose last
+    position, pos + T - 1, lies within the model's context (`context_name`: the config field that sets
+    it). The range check reads the ids on the host, so it is skipped while a CUDA graph is captured."""
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"token ids must be an integer tensor, got {idx.dtype}")
+    if idx.dim() != 2:
+        raise ValueError(f"token ids must have shape [batch, time], got {tuple(idx.shape)}")
+    capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
+    if idx.numel() and not capturing and (idx.min() < 0 or idx.max() >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size), "
+                         f"got range [{int(idx.min())}, {int(idx.max())}]")
+    if pos + idx.shape[1] > context:
+        raise ValueError(f"sequence of {pos + idx.shape[1]} tokens is longer than the model's context "
+                         f"{context_name}={context}")
+
+
 def rotary_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
     """cos/sin tables [T, head_dim/2] for the given absolute positions."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
@@ -261,19 +279,8 @@ class GPT(nn.Module):
         x[t] += smear_lambda·σ(smear_gate·x[t, :24])·x[t-1] (nanochat's smear). With pos > 0 the token
         before idx[:, 0] is needed: prev [B] or [B, 1] (KV-cached decoding)."""
         cfg = self.config
-        if idx.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"token ids must be an integer tensor, got {idx.dtype}")
-        if idx.dim() != 2:
-            raise ValueError(f"token ids must have shape [batch, time], got {tuple(idx.shape)}")
-        # the range check reads the ids on the host: skipped while a CUDA graph is being captured
-        capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
-        if idx.numel() and not capturing and (idx.min() < 0 or idx.max() >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}) (vocab_size), "
-                             f"got range [{int(idx.min())}, {int(idx.max())}]")
+        check_token_ids(idx, cfg.vocab_size, cfg.sequence_len, pos)
         T = idx.shape[1]
-        if pos + T > cfg.sequence_len:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than the model's context "
-                             f"sequence_len={cfg.sequence_len}")
         x = rms_norm(self.wte(idx))
         if cfg.smear:
             if pos == 0:  # the first token has no predecessor
