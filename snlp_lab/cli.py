@@ -24,6 +24,7 @@ from .config import resolve_device
 from .data import encode_split
 from .decode import generate
 from .evaluate import evaluate_ppl, evaluated_tokens
+from .nanochat import is_nanochat_checkpoint, load_nanochat
 from .solver import NonFiniteError
 from .speculative import DEFAULT_DRAFT, decode_kwargs, speculative_generate
 
@@ -44,14 +45,18 @@ def _run(main, argv) -> int:
 
 
 def load_for_text(path: str, device) -> tuple:
-    """(model in eval mode, tokenizer, checkpoint JSON) of a run folder written by `snlp_lab.train`."""
+    """(model in eval mode, tokenizer, checkpoint JSON) of a run folder written by `snlp_lab.train`, or of
+    a nanochat checkpoint folder with nanochat's tokenizer beside it (its JSON is empty)."""
     p = Path(path)
     if has_checkpoint(p):
         model = load_checkpoint(p, device=device).eval().requires_grad_(False)
         return model, load_tokenizer(p), read_checkpoint(p)
-    if p.is_dir() and any(p.glob("model_*.pt")):
-        raise ValueError(f"{path} is a nanochat checkpoint folder (model_<step>.pt); this version loads only "
-                         f"run folders written by snlp_lab.train")
+    if is_nanochat_checkpoint(p):
+        model = load_nanochat(p, device=device).requires_grad_(False)
+        if model.tokenizer is None:
+            raise ValueError(f"{path} is a nanochat checkpoint without its tokenizer: expected "
+                             f"tokenizer/tokenizer.pkl in it or up to two folders above it")
+        return model, model.tokenizer, {}  # no training settings: evaluate needs --data
     raise ValueError(f"no checkpoint at {path}: expected a run folder written by snlp_lab.train (checkpoint.json)")
 
 

@@ -169,17 +169,39 @@ def load_nanochat(path: str | os.PathLike, step: int | None = None, device: str 
     return model.to(device).eval()
 
 
+class NanochatTokenizer:
+    """nanochat's tokenizer (a tiktoken Encoding) with the interface of `snlp_lab.data.Tokenizer` that
+    the commands use: bos_id (nanochat's <|bos|>), encode, encode_batch, decode, vocab_size. Text is
+    encoded without special tokens, as nanochat encodes documents before prepending BOS."""
+
+    BOS = "<|bos|>"
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.bos_id = enc.encode_single_token(self.BOS)
+        self.vocab_size = enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts)
+
+    def decode(self, ids) -> str:
+        return self.enc.decode([int(i) for i in ids])
+
+
 def load_nanochat_tokenizer(path: str | os.PathLike):
     """nanochat's tokenizer (tokenizer/tokenizer.pkl, a pickled tiktoken Encoding) found in the
-    checkpoint folder or up to two levels above it; None when there is none. Unpickling runs code:
-    load only folders you trust."""
+    checkpoint folder or up to two levels above it, as a `NanochatTokenizer`; None when there is none.
+    Unpickling runs code: load only folders you trust."""
     path = Path(path)
     for folder in (path, path.parent, path.parent.parent):
         pkl = folder / "tokenizer" / "tokenizer.pkl"
         if pkl.is_file():
             try:
                 with open(pkl, "rb") as f:
-                    return pickle.load(f)
+                    return NanochatTokenizer(pickle.load(f))
             except ModuleNotFoundError as e:
                 raise ValueError(f"nanochat's tokenizer {pkl} needs the package {e.name!r}: "
                                  f"pip install {e.name}") from None

@@ -127,6 +127,24 @@ def copy_fixture(tmp_path, name="plain"):
     return d
 
 
+class ByteEncoding:
+    """Stands in for nanochat's tiktoken Encoding (tiktoken is not a dependency): UTF-8 bytes, BOS 255
+    (the fixtures' vocabulary has 256 tokens; byte 255 never occurs in UTF-8)."""
+    n_vocab = 256
+
+    def encode_single_token(self, text):
+        return {"<|bos|>": 255}[text]
+
+    def encode_ordinary(self, text):
+        return list(text.encode("utf-8"))
+
+    def encode_ordinary_batch(self, texts):
+        return [self.encode_ordinary(t) for t in texts]
+
+    def decode(self, ids):
+        return bytes(i for i in ids if i != 255).decode("utf-8", errors="replace")
+
+
 def test_steps_and_tokenizer(tmp_path):
     d = copy_fixture(tmp_path)
     state = torch.load(d / "model_000123.pt", weights_only=True)
@@ -139,8 +157,33 @@ def test_steps_and_tokenizer(tmp_path):
     with pytest.raises(ValueError, match="no step 5 .*123, 200"):
         load_nanochat(d, step=5)
     (tmp_path / "tokenizer").mkdir()  # nanochat's base_dir/tokenizer/tokenizer.pkl, beside the checkpoints
-    (tmp_path / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps({"stand-in": "encoding"}))
-    assert load_nanochat(d).tokenizer == {"stand-in": "encoding"}
+    (tmp_path / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(ByteEncoding()))
+    tok = load_nanochat(d).tokenizer
+    assert tok.bos_id == 255 and tok.decode(tok.encode("déjà vu")) == "déjà vu"
+    assert tok.encode_batch(["ab", "c"]) == [[97, 98], [99]]
+
+
+def test_commands_take_a_nanochat_folder(tmp_path, capsys):
+    from snlp_lab import cli
+    from snlp_lab.decode import generate
+    d = copy_fixture(tmp_path)
+    assert cli.generate_main(["--checkpoint", str(d), "--prompt", "ab", "--max-new-tokens", "4"]) == 2
+    assert "without its tokenizer" in capsys.readouterr().err
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(ByteEncoding()))
+    assert cli.generate_main(["--checkpoint", str(d), "--prompt", "ab", "--max-new-tokens", "4"]) == 0
+    model = load_nanochat(d)
+    want = generate(model, torch.tensor([[255, 97, 98]]), 4, method="sequential")
+    assert capsys.readouterr().out.strip() == model.tokenizer.decode(want[0, 1:]).strip()
+    (tmp_path / "text").mkdir()
+    (tmp_path / "text" / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
+    (tmp_path / "text" / "b.txt").write_text("class A:\n    pass\n" * 40)
+    assert cli.evaluate_main(["--checkpoint", str(d), "--configs", "sequential", "idn:K=6:n=6", "--data",
+                              str(tmp_path / "text"), "--seq-len", "16", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| sequential") or line.startswith("| idn")]
+    ppl = [float(r.split("|")[2]) for r in rows]
+    assert len(ppl) == 2 and ppl[0] == pytest.approx(ppl[1], rel=1e-5)  # K = n_par: exact
 
 
 @pytest.mark.parametrize("edit,match", [
