@@ -371,3 +371,12 @@ def test_cli_modules_run_without_runpy_warning(module):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "found in sys.modules" not in p.stderr, p.stderr
     assert "usage:" in p.stdout
+
+
+def test_bench_names_a_checkpoint_by_its_run(corpus, tmp_path):
+    from snlp_lab import bench
+    res = train(cfg_for(corpus, tmp_path, steps=2))
+    s = bench.settings(checkpoint=str(res.run_dir), device="cpu", profile="smoke")
+    assert s["name"] == "tiny (trained, step 2)" and s["model"] is None
+    with pytest.raises(ValueError, match="does not match the checkpoint, trained as 'tiny'"):
+        bench.settings("cpu", checkpoint=str(res.run_dir), device="cpu")
