@@ -85,7 +85,8 @@ PAPER_ADAMW = {"embed": ((0.8, 0.995), 0.001), "value_embeds": ((0.8, 0.995), 0.
 PAPER_MHC_LR = 0.01
 # options added after runs were cached: left out of the config hash (and the resume check) at their
 # defaults, so that the cached runs and committed results keep their run folders
-LATER_DEFAULTS = {"reg_positions": "strided", "reg_per_stream": False, "recipe": "snlp", "lr_final_frac": 0.0}
+LATER_DEFAULTS = {"reg_positions": "strided", "reg_per_stream": False, "reg_fd_eps": 0.0, "recipe": "snlp",
+                  "lr_final_frac": 0.0}
 LOG_SECONDS = 30  # progress lines when the output is not a terminal
 # learning rates when left unset: nanochat's for training our models, smaller ones for fine-tuning a
 # pretrained transformers model (nanochat's would wreck it within a few steps)
@@ -124,6 +125,7 @@ class TrainConfig:
     detach_target: bool = False
     reg_positions: str = "strided"  # P_s(N): "strided" or "paper" (the paper's idn_stride rule)
     reg_per_stream: bool = False  # norms per mHC stream (the paper's HCN term)
+    reg_fd_eps: float = 0.0  # reg diagn: 0 = JVP products; > 0 = the paper's clamped finite differences (0.01)
     # SNLP-forward objective
     objective: str = "ce"  # "ce" or "snlp-forward"
     method: str = "idn"  # surrogate of the SNLP forward
@@ -247,6 +249,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"unknown reg {cfg.reg!r}; valid: {', '.join(regs)}")
     if cfg.reg_positions not in POSITIONS:
         raise ValueError(f"unknown reg_positions {cfg.reg_positions!r}; valid: {', '.join(POSITIONS)}")
+    if not (math.isfinite(cfg.reg_fd_eps) and cfg.reg_fd_eps >= 0):
+        raise ValueError(f"reg_fd_eps must be a finite number >= 0, got {cfg.reg_fd_eps}")
+    if cfg.reg_fd_eps and cfg.reg != "diagn":
+        raise ValueError(f"reg_fd_eps sets DiagN's finite differences; use it with --reg diagn, not {cfg.reg!r}")
     if cfg.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {cfg.recipe!r}; valid: {', '.join(RECIPES)}")
     if not cfg.lam >= 0:
@@ -372,7 +378,8 @@ class SNLPLoss(nn.Module):
         if cfg.reg == "none":
             return ce, ce, torch.zeros_like(ce)
         reg = snlp_regularizer(m, trace, ctx, cfg.n_par_set, cfg.reg, cfg.stride, cfg.detach_target,
-                               cfg.reg_positions, cfg.reg_per_stream, generator=torch.Generator().manual_seed(seed))
+                               cfg.reg_positions, cfg.reg_per_stream, generator=torch.Generator().manual_seed(seed),
+                               fd_eps=cfg.reg_fd_eps)
         return ce + weight * cfg.lam * reg, ce, reg
 
 
@@ -699,6 +706,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reg-positions", default=D.reg_positions, choices=POSITIONS,
       help="compared layers: strided (every s-th plus the last) or paper (its idn_stride rule: 0 = the last only)")
     a("--reg-per-stream", action="store_true", help="norms per mHC stream (the paper's HCN term)")
+    a("--reg-fd-eps", type=float, default=D.reg_fd_eps,
+      help="--reg diagn: 0 = JVP products; > 0 = finite differences with this step, clamped to ±2 (paper: 0.01)")
     a("--objective", default=D.objective, choices=OBJECTIVES)
     a("--method", default=D.method, help="surrogate of the snlp-forward objective")
     a("--iters", type=int, default=D.iters, help="K, iterations of the snlp-forward objective")

@@ -110,6 +110,37 @@ def test_matches_diagn_with_the_same_probes(tiny, idx):
         assert got.item() == pytest.approx(direct(tiny, idx, [N], "diagn", 0, seed=7), rel=1e-10)
 
 
+def test_diagn_finite_differences_match_the_paper_term(tiny, idx):
+    """fd_eps > 0 with positions="paper", stride 0: the paper's DiagN term written out, with the same
+    Rademacher probes: d_j = clamp(z_j ⊙ (Φ_j(h_S + εz_j) − Φ_j(h_S)) / ε, ±2), ĥ_1 = Φ_1(h_S),
+    ĥ_j = Φ_j(h_S) + d_j ⊙ (ĥ_{j−1} − h_S), compared with h_L."""
+    eps, L = 0.01, tiny.n_layer
+    h, ctx = tiny.embed(idx)
+    seq = [h]
+    for l in range(L):
+        seq.append(tiny.layer(l, seq[-1], ctx))
+    want = 0.0
+    g = torch.Generator().manual_seed(3)
+    for N in (2, 4):
+        S = L - N
+        z = 2 * torch.randint(0, 2, (N, *h.shape), generator=g).to(h) - 1  # the surrogate's draw
+        F = [tiny.layer(S + j, seq[S], ctx) for j in range(N)]
+        d = [(z[j] * (tiny.layer(S + j, seq[S] + eps * z[j], ctx) - F[j]) / eps).clamp(-2, 2) for j in range(N)]
+        corr = F[0]
+        for j in range(1, N):
+            corr = F[j] + d[j] * (corr - seq[S])
+        want += ((corr - seq[L]).norm(dim=-1) / seq[L].norm(dim=-1)).mean().item()
+    ref = solve(tiny, idx, method="sequential").trace
+    got = snlp_regularizer(tiny, list(ref), ctx, (2, 4), "diagn", 0, positions="paper", fd_eps=eps,
+                           generator=torch.Generator().manual_seed(3)).item()
+    assert want > 1e-3 and got == pytest.approx(want, rel=1e-8)
+    exact = snlp_regularizer(tiny, list(ref), ctx, (2, 4), "diagn", 0, positions="paper",
+                             generator=torch.Generator().manual_seed(3)).item()
+    assert abs(exact - want) > 1e-6  # the JVP estimate has no O(ε) difference error (and no clamp)
+    with pytest.raises(ValueError, match="fd_eps"):
+        snlp_regularizer(tiny, list(ref), ctx, (2,), "diagn", fd_eps=-1.0)
+
+
 def test_hcn_on_stream_states(idx):
     if "hcn" not in SURROGATES:
         pytest.skip("the hcn surrogate (snlp_lab.mhc) is not registered in this checkout")

@@ -134,7 +134,7 @@ def test_paper_recipe_adamw_groups():
     assert {id(p) for gr in adamw.param_groups + muon.param_groups for p in gr["params"]} == {id(p) for p in m.parameters()}
 
 
-def test_paper_regularizer_options_reach_the_loss(tiny, idx):
+def test_paper_regularizer_options_reach_the_loss(tiny, idx, monkeypatch):
     """--reg jacobi --reg-positions paper --stride 0 (the paper's default IDN term): the loss's R is
     mean_{b,t} ‖Φ_L(h_S) − h_L‖ / ‖h_L‖ summed over N; --reg-per-stream reaches the regularizer too."""
     cfg = T.resolve(TrainConfig(model="tiny", reg="jacobi", n_par_set=(2, 3), reg_positions="paper", lam=0.5))
@@ -146,14 +146,13 @@ def test_paper_regularizer_options_reach_the_loss(tiny, idx):
     want = sum(rel(tiny.layer(L - 1, trace[L - N], ctx), trace[L]) for N in (2, 3))
     assert reg.item() > 1e-3 and reg.item() == pytest.approx(want.item(), rel=1e-10)
     assert loss.item() == pytest.approx(ce.item() + 0.5 * reg.item(), rel=1e-12)
-    seen = []
-    orig = T.snlp_regularizer
-    try:
-        T.snlp_regularizer = lambda *a, **kw: seen.append(a[7:9]) or orig(*a, **kw)
-        T.SNLPLoss(tiny, dataclasses.replace(cfg, reg_per_stream=True))(idx[:, :-1], idx[:, 1:], 1.0, 0)
-    finally:
-        T.snlp_regularizer = orig
-    assert seen == [("paper", True)]
+    seen, orig = [], T.snlp_regularizer
+    monkeypatch.setattr(T, "snlp_regularizer", lambda *a, **kw: seen.append((*a[7:9], kw["fd_eps"])) or orig(*a, **kw))
+    T.SNLPLoss(tiny, dataclasses.replace(cfg, reg_per_stream=True))(idx[:, :-1], idx[:, 1:], 1.0, 0)
+    T.SNLPLoss(tiny, T.resolve(dataclasses.replace(cfg, reg="diagn", reg_fd_eps=0.01)))(idx[:, :-1], idx[:, 1:], 1.0, 0)
+    assert seen == [("paper", True, 0.0), ("paper", False, 0.01)]
+    with pytest.raises(ValueError, match="--reg diagn"):
+        T.resolve(dataclasses.replace(cfg, reg_fd_eps=0.01))
 
 
 def test_later_options_keep_old_runs(corpus, tmp_path):
@@ -165,6 +164,8 @@ def test_later_options_keep_old_runs(corpus, tmp_path):
     hashes = {T.config_hash(dataclasses.replace(cfg, **{k: v})) for k, v in
               [("recipe", "paper"), ("reg_positions", "paper"), ("reg_per_stream", True), ("lr_final_frac", 0.05)]}
     assert len(hashes | {T.config_hash(cfg)}) == 5
+    diagn = dataclasses.replace(cfg, reg="diagn")
+    assert T.config_hash(diagn) != T.config_hash(dataclasses.replace(diagn, reg_fd_eps=0.01))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -363,8 +364,9 @@ def test_cli_parser_maps_one_to_one(capsys):
         "tiny", "idn", (2, 4), True, ("n_layer=3", "x0ve=false"), False)
     assert T.model_config(cfg).n_layer == 3 and not T.model_config(cfg).x0ve
     cfg = T.config_from_args(["--reg", "jacobi", "--reg-positions", "paper", "--reg-per-stream", "--recipe", "paper",
-                              "--lr-final-frac", "0.05"])
-    assert (cfg.reg_positions, cfg.reg_per_stream, cfg.recipe, cfg.lr_final_frac) == ("paper", True, "paper", 0.05)
+                              "--lr-final-frac", "0.05", "--reg-fd-eps", "0.01"])
+    assert (cfg.reg_positions, cfg.reg_per_stream, cfg.recipe, cfg.lr_final_frac, cfg.reg_fd_eps) == (
+        "paper", True, "paper", 0.05, 0.01)
     assert T.main(["--model", "tiny", "--vocab-size", "300", "--reg", "idn", "--lam", "-1"]) == 2
     assert "lam" in capsys.readouterr().err
 
