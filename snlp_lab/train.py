@@ -22,8 +22,8 @@ weights are a Hugging Face folder (`hf_<step>/`, save_pretrained) that `load_hf(
 Optimizers as nanochat: Muon for the blocks' matrices (the nn.Linear weights under `blocks`), AdamW
 for embeddings, lm head and everything else (resid/x0 lambdas, mHC mixing); AdamW learning rates scale
 with (n_embd/768)^-0.5. Learning rate: linear warm-up, constant, linear warm-down to `lr_final_frac`.
-`recipe="paper"` gives the AdamW groups the paper's settings (`PAPER_ADAMW`); the README maps each of
-the paper's training flags to ours.
+`recipe="paper"` gives the AdamW groups the paper's settings (`PAPER_ADAMW`) and Muon its momentum
+schedule (`paper_muon_momentum`); the README maps each of the paper's training flags to ours.
 bf16 autocast on CUDA, fp32 on CPU.
 
 A run folder (`out`) holds checkpoint.json + weights (`snlp_lab.checkpoint`), the tokenizer
@@ -306,6 +306,18 @@ def lr_multiplier(step: int, steps: int, warmup_frac: float, warmdown_frac: floa
     return progress + (1 - progress) * final_frac
 
 
+def paper_muon_momentum(step: int, steps: int, warmdown_frac: float) -> float:
+    """Muon's momentum at 0-based `step` under recipe "paper" (nanochat's get_muon_momentum): 0.85 rising
+    to 0.97 over the first 400 steps, 0.97, then falling linearly to 0.90 over the lr warm-down."""
+    start = steps - round(warmdown_frac * steps)
+    if step < 400:
+        return 0.85 + 0.12 * step / 400
+    if step >= start:
+        progress = (step - start) / round(warmdown_frac * steps)
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
+
+
 def reg_weight(step: int, steps: int, warmup_frac: float) -> float:
     """w(t): 0 at the first step, rising linearly to 1 at warmup_frac of the steps."""
     span = warmup_frac * steps
@@ -576,6 +588,9 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
         with autocast:
             loss, ce, reg = net(x, y, w, step)
         loss.backward()
+        if cfg.recipe == "paper":
+            for g in opts[0].param_groups:
+                g["momentum"] = paper_muon_momentum(step, cfg.steps, cfg.lr_warmdown_frac)
         for o, s in zip(opts, scheds):
             o.step()
             s.step()

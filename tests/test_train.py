@@ -109,6 +109,17 @@ def test_schedule_final_lr_frac():
     assert mult == pytest.approx([1] * 7 + [0.05 + 0.95 * k / 4 for k in (3, 2, 1)])
 
 
+def test_paper_muon_momentum_schedule(corpus, tmp_path):
+    """nanochat: 0.85 -> 0.97 over 400 steps, 0.97, then -> 0.90 over the warm-down; a run with recipe
+    "paper" steps Muon with it (its momentum after the last step is the schedule's)."""
+    m = [T.paper_muon_momentum(s, 1000, 0.5) for s in (0, 200, 400, 499, 500, 750, 999)]
+    assert m == pytest.approx([0.85, 0.91, 0.97, 0.97, 0.97, 0.935, 0.97 - 0.07 * 499 / 500])
+    res = train(cfg_for(corpus, tmp_path, steps=3, recipe="paper", lr_warmdown_frac=0.5))
+    muon = T.build_optimizers(res.model, T.resolve(cfg_for(corpus, tmp_path, steps=3, recipe="paper")))[0]
+    muon.load_state_dict(T.load_optim_state(res.run_dir, "cpu")["optimizers"][0])
+    assert muon.param_groups[0]["momentum"] == pytest.approx(T.paper_muon_momentum(2, 3, 0.5))
+
+
 def test_paper_recipe_adamw_groups():
     """recipe "paper": each AdamW group's lr, betas and weight decay as nanochat-snlp sets them;
     recipe "snlp" keeps its five groups (checkpointed optimizer states still load)."""
