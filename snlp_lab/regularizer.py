@@ -86,7 +86,7 @@ def snlp_regularizer(model, trace: Sequence[torch.Tensor], ctx, n_par_set: Seque
     method: a surrogate name from `snlp_lab.snlp_config.SURROGATES`; stride: s of P_s(N);
     detach_target: no gradient through h^seq (only ĥ is pulled towards the sequential trace);
     positions: the rule of P_s(N), "strided" or "paper"; per_stream: norms per mHC stream (above);
-    generator: random probes (DiagN); surrogate_opts: passed to the surrogate (kappa, probes, ...).
+    generator: random probes (DiagN); surrogate_opts: passed to the surrogate (kappa, probes, fd_eps, ...).
     """
     if method not in SURROGATES:
         raise ValueError(f"unknown surrogate {method!r}; valid: {', '.join(SURROGATES)}")
