@@ -64,7 +64,8 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def _probe(h: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+def hutchinson_probe(h: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Rademacher vector (entries ±1) shaped and typed like h."""
     z = torch.randint(0, 2, h.shape, generator=generator).to(h)
     return 2 * z - 1
 
@@ -74,7 +75,7 @@ def hutchinson_diag(f: Fn, h: torch.Tensor, probes: int = 8, generator: torch.Ge
     _check_count("probes", probes)
     acc = torch.zeros_like(h)
     for _ in range(probes):
-        z = _probe(h, generator)
+        z = hutchinson_probe(h, generator)
         acc += z * jvp(f, h, z)
     return acc / probes
 
@@ -101,7 +102,7 @@ def surrogate_distance(f: Fn, h: torch.Tensor, A: Fn, probes: int = 8,
     Rademacher z (E‖Mz‖² = ‖M‖_F² for any M)."""
     num = den = 0.0
     for _ in range(probes):
-        z = _probe(h, generator)
+        z = hutchinson_probe(h, generator)
         jz = jvp(f, h, z)
         num += float(torch.linalg.vector_norm((jz - A(z)).detach()) ** 2)
         den += float(torch.linalg.vector_norm(jz.detach()) ** 2)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .fusion import chunk_stack
-from .jacobian import JAC_PRODUCTS, hutchinson_diag
+from .jacobian import JAC_PRODUCTS, hutchinson_diag, hutchinson_probe
 from .snlp_config import SURROGATES, SNLPConfig, parse_chunks, register_surrogate
 
 
@@ -102,18 +102,33 @@ class ScaledIdentityNewton(Surrogate):
 class DiagonalNewton(Surrogate):
     """A_l = diag(J_l) at the current iterate, Hutchinson estimate mean_z z ⊙ (J_l z), Rademacher z.
 
-    All N layers' JVPs are one batched forward-mode call of `layers`.
+    All N layers' JVPs are one batched forward-mode call of `layers`. With fd_eps > 0 the products are
+    the paper's finite differences instead (nanochat-snlp's `--diag-newton-jvp=fd`, used by its DiagN
+    regularizer with ε = 0.01): z ⊙ (Φ(h + εz) − Φ(h)) / ε in at least float32, clamped to ±FD_CLAMP, without
+    gradient (one batched forward of `layers`).
     """
+    FD_CLAMP = 2.0
 
-    def __init__(self, model, start, stop, ctx, probes: int = 1, generator=None, **opts):
+    def __init__(self, model, start, stop, ctx, probes: int = 1, generator=None, fd_eps: float = 0.0, **opts):
         super().__init__(model, start, stop, ctx)
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
             raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
-        self.probes, self.generator = probes, generator
+        if not (math.isfinite(fd_eps) and fd_eps >= 0):
+            raise ValueError(f"fd_eps must be a finite number >= 0 (0: exact JVPs), got {fd_eps}")
+        self.probes, self.generator, self.fd_eps = probes, generator, fd_eps
 
     def update(self, X, F):
         f = lambda H: self.model.layers(self.start, self.stop, H, self.ctx)
-        self.diag = hutchinson_diag(f, X, self.probes, self.generator)
+        if self.fd_eps == 0:
+            self.diag = hutchinson_diag(f, X, self.probes, self.generator)
+            return
+        dtype = torch.promote_types(X.dtype, torch.float32)  # bf16 differences in fp32, as the paper
+        with torch.no_grad():
+            acc = torch.zeros_like(X, dtype=dtype)
+            for _ in range(self.probes):
+                z = hutchinson_probe(X, self.generator)
+                acc += z * (f(X + self.fd_eps * z).to(dtype) - F.to(dtype)) / self.fd_eps
+            self.diag = (acc / self.probes).clamp(-self.FD_CLAMP, self.FD_CLAMP).to(X.dtype)
 
     def matvec(self, j, d):
         return self.diag[j] * d

@@ -21,7 +21,9 @@ weights are a Hugging Face folder (`hf_<step>/`, save_pretrained) that `load_hf(
 
 Optimizers as nanochat: Muon for the blocks' matrices (the nn.Linear weights under `blocks`), AdamW
 for embeddings, lm head and everything else (resid/x0 lambdas, mHC mixing); AdamW learning rates scale
-with (n_embd/768)^-0.5. Learning rate: linear warm-up, constant, linear warm-down to 0.
+with (n_embd/768)^-0.5. Learning rate: linear warm-up, constant, linear warm-down to `lr_final_frac`.
+`recipe="paper"` gives the AdamW groups the paper's settings (`PAPER_ADAMW`) and Muon its momentum
+schedule (`paper_muon_momentum`); the README maps each of the paper's training flags to ours.
 bf16 autocast on CUDA, fp32 on CPU.
 
 A run folder (`out`) holds checkpoint.json + weights (`snlp_lab.checkpoint`), the tokenizer
@@ -61,7 +63,7 @@ from .data import TokenStream, prepare_data
 from .evaluate import evaluate_ppl, parse_snlp_specs
 from .build import build_model
 from .paths import cache_dir
-from .regularizer import check_n_par_set, snlp_regularizer
+from .regularizer import POSITIONS, check_n_par_set, snlp_regularizer
 from .snlp_config import INITS, SNLPConfig, parse_config
 from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, solve
 
@@ -74,6 +76,17 @@ ADAMW_BETAS, ADAMW_EPS = (0.8, 0.95), 1e-10  # nanochat
 SMEAR_LR = 0.2  # nanochat: smear gate, smear and backout lambdas (not scaled with the width)
 SMEAR_PARAMS = ("smear_gate.weight", "smear_lambda", "backout_lambda")
 MUON_MOMENTUM = 0.95
+RECIPES = ("snlp", "paper")
+# recipe "paper": nanochat-snlp's setup_optimizer (nanochat/gpt.py), (betas, weight decay) per AdamW
+# group; there value embeddings get half the embedding lr and mHC mixing a fixed lr
+PAPER_ADAMW = {"embed": ((0.8, 0.995), 0.001), "value_embeds": ((0.8, 0.995), 0.01), "head": ((0.8, 0.96), 0.01),
+               "scalar": ((0.8, 0.95), 0.0), "x0": ((0.96, 0.95), 0.0), "mhc": ((0.9, 0.999), 0.0),
+               "resid": ((0.8, 0.95), 0.05), "smear": ((0.8, 0.95), 0.0)}
+PAPER_MHC_LR = 0.01
+# options added after runs were cached: left out of the config hash (and the resume check) at their
+# defaults, so that the cached runs and committed results keep their run folders
+LATER_DEFAULTS = {"reg_positions": "strided", "reg_per_stream": False, "reg_fd_eps": 0.0, "recipe": "snlp",
+                  "lr_final_frac": 0.0}
 LOG_SECONDS = 30  # progress lines when the output is not a terminal
 # learning rates when left unset: nanochat's for training our models, smaller ones for fine-tuning a
 # pretrained transformers model (nanochat's would wreck it within a few steps)
@@ -101,6 +114,8 @@ class TrainConfig:
     scalar_lr: float | None = None  # AdamW: lambdas, norms, biases; resid lambdas get 1/100 of it (nanochat)
     lr_warmup_frac: float = 0.0
     lr_warmdown_frac: float = 0.2
+    lr_final_frac: float = 0.0  # the warm-down ends at this fraction of the lr (nanochat: 0.05)
+    recipe: str = "snlp"  # AdamW group settings: "snlp" (one betas, no weight decay) or "paper" (PAPER_ADAMW)
     # SNLP-aware regularizer (objective "ce")
     reg: str = "none"  # "none" or a surrogate name: idn, diagn, hcn, ...
     lam: float = 0.1
@@ -108,6 +123,9 @@ class TrainConfig:
     stride: int = 0  # P_s(N): every s-th parallel layer plus the last; 0 or 1: all
     warmup_frac: float = 0.2  # w(t) rises linearly from 0 to 1 over this fraction of the steps
     detach_target: bool = False
+    reg_positions: str = "strided"  # P_s(N): "strided" or "paper" (the paper's idn_stride rule)
+    reg_per_stream: bool = False  # norms per mHC stream (the paper's HCN term)
+    reg_fd_eps: float = 0.0  # reg diagn: 0 = JVP products; > 0 = the paper's clamped finite differences (0.01)
     # SNLP-forward objective
     objective: str = "ce"  # "ce" or "snlp-forward"
     method: str = "idn"  # surrogate of the SNLP forward
@@ -218,7 +236,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.seq_len > mcfg.sequence_len:
         raise ValueError(f"seq_len={cfg.seq_len} exceeds the model's context sequence_len={mcfg.sequence_len}; "
                          f"lower --seq-len or pass --override sequence_len={cfg.seq_len}")
-    for name in ("warmup_frac", "lr_warmup_frac", "lr_warmdown_frac"):
+    for name in ("warmup_frac", "lr_warmup_frac", "lr_warmdown_frac", "lr_final_frac"):
         if not 0.0 <= getattr(cfg, name) <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
     if cfg.lr_warmup_frac + cfg.lr_warmdown_frac > 1.0:
@@ -229,6 +247,14 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     regs = ("none",) + tuple(SURROGATES)
     if cfg.reg not in regs:
         raise ValueError(f"unknown reg {cfg.reg!r}; valid: {', '.join(regs)}")
+    if cfg.reg_positions not in POSITIONS:
+        raise ValueError(f"unknown reg_positions {cfg.reg_positions!r}; valid: {', '.join(POSITIONS)}")
+    if not (math.isfinite(cfg.reg_fd_eps) and cfg.reg_fd_eps >= 0):
+        raise ValueError(f"reg_fd_eps must be a finite number >= 0, got {cfg.reg_fd_eps}")
+    if cfg.reg_fd_eps and cfg.reg != "diagn":
+        raise ValueError(f"reg_fd_eps sets DiagN's finite differences; use it with --reg diagn, not {cfg.reg!r}")
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {cfg.recipe!r}; valid: {', '.join(RECIPES)}")
     if not cfg.lam >= 0:
         raise ValueError(f"lam (regularizer weight λ) must be >= 0, got {cfg.lam}")
     if cfg.reg != "none":
@@ -257,7 +283,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
 def config_hash(cfg: TrainConfig) -> str:
     """Hash of the fields that determine the trained weights (not out, device, eval options...)."""
-    d = {k: v for k, v in dataclasses.asdict(resolve(cfg)).items() if k not in RUN_FIELDS}
+    d = {k: v for k, v in dataclasses.asdict(resolve(cfg)).items() if k not in RUN_FIELDS and not _later_default(k, v)}
     d["model_config"] = dataclasses.asdict(model_config(cfg))  # a preset whose architecture changed is a new run
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -268,14 +294,28 @@ def run_dir(cfg: TrainConfig) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ schedules
-def lr_multiplier(step: int, steps: int, warmup_frac: float, warmdown_frac: float) -> float:
-    """Learning-rate factor at 0-based `step`: linear warm-up, constant, linear warm-down to 0."""
+def lr_multiplier(step: int, steps: int, warmup_frac: float, warmdown_frac: float, final_frac: float = 0.0) -> float:
+    """Learning-rate factor at 0-based `step`: linear warm-up, constant, linear warm-down to final_frac
+    (nanochat's scripts/base_train.py get_lr_multiplier)."""
     warm, down = round(warmup_frac * steps), round(warmdown_frac * steps)
     if step < warm:
         return (step + 1) / warm
     if step < steps - down:
         return 1.0
-    return max(0.0, (steps - step) / down) if down else 0.0
+    progress = max(0.0, (steps - step) / down) if down else 0.0
+    return progress + (1 - progress) * final_frac
+
+
+def paper_muon_momentum(step: int, steps: int, warmdown_frac: float) -> float:
+    """Muon's momentum at 0-based `step` under recipe "paper" (nanochat's get_muon_momentum): 0.85 rising
+    to 0.97 over the first 400 steps, 0.97, then falling linearly to 0.90 over the lr warm-down."""
+    start = steps - round(warmdown_frac * steps)
+    if step < 400:
+        return 0.85 + 0.12 * step / 400
+    if step >= start:
+        progress = (step - start) / round(warmdown_frac * steps)
+        return 0.97 * (1 - progress) + 0.90 * progress
+    return 0.97
 
 
 def reg_weight(step: int, steps: int, warmup_frac: float) -> float:
@@ -286,27 +326,38 @@ def reg_weight(step: int, steps: int, warmup_frac: float) -> float:
 
 # ------------------------------------------------------------------------------------------ optimizers
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
-    """[Muon for the blocks' nn.Linear weights, AdamW for the rest], nanochat's split; cfg is resolved (`resolve`)."""
+    """[Muon for the blocks' nn.Linear weights, AdamW for the rest], nanochat's split; cfg is resolved (`resolve`).
+    Recipe "snlp" keeps value embeddings with the token embedding and x0 lambdas and mHC mixing with
+    the scalars (one betas, no weight decay); "paper" gives each its own group, set as PAPER_ADAMW."""
     matrices = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    muon, groups = [], {"embed": [], "head": [], "scalar": [], "resid": [], "smear": []}
+    paper = cfg.recipe == "paper"
+    muon, groups = [], {k: [] for k in PAPER_ADAMW}
     for name, p in model.named_parameters():
         if id(p) in matrices:
             muon.append(p)
         elif id(p) in embeddings:
-            groups["embed"].append(p)
+            groups["value_embeds" if paper and name.startswith("value_embeds.") else "embed"].append(p)
         elif p is model.lm_head.weight:
             groups["head"].append(p)
         elif name == "resid_lambdas":
             groups["resid"].append(p)
         elif name in SMEAR_PARAMS:
             groups["smear"].append(p)
-        else:  # x0 lambdas, mHC mixing, anything a model variant adds
+        elif paper and name == "x0_lambdas":
+            groups["x0"].append(p)
+        elif paper and name.startswith("mix."):
+            groups["mhc"].append(p)
+        else:  # (recipe "snlp": x0 lambdas, mHC mixing) anything a model variant adds
             groups["scalar"].append(p)
     scale = (model.config.n_embd / 768) ** -0.5
-    lrs = {"embed": cfg.embedding_lr * scale, "head": cfg.unembedding_lr * scale,
-           "scalar": cfg.scalar_lr, "resid": cfg.scalar_lr * 0.01, "smear": SMEAR_LR}
+    lrs = {"embed": cfg.embedding_lr * scale, "value_embeds": cfg.embedding_lr * scale * 0.5,
+           "head": cfg.unembedding_lr * scale, "scalar": cfg.scalar_lr, "x0": cfg.scalar_lr,
+           "resid": cfg.scalar_lr * 0.01, "smear": SMEAR_LR, "mhc": PAPER_MHC_LR}
     adam_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+    if paper:
+        for g in adam_groups:
+            g["betas"], g["weight_decay"] = PAPER_ADAMW[g["name"]]
     return [torch.optim.Muon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, weight_decay=0.0,
                              adjust_lr_fn="original"),
             torch.optim.AdamW(adam_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)]
@@ -339,7 +390,8 @@ class SNLPLoss(nn.Module):
         if cfg.reg == "none":
             return ce, ce, torch.zeros_like(ce)
         reg = snlp_regularizer(m, trace, ctx, cfg.n_par_set, cfg.reg, cfg.stride, cfg.detach_target,
-                               generator=torch.Generator().manual_seed(seed))
+                               cfg.reg_positions, cfg.reg_per_stream, generator=torch.Generator().manual_seed(seed),
+                               fd_eps=cfg.reg_fd_eps)
         return ce + weight * cfg.lam * reg, ce, reg
 
 
@@ -431,8 +483,14 @@ def _check_surrogates(model, cfg: TrainConfig) -> None:
 
 
 def _comparable(cfg_dict: dict) -> dict:
+    """The fields that determine the weights, as stored; None (an option not set) and the later
+    options at their defaults are left out, so that runs saved before those options existed match."""
     d = json.loads(json.dumps(cfg_dict))  # tuples -> lists, as stored
-    return {k: v for k, v in d.items() if k not in RUN_FIELDS and v is not None}  # None = an option not set
+    return {k: v for k, v in d.items() if k not in RUN_FIELDS and v is not None and not _later_default(k, v)}
+
+
+def _later_default(key: str, value) -> bool:
+    return key in LATER_DEFAULTS and value == LATER_DEFAULTS[key]
 
 
 def _evaluate(model, ds, cfg: TrainConfig, autocast) -> dict:
@@ -490,7 +548,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
     if cfg.init_from is not None and ckpt is None:
         load_checkpoint(cfg.init_from, model)
     opts = build_optimizers(model, cfg)
-    mult = lambda s: lr_multiplier(s, cfg.steps, cfg.lr_warmup_frac, cfg.lr_warmdown_frac)
+    mult = lambda s: lr_multiplier(s, cfg.steps, cfg.lr_warmup_frac, cfg.lr_warmdown_frac, cfg.lr_final_frac)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, mult) for o in opts]
 
     step = _restore(out, ckpt, model, opts, scheds, stream, device) if ckpt is not None else 0
@@ -530,6 +588,9 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
         with autocast:
             loss, ce, reg = net(x, y, w, step)
         loss.backward()
+        if cfg.recipe == "paper":
+            for g in opts[0].param_groups:
+                g["momentum"] = paper_muon_momentum(step, cfg.steps, cfg.lr_warmdown_frac)
         for o, s in zip(opts, scheds):
             o.step()
             s.step()
@@ -648,12 +709,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--scalar-lr", type=float, default=None, help=f"AdamW, lambdas, norms, biases, mHC mixing ({lr('scalar_lr')})")
     a("--lr-warmup-frac", type=float, default=D.lr_warmup_frac)
     a("--lr-warmdown-frac", type=float, default=D.lr_warmdown_frac)
+    a("--lr-final-frac", type=float, default=D.lr_final_frac, help="lr at the end of the warm-down, a fraction")
+    a("--recipe", default=D.recipe, choices=RECIPES,
+      help="AdamW groups: snlp (one betas, no weight decay) or paper (the paper's per-group settings)")
     a("--reg", default=D.reg, help=f"regularizer surrogate: none, {', '.join(SURROGATES)}")
     a("--lam", type=float, default=D.lam, help="regularizer weight λ")
     a("--n-par-set", type=_ints, default=None, help="n_par values 𝒩, e.g. 8,16,24 (default: depth/4, /2, 3/4)")
     a("--stride", type=int, default=D.stride, help="compare every s-th parallel layer plus the last; 0/1: all")
     a("--warmup-frac", type=float, default=D.warmup_frac, help="regularizer weight warm-up fraction")
     a("--detach-target", action="store_true", help="no gradient through the sequential target states")
+    a("--reg-positions", default=D.reg_positions, choices=POSITIONS,
+      help="compared layers: strided (every s-th plus the last) or paper (its idn_stride rule: 0 = the last only)")
+    a("--reg-per-stream", action="store_true", help="norms per mHC stream (the paper's HCN term)")
+    a("--reg-fd-eps", type=float, default=D.reg_fd_eps,
+      help="--reg diagn: 0 = JVP products; > 0 = finite differences with this step, clamped to ±2 (paper: 0.01)")
     a("--objective", default=D.objective, choices=OBJECTIVES)
     a("--method", default=D.method, help="surrogate of the snlp-forward objective")
     a("--iters", type=int, default=D.iters, help="K, iterations of the snlp-forward objective")

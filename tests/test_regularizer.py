@@ -15,16 +15,18 @@ if importlib.util.find_spec("snlp_lab.mhc") is not None:
     import snlp_lab.mhc  # noqa: F401  (registers "hcn")
 
 
-def direct(model, idx, n_par_set, method, stride, seed=0):
-    """Σ_N Σ_{j∈P_s(N)} mean_{b,t} ‖ĥ_{S+j} − h_{S+j}‖ / max(‖h_{S+j}‖, 1e-6), ĥ from one solve per N."""
+def direct(model, idx, n_par_set, method, stride, seed=0, rule="strided", per_stream=False):
+    """Σ_N Σ_{j∈P_s(N)} mean_{b,t} ‖ĥ_{S+j} − h_{S+j}‖ / max(‖h_{S+j}‖, 1e-6), ĥ from one solve per N
+    (per_stream: the norm of each stream, the mean over b, t and streams)."""
     ref = solve(model, idx, method="sequential").trace
     L, total = model.n_layer, 0.0
+    flat = (lambda h: h) if per_stream else (lambda h: h.flatten(2))  # norm over the last axis
     for N in n_par_set:
         S = L - N
         hat = solve(model, idx, method=method, iters=1, n_par=N, init="h0", seed=seed).trace
-        for j in parallel_positions(N, stride):
-            diff = (hat[S + j] - ref[S + j]).flatten(2).norm(dim=-1)  # per position [B, T]
-            total += (diff / ref[S + j].flatten(2).norm(dim=-1).clamp_min(1e-6)).mean().item()
+        for j in parallel_positions(N, stride, rule):
+            diff = flat(hat[S + j] - ref[S + j]).norm(dim=-1)  # per position [B, T] (or [B, T, n])
+            total += (diff / flat(ref[S + j]).norm(dim=-1).clamp_min(1e-6)).mean().item()
     return total
 
 
@@ -44,6 +46,53 @@ def test_parallel_positions():
         parallel_positions(4, -1)
 
 
+def test_parallel_positions_paper_rule():
+    """The paper's `idn_stride`: 0 = the last layer only; s >= 1 = every s-th from j = 2, plus the last."""
+    assert parallel_positions(8, 0, "paper") == [8]
+    assert parallel_positions(8, 1, "paper") == [2, 3, 4, 5, 6, 7, 8]
+    assert parallel_positions(8, 3, "paper") == [3, 6, 8]
+    assert parallel_positions(5, 2, "paper") == [2, 4, 5]
+    assert parallel_positions(1, 3, "paper") == []
+    with pytest.raises(ValueError, match="valid: strided, paper"):
+        parallel_positions(4, 0, "nope")
+
+
+def paper_idn_term(model, idx, n_par_set, stride):
+    """The paper's `--identity-newton-reg` term written out from its definition: stride 0 compares
+    Φ_L(h_S) with h_L; stride s runs IDN forward substitution ĥ_j = Φ_j(h_S) + ĥ_{j-1} − h_S and
+    compares j = 2..N at every s-th j and the last."""
+    h, ctx = model.embed(idx)
+    seq = [h]
+    for l in range(model.n_layer):
+        seq.append(model.layer(l, seq[-1], ctx))
+    L, total = model.n_layer, 0.0
+    rel = lambda a, b: ((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-6)).mean().item()
+    for N in n_par_set:
+        S = L - N
+        if stride == 0:
+            total += rel(model.layer(L - 1, seq[S], ctx), seq[L])
+            continue
+        corr = model.layer(S, seq[S], ctx)
+        for j in range(2, N + 1):
+            corr = model.layer(S + j - 1, seq[S], ctx) + corr - seq[S]
+            if j % stride == 0 or j == N:
+                total += rel(corr, seq[S + j])
+    return total
+
+
+@pytest.mark.parametrize("method,stride", [("jacobi", 0), ("idn", 1), ("idn", 3)])
+def test_paper_positions_match_the_paper_idn_term(tiny, idx, method, stride):
+    """positions="paper" with jacobi at stride 0 and idn at stride s is the paper's IDN term. With
+    stride s >= 1 it equals our strided IDN up to rounding (j = 1, which it leaves out, is exact after
+    one iteration); at stride 0 it is a different regularizer (a Jacobi step, the last layer only)."""
+    n_par_set = (1, 3, 4)
+    got = reg_of(tiny, idx, n_par_set, method, stride, positions="paper").item()
+    want = paper_idn_term(tiny, idx, n_par_set, stride)
+    assert want > 1e-3 and got == pytest.approx(want, rel=1e-10)
+    ours = reg_of(tiny, idx, n_par_set, "idn", stride).item()
+    assert abs(ours - want) > 1e-3 if stride == 0 else ours == pytest.approx(want, abs=1e-12)
+
+
 @pytest.mark.parametrize("method", ["idn", "scaled-idn", "jacobi"])
 @pytest.mark.parametrize("stride", [0, 2])
 def test_matches_one_solve_iteration(tiny, idx, method, stride):
@@ -61,6 +110,37 @@ def test_matches_diagn_with_the_same_probes(tiny, idx):
         assert got.item() == pytest.approx(direct(tiny, idx, [N], "diagn", 0, seed=7), rel=1e-10)
 
 
+def test_diagn_finite_differences_match_the_paper_term(tiny, idx):
+    """fd_eps > 0 with positions="paper", stride 0: the paper's DiagN term written out, with the same
+    Rademacher probes: d_j = clamp(z_j ⊙ (Φ_j(h_S + εz_j) − Φ_j(h_S)) / ε, ±2), ĥ_1 = Φ_1(h_S),
+    ĥ_j = Φ_j(h_S) + d_j ⊙ (ĥ_{j−1} − h_S), compared with h_L."""
+    eps, L = 0.01, tiny.n_layer
+    h, ctx = tiny.embed(idx)
+    seq = [h]
+    for l in range(L):
+        seq.append(tiny.layer(l, seq[-1], ctx))
+    want = 0.0
+    g = torch.Generator().manual_seed(3)
+    for N in (2, 4):
+        S = L - N
+        z = 2 * torch.randint(0, 2, (N, *h.shape), generator=g).to(h) - 1  # the surrogate's draw
+        F = [tiny.layer(S + j, seq[S], ctx) for j in range(N)]
+        d = [(z[j] * (tiny.layer(S + j, seq[S] + eps * z[j], ctx) - F[j]) / eps).clamp(-2, 2) for j in range(N)]
+        corr = F[0]
+        for j in range(1, N):
+            corr = F[j] + d[j] * (corr - seq[S])
+        want += ((corr - seq[L]).norm(dim=-1) / seq[L].norm(dim=-1)).mean().item()
+    ref = solve(tiny, idx, method="sequential").trace
+    got = snlp_regularizer(tiny, list(ref), ctx, (2, 4), "diagn", 0, positions="paper", fd_eps=eps,
+                           generator=torch.Generator().manual_seed(3)).item()
+    assert want > 1e-3 and got == pytest.approx(want, rel=1e-8)
+    exact = snlp_regularizer(tiny, list(ref), ctx, (2, 4), "diagn", 0, positions="paper",
+                             generator=torch.Generator().manual_seed(3)).item()
+    assert abs(exact - want) > 1e-6  # the JVP estimate has no O(ε) difference error (and no clamp)
+    with pytest.raises(ValueError, match="fd_eps"):
+        snlp_regularizer(tiny, list(ref), ctx, (2,), "diagn", fd_eps=-1.0)
+
+
 def test_hcn_on_stream_states(idx):
     if "hcn" not in SURROGATES:
         pytest.skip("the hcn surrogate (snlp_lab.mhc) is not registered in this checkout")
@@ -72,6 +152,16 @@ def test_hcn_on_stream_states(idx):
     got = reg_of(m, idx, (2, 4), "hcn", stride=0)
     want = direct(m, idx, (2, 4), "hcn", 0)
     assert want > 1e-3 and got.item() == pytest.approx(want, rel=1e-10)
+    # the paper's HCN term: norms per stream, its positions (stride 0: the last layer only)
+    got = reg_of(m, idx, (2, 4), "hcn", stride=0, positions="paper", per_stream=True).item()
+    want = direct(m, idx, (2, 4), "hcn", 0, rule="paper", per_stream=True)
+    assert got == pytest.approx(want, rel=1e-10)
+    assert abs(got - reg_of(m, idx, (2, 4), "hcn", stride=0, positions="paper").item()) > 1e-4
+
+
+def test_per_stream_changes_nothing_on_one_stream(tiny, idx):
+    assert (reg_of(tiny, idx, (2, 4), "idn", per_stream=True).item()
+            == pytest.approx(reg_of(tiny, idx, (2, 4), "idn").item(), rel=1e-12))
 
 
 def test_zero_for_constant_branches_positive_otherwise(idx):

@@ -103,6 +103,82 @@ def test_optimizer_split():
             assert names["resid"] == pytest.approx(0.005) and id(m.value_embeds["3"].weight) in adam_ids
 
 
+def test_schedule_final_lr_frac():
+    """nanochat's warm-down ends at final_lr_frac of the lr, linearly: progress + (1 − progress)·final."""
+    mult = [T.lr_multiplier(s, 10, 0.0, 0.4, 0.05) for s in range(10)]
+    assert mult == pytest.approx([1] * 7 + [0.05 + 0.95 * k / 4 for k in (3, 2, 1)])
+
+
+def test_paper_muon_momentum_schedule(corpus, tmp_path):
+    """nanochat: 0.85 -> 0.97 over 400 steps, 0.97, then -> 0.90 over the warm-down; a run with recipe
+    "paper" steps Muon with it (its momentum after the last step is the schedule's)."""
+    m = [T.paper_muon_momentum(s, 1000, 0.5) for s in (0, 200, 400, 499, 500, 750, 999)]
+    assert m == pytest.approx([0.85, 0.91, 0.97, 0.97, 0.97, 0.935, 0.97 - 0.07 * 499 / 500])
+    res = train(cfg_for(corpus, tmp_path, steps=3, recipe="paper", lr_warmdown_frac=0.5))
+    muon = T.build_optimizers(res.model, T.resolve(cfg_for(corpus, tmp_path, steps=3, recipe="paper")))[0]
+    muon.load_state_dict(T.load_optim_state(res.run_dir, "cpu")["optimizers"][0])
+    assert muon.param_groups[0]["momentum"] == pytest.approx(T.paper_muon_momentum(2, 3, 0.5))
+
+
+def test_paper_recipe_adamw_groups():
+    """recipe "paper": each AdamW group's lr, betas and weight decay as nanochat-snlp sets them;
+    recipe "snlp" keeps its five groups (checkpointed optimizer states still load)."""
+    over = {"n_streams": 2} if "hcn" in SURROGATES else {}
+    m = snlp_lab.build_model("tiny", **over)
+    cfg = T.resolve(TrainConfig(model="tiny"))
+    _, adamw = T.build_optimizers(m, cfg)
+    assert [g["name"] for g in adamw.param_groups] == ["embed", "head", "scalar", "resid", "smear"]
+    assert {g["betas"] for g in adamw.param_groups} == {(0.8, 0.95)} and {g["weight_decay"] for g in adamw.param_groups} == {0}
+    muon, adamw = T.build_optimizers(m, dataclasses.replace(cfg, recipe="paper"))
+    g = {g["name"]: g for g in adamw.param_groups}
+    scale = (32 / 768) ** -0.5
+    want = {"embed": (0.2 * scale, (0.8, 0.995), 0.001), "value_embeds": (0.1 * scale, (0.8, 0.995), 0.01),
+            "head": (0.004 * scale, (0.8, 0.96), 0.01), "x0": (0.5, (0.96, 0.95), 0.0),
+            "resid": (0.005, (0.8, 0.95), 0.05), "smear": (0.2, (0.8, 0.95), 0.0)}
+    if over:
+        want["mhc"] = (0.01, (0.9, 0.999), 0.0)
+    assert set(g) == set(want)  # nothing left in "scalar": every parameter has the paper's group
+    for k, (lr, betas, wd) in want.items():
+        assert (g[k]["lr"], g[k]["betas"], g[k]["weight_decay"]) == (pytest.approx(lr), betas, wd), k
+    assert id(m.value_embeds["3"].weight) in {id(p) for p in g["value_embeds"]["params"]}
+    assert g["x0"]["params"] == [m.x0_lambdas]
+    assert {id(p) for gr in adamw.param_groups + muon.param_groups for p in gr["params"]} == {id(p) for p in m.parameters()}
+
+
+def test_paper_regularizer_options_reach_the_loss(tiny, idx, monkeypatch):
+    """--reg jacobi --reg-positions paper --stride 0 (the paper's default IDN term): the loss's R is
+    mean_{b,t} ‖Φ_L(h_S) − h_L‖ / ‖h_L‖ summed over N; --reg-per-stream reaches the regularizer too."""
+    cfg = T.resolve(TrainConfig(model="tiny", reg="jacobi", n_par_set=(2, 3), reg_positions="paper", lam=0.5))
+    loss, ce, reg = T.SNLPLoss(tiny, cfg)(idx[:, :-1], idx[:, 1:], 1.0, 0)
+    trace = solve(tiny, idx[:, :-1], method="sequential").trace
+    _, ctx = tiny.embed(idx[:, :-1])
+    L = tiny.n_layer
+    rel = lambda a, b: ((a - b).norm(dim=-1) / b.norm(dim=-1)).mean()
+    want = sum(rel(tiny.layer(L - 1, trace[L - N], ctx), trace[L]) for N in (2, 3))
+    assert reg.item() > 1e-3 and reg.item() == pytest.approx(want.item(), rel=1e-10)
+    assert loss.item() == pytest.approx(ce.item() + 0.5 * reg.item(), rel=1e-12)
+    seen, orig = [], T.snlp_regularizer
+    monkeypatch.setattr(T, "snlp_regularizer", lambda *a, **kw: seen.append((*a[7:9], kw["fd_eps"])) or orig(*a, **kw))
+    T.SNLPLoss(tiny, dataclasses.replace(cfg, reg_per_stream=True))(idx[:, :-1], idx[:, 1:], 1.0, 0)
+    T.SNLPLoss(tiny, T.resolve(dataclasses.replace(cfg, reg="diagn", reg_fd_eps=0.01)))(idx[:, :-1], idx[:, 1:], 1.0, 0)
+    assert seen == [("paper", True, 0.0), ("paper", False, 0.01)]
+    with pytest.raises(ValueError, match="--reg diagn"):
+        T.resolve(dataclasses.replace(cfg, reg_fd_eps=0.01))
+
+
+def test_later_options_keep_old_runs(corpus, tmp_path):
+    """Options added later, at their defaults, neither change the run folder's hash nor block resuming
+    a checkpoint saved without them; set otherwise they make a new run."""
+    cfg = T.resolve(TrainConfig(model="tiny"))
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in T.LATER_DEFAULTS}
+    assert T._comparable(old) == T._comparable(dataclasses.asdict(cfg))
+    hashes = {T.config_hash(dataclasses.replace(cfg, **{k: v})) for k, v in
+              [("recipe", "paper"), ("reg_positions", "paper"), ("reg_per_stream", True), ("lr_final_frac", 0.05)]}
+    assert len(hashes | {T.config_hash(cfg)}) == 5
+    diagn = dataclasses.replace(cfg, reg="diagn")
+    assert T.config_hash(diagn) != T.config_hash(dataclasses.replace(diagn, reg_fd_eps=0.01))
+
+
 # ------------------------------------------------------------------------------------------ evaluation
 def test_evaluate_ppl_value(tiny):
     with torch.no_grad():
@@ -298,6 +374,10 @@ def test_cli_parser_maps_one_to_one(capsys):
     assert (cfg.model, cfg.reg, cfg.n_par_set, cfg.detach_target, cfg.override, cfg.progress) == (
         "tiny", "idn", (2, 4), True, ("n_layer=3", "x0ve=false"), False)
     assert T.model_config(cfg).n_layer == 3 and not T.model_config(cfg).x0ve
+    cfg = T.config_from_args(["--reg", "jacobi", "--reg-positions", "paper", "--reg-per-stream", "--recipe", "paper",
+                              "--lr-final-frac", "0.05", "--reg-fd-eps", "0.01"])
+    assert (cfg.reg_positions, cfg.reg_per_stream, cfg.recipe, cfg.lr_final_frac, cfg.reg_fd_eps) == (
+        "paper", True, "paper", 0.05, 0.01)
     assert T.main(["--model", "tiny", "--vocab-size", "300", "--reg", "idn", "--lam", "-1"]) == 2
     assert "lam" in capsys.readouterr().err
 
