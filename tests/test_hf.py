@@ -302,7 +302,9 @@ def test_pretrained_notebook_with_an_off_the_shelf_model(llama, tmp_path, monkey
     ours = df[df.model == f"off-the-shelf {llama.name}"].set_index("config")
     assert len(ours) == 7 and ours.loc["sequential", "ppl"] > 1
     assert abs(ours.loc[f"idn K={L} n={L} h0", "ppl_change_%"]) < 1e-3  # K = n_par: sequential
-    assert abs(ours.loc[f"idn K=1 n={L} h0", "ppl_change_%"]) > 1e-2
+    # one step is not exact: its change lies above the rounding that bounds K = n_par (the size of the
+    # change depends on the smoke corpus, which is the package's own source, so no more is asserted)
+    assert abs(ours.loc[f"idn K=1 n={L} h0", "ppl_change_%"]) > 1e-3
     assert f"off-the-shelf {llama.name})" in (tmp_path / "rep" / "readings.jsonl").read_text()
     with pytest.raises(pm.PapermillExecutionError, match="not a Hugging Face model folder") as err:
         pm.execute_notebook(str(nb), str(tmp_path / "bad.ipynb"), cwd=str(nb.parent), kernel_name="python3",
