@@ -26,6 +26,7 @@ import functools
 import torch
 
 from .fusion import ChunkStack, check_chunkable, fusable
+from .model import block_apply, capturing
 from .snlp_config import SNLPConfig
 from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, iterate
 
@@ -98,7 +99,6 @@ class _AttendingTo:
 def compiled_block_apply(mode: str | None = None):
     """`block_apply` under torch.compile (shared by every decoder, so the baseline and SNLP configs
     use the same compiled kernels). Sequence lengths are dynamic: one graph serves every position."""
-    from .model import block_apply
     return torch.compile(block_apply, dynamic=True, mode=mode)
 
 
@@ -215,9 +215,7 @@ class Decoder:
         """The S prefix layers on tokens idx [B, T] at the current position: (states h_0..h_S, a list of
         [B, T, D], and the layers' ctx). Their keys/values go into the prefix cache; the position does not
         move until `feed_states`."""
-        T, p = idx.shape[1], self.pos
-        if p + T > self.max_len:
-            raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {p}")
+        p = self._room(idx.shape[1])
         h, ctx = self.model.embed(idx, pos=p, prev=self.prev_token())
         prefix = [h]  # h_0..h_S (backout may read one of them)
         for l in range(self.S):
@@ -229,9 +227,8 @@ class Decoder:
         """The parallel units on the prefix states h_0..h_S (a list of [B, T, D], from `prefix_states`,
         with its ctx): logits [B, T, V]. SNLP iterations when `parallel`, else the units in sequence.
         Caches the units' keys and values and the tokens (ctx.idx), and moves the position past them."""
-        h, T, p = prefix[-1], prefix[-1].shape[1], self.pos
-        if p + T > self.max_len:
-            raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {p}")
+        h, T = prefix[-1], prefix[-1].shape[1]
+        p = self._room(T)
         if parallel and self.method != "sequential":
             H = self._solve(h, ctx, p)
         else:
@@ -244,12 +241,17 @@ class Decoder:
         self.ids[:, p:p + T] = ctx.idx
         self.pos = p + T
         logits = head_logits(self.model, H[-1], backout_state(self.model, prefix + list(H), self.S, self.M))
-        capturing = logits.is_cuda and torch.cuda.is_current_stream_capturing()
-        if self.check_finite and not capturing and not bool(torch.isfinite(logits).all()):
+        if self.check_finite and not capturing(logits) and not bool(torch.isfinite(logits).all()):
             raise NonFiniteError(f"decoding ({self.method}, K={self.iters}, n_par={self.n_par}, chunks={self.chunks}) "
                                  f"produced non-finite logits at positions {p}..{p + T - 1}; the weights or the "
                                  f"input hold inf/NaN, or the iteration diverged")
         return logits
+
+    def _room(self, T: int) -> int:
+        """The current position, after checking that T more tokens fit in the cache."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {self.pos}")
+        return self.pos
 
     @staticmethod
     def _unit(stack, cache, j, h, ctx, p):

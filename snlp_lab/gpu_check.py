@@ -198,8 +198,8 @@ def check_speed(size: dict, device: torch.device, limits: dict, log=print) -> pd
         cfg = get_config(preset, **size["overrides"])
         df = bench.run_bench(cfg, CONFIGS, size["seq_lens"], size["decode_tokens"], size["repeats"],
                              size["warmup"], str(device), graphs=True, name=preset, log=log)
+        costs = [model_costs(cfg, T) for T in df["T"]]
         for col in ("prefill", "decode"):
-            costs = [model_costs(cfg, T) for T in df["T"]]
             df[f"{col}_floor_ms"] = [floor_ms(c[f"{col}_GFLOP"], c[f"{col}_MB"], limits) for c in costs]
         frames.append(df)
     out = pd.concat(frames, ignore_index=True)

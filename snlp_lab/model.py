@@ -30,6 +30,11 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph is being captured on t's device: no host reads (syncs) are allowed then."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_token_ids(idx: torch.Tensor, vocab_size: int, context: int, pos: int = 0,
                     context_name: str = "sequence_len") -> None:
     """ValueError unless idx is an integer [batch, time] tensor of ids in [0, vocab_size) whose last
@@ -39,8 +44,7 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, context: int, pos: int =
         raise ValueError(f"token ids must be an integer tensor, got {idx.dtype}")
     if idx.dim() != 2:
         raise ValueError(f"token ids must have shape [batch, time], got {tuple(idx.shape)}")
-    capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()
-    if idx.numel() and not capturing and (idx.min() < 0 or idx.max() >= vocab_size):
+    if idx.numel() and not capturing(idx) and (idx.min() < 0 or idx.max() >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size), "
                          f"got range [{int(idx.min())}, {int(idx.max())}]")
     if pos + idx.shape[1] > context:
