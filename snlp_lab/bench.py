@@ -257,25 +257,31 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     name = name or (model if isinstance(model, str) else type(model).__name__)
     gen = torch.Generator().manual_seed(seed)
     rows = []
+    used, fallback = {}, {}  # per configuration: the compile setting it runs with, and why it fell back
     with torch.inference_mode():
         for T in seq_lens:
             idx = torch.randint(0, m.config.vocab_size, (batch, T), generator=gen).to(dev)
             # untimed pass per configuration, alone in memory: peak memory and the prefill logits
+            # (with compile, this pass compiles; a configuration that fails to compile runs eagerly,
+            # and its rows say so in the `compile` column)
             peak, logits = {}, {}
             for c in cfgs:
                 _release(dev, m)
                 _reset_peak(dev)
-                runs = _runs(m, c, idx, decode_tokens, dev, compile)
-                logits[c.text] = runs["prefill"]()
-                if not bool(torch.isfinite(logits[c.text]).all()):  # never time a broken result
-                    raise NonFiniteError(f"configuration {c.text!r} gives non-finite logits at T={T}")
-                runs["decode"]()
+                try:
+                    logits[c.text] = _untimed_pass(m, c, idx, decode_tokens, dev, used.get(c.text, compile))
+                except Exception as e:  # noqa: BLE001 - any compiler error; eager below re-raises real ones
+                    if not used.get(c.text, compile):
+                        raise
+                    used[c.text] = False
+                    fallback[c.text] = f"eager (compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0]})"
+                    log(f"[bench] {c.text}: {fallback[c.text]}")
+                    logits[c.text] = _untimed_pass(m, c, idx, decode_tokens, dev, False)
                 peak[c.text] = _peak_mb(dev)
-                del runs
             _release(dev, m)
             fns, graph_err = {}, {}
             for c in cfgs:
-                for kind, fn in _runs(m, c, idx, decode_tokens, dev, compile).items():
+                for kind, fn in _runs(m, c, idx, decode_tokens, dev, used.get(c.text, compile)).items():
                     fns[(c.text, kind)] = fn
                 if graphs:
                     g = graphed_runs(m, c, idx, decode_tokens, dev)
@@ -290,7 +296,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                 pre, dec = med[(c.text, "prefill")], med[(c.text, "decode")]
                 rows.append(dict(
                     model=name, weights=weights, device=str(dev), dtype=str(dtype).removeprefix("torch."),
-                    compile=str(compile), config=c.text, method=c.method,
+                    compile=fallback.get(c.text, str(compile)), config=c.text, method=c.method,
                     K=c.iters if c.method != "sequential" else 0, n_par=L - S, chunks=c.chunks or "",
                     init=c.init if c.method != "sequential" else "", S=S, units=units, T=T, bound=c.bound(L),
                     prefill_ms=1e3 * pre, prefill_speedup=med[(base, "prefill")] / pre,
@@ -335,6 +341,16 @@ def _release(dev: torch.device, m) -> None:
 def prefill_config(c: SNLPConfig) -> SNLPConfig:
     """The configuration a prefill runs: "warm" has no previous token there, so it starts from h0."""
     return c if c.init != "warm" else dataclasses.replace(c, init="h0")
+
+
+def _untimed_pass(m, c: SNLPConfig, idx, decode_tokens, dev, compile) -> torch.Tensor:
+    """Both runs of a configuration once (compiling them with compile): the prefill logits, checked."""
+    runs = _runs(m, c, idx, decode_tokens, dev, compile)
+    logits = runs["prefill"]()
+    if not bool(torch.isfinite(logits).all()):  # never time a broken result
+        raise NonFiniteError(f"configuration {c.text!r} gives non-finite logits at T={idx.shape[1]}")
+    runs["decode"]()
+    return logits
 
 
 def _runs(m, c: SNLPConfig, idx, decode_tokens, dev, compile) -> dict:

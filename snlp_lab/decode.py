@@ -26,7 +26,7 @@ import functools
 import torch
 
 from .fusion import ChunkStack, check_chunkable, fusable
-from .model import block_apply, capturing
+from .model import attention_mask, block_apply, capturing
 from .snlp_config import SNLPConfig
 from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, iterate
 
@@ -39,15 +39,67 @@ class KVCache:
     def __init__(self, units: int, B: int, heads: int, max_len: int, head_dim: int, dtype, device):
         self.k = torch.zeros(units, B, heads, max_len, head_dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
+        self._units = {}
+
+    def units(self, a: int, b: int):
+        """Keys and values of units a..b-1 as SDPA's batch [N·B, H, max_len, hd] (views, made once)."""
+        if (a, b) not in self._units:
+            self._units[(a, b)] = self.k[a:b].flatten(0, 1), self.v[a:b].flatten(0, 1)
+        return self._units[(a, b)]
 
     def past(self, a: int, b: int, pos: int):
         """Keys/values of tokens 0..pos-1 for units a..b-1, or None before the first token."""
         return None if pos == 0 else (self.k[a:b, :, :, :pos], self.v[a:b, :, :, :pos])
 
-    def write(self, a: int, b: int, pos: int, kv) -> None:
-        T = kv[0].shape[3]
-        self.k[a:b, :, :, pos:pos + T] = kv[0]
-        self.v[a:b, :, :, pos:pos + T] = kv[1]
+
+class Slot:
+    """Units a..b-1 of a `KVCache` at position pos, as `block_apply` takes it (`cache=`): `attend(k, v)`
+    writes the call's keys and values [N·B, H, T, hd] at pos..pos+T-1, in place (no concatenation), and
+    returns what the queries attend to in `model.sdpa`'s layout: the cached keys and values
+    start..pos+T-1 (views) and the mask (None: `sdpa`'s causal rule). Every evaluation at a position
+    rewrites that position, so the cache ends up holding the keys and values of a unit's last evaluation."""
+    __slots__ = ("k", "v", "pos", "start", "mask", "units")
+
+    def __init__(self, cache: KVCache, a: int, b: int, pos: int, start: int = 0, mask=None):
+        self.k, self.v = cache.units(a, b)  # [N·B, H, max_len, hd]
+        self.units = (cache, a, b)
+        self.pos, self.start, self.mask = pos, start, mask
+
+    def attend(self, k, v):
+        p, T = self.pos, k.shape[2]
+        self.k[:, :, p:p + T] = k
+        self.v[:, :, p:p + T] = v
+        return self.k[:, :, self.start:p + T], self.v[:, :, self.start:p + T], self.mask
+
+    def write(self, kv) -> None:
+        """Store keys and values [N, B, H, T, hd] (what a model's own `layers(return_kv=True)` returns)."""
+        self.attend(kv[0].flatten(0, 1), kv[1].flatten(0, 1))
+
+    def past(self):
+        """Keys and values [N, B, H, pos, hd] before the position (None at 0): for stacks that take
+        them as `past`."""
+        return self.units[0].past(self.units[1], self.units[2], self.pos)
+
+
+class StaticSlot:
+    """A `Slot` with fixed shapes for torch.compile and CUDA graphs: the position is a 0-d tensor that
+    the decoder updates in place, the keys and values are written with `index_copy_`, and the queries
+    attend to the whole cache under a mask built in the graph (causal, within each head's window, on
+    the device). No host reads, no shape that changes with the position: one compiled graph
+    (fullgraph=True) serves every position, and a captured step replays at any position."""
+
+    def __init__(self, cache: KVCache, a: int, b: int, pos: torch.Tensor, window: torch.Tensor):
+        (self.k, self.v), self.pos = cache.units(a, b), pos
+        B = cache.k.shape[1]
+        self.window = window.to(pos.device).repeat_interleave(B, dim=0)[:, :, None, None]  # [N·B, Hq, 1, 1]
+        self.keys = torch.arange(self.k.shape[2], device=pos.device)
+
+    def attend(self, k, v):
+        at = self.pos + torch.arange(k.shape[2], device=k.device)  # this call's positions
+        self.k.index_copy_(2, at, k)
+        self.v.index_copy_(2, at, v)
+        rel = at[:, None] - self.keys  # i - j
+        return self.k, self.v, (rel >= 0) & (rel <= self.window)
 
 
 class ModelLayers:
@@ -62,8 +114,13 @@ class ModelLayers:
             self.res_matrices = lambda a, b, H=None, ctx=None, past=None: model.res_matrices(
                 start + a, start + b, H, ctx, past=past)
 
-    def layers(self, a, b, H, ctx, past=None, return_kv=False):
-        return self.model.layers(self.start + a, self.start + b, H, ctx, past=past, return_kv=return_kv)
+    def layers(self, a, b, H, ctx, past=None, return_kv=False, cache=None):
+        if cache is None:
+            return self.model.layers(self.start + a, self.start + b, H, ctx, past=past, return_kv=return_kv)
+        # these models take the past keys/values as a tensor and return the new ones: write them
+        out, kv = self.model.layers(self.start + a, self.start + b, H, ctx, past=cache.past(), return_kv=True)
+        cache.write(kv)
+        return out
 
     def layer(self, j, h, ctx):
         return self.layers(j, j + 1, h.unsqueeze(0), ctx)[0]
@@ -95,11 +152,38 @@ class _AttendingTo:
         return self.stack.resid_scale(j)
 
 
+# Static shapes make one graph per shape: per unit count and width (sequential layers, n_par units, fused
+# chunks) and per token count (a prompt length, or 1 to decode). A benchmark of many configurations
+# needs more than dynamo's default 8; a hit raises instead of silently running the rest uncompiled.
+RECOMPILE_LIMIT = 256
+
+
+def compile_options(compile) -> tuple:
+    """The Decoder's `compile` argument as torch.compile keyword arguments (a hashable tuple): True ->
+    defaults, a string -> that mode (e.g. "reduce-overhead"), a dict -> those arguments (e.g.
+    {"backend": "eager"} to check tracing alone, fast)."""
+    if compile is True:
+        return ()
+    if isinstance(compile, str):
+        return (("mode", compile),)
+    if isinstance(compile, dict):
+        return tuple(sorted(compile.items()))
+    raise ValueError(f"compile must be False, True, a torch.compile mode or a dict of torch.compile "
+                     f"arguments, got {compile!r}")
+
+
 @functools.lru_cache(maxsize=None)
-def compiled_block_apply(mode: str | None = None):
-    """`block_apply` under torch.compile (shared by every decoder, so the baseline and SNLP configs
-    use the same compiled kernels). Sequence lengths are dynamic: one graph serves every position."""
-    return torch.compile(block_apply, dynamic=True, mode=mode)
+def compiled_block_apply(options: tuple = ()):
+    """`block_apply` under torch.compile(**dict(options)), one graph per call (fullgraph=True: a graph
+    break is an error, never a silent fallback) with static shapes (the decoder's `StaticSlot`s: no
+    shape changes with the position, so no recompilation per position). Shared by every decoder, so
+    the baseline and SNLP configurations run the same compiled kernels. Raises dynamo's recompile
+    limit to `RECOMPILE_LIMIT` and makes reaching it an error."""
+    import torch._dynamo.config as dynamo
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, RECOMPILE_LIMIT)
+    dynamo.fail_on_recompile_limit_hit = True
+    return torch.compile(block_apply, **{"fullgraph": True, "dynamic": False, **dict(options)})
 
 
 class Decoder:
@@ -108,16 +192,19 @@ class Decoder:
     method: "sequential" or a surrogate name (`snlp_lab.methods()`); iters: iterations K per token;
     n_par: parallel layers (default: all, or C·M with chunks); chunks: "CxFM" or None; init: "h0",
     "fwd" or "warm"; kappa, probes, jac, seed: as in `solve`; max_len: cache length (default: the
-    model's sequence_len); compile: False, True or a torch.compile mode (e.g. "reduce-overhead");
+    model's sequence_len); compile: torch.compile the layer function (`compiled_block_apply`): False, True,
+    a torch.compile mode (e.g. "reduce-overhead") or a dict of torch.compile arguments (`compile_options`);
     check_finite: raise `NonFiniteError` when a step's logits hold inf or NaN (one host sync per call;
-    skipped while a CUDA graph is captured; the benchmark turns it off and checks its untimed pass).
+    skipped while a CUDA graph is captured; the benchmark turns it off and checks its untimed pass);
+    static: fixed shapes and a tensor position (`StaticSlot`), what torch.compile and the capture of one
+    step into a CUDA graph need (on with compile; eager, it attends over the whole cache).
     The weights are read at `prefill`; prefill again after changing the model.
     """
 
     def __init__(self, model, method: str = "idn", iters: int = 1, n_par: int | None = None,
                  chunks: str | None = None, init: str = "h0", kappa: float = 0.0, probes: int = 1,
                  jac: str = "jvp", seed: int = 0, max_len: int | None = None, compile: bool | str = False,
-                 check_finite: bool = True):
+                 check_finite: bool = True, static: bool = False):
         L = model.n_layer
         # the plain GPT runs on weights resolved once (ChunkStack); other stacks (mHC, transformers
         # models) on their own `layers`, one unit per layer: fusion is defined for the plain GPT only
@@ -134,7 +221,10 @@ class Decoder:
         self.seed, self.max_len, self.check_finite = seed, max_len, check_finite
         if compile and not self._resolved:
             raise ValueError("compile is supported for the plain GPT (n_streams=1) only")
-        self.apply = compiled_block_apply(compile if isinstance(compile, str) else None) if compile else None
+        self.apply = compiled_block_apply(compile_options(compile)) if compile else None
+        self.static = bool(compile) or static
+        if self.static and not self._resolved:
+            raise ValueError("static (and compiled) decoding is supported for the plain GPT (n_streams=1) only")
         self.pos, self._last, self._cache_key = 0, None, None
 
     # ------------------------------------------------------------------------------------------ state
@@ -154,7 +244,9 @@ class Decoder:
             self.cache_prefix = KVCache(self.S, B, cfg.n_kv_head, self.max_len, hd, dtype, device) if self.S else None
             self.cache_par = KVCache(self.par.n_layer, B, self.M * cfg.n_kv_head, self.max_len, hd, dtype, device)
             self.ids = torch.zeros(B, self.max_len, dtype=torch.long, device=device)  # the tokens fed so far
+            self.pos_t = torch.zeros((), dtype=torch.long, device=device)  # the position, for StaticSlots
             self._cache_key = key
+        self._slots, self._static_slots, self._slot_pos, self._windows = {}, {}, None, {}
         # on the CPU whatever the device, as in `solve`: probes are drawn there and moved (same seed,
         # same probes on every device), and seeding it is allowed while a CUDA graph is captured
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -219,7 +311,7 @@ class Decoder:
         h, ctx = self.model.embed(idx, pos=p, prev=self.prev_token())
         prefix = [h]  # h_0..h_S (backout may read one of them)
         for l in range(self.S):
-            prefix.append(self._unit(self.prefix, self.cache_prefix, l, prefix[-1], ctx, p))
+            prefix.append(self._unit(self.prefix, self.cache_prefix, l, prefix[-1], ctx))
         return prefix, ctx
 
     @torch.no_grad()
@@ -234,7 +326,7 @@ class Decoder:
         else:
             states = []
             for c in range(self.par.n_layer):
-                h = self._unit(self.par, self.cache_par, c, h, ctx, p)
+                h = self._unit(self.par, self.cache_par, c, h, ctx)
                 states.append(h)
             H = torch.stack(states)
         self._last = H[:, :, -1:]  # the warm start of the next token
@@ -253,35 +345,63 @@ class Decoder:
             raise ValueError(f"the cache holds max_len={self.max_len} tokens; cannot add {T} at position {self.pos}")
         return self.pos
 
-    @staticmethod
-    def _unit(stack, cache, j, h, ctx, p):
+    def _unit(self, stack, cache, j, h, ctx):
         """One unit on one input, attending to and extending its cache."""
-        out, kv = stack.layers(j, j + 1, h.unsqueeze(0), ctx, past=cache.past(j, j + 1, p), return_kv=True)
-        cache.write(j, j + 1, p, kv)
-        return out[0]
+        return stack.layers(j, j + 1, h.unsqueeze(0), ctx, cache=self._slot(stack, cache, j, j + 1, h.shape[1]))[0]
+
+    def _slot(self, stack, cache, a: int, b: int, T: int):
+        """The cache slot of units a..b-1 for T tokens at the current position: a `StaticSlot` (made once,
+        its position tensor moved by `_at`) or a `Slot` with the keys and mask the units' windows allow
+        (made once per position: the SNLP iterations reuse it)."""
+        key = (id(cache), a, b, T)
+        if self.static:
+            if key not in self._static_slots:
+                self._static_slots[key] = StaticSlot(cache, a, b, self.pos_t, stack.W["window"][a:b])
+            if self._slot_pos != self.pos:  # one host-to-device write per position, not per unit
+                self.pos_t.fill_(self.pos)
+                self._slot_pos = self.pos
+            return self._static_slots[key]
+        if self._slot_pos != self.pos:
+            self._slots, self._slot_pos = {}, self.pos
+        if key not in self._slots:
+            self._slots[key] = Slot(cache, a, b, self.pos, *self._window_view(stack, a, b, T))
+        return self._slots[key]
+
+    def _window_view(self, stack, a: int, b: int, T: int):
+        """(first key, mask) for T queries at the current position over units a..b-1 of `stack`: no mask
+        where every window covers the cache (or a single query's uniform window is a slice of it)."""
+        window = getattr(stack, "W", {}).get("window")  # [U, Hq] on the CPU; ModelLayers mask themselves
+        if window is None:
+            return 0, None
+        wkey = (id(stack), a, b)
+        if wkey not in self._windows:
+            w = window[a:b]
+            self._windows[wkey] = (int(w.min()), int(w.max()))
+        lo, hi = self._windows[wkey]
+        p = self.pos
+        if lo >= p + T - 1 and (p == 0 or T == 1):
+            return 0, None  # causal over everything (`model.sdpa`)
+        if T == 1 and lo == hi:
+            return p - lo, None  # one window: its keys are a slice of the cache
+        return 0, attention_mask(window[a:b], T, p, stack.W["q"].device, self.ids.shape[0])
 
     def _solve(self, hS, ctx, p):
-        """`iters` Newton iterations over the parallel units; caches the final evaluation's keys/values."""
-        U, past = self.par.n_layer, self.cache_par.past(0, self.par.n_layer, p)
+        """`iters` Newton iterations over the parallel units; each evaluation writes its keys/values into
+        the cache slot, so the cache ends with those of the final evaluation."""
+        U = self.par.n_layer
+        slot = self._slot(self.par, self.cache_par, 0, U, hS.shape[1])
         if self.init == "h0":
             H = hS.expand(U, *hS.shape)
         elif self.init == "fwd":
-            H = self.par.layers(0, U, hS.expand(U, *hS.shape), ctx, past=past)
+            H = self.par.layers(0, U, hS.expand(U, *hS.shape), ctx, cache=slot)
         else:  # warm: the previous token's final states
             if self._last is None or hS.shape[1] != 1:
                 raise ValueError("init='warm' decodes one token at a time after a prefill")
             H = self._last
-        sur = SURROGATES[self.method](_AttendingTo(self.par, past), 0, U, ctx, generator=self.generator,
-                                      **self.opts)
-        final_kv = []
-
-        def f(X):
-            out, kv = self.par.layers(0, U, X, ctx, past=past, return_kv=True)
-            final_kv[:] = [kv]
-            return out
-
-        H, *_ = iterate(f, hS, H, sur, self.iters, record=False)
-        self.cache_par.write(0, U, p, final_kv[0])
+        # surrogates that evaluate the units themselves (DiagN, exact Newton) attend to the earlier tokens
+        sur = SURROGATES[self.method](_AttendingTo(self.par, self.cache_par.past(0, U, p)), 0, U, ctx,
+                                      generator=self.generator, **self.opts)
+        H, *_ = iterate(lambda X: self.par.layers(0, U, X, ctx, cache=slot), hS, H, sur, self.iters, record=False)
         return H
 
 

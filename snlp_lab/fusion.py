@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import block_apply, param_key
+from .model import block_apply, param_key, qkv_weight
 
 _ROW_WEIGHTS = ("q", "k", "v", "fc", "gate")  # [N, out, in]: fusing concatenates output rows
 _COL_WEIGHTS = ("o", "proj")  # [N, out, in]: fusing concatenates input columns (sums the outputs)
@@ -67,6 +67,8 @@ def fuse(W: dict, M: int) -> dict:
     C = N // M
     out = {}
     for name, w in W.items():
+        if name == "qkv":  # derived from q, k, v: rebuilt from the fused ones
+            continue
         if name in _ROW_WEIGHTS:
             out[name] = w.reshape(C, M * w.shape[1], w.shape[2])
         elif name in _COL_WEIGHTS:
@@ -142,8 +144,9 @@ class ChunkStack:
         self.model, self.start, self.stop, self.M, self.config = model, start, stop, M, model.config
         self.n_layer = (stop - start) // M
         self.head_dim = model.config.head_dim
-        self.W = fused_weights(model, start, stop, M)
-        self.apply = block_apply  # the decoder may swap in a compiled version
+        W = fused_weights(model, start, stop, M)
+        self.W = W if "qkv" in W else dict(W, qkv=qkv_weight(W))
+        self.apply = block_apply  # for calls with a cache slot; the decoder may swap in a compiled version
         self._slices = {}
 
     def weights(self, a: int, b: int) -> dict:
@@ -152,11 +155,14 @@ class ChunkStack:
             self._slices[(a, b)] = {k: v[a:b] for k, v in self.W.items()}
         return self._slices[(a, b)]
 
-    def layers(self, a: int, b: int, H: torch.Tensor, ctx, past=None, return_kv: bool = False):
+    def layers(self, a: int, b: int, H: torch.Tensor, ctx, past=None, return_kv: bool = False, cache=None):
         """Units a..b-1 on inputs H [b - a, B, T, D] in one batched call (see `block_apply`)."""
         ve = fused_value_embeddings(self.model, self.start, self.stop, self.M, ctx)
-        return self.apply(self.weights(a, b), H, ctx, self.head_dim, None if ve is None else ve[a:b],
-                          past=past, return_kv=return_kv)
+        # the decoder's calls (with a cache slot) may run compiled; the others (solve, surrogates that
+        # differentiate or perturb the units, `past` of a length that changes each token) run eagerly
+        apply = self.apply if cache is not None else block_apply
+        return apply(self.weights(a, b), H, ctx, self.head_dim, None if ve is None else ve[a:b],
+                     past=past, return_kv=return_kv, cache=cache)
 
     def layer(self, c: int, h: torch.Tensor, ctx) -> torch.Tensor:
         return self.layers(c, c + 1, h.unsqueeze(0), ctx)[0]

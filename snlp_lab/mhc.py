@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from .fusion import fused_value_embeddings, fused_weights
-from .model import GPT, attn_branch, mlp_branch, param_key, rms_norm, stacked_linear
+from .model import GPT, attn_branch, mlp_branch, param_key, per_unit, rms_norm, stacked_linear
 from .solver import Surrogate, register_surrogate
 
 SINKHORN_ITERS = 20  # the mHC paper's t_max (the models take theirs from the config)
@@ -111,7 +111,7 @@ def mhc_block(W: dict, mixing, H: torch.Tensor, ctx, head_dim: int, ve=None, pas
     (output streams, keys and values); W and ve as in `block_apply`, mixing as in `attn_sublayer`."""
     H, _, kv = attn_sublayer(W, mixing, H, ctx, head_dim, ve, past)
     pre, post, res = mixing(MLP, H)
-    return write_streams(res, post, H, mlp_branch(W, rms_norm(read_streams(pre, H)))), kv
+    return write_streams(res, post, H, mlp_branch(W, rms_norm(read_streams(pre, H)))), per_unit(kv, H.shape[0])
 
 
 class StreamMixing(nn.Module):

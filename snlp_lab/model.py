@@ -53,18 +53,18 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, context: int, pos: int =
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, base: float, dtype: torch.dtype):
-    """cos/sin tables [T, head_dim/2] for the given absolute positions."""
+    """cos/sin tables [T, head_dim] for the given absolute positions, in rotate-half form:
+    cos = [c, c], sin = [s, -s] for the angles c = cos θ, s = sin θ of channel pairs (i, i + hd/2)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     freqs = torch.outer(positions.float(), inv_freq)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return torch.cat([cos, cos], dim=-1), torch.cat([sin, -sin], dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [..., T, H, hd]; rotate channel pairs (i, i + hd/2) by position-dependent angles."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
-    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+    """x [..., T, hd], cos/sin [T, hd] (`rotary_tables`): rotate channel pairs (i, i + hd/2) by
+    position-dependent angles, (x1, x2) -> (x1 c + x2 s, x2 c - x1 s) (nanochat's apply_rotary_emb)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 def param_key(module: nn.Module) -> tuple:
@@ -75,9 +75,7 @@ def param_key(module: nn.Module) -> tuple:
 
 def stacked_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [N, ..., in] @ w[N, out, in]^T -> [N, ..., out]: one batched matmul for N units."""
-    N, out = w.shape[0], w.shape[1]
-    y = torch.bmm(x.reshape(N, -1, x.shape[-1]), w.transpose(1, 2))
-    return y.view(*x.shape[:-1], out)
+    return torch.bmm(x.flatten(1, -2), w.mT).view(*x.shape[:-1], w.shape[1])
 
 
 @dataclass
@@ -85,93 +83,118 @@ class Context:
     """Everything a layer needs besides its input state; built once per forward by `GPT.embed`."""
     idx: torch.Tensor  # [B, T] token ids
     x0: torch.Tensor  # [B, T, D] normalised embedding (the x0 of x0-lambdas)
-    cos: torch.Tensor  # [T, hd/2]
+    cos: torch.Tensor  # [T, hd] (`rotary_tables`)
     sin: torch.Tensor
     pos: int = 0  # absolute position of the first token (KV-cached decoding)
     qk_scale: float = 1.0  # q and k are multiplied by it after QK-norm
     _ve: dict = field(default_factory=dict)  # (start, stop) -> stacked value embeddings, built lazily
 
 
-def attention_mask(window: torch.Tensor | None, T: int, Tp: int, device) -> torch.Tensor | None:
+def attention_mask(window: torch.Tensor | None, T: int, Tp: int, device, B: int = 1) -> torch.Tensor | None:
     """Which keys each query sees, for T queries at positions Tp..Tp+T-1 and keys 0..Tp+T-1: j <= i and
     i - j <= window of the query's head. window [N, H] (per unit and query head, on the CPU) or None.
-    Returns None when causal attention over all keys is exact (no past, every window covers the
-    sequence), else a bool mask [N, 1, H or 1, T, Tp + T] (H = 1 when the heads of a unit agree)."""
+    Returns None when every query sees every key it may causally see (`sdpa`'s rule: no past, or one
+    query, and every window covers the sequence), else a bool mask for `sdpa`'s batch of N·B: [T, Tp + T]
+    (no window applies) or [N·B, H or 1, T, Tp + T] (H = 1 when the heads of a unit agree)."""
     full = window is None or int(window.min()) >= Tp + T - 1
-    if full and Tp == 0:
+    if full and (Tp == 0 or T == 1):
         return None
     rel = (Tp + torch.arange(T, device=device))[:, None] - torch.arange(Tp + T, device=device)[None, :]
-    mask = rel >= 0
     if full:
-        return mask
+        return rel >= 0
     if bool((window == window[:, :1]).all()):  # one window per unit: a mask per unit, not per head
         window = window[:, :1]
-    return mask & (rel <= window.to(device)[:, None, :, None, None])
+    window = window.to(device).repeat_interleave(B, dim=0)[:, :, None, None]  # [N·B, H, 1, 1]
+    return (rel >= 0) & (rel <= window)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of q [NB, Hq, T, hd] over k, v [NB, Hkv, Tk, hd] (grouped-query when Hkv < Hq).
+    mask: bool, broadcast to [NB, Hq, T, Tk]; or None: causal with T = Tk, or T = 1 (every key)."""
+    gqa = q.shape[1] != k.shape[1]  # static under torch.compile: shapes are not dynamic there
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def qkv_weight(W: dict) -> torch.Tensor:
+    """q, k and v weights as one [N, (Hq + 2 Hkv)·hd, D] matrix: one matmul instead of three. Stacks
+    that are built once (`GPT.stacked_weights` without autograd, `fusion.ChunkStack`) hold it as W["qkv"]."""
+    return W["qkv"] if "qkv" in W else torch.cat((W["q"], W["k"], W["v"]), dim=1)
 
 
 def attn_branch(W: dict, a: torch.Tensor, ctx: Context, head_dim: int, ve: torch.Tensor | None = None,
-                past: tuple | None = None):
+                past: tuple | None = None, cache=None):
     """The attention sublayer's branch for N units: normalised input a [N, B, T, D] -> (output
-    [N, B, T, D] after the output projection, (k, v) of these tokens).
+    [N, B, T, D] after the output projection, (k, v) of these tokens [N·B, Hkv, T, hd]; `per_unit`
+    makes them [N, B, Hkv, T, hd]).
 
     nanochat's attention (nanochat/gpt.py CausalSelfAttention): value embeddings ve [N, B, T, Hkv·hd] are
     added to v through the gate 3·σ(W_gate·a[..., :C]) per KV head, on the *normalised* input a; RoPE,
     then QK-norm, then q and k times ctx.qk_scale; causal attention within each query head's window
-    (W["window"] [N, Hq]: max distance i - j). `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier
-    tokens (KV-cached decoding).
+    (W["window"] [N, Hq]: max distance i - j). Earlier tokens' keys and values come from `past` = (k, v)
+    [N, B, Hkv, Tpast, hd], or from a preallocated `cache`: an object whose `attend(k, v)` takes this
+    call's keys and values [N·B, Hkv, T, hd], stores them and returns (keys, values, mask or None) to
+    attend to, in `sdpa`'s layout (`snlp_lab.decode.Slot`).
     """
     N, B, T, _ = a.shape
-    q = stacked_linear(a, W["q"]).view(N * B, T, -1, head_dim)
-    k = stacked_linear(a, W["k"]).view(N * B, T, -1, head_dim)
-    v = stacked_linear(a, W["v"]).view(N * B, T, -1, head_dim)
+    Hq, Hkv = W["q"].shape[1] // head_dim, W["k"].shape[1] // head_dim
+    # one matmul for q, k, v; heads first: [N·B, Hq + 2·Hkv, T, hd] (the unit axis is a batch axis of SDPA,
+    # so masks can differ per unit and head)
+    qkv = stacked_linear(a, qkv_weight(W)).view(N * B, T, Hq + 2 * Hkv, head_dim).transpose(1, 2)
+    v = qkv[:, Hq + Hkv:]
     if ve is not None:
         gate = VE_GATE_SCALE * torch.sigmoid(stacked_linear(a[..., :W["gate"].shape[-1]], W["gate"]))  # [N, B, T, Hkv]
-        v = v + gate.view(N * B, T, -1, 1) * ve.view(N * B, T, -1, head_dim)
-    q = rms_norm(apply_rotary(q, ctx.cos, ctx.sin)) * ctx.qk_scale  # QK-norm
-    k = rms_norm(apply_rotary(k, ctx.cos, ctx.sin)) * ctx.qk_scale
-    # [N, B, H, T, hd]: SDPA takes the unit axis as a batch axis, so masks can differ per unit and head
-    q, k, v = (t.view(N, B, T, -1, head_dim).transpose(2, 3) for t in (q, k, v))
+        v = v + gate.view(N * B, T, Hkv, 1).transpose(1, 2) * ve.view(N * B, T, Hkv, head_dim).transpose(1, 2)
+    # RoPE, QK-norm and the q/k scale on q and k at once
+    qk = rms_norm(apply_rotary(qkv[:, :Hq + Hkv], ctx.cos, ctx.sin)) * ctx.qk_scale
+    q, k = qk[:, :Hq], qk[:, Hq:]
     kv = (k, v)
-    Tp = 0
-    if past is not None:
-        Tp = past[0].shape[3]
-        k, v = torch.cat([past[0], k], dim=3), torch.cat([past[1], v], dim=3)
-    mask = attention_mask(W.get("window"), T, Tp, a.device)
-    gqa = q.shape[2] != k.shape[2]
-    if mask is None:
-        y = F.scaled_dot_product_attention(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), is_causal=True,
-                                           enable_gqa=gqa).view(q.shape)
+    if cache is not None:
+        k, v, mask = cache.attend(k, v)
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    y = y.transpose(2, 3).reshape(N, B, T, -1)
+        Tp = 0
+        if past is not None:
+            Tp = past[0].shape[3]
+            k, v = torch.cat([past[0].flatten(0, 1), k], dim=2), torch.cat([past[1].flatten(0, 1), v], dim=2)
+        mask = attention_mask(W.get("window"), T, Tp, a.device, B)
+    y = sdpa(q, k, v, mask).transpose(1, 2).reshape(N, B, T, Hq * head_dim)
     return stacked_linear(y, W["o"]), kv
 
 
 def mlp_branch(W: dict, a: torch.Tensor) -> torch.Tensor:
-    """The MLP sublayer's branch for N units: normalised input a [N, B, T, D] -> ReLU² MLP output."""
-    return stacked_linear(F.relu(stacked_linear(a, W["fc"])).square(), W["proj"])
+    """The MLP sublayer's branch for N units: normalised input a [N, ..., D] -> ReLU² MLP output."""
+    hidden = F.relu(torch.bmm(a.flatten(1, -2), W["fc"].mT)).square()
+    return torch.bmm(hidden, W["proj"].mT).view(a.shape)
 
 
 def block_apply(W: dict, h: torch.Tensor, ctx: Context, head_dim: int, ve: torch.Tensor | None = None,
-                past: tuple | None = None, return_kv: bool = False):
+                past: tuple | None = None, return_kv: bool = False, cache=None):
     """Apply N blocks at once: h [N, B, T, D] -> [N, B, T, D].
 
     W holds weights stacked on a leading unit axis N: q [N, Hq*hd, D], k and v [N, Hkv*hd, D],
-    o [N, D, Hq*hd], fc [N, F, D], proj [N, D, F]; window [N, Hq] (per query head, on the CPU; absent:
-    full causal); optionally lam, mu [N] (x0 lambdas) and gate [N, Hkv, C] with ve [N, B, T, Hkv*hd]
-    (value embeddings).
+    o [N, D, Hq*hd], fc [N, F, D], proj [N, D, F]; optionally qkv (q, k, v concatenated, `qkv_weight`);
+    window [N, Hq] (per query head, on the CPU; absent: full causal); optionally lam, mu [N] (x0
+    lambdas) and gate [N, Hkv, C] with ve [N, B, T, Hkv*hd] (value embeddings).
     The block is x = λh + μx0;  x' = x + attn(norm x);  out = x' + mlp(norm x').
-    `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier tokens; with `return_kv` the keys and values of
-    these tokens are returned too, so a decoder can cache them.
+    `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier tokens, or `cache`, a preallocated KV cache slot
+    (see `attn_branch`); with `return_kv` the keys and values of these tokens are returned too.
+    Free of host reads when `cache` is a `snlp_lab.decode.StaticSlot`, so that torch.compile traces it
+    as one graph (fullgraph=True) and a CUDA graph can capture it.
     """
     N = h.shape[0]
     x = h
     if "lam" in W:
         x = W["lam"].view(N, 1, 1, 1) * h + W["mu"].view(N, 1, 1, 1) * ctx.x0
-    y, kv = attn_branch(W, rms_norm(x), ctx, head_dim, ve=ve, past=past)
+    y, kv = attn_branch(W, rms_norm(x), ctx, head_dim, ve=ve, past=past, cache=cache)
     x = x + y
     out = x + mlp_branch(W, rms_norm(x))
-    return (out, kv) if return_kv else out
+    return (out, per_unit(kv, N)) if return_kv else out
+
+
+def per_unit(kv: tuple, N: int) -> tuple:
+    """Keys and values [N·B, H, T, hd] (`attn_branch`) -> [N, B, H, T, hd], the cache's layout."""
+    return tuple(t.unflatten(0, (N, -1)) for t in kv)
 
 
 class Block(nn.Module):
@@ -223,6 +246,7 @@ class GPT(nn.Module):
         if cfg.backout:
             self.backout_lambda = nn.Parameter(torch.zeros(1))
         self._stack_key, self._stack = None, None
+        self._rotary_key, self._rotary = None, None
         self.init_weights()
 
     # ----------------------------------------------------------------------------------- set-up
@@ -294,9 +318,20 @@ class GPT(nn.Module):
                                  "(the token ids before idx[:, 0])")
             else:
                 x = self._smear(x, torch.cat([rms_norm(self.wte(prev.reshape(-1, 1))), x[:, :-1]], dim=1))
-        positions = torch.arange(pos, pos + T, device=idx.device)
-        cos, sin = rotary_tables(positions, cfg.head_dim, cfg.rope_base, x.dtype)
-        return x, Context(idx=idx, x0=x, cos=cos, sin=sin, pos=pos, qk_scale=cfg.qk_scale)
+        cos, sin = self.rotary(x.device, x.dtype)
+        return x, Context(idx=idx, x0=x, cos=cos[pos:pos + T], sin=sin[pos:pos + T], pos=pos,
+                          qk_scale=cfg.qk_scale)
+
+    def rotary(self, device, dtype):
+        """cos/sin tables [sequence_len, hd] (`rotary_tables`), computed once per device and dtype
+        (nanochat keeps them as buffers); `embed` slices the positions it needs."""
+        key = (torch.device(device), dtype)
+        if self._rotary_key != key:
+            cfg = self.config
+            self._rotary = rotary_tables(torch.arange(cfg.sequence_len, device=device), cfg.head_dim,
+                                         cfg.rope_base, dtype)
+            self._rotary_key = key
+        return self._rotary
 
     def _smear(self, x: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
         return x + self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :SMEAR_CHANNELS])) * before
@@ -358,7 +393,8 @@ class GPT(nn.Module):
             return self._stack_layers(range(start, stop))
         key = param_key(self)
         if key != self._stack_key:
-            self._stack, self._stack_key = self._stack_layers(range(self.n_layer)), key
+            W = self._stack_layers(range(self.n_layer))
+            self._stack, self._stack_key = dict(W, qkv=qkv_weight(W)), key
         return {k: v[start:stop] for k, v in self._stack.items()}
 
     def _stack_layers(self, ls) -> dict:

@@ -43,3 +43,33 @@ def median_seconds(fns: dict, repeats: int, warmup: int, device: torch.device) -
         for k, fn in fns.items():
             times[k].append(seconds(fn, device))
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+MATMULS = ("mm", "bmm", "addmm", "baddbmm", "matmul", "linear")
+
+
+def count_ops(fn) -> dict:
+    """What one call of fn() issues, counted as it runs (eager): "python" (calls into torch from Python,
+    tensor attribute reads excluded: what a small-kernel CPU step pays Python and dispatch overhead
+    for), "aten" (the ATen operators they dispatch to) and "matmuls" (those that are matrix products).
+    Under torch.compile the compiled graphs are not broken down: count an eager run."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    n = dict(python=0, aten=0, matmuls=0)
+
+    class Python(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") != "__get__":
+                n["python"] += 1
+            return func(*args, **(kwargs or {}))
+
+    class Aten(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            n["aten"] += 1
+            n["matmuls"] += func.overloadpacket.__name__ in MATMULS
+            return func(*args, **(kwargs or {}))
+
+    with Python(), Aten():
+        fn()
+    return n

@@ -117,3 +117,19 @@ def test_baseline_first_and_caller_model_untouched(tiny):
                          warmup=0, device="cpu")
     assert list(df["config"]) == ["sequential", "idn:K=1:n=4"] and df["prefill_speedup"][0] == 1.0
     assert next(tiny.parameters()).dtype == torch.float64  # timed on a float32 copy
+
+
+def test_compiled_bench_never_hits_the_recompile_limit(tiny):
+    """More distinct shapes than dynamo's default limit of 8 graphs: every configuration runs compiled."""
+    configs = ["sequential", "idn:K=1:n=1", "idn:K=1:n=2", "idn:K=1:n=3", "idn:K=1:n=4", "idn:K=1:n=4:2xF2:h0",
+               "idn:K=1:n=4:1xF4:h0", "idn:K=1:n=2:1xF2:h0", "sequential:n=4:4xF1", "idn:K=2:n=3:fwd"]
+    df = bench.run_bench(tiny, configs, seq_lens=(8,), decode_tokens=2, repeats=1, warmup=0, device="cpu",
+                         compile={"backend": "eager"})
+    assert set(df["compile"]) == {"{'backend': 'eager'}"}, df["compile"].tolist()
+
+
+def test_compile_failure_falls_back_and_says_so(tiny):
+    df = bench.run_bench(tiny, ["sequential", "idn:K=1:n=4"], seq_lens=(8,), decode_tokens=2, repeats=1, warmup=0,
+                         device="cpu", compile={"backend": "no-such-backend"})
+    assert all(c.startswith("eager (compile failed: ") for c in df["compile"]), df["compile"].tolist()
+    assert df["decode_tok_s"].gt(0).all()

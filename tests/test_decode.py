@@ -215,3 +215,61 @@ def test_mhc_decoding(tiny_mhc, tokens, method):
         torch.testing.assert_close(one, ref, rtol=1e-10, atol=1e-10)
     with pytest.raises(ValueError, match="not supported on mHC"):
         Decoder(tiny_mhc, chunks="2xF2")
+
+
+# ------------------------------------------------------------------------------------------ static, compiled
+STATIC_CASES = [dict(method="sequential"), dict(method="idn", iters=2, n_par=3, init="fwd"),
+                dict(method="idn", iters=1, chunks="2xF2", init="warm"), dict(method="diagn", iters=3, n_par=3, probes=2)]
+
+
+@pytest.mark.parametrize("cfg", STATIC_CASES, ids=lambda c: "-".join(map(str, c.values())))
+def test_static_decoding_equals_the_default(tiny, tokens, cfg):
+    """Fixed shapes (a tensor position, masks over the whole cache: what torch.compile and CUDA graphs
+    need) compute what the default decoder computes, windows shorter than the sequence included."""
+    prompt, fed = tokens
+    ref = decode_logits(Decoder(tiny, **cfg), prompt, fed)
+    got = decode_logits(Decoder(tiny, **cfg, static=True), prompt, fed)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+    if cfg["method"] == "idn":  # the parallel prefill too
+        dec = Decoder(tiny, **dict(cfg, init="h0"), static=True)
+        ref = Decoder(tiny, **dict(cfg, init="h0")).prefill(prompt, parallel=True)
+        torch.testing.assert_close(dec.prefill(prompt, parallel=True), ref, rtol=1e-12, atol=1e-12)
+
+
+COMPILE_CASES = [dict(method="sequential"), dict(method="idn", iters=2, n_par=4, init="h0"),
+                 dict(method="idn", iters=1, chunks="2xF2", init="fwd")]
+
+
+def test_compiled_decoding_equals_eager(tiny, tokens):
+    """torch.compile (inductor, fullgraph: a graph break would raise) of the layer function gives the
+    eager decoder's logits for every decoded token: sequential, per-layer IDN and fused chunks (and
+    IDN's parallel prefill). The slowest test of the suite: inductor compiles six graphs."""
+    m = tiny.float()
+    prompt, fed = tokens
+    for cfg in COMPILE_CASES:
+        ref = decode_logits(Decoder(m, **cfg), prompt, fed)
+        got = decode_logits(Decoder(m, **cfg, compile=True), prompt, fed)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    cfg = COMPILE_CASES[1]
+    ref = Decoder(m, **cfg).prefill(prompt, parallel=True)
+    torch.testing.assert_close(Decoder(m, **cfg, compile=True).prefill(prompt, parallel=True), ref,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decoding_does_not_recompile(tiny, tokens):
+    """One graph per shape: once a configuration has decoded, new positions, new sequences and new
+    decoders of the same shapes reuse the graphs (dynamo's fail_on_recompile stance would raise)."""
+    prompt, fed = tokens
+    eager_backend = {"backend": "eager"}  # traces with dynamo as inductor would, without code generation
+    for cfg in COMPILE_CASES:
+        decode_logits(Decoder(tiny, **cfg, compile=eager_backend), prompt[:, :3], fed[:, :2])
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for cfg in COMPILE_CASES:
+            got = decode_logits(Decoder(tiny, **cfg, compile=eager_backend), prompt[:, :3], torch.cat([prompt[:, 3:], fed], 1))
+            ref = decode_logits(Decoder(tiny, **cfg), prompt[:, :3], torch.cat([prompt[:, 3:], fed], 1))
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_bad_compile_argument(tiny):
+    with pytest.raises(ValueError, match="compile must be False, True, a torch.compile mode"):
+        Decoder(tiny, method="sequential", compile=3)
