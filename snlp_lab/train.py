@@ -119,6 +119,9 @@ class TrainConfig:
     batch_size: int | None = None  # global batch (sequences per step, split over ranks); None: BATCH_SIZE,
     # or with recipe "paper" nanochat's batch in tokens (snlp_lab.scaling) / seq_len
     seq_len: int | None = None  # None: the model's sequence_len
+    # sequences per forward/backward on each process (nanochat's --device-batch-size): the batch's gradient
+    # is accumulated over batch_size / (processes · device_batch_size) parts; None: one part
+    device_batch_size: int | None = None
     seed: int = 0
     # None: NANOCHAT_LRS, FINETUNE_LRS with init_from_hf, PAPER_LRS·√(batch tokens/2^19) with recipe "paper"
     matrix_lr: float | None = None  # Muon
@@ -164,7 +167,7 @@ class TrainConfig:
 
 
 RUN_FIELDS = ("out", "resume", "eval_every", "eval_batches", "eval_snlp", "save_every", "stop_at", "device",
-              "progress")
+              "progress", "device_batch_size")
 
 
 @dataclass
@@ -241,7 +244,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {cfg.recipe!r}; valid: {', '.join(RECIPES)}")
     cfg = dataclasses.replace(cfg, seq_len=mcfg.sequence_len if cfg.seq_len is None else cfg.seq_len)
-    for name in ("steps", "seq_len", "iters", "eval_batches") + (("batch_size",) if cfg.batch_size is not None else ()):
+    set_ = tuple(k for k in ("batch_size", "device_batch_size") if getattr(cfg, k) is not None)
+    for name in ("steps", "seq_len", "iters", "eval_batches") + set_:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.recipe == "paper":
@@ -425,10 +429,12 @@ class SNLPLoss(nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, weight: float, step: int):
-        """(loss, ce, reg) for inputs x and targets y [B, T]; reg is 0 without a regularizer."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor, weight: float, step: int, micro: int = 0):
+        """(loss, ce, reg) for inputs x and targets y [B, T] of micro-batch `micro` of `step`; reg is 0
+        without a regularizer."""
         m, cfg = self.model, self.cfg
-        seed = cfg.seed * 1_000_003 + step  # random probes (DiagN) differ per step, same on resume
+        # random probes (DiagN) differ per step and micro-batch, same on resume
+        seed = cfg.seed * 1_000_003 + step + micro * 1_000_000_007
         if cfg.objective == "snlp-forward":
             logits = solve(m, x, method=cfg.method, iters=cfg.iters, n_par=cfg.n_par, init=cfg.init,
                            seed=seed).logits
@@ -550,11 +556,13 @@ def _evaluate(model, ds, cfg: TrainConfig, autocast) -> dict:
     """Validation PPL, sequential and under every `eval_snlp` spec (None where a solve blew up)."""
     out = {}
     with autocast:
-        out["val_ppl"] = evaluate_ppl(model, ds.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+        # batches of device_batch_size (what fits in memory), as many tokens as eval_batches of batch_size
+        batch = cfg.device_batch_size or cfg.batch_size
+        n = cfg.eval_batches * (cfg.batch_size // batch)
+        out["val_ppl"] = evaluate_ppl(model, ds.val, cfg.seq_len, batch, n)
         for spec, method, kw in parse_snlp_specs(cfg.eval_snlp):
             try:
-                out[f"val_ppl[{spec}]"] = evaluate_ppl(model, ds.val, cfg.seq_len, cfg.batch_size,
-                                                       cfg.eval_batches, method=method, **kw)
+                out[f"val_ppl[{spec}]"] = evaluate_ppl(model, ds.val, cfg.seq_len, batch, n, method=method, **kw)
             except NonFiniteError:
                 out[f"val_ppl[{spec}]"] = None
     return out
@@ -599,6 +607,9 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
     ds = _load_data(cfg, d)
     if cfg.batch_size % d.world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {d.world}")
+    if cfg.device_batch_size and (cfg.batch_size // d.world) % cfg.device_batch_size:
+        raise ValueError(f"each of the {d.world} process(es) reads {cfg.batch_size // d.world} sequences per step, "
+                         f"not a multiple of device_batch_size={cfg.device_batch_size}")
     stream = TokenStream(ds.train, cfg.batch_size // d.world, cfg.seq_len, seed=cfg.seed, rank=d.rank,
                          world_size=d.world, device=device)
     if cfg.init_from is not None and ckpt is None:
@@ -641,9 +652,15 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
         t0 = time.perf_counter()
         x, y = next(stream)
         w = reg_weight(step, cfg.steps, cfg.warmup_frac)
-        with autocast:
-            loss, ce, reg = net(x, y, w, step)
-        loss.backward()
+        micro = list(zip(x.split(cfg.device_batch_size or len(x)), y.split(cfg.device_batch_size or len(x))))
+        vals = 0
+        for i, (xm, ym) in enumerate(micro):  # gradient accumulation: the batch's mean over equal parts
+            last_part = i == len(micro) - 1
+            with net.no_sync() if d.world > 1 and not last_part else contextlib.nullcontext():  # one all-reduce
+                with autocast:
+                    loss, ce, reg = net(xm, ym, w, step, i)
+                (loss / len(micro)).backward()
+            vals = vals + torch.stack([loss, ce, reg]).detach().float() / len(micro)
         if cfg.recipe == "paper":
             for g in opts[0].param_groups:
                 g["momentum"] = paper_muon_momentum(step, cfg.steps, cfg.lr_warmdown_frac)
@@ -652,7 +669,6 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
             o.step()
             s.step()
         net.zero_grad(set_to_none=True)
-        vals = torch.stack([loss, ce, reg]).detach().float()
         if d.world > 1:  # the global batch's mean, as one process would report it
             dist.all_reduce(vals)
             vals /= d.world
@@ -760,6 +776,9 @@ def build_parser() -> argparse.ArgumentParser:
       help=f"global batch in sequences, split over the processes (default {BATCH_SIZE}; --recipe paper: nanochat's "
            f"batch from the model's size, 2^round(log2(2^19·(D/D_ref)^0.383)) tokens / seq len, snlp_lab.scaling)")
     a("--seq-len", type=int, default=None, help="default: the model's sequence_len")
+    a("--device-batch-size", type=int, default=None,
+      help="sequences per forward/backward on each process; the gradient is accumulated over the batch "
+           "(default: the whole batch at once)")
     a("--seed", type=int, default=D.seed)
     lr = lambda k: (f"default {NANOCHAT_LRS[k]}, with --init-from-hf {FINETUNE_LRS[k]}, "
                     f"with --recipe paper {PAPER_LRS[k]}·√(batch tokens/2^19)")
