@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -172,6 +173,26 @@ def test_paper_scaling_by_hand():
     assert cfg.matrix_lr == pytest.approx(0.02 * 0.5 ** 0.5) and (cfg.scalar_lr, cfg.weight_decay) == (0.1, 0.2)
     snlp = T.resolve(TrainConfig(model="0.5b"))  # recipe "snlp" keeps its defaults
     assert (snlp.batch_size, snlp.matrix_lr, snlp.embedding_lr, snlp.weight_decay) == (16, 0.02, 0.2, 0.0)
+
+
+def test_readme_paper_runs_resolve():
+    """Every command of the README's table of the paper's runs parses and resolves (nothing is trained):
+    the baseline part, then the regularized run that extends it ("..."), with $P as the README sets it."""
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    P = re.search(r'`P="([^"]+)"`', text).group(1).split()
+    table = text[text.index("| run | command |"):].split("\n\n")[0]
+    commands = []
+    for row in table.splitlines()[2:]:
+        cells = re.findall(r"`([^`]+)`", row.split("|")[2])
+        commands.append(cells[0].split())
+        commands += [cells[0].split() + c.split()[1:] for c in cells[1:]]  # "... extra" extends the first
+    assert len(commands) == 9
+    for cmd in commands:
+        args = [a for c in cmd for a in (P if c == "$P" else [c])]
+        cfg = T.resolve(T.config_from_args(args))
+        assert cfg.recipe == "paper" and round(cfg.lr_warmup_frac * cfg.steps) == 40, cmd
+        assert cfg.batch_size == (1024 if cfg.model == "3b" else 512), cmd
 
 
 def test_paper_weight_decay_schedule():
