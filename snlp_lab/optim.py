@@ -78,7 +78,8 @@ class NanochatMuon(torch.optim.Optimizer):
     params: matrices [m, n] (nn.Linear weights, out × in); lr: the step before the shape factor;
     momentum: β of the Nesterov momentum; beta2: of the second moment; weight_decay: λ of the
     cautious decay (decoupled: the decay per step is lr·√max(1, m/n)·λ); ns_steps: Polar Express steps
-    (nanochat's name). Defaults are nanochat-snlp's `setup_optimizer` (its weight decay is set per step by
+    (nanochat's name); ortho_dtype: the dtype of the orthogonalisation (None: bfloat16 for CUDA
+    parameters, else theirs). Defaults are nanochat-snlp's `setup_optimizer` (its weight decay is set per step by
     the training script). Raises ValueError for a parameter that is not 2-D or a bad value.
     """
 

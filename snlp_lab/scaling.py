@@ -66,7 +66,6 @@ class Scaling:
     weight_decay: float  # λ
 
 
-
 def nanochat_scaling(cfg: GPTConfig, ratio: float = TARGET_PARAM_DATA_RATIO, batch_tokens: int | None = None,
                      weight_decay: float = WEIGHT_DECAY) -> Scaling:
     """D, D_ref, B, √(B/B_ref) and λ of the module docstring for a model config; batch_tokens: the given

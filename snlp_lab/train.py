@@ -36,6 +36,8 @@ JSON line per step: loss, ce, reg, step_time, tokens_per_s, ...; and one per eva
 val_ppl[<spec>] for every `eval_snlp` spec). `resume` continues from the checkpoint exactly (same
 losses as an uninterrupted run). `batch_size` is the global batch: with torchrun each of the W ranks
 reads batch_size / W rows of it, so the numbers do not depend on the number of processes.
+`device_batch_size` (nanochat's --device-batch-size) splits each rank's rows into parts whose gradients
+accumulate: the same step as the whole batch at once, in less memory.
 """
 from __future__ import annotations
 
@@ -244,8 +246,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.recipe not in RECIPES:
         raise ValueError(f"unknown recipe {cfg.recipe!r}; valid: {', '.join(RECIPES)}")
     cfg = dataclasses.replace(cfg, seq_len=mcfg.sequence_len if cfg.seq_len is None else cfg.seq_len)
-    set_ = tuple(k for k in ("batch_size", "device_batch_size") if getattr(cfg, k) is not None)
-    for name in ("steps", "seq_len", "iters", "eval_batches") + set_:
+    given = tuple(k for k in ("batch_size", "device_batch_size") if getattr(cfg, k) is not None)
+    for name in ("steps", "seq_len", "iters", "eval_batches") + given:
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
     if cfg.recipe == "paper":
@@ -411,7 +413,6 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     if paper:
         for g in adam_groups:
             g["betas"], g["weight_decay"] = PAPER_ADAMW[g["name"]]
-    if paper:
         matrix_opt = NanochatMuon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, beta2=MUON_BETA2,
                                   weight_decay=cfg.weight_decay)
     else:
@@ -652,15 +653,16 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
         t0 = time.perf_counter()
         x, y = next(stream)
         w = reg_weight(step, cfg.steps, cfg.warmup_frac)
-        micro = list(zip(x.split(cfg.device_batch_size or len(x)), y.split(cfg.device_batch_size or len(x))))
+        part = cfg.device_batch_size or len(x)
+        parts = list(zip(x.split(part), y.split(part)))
         vals = 0
-        for i, (xm, ym) in enumerate(micro):  # gradient accumulation: the batch's mean over equal parts
-            last_part = i == len(micro) - 1
+        for i, (xp, yp) in enumerate(parts):  # gradient accumulation: the batch's mean over equal parts
+            last_part = i == len(parts) - 1
             with net.no_sync() if d.world > 1 and not last_part else contextlib.nullcontext():  # one all-reduce
                 with autocast:
-                    loss, ce, reg = net(xm, ym, w, step, i)
-                (loss / len(micro)).backward()
-            vals = vals + torch.stack([loss, ce, reg]).detach().float() / len(micro)
+                    loss, ce, reg = net(xp, yp, w, step, i)
+                (loss / len(parts)).backward()
+            vals = vals + torch.stack([loss, ce, reg]).detach().float() / len(parts)
         if cfg.recipe == "paper":
             for g in opts[0].param_groups:
                 g["momentum"] = paper_muon_momentum(step, cfg.steps, cfg.lr_warmdown_frac)
