@@ -64,18 +64,21 @@ def _check_count(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
-def hutchinson_probe(h: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """A Rademacher vector (entries ±1) shaped and typed like h."""
-    z = torch.randint(0, 2, h.shape, generator=generator).to(h)
-    return 2 * z - 1
+def hutchinson_probe(h: torch.Tensor, generator: torch.Generator | None = None, shared: bool = False) -> torch.Tensor:
+    """A Rademacher vector (entries ±1) shaped and typed like h. shared: one draw of h[0]'s shape,
+    repeated along h's leading axis (the same probe for every layer of a stack [N, ...])."""
+    z = 2 * torch.randint(0, 2, h.shape[1:] if shared else h.shape, generator=generator).to(h) - 1
+    return z.expand_as(h) if shared else z
 
 
-def hutchinson_diag(f: Fn, h: torch.Tensor, probes: int = 8, generator: torch.Generator | None = None):
-    """diag(J) ≈ mean_z z ⊙ (J z) over Rademacher probes z (unbiased; exact for a diagonal J)."""
+def hutchinson_diag(f: Fn, h: torch.Tensor, probes: int = 8, generator: torch.Generator | None = None,
+                    shared: bool = False):
+    """diag(J) ≈ mean_z z ⊙ (J z) over Rademacher probes z (unbiased; exact for a diagonal J);
+    shared: as in `hutchinson_probe`."""
     _check_count("probes", probes)
     acc = torch.zeros_like(h)
     for _ in range(probes):
-        z = hutchinson_probe(h, generator)
+        z = hutchinson_probe(h, generator, shared)
         acc += z * jvp(f, h, z)
     return acc / probes
 

@@ -20,6 +20,9 @@ nanochat-snlp) exactly:
   Jacobi step of the last parallel layer from h_S (not IDN); its HCN and DiagN terms run their surrogate.
 - per_stream=True: on mHC states [B, T, n, D] the norms run over D of each stream, and the ratio is
   averaged over b, t and the n streams (its HCN term). On one-stream states it changes nothing.
+- its DiagN term (`--diag-newton-reg`) is method="diagn" with fd_eps=0.01 (its finite differences) and
+  shared_probe=True (one Rademacher z for all N layers, drawn afresh for each N), positions="paper",
+  stride 0 and detach_target=True (surrogate options pass through `surrogate_opts`).
 """
 from __future__ import annotations
 
@@ -86,7 +89,8 @@ def snlp_regularizer(model, trace: Sequence[torch.Tensor], ctx, n_par_set: Seque
     method: a surrogate name from `snlp_lab.snlp_config.SURROGATES`; stride: s of P_s(N);
     detach_target: no gradient through h^seq (only ĥ is pulled towards the sequential trace);
     positions: the rule of P_s(N), "strided" or "paper"; per_stream: norms per mHC stream (above);
-    generator: random probes (DiagN); surrogate_opts: passed to the surrogate (kappa, probes, fd_eps, ...).
+    generator: random probes (DiagN); surrogate_opts: passed to the surrogate (kappa, probes, fd_eps,
+    shared_probe, ...).
     """
     if method not in SURROGATES:
         raise ValueError(f"unknown surrogate {method!r}; valid: {', '.join(SURROGATES)}")

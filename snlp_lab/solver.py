@@ -105,28 +105,30 @@ class DiagonalNewton(Surrogate):
     All N layers' JVPs are one batched forward-mode call of `layers`. With fd_eps > 0 the products are
     the paper's finite differences instead (nanochat-snlp's `--diag-newton-jvp=fd`, used by its DiagN
     regularizer with ε = 0.01): z ⊙ (Φ(h + εz) − Φ(h)) / ε in at least float32, clamped to ±FD_CLAMP, without
-    gradient (one batched forward of `layers`).
+    gradient (one batched forward of `layers`). Each probe z is drawn per layer, or with
+    shared_probe=True once for all N layers (the paper's DiagN regularizer draws one z of h_S's shape).
     """
     FD_CLAMP = 2.0
 
-    def __init__(self, model, start, stop, ctx, probes: int = 1, generator=None, fd_eps: float = 0.0, **opts):
+    def __init__(self, model, start, stop, ctx, probes: int = 1, generator=None, fd_eps: float = 0.0,
+                 shared_probe: bool = False, **opts):
         super().__init__(model, start, stop, ctx)
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
             raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
         if not (math.isfinite(fd_eps) and fd_eps >= 0):
             raise ValueError(f"fd_eps must be a finite number >= 0 (0: exact JVPs), got {fd_eps}")
-        self.probes, self.generator, self.fd_eps = probes, generator, fd_eps
+        self.probes, self.generator, self.fd_eps, self.shared = probes, generator, fd_eps, shared_probe
 
     def update(self, X, F):
         f = lambda H: self.model.layers(self.start, self.stop, H, self.ctx)
         if self.fd_eps == 0:
-            self.diag = hutchinson_diag(f, X, self.probes, self.generator)
+            self.diag = hutchinson_diag(f, X, self.probes, self.generator, self.shared)
             return
         dtype = torch.promote_types(X.dtype, torch.float32)  # bf16 differences in fp32, as the paper
         with torch.no_grad():
             acc = torch.zeros_like(X, dtype=dtype)
             for _ in range(self.probes):
-                z = hutchinson_probe(X, self.generator)
+                z = hutchinson_probe(X, self.generator, self.shared)
                 acc += z * (f(X + self.fd_eps * z).to(dtype) - F.to(dtype)) / self.fd_eps
             self.diag = (acc / self.probes).clamp(-self.FD_CLAMP, self.FD_CLAMP).to(X.dtype)
 

@@ -22,8 +22,12 @@ weights are a Hugging Face folder (`hf_<step>/`, save_pretrained) that `load_hf(
 Optimizers as nanochat: Muon for the blocks' matrices (the nn.Linear weights under `blocks`), AdamW
 for embeddings, lm head and everything else (resid/x0 lambdas, mHC mixing); AdamW learning rates scale
 with (n_embd/768)^-0.5. Learning rate: linear warm-up, constant, linear warm-down to `lr_final_frac`.
-`recipe="paper"` gives the AdamW groups the paper's settings (`PAPER_ADAMW`) and Muon its momentum
-schedule (`paper_muon_momentum`); the README maps each of the paper's training flags to ours.
+Recipe "snlp" (the default) runs `torch.optim.Muon` without weight decay. Recipe "paper" is nanochat-snlp's,
+the recipe of the paper's runs: nanochat's own Muon (`snlp_lab.optim.NanochatMuon`: Polar Express,
+second-moment normalisation, cautious weight decay decayed to 0 by a cosine, `paper_weight_decay`) with
+its momentum schedule (`paper_muon_momentum`), the AdamW groups' settings `PAPER_ADAMW`, and the batch,
+learning rates and weight decay that are not given computed by nanochat's scaling rules
+(`snlp_lab.scaling`). The README maps each of the paper's training flags to ours.
 bf16 autocast on CUDA, fp32 on CPU.
 
 A run folder (`out`) holds checkpoint.json + weights (`snlp_lab.checkpoint`), the tokenizer
@@ -32,6 +36,8 @@ JSON line per step: loss, ce, reg, step_time, tokens_per_s, ...; and one per eva
 val_ppl[<spec>] for every `eval_snlp` spec). `resume` continues from the checkpoint exactly (same
 losses as an uninterrupted run). `batch_size` is the global batch: with torchrun each of the W ranks
 reads batch_size / W rows of it, so the numbers do not depend on the number of processes.
+`device_batch_size` (nanochat's --device-batch-size) splits each rank's rows into parts whose gradients
+accumulate: the same step as the whole batch at once, in less memory.
 """
 from __future__ import annotations
 
@@ -63,7 +69,9 @@ from .data import TokenStream, prepare_data
 from .evaluate import evaluate_ppl, parse_snlp_specs
 from .build import build_model
 from .paths import cache_dir
+from .optim import NanochatMuon
 from .regularizer import POSITIONS, check_n_par_set, snlp_regularizer
+from .scaling import TARGET_PARAM_DATA_RATIO, WEIGHT_DECAY, nanochat_scaling
 from .snlp_config import INITS, SNLPConfig, parse_config
 from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, solve
 
@@ -76,6 +84,8 @@ ADAMW_BETAS, ADAMW_EPS = (0.8, 0.95), 1e-10  # nanochat
 SMEAR_LR = 0.2  # nanochat: smear gate, smear and backout lambdas (not scaled with the width)
 SMEAR_PARAMS = ("smear_gate.weight", "smear_lambda", "backout_lambda")
 MUON_MOMENTUM = 0.95
+MUON_BETA2 = 0.9  # recipe "paper": NanochatMuon's second moment (nanochat-snlp setup_optimizer)
+BATCH_SIZE = 16  # recipe "snlp": sequences per step when not given
 RECIPES = ("snlp", "paper")
 # recipe "paper": nanochat-snlp's setup_optimizer (nanochat/gpt.py), (betas, weight decay) per AdamW
 # group; there value embeddings get half the embedding lr and mHC mixing a fixed lr
@@ -83,10 +93,14 @@ PAPER_ADAMW = {"embed": ((0.8, 0.995), 0.001), "value_embeds": ((0.8, 0.995), 0.
                "scalar": ((0.8, 0.95), 0.0), "x0": ((0.96, 0.95), 0.0), "mhc": ((0.9, 0.999), 0.0),
                "resid": ((0.8, 0.95), 0.05), "smear": ((0.8, 0.95), 0.0)}
 PAPER_MHC_LR = 0.01
+# recipe "paper": learning rates at the reference batch 2^19 when not given (nanochat-snlp base_train
+# defaults), times √(batch/2^19) (snlp_lab.scaling)
+PAPER_LRS = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
 # options added after runs were cached: left out of the config hash (and the resume check) at their
 # defaults, so that the cached runs and committed results keep their run folders
 LATER_DEFAULTS = {"reg_positions": "strided", "reg_per_stream": False, "reg_fd_eps": 0.0, "recipe": "snlp",
-                  "lr_final_frac": 0.0}
+                  "lr_final_frac": 0.0, "weight_decay": 0.0, "target_param_data_ratio": TARGET_PARAM_DATA_RATIO,
+                  "reg_shared_probe": False}
 LOG_SECONDS = 30  # progress lines when the output is not a terminal
 # learning rates when left unset: nanochat's for training our models, smaller ones for fine-tuning a
 # pretrained transformers model (nanochat's would wreck it within a few steps)
@@ -104,10 +118,14 @@ class TrainConfig:
     vocab_size: int | None = None  # BPE vocabulary; None: the preset's
     # optimisation
     steps: int = 600
-    batch_size: int = 16  # global batch (sequences per step, split over ranks)
+    batch_size: int | None = None  # global batch (sequences per step, split over ranks); None: BATCH_SIZE,
+    # or with recipe "paper" nanochat's batch in tokens (snlp_lab.scaling) / seq_len
     seq_len: int | None = None  # None: the model's sequence_len
+    # sequences per forward/backward on each process (nanochat's --device-batch-size): the batch's gradient
+    # is accumulated over batch_size / (processes · device_batch_size) parts; None: one part
+    device_batch_size: int | None = None
     seed: int = 0
-    # None: NANOCHAT_LRS, or FINETUNE_LRS with init_from_hf
+    # None: NANOCHAT_LRS, FINETUNE_LRS with init_from_hf, PAPER_LRS·√(batch tokens/2^19) with recipe "paper"
     matrix_lr: float | None = None  # Muon
     embedding_lr: float | None = None  # AdamW, times (n_embd/768)^-0.5 like the next one
     unembedding_lr: float | None = None
@@ -115,7 +133,10 @@ class TrainConfig:
     lr_warmup_frac: float = 0.0
     lr_warmdown_frac: float = 0.2
     lr_final_frac: float = 0.0  # the warm-down ends at this fraction of the lr (nanochat: 0.05)
-    recipe: str = "snlp"  # AdamW group settings: "snlp" (one betas, no weight decay) or "paper" (PAPER_ADAMW)
+    recipe: str = "snlp"  # "snlp" (torch Muon; AdamW: one betas, no weight decay) or "paper" (module docstring)
+    weight_decay: float | None = None  # recipe "paper": Muon's cautious weight decay at step 0 (cosine to 0);
+    # None: 0.28·√(B/2^19)·D_ref/D (snlp_lab.scaling). Recipe "snlp": 0 (none)
+    target_param_data_ratio: float = TARGET_PARAM_DATA_RATIO  # recipe "paper": D = ratio × scaling params
     # SNLP-aware regularizer (objective "ce")
     reg: str = "none"  # "none" or a surrogate name: idn, diagn, hcn, ...
     lam: float = 0.1
@@ -126,6 +147,7 @@ class TrainConfig:
     reg_positions: str = "strided"  # P_s(N): "strided" or "paper" (the paper's idn_stride rule)
     reg_per_stream: bool = False  # norms per mHC stream (the paper's HCN term)
     reg_fd_eps: float = 0.0  # reg diagn: 0 = JVP products; > 0 = the paper's clamped finite differences (0.01)
+    reg_shared_probe: bool = False  # reg diagn: one Rademacher probe for all N layers (the paper's), else one per layer
     # SNLP-forward objective
     objective: str = "ce"  # "ce" or "snlp-forward"
     method: str = "idn"  # surrogate of the SNLP forward
@@ -147,7 +169,7 @@ class TrainConfig:
 
 
 RUN_FIELDS = ("out", "resume", "eval_every", "eval_batches", "eval_snlp", "save_every", "stop_at", "device",
-              "progress")
+              "progress", "device_batch_size")
 
 
 @dataclass
@@ -221,15 +243,25 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     hf = cfg.init_from_hf is not None
     if hf and cfg.init_from is not None:
         raise ValueError("give one of --init-from (our checkpoint) and --init-from-hf (a Hugging Face folder)")
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {cfg.recipe!r}; valid: {', '.join(RECIPES)}")
+    cfg = dataclasses.replace(cfg, seq_len=mcfg.sequence_len if cfg.seq_len is None else cfg.seq_len)
+    given = tuple(k for k in ("batch_size", "device_batch_size") if getattr(cfg, k) is not None)
+    for name in ("steps", "seq_len", "iters", "eval_batches") + given:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.recipe == "paper":
+        cfg = _paper_scaled(cfg, mcfg)
+    elif cfg.weight_decay or cfg.target_param_data_ratio != TARGET_PARAM_DATA_RATIO:
+        raise ValueError("weight_decay and target_param_data_ratio set recipe paper's Muon and scaling; use them "
+                         "with --recipe paper (recipe snlp runs torch.optim.Muon without weight decay)")
     lrs = {k: v for k, v in (FINETUNE_LRS if hf else NANOCHAT_LRS).items() if getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **lrs, model="hf" if hf else cfg.model,
                               init_from_hf=str(Path(cfg.init_from_hf).expanduser().resolve()) if hf else None)
-    cfg = dataclasses.replace(cfg, override=over, vocab_size=mcfg.vocab_size,
-                              seq_len=mcfg.sequence_len if cfg.seq_len is None else cfg.seq_len, n_par_set=tuple(npset),
-                              n_par=L if cfg.n_par is None else cfg.n_par)
-    for name in ("steps", "batch_size", "seq_len", "iters", "eval_batches"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+    cfg = dataclasses.replace(cfg, override=over, vocab_size=mcfg.vocab_size, n_par_set=tuple(npset),
+                              n_par=L if cfg.n_par is None else cfg.n_par,
+                              batch_size=BATCH_SIZE if cfg.batch_size is None else cfg.batch_size,
+                              weight_decay=cfg.weight_decay or 0.0)
     for name in ("eval_every", "save_every", "stride"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
@@ -241,7 +273,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             raise ValueError(f"{name} must lie in [0, 1], got {getattr(cfg, name)}")
     if cfg.lr_warmup_frac + cfg.lr_warmdown_frac > 1.0:
         raise ValueError("lr_warmup_frac + lr_warmdown_frac must be <= 1")
-    for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "lam"):
+    for name in ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr", "lam", "weight_decay"):
         if not (math.isfinite(getattr(cfg, name)) and getattr(cfg, name) >= 0):
             raise ValueError(f"{name} must be a finite number >= 0, got {getattr(cfg, name)}")
     regs = ("none",) + tuple(SURROGATES)
@@ -253,8 +285,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"reg_fd_eps must be a finite number >= 0, got {cfg.reg_fd_eps}")
     if cfg.reg_fd_eps and cfg.reg != "diagn":
         raise ValueError(f"reg_fd_eps sets DiagN's finite differences; use it with --reg diagn, not {cfg.reg!r}")
-    if cfg.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {cfg.recipe!r}; valid: {', '.join(RECIPES)}")
+    if cfg.reg_shared_probe and cfg.reg != "diagn":
+        raise ValueError(f"reg_shared_probe sets DiagN's probes; use it with --reg diagn, not {cfg.reg!r}")
     if not cfg.lam >= 0:
         raise ValueError(f"lam (regularizer weight λ) must be >= 0, got {cfg.lam}")
     if cfg.reg != "none":
@@ -279,6 +311,22 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
         raise ValueError(f"stop_at must be in 1..steps={cfg.steps}, got {cfg.stop_at}")
     return cfg
+
+
+def _paper_scaled(cfg: TrainConfig, mcfg: GPTConfig) -> TrainConfig:
+    """Recipe "paper": the batch, learning rates and weight decay that are not given, from nanochat's
+    scaling rules (`snlp_lab.scaling`); given ones are kept as they are."""
+    if cfg.init_from_hf is not None:
+        raise ValueError("recipe paper is nanochat-snlp's pretraining recipe; fine-tune a Hugging Face model "
+                         "with --recipe snlp")
+    s = nanochat_scaling(mcfg, cfg.target_param_data_ratio,
+                         None if cfg.batch_size is None else cfg.batch_size * cfg.seq_len, WEIGHT_DECAY)
+    if s.batch_tokens % cfg.seq_len:
+        raise ValueError(f"recipe paper's batch of {s.batch_tokens} tokens is not a whole number of sequences "
+                         f"of seq_len={cfg.seq_len}; pass --batch-size")
+    lrs = {k: v * s.lr_scale for k, v in PAPER_LRS.items() if getattr(cfg, k) is None}
+    return dataclasses.replace(cfg, **lrs, batch_size=s.batch_tokens // cfg.seq_len,
+                               weight_decay=s.weight_decay if cfg.weight_decay is None else cfg.weight_decay)
 
 
 def config_hash(cfg: TrainConfig) -> str:
@@ -318,6 +366,12 @@ def paper_muon_momentum(step: int, steps: int, warmdown_frac: float) -> float:
     return 0.97
 
 
+def paper_weight_decay(step: int, steps: int, peak: float) -> float:
+    """Muon's weight decay at 0-based `step` under recipe "paper" (nanochat's get_weight_decay): from
+    `peak` at step 0 to 0 at `steps` along a half cosine, peak·(1 + cos(π·step/steps))/2."""
+    return peak * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
 def reg_weight(step: int, steps: int, warmup_frac: float) -> float:
     """w(t): 0 at the first step, rising linearly to 1 at warmup_frac of the steps."""
     span = warmup_frac * steps
@@ -327,8 +381,9 @@ def reg_weight(step: int, steps: int, warmup_frac: float) -> float:
 # ------------------------------------------------------------------------------------------ optimizers
 def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
     """[Muon for the blocks' nn.Linear weights, AdamW for the rest], nanochat's split; cfg is resolved (`resolve`).
-    Recipe "snlp" keeps value embeddings with the token embedding and x0 lambdas and mHC mixing with
-    the scalars (one betas, no weight decay); "paper" gives each its own group, set as PAPER_ADAMW."""
+    Recipe "snlp": torch.optim.Muon; AdamW keeps value embeddings with the token embedding and x0 lambdas
+    and mHC mixing with the scalars (one betas, no weight decay). Recipe "paper": NanochatMuon with
+    cfg.weight_decay; AdamW gives each its own group, set as PAPER_ADAMW."""
     matrices = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     paper = cfg.recipe == "paper"
@@ -358,9 +413,12 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Opt
     if paper:
         for g in adam_groups:
             g["betas"], g["weight_decay"] = PAPER_ADAMW[g["name"]]
-    return [torch.optim.Muon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, weight_decay=0.0,
-                             adjust_lr_fn="original"),
-            torch.optim.AdamW(adam_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)]
+        matrix_opt = NanochatMuon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, beta2=MUON_BETA2,
+                                  weight_decay=cfg.weight_decay)
+    else:
+        matrix_opt = torch.optim.Muon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, weight_decay=0.0,
+                                      adjust_lr_fn="original")
+    return [matrix_opt, torch.optim.AdamW(adam_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)]
 
 
 # ------------------------------------------------------------------------------------------ loss
@@ -372,10 +430,12 @@ class SNLPLoss(nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, weight: float, step: int):
-        """(loss, ce, reg) for inputs x and targets y [B, T]; reg is 0 without a regularizer."""
+    def forward(self, x: torch.Tensor, y: torch.Tensor, weight: float, step: int, micro: int = 0):
+        """(loss, ce, reg) for inputs x and targets y [B, T] of micro-batch `micro` of `step`; reg is 0
+        without a regularizer."""
         m, cfg = self.model, self.cfg
-        seed = cfg.seed * 1_000_003 + step  # random probes (DiagN) differ per step, same on resume
+        # random probes (DiagN) differ per step and micro-batch, same on resume
+        seed = cfg.seed * 1_000_003 + step + micro * 1_000_000_007
         if cfg.objective == "snlp-forward":
             logits = solve(m, x, method=cfg.method, iters=cfg.iters, n_par=cfg.n_par, init=cfg.init,
                            seed=seed).logits
@@ -391,7 +451,7 @@ class SNLPLoss(nn.Module):
             return ce, ce, torch.zeros_like(ce)
         reg = snlp_regularizer(m, trace, ctx, cfg.n_par_set, cfg.reg, cfg.stride, cfg.detach_target,
                                cfg.reg_positions, cfg.reg_per_stream, generator=torch.Generator().manual_seed(seed),
-                               fd_eps=cfg.reg_fd_eps)
+                               fd_eps=cfg.reg_fd_eps, shared_probe=cfg.reg_shared_probe)
         return ce + weight * cfg.lam * reg, ce, reg
 
 
@@ -497,11 +557,13 @@ def _evaluate(model, ds, cfg: TrainConfig, autocast) -> dict:
     """Validation PPL, sequential and under every `eval_snlp` spec (None where a solve blew up)."""
     out = {}
     with autocast:
-        out["val_ppl"] = evaluate_ppl(model, ds.val, cfg.seq_len, cfg.batch_size, cfg.eval_batches)
+        # batches of device_batch_size (what fits in memory), as many tokens as eval_batches of batch_size
+        batch = cfg.device_batch_size or cfg.batch_size
+        n = cfg.eval_batches * (cfg.batch_size // batch)
+        out["val_ppl"] = evaluate_ppl(model, ds.val, cfg.seq_len, batch, n)
         for spec, method, kw in parse_snlp_specs(cfg.eval_snlp):
             try:
-                out[f"val_ppl[{spec}]"] = evaluate_ppl(model, ds.val, cfg.seq_len, cfg.batch_size,
-                                                       cfg.eval_batches, method=method, **kw)
+                out[f"val_ppl[{spec}]"] = evaluate_ppl(model, ds.val, cfg.seq_len, batch, n, method=method, **kw)
             except NonFiniteError:
                 out[f"val_ppl[{spec}]"] = None
     return out
@@ -534,6 +596,9 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
                          if old.get(k) != new.get(k))
         raise ValueError(f"cannot resume {out}: the training options differ ({diff}); use another --out")
 
+    if d.main and cfg.recipe == "paper":  # what nanochat's scaling gave (base_train logs the same)
+        print(f"[train] recipe paper: batch {cfg.batch_size} x {cfg.seq_len} = {cfg.batch_size * cfg.seq_len:,} tokens, "
+              + ", ".join(f"{k} {getattr(cfg, k):.6g}" for k in (*PAPER_LRS, "weight_decay")), flush=True)
     torch.manual_seed(cfg.seed)
     if cfg.init_from_hf is not None:  # fine-tuning in float32; autocast gives bf16 compute on a GPU
         model = load_hf(cfg.init_from_hf, dtype=torch.float32).train().to(device)
@@ -543,6 +608,9 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
     ds = _load_data(cfg, d)
     if cfg.batch_size % d.world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {d.world}")
+    if cfg.device_batch_size and (cfg.batch_size // d.world) % cfg.device_batch_size:
+        raise ValueError(f"each of the {d.world} process(es) reads {cfg.batch_size // d.world} sequences per step, "
+                         f"not a multiple of device_batch_size={cfg.device_batch_size}")
     stream = TokenStream(ds.train, cfg.batch_size // d.world, cfg.seq_len, seed=cfg.seed, rank=d.rank,
                          world_size=d.world, device=device)
     if cfg.init_from is not None and ckpt is None:
@@ -585,17 +653,24 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
         t0 = time.perf_counter()
         x, y = next(stream)
         w = reg_weight(step, cfg.steps, cfg.warmup_frac)
-        with autocast:
-            loss, ce, reg = net(x, y, w, step)
-        loss.backward()
+        part = cfg.device_batch_size or len(x)
+        parts = list(zip(x.split(part), y.split(part)))
+        vals = 0
+        for i, (xp, yp) in enumerate(parts):  # gradient accumulation: the batch's mean over equal parts
+            last_part = i == len(parts) - 1
+            with net.no_sync() if d.world > 1 and not last_part else contextlib.nullcontext():  # one all-reduce
+                with autocast:
+                    loss, ce, reg = net(xp, yp, w, step, i)
+                (loss / len(parts)).backward()
+            vals = vals + torch.stack([loss, ce, reg]).detach().float() / len(parts)
         if cfg.recipe == "paper":
             for g in opts[0].param_groups:
                 g["momentum"] = paper_muon_momentum(step, cfg.steps, cfg.lr_warmdown_frac)
+                g["weight_decay"] = paper_weight_decay(step, cfg.steps, cfg.weight_decay)
         for o, s in zip(opts, scheds):
             o.step()
             s.step()
         net.zero_grad(set_to_none=True)
-        vals = torch.stack([loss, ce, reg]).detach().float()
         if d.world > 1:  # the global batch's mean, as one process would report it
             dist.all_reduce(vals)
             vals /= d.world
@@ -699,10 +774,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--data", default=D.data, help="'stdlib', a folder of text files, or parquet shards")
     a("--vocab-size", type=int, default=None, help="BPE vocabulary (default: the preset's)")
     a("--steps", type=int, default=D.steps)
-    a("--batch-size", type=int, default=D.batch_size, help="global batch, split over the processes")
+    a("--batch-size", type=int, default=None,
+      help=f"global batch in sequences, split over the processes (default {BATCH_SIZE}; --recipe paper: nanochat's "
+           f"batch from the model's size, 2^round(log2(2^19·(D/D_ref)^0.383)) tokens / seq len, snlp_lab.scaling)")
     a("--seq-len", type=int, default=None, help="default: the model's sequence_len")
+    a("--device-batch-size", type=int, default=None,
+      help="sequences per forward/backward on each process; the gradient is accumulated over the batch "
+           "(default: the whole batch at once)")
     a("--seed", type=int, default=D.seed)
-    lr = lambda k: f"default {NANOCHAT_LRS[k]}, with --init-from-hf {FINETUNE_LRS[k]}"
+    lr = lambda k: (f"default {NANOCHAT_LRS[k]}, with --init-from-hf {FINETUNE_LRS[k]}, "
+                    f"with --recipe paper {PAPER_LRS[k]}·√(batch tokens/2^19)")
     a("--matrix-lr", type=float, default=None, help=f"Muon, blocks' matrices ({lr('matrix_lr')})")
     a("--embedding-lr", type=float, default=None, help=f"AdamW, times (n_embd/768)^-0.5 ({lr('embedding_lr')})")
     a("--unembedding-lr", type=float, default=None, help=f"AdamW, times (n_embd/768)^-0.5 ({lr('unembedding_lr')})")
@@ -711,7 +792,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr-warmdown-frac", type=float, default=D.lr_warmdown_frac)
     a("--lr-final-frac", type=float, default=D.lr_final_frac, help="lr at the end of the warm-down, a fraction")
     a("--recipe", default=D.recipe, choices=RECIPES,
-      help="AdamW groups: snlp (one betas, no weight decay) or paper (the paper's per-group settings)")
+      help="snlp: torch.optim.Muon, AdamW with one betas and no weight decay; paper: nanochat-snlp's recipe "
+           "(nanochat's Muon with cautious weight decay, its per-group AdamW settings, momentum and weight decay "
+           "schedules, and the batch, lrs and weight decay not given scaled as its base_train does)")
+    a("--weight-decay", type=float, default=None,
+      help="--recipe paper: Muon's cautious weight decay at step 0, decayed to 0 by a cosine (default "
+           "0.28·√(batch tokens/2^19)·D_ref/D, D = ratio × the model's block and head parameters, D_ref the same "
+           "for its depth-12 reference)")
+    a("--target-param-data-ratio", type=float, default=D.target_param_data_ratio,
+      help="--recipe paper: tokens per scaling parameter, D above")
     a("--reg", default=D.reg, help=f"regularizer surrogate: none, {', '.join(SURROGATES)}")
     a("--lam", type=float, default=D.lam, help="regularizer weight λ")
     a("--n-par-set", type=_ints, default=None, help="n_par values 𝒩, e.g. 8,16,24 (default: depth/4, /2, 3/4)")
@@ -723,6 +812,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--reg-per-stream", action="store_true", help="norms per mHC stream (the paper's HCN term)")
     a("--reg-fd-eps", type=float, default=D.reg_fd_eps,
       help="--reg diagn: 0 = JVP products; > 0 = finite differences with this step, clamped to ±2 (paper: 0.01)")
+    a("--reg-shared-probe", action="store_true",
+      help="--reg diagn: one Rademacher probe for all N layers (the paper's), not one per layer")
     a("--objective", default=D.objective, choices=OBJECTIVES)
     a("--method", default=D.method, help="surrogate of the snlp-forward objective")
     a("--iters", type=int, default=D.iters, help="K, iterations of the snlp-forward objective")

@@ -6,6 +6,7 @@ import torch
 
 import snlp_lab
 from snlp_lab import solve
+from snlp_lab.jacobian import jvp
 from snlp_lab.regularizer import check_n_par_set, parallel_positions, snlp_regularizer
 from snlp_lab.solver import SURROGATES
 
@@ -139,6 +140,40 @@ def test_diagn_finite_differences_match_the_paper_term(tiny, idx):
     assert abs(exact - want) > 1e-6  # the JVP estimate has no O(ε) difference error (and no clamp)
     with pytest.raises(ValueError, match="fd_eps"):
         snlp_regularizer(tiny, list(ref), ctx, (2,), "diagn", fd_eps=-1.0)
+
+
+def test_diagn_shared_probe_matches_the_paper_term(tiny, idx):
+    """shared_probe=True: one Rademacher z of h_S's shape for all N layers, drawn afresh for each N (the
+    paper's `--diag-newton-reg`): with finite differences (its estimator) its DiagN term written out;
+    with exact JVPs the same term with z ⊙ (J_j z). Drawing one z per layer gives another number."""
+    eps, L = 0.01, tiny.n_layer
+    h, ctx = tiny.embed(idx)
+    seq = [h]
+    for l in range(L):
+        seq.append(tiny.layer(l, seq[-1], ctx))
+    ref = solve(tiny, idx, method="sequential").trace
+
+    def paper_term(diag_of):
+        total, g = 0.0, torch.Generator().manual_seed(5)
+        for N in (2, 4):
+            S = L - N
+            z = 2 * torch.randint(0, 2, h.shape, generator=g).to(h) - 1  # one probe for the N layers
+            F = [tiny.layer(S + j, seq[S], ctx) for j in range(N)]
+            corr = F[0]
+            for j in range(1, N):
+                corr = F[j] + diag_of(S + j, seq[S], z, F[j]) * (corr - seq[S])
+            total += ((corr - seq[L]).norm(dim=-1) / seq[L].norm(dim=-1)).mean().item()
+        return total
+
+    fd = lambda l, hS, z, F: (z * (tiny.layer(l, hS + eps * z, ctx) - F) / eps).clamp(-2, 2)
+    exact = lambda l, hS, z, F: z * jvp(lambda x: tiny.layer(l, x, ctx), hS, z)
+    for fd_eps, diag_of in ((eps, fd), (0.0, exact)):
+        kw = dict(positions="paper", detach_target=True, fd_eps=fd_eps)
+        reg = lambda shared: snlp_regularizer(tiny, list(ref), ctx, (2, 4), "diagn", 0, shared_probe=shared,
+                                              generator=torch.Generator().manual_seed(5), **kw).item()
+        want = paper_term(diag_of)
+        assert want > 1e-3 and reg(True) == pytest.approx(want, rel=1e-8)
+        assert abs(reg(False) - want) > 1e-6
 
 
 def test_hcn_on_stream_states(idx):

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from snlp_lab import train as T
 from snlp_lab.checkpoint import load_checkpoint, read_checkpoint
 from snlp_lab.data import TokenStream, prepare_data, val_batches
 from snlp_lab.evaluate import evaluate_ppl, parse_snlp_spec
+from snlp_lab.optim import NanochatMuon
 from snlp_lab.paths import cache_dir
 from snlp_lab.regularizer import snlp_regularizer
 from snlp_lab.solver import SURROGATES
@@ -143,6 +145,126 @@ def test_paper_recipe_adamw_groups():
     assert id(m.value_embeds["3"].weight) in {id(p) for p in g["value_embeds"]["params"]}
     assert g["x0"]["params"] == [m.x0_lambdas]
     assert {id(p) for gr in adamw.param_groups + muon.param_groups for p in gr["params"]} == {id(p) for p in m.parameters()}
+
+
+def test_paper_scaling_by_hand():
+    """recipe "paper" without a batch, lrs or weight decay: nanochat-snlp base_train's numbers for its
+    d32s run (0.5b, 4800 steps) and d32 run (3b), with the parameter counts written out by hand:
+    P = blocks + lm head; the d12 reference at the same aspect ratio (20: n_embd 256, 2 heads; 64: 768);
+    D = 12·P, B = 2^round(log2(2^19·(D/D_ref)^0.383)), lr × √(B/2^19), λ = 0.28·√(B/2^19)·D_ref/D."""
+    V = 32768
+
+    def params(L, D, heads):  # q, k, v, o, c_fc, c_proj; VE gates (12 → heads) on L/2 layers; head
+        return L * 12 * D * D + (L // 2) * 12 * heads + D * V
+
+    for preset, P, P_ref, batch_tokens in [("0.5b", params(32, 640, 5), params(12, 256, 2), 2 ** 20),
+                                           ("3b", params(32, 2048, 16), params(12, 768, 6), 2 ** 21)]:
+        D, D_ref = int(12 * P), 12 * P_ref
+        assert 2 ** round(math.log2(2 ** 19 * (D / D_ref) ** 0.383)) == batch_tokens
+        scale = (batch_tokens / 2 ** 19) ** 0.5
+        cfg = T.resolve(TrainConfig(model=preset, recipe="paper", steps=4800))
+        assert (cfg.batch_size, cfg.seq_len) == (batch_tokens // 2048, 2048)
+        for k, ref in [("matrix_lr", 0.02), ("embedding_lr", 0.3), ("unembedding_lr", 0.008), ("scalar_lr", 0.5)]:
+            assert getattr(cfg, k) == pytest.approx(ref * scale, rel=1e-12), k
+        assert cfg.weight_decay == pytest.approx(0.28 * scale * D_ref / D, rel=1e-12)
+    assert cfg.matrix_lr == pytest.approx(0.04) and T.resolve(cfg) == cfg  # 3b: B = 2^21; resolving again
+    # a given batch (here 2^18 tokens) scales the lrs and λ in the same way; given values are kept
+    cfg = T.resolve(TrainConfig(model="0.5b", recipe="paper", batch_size=128, scalar_lr=0.1, weight_decay=0.2))
+    assert cfg.matrix_lr == pytest.approx(0.02 * 0.5 ** 0.5) and (cfg.scalar_lr, cfg.weight_decay) == (0.1, 0.2)
+    snlp = T.resolve(TrainConfig(model="0.5b"))  # recipe "snlp" keeps its defaults
+    assert (snlp.batch_size, snlp.matrix_lr, snlp.embedding_lr, snlp.weight_decay) == (16, 0.02, 0.2, 0.0)
+
+
+def test_readme_paper_runs_resolve():
+    """Every command of the README's table of the paper's runs parses and resolves (nothing is trained):
+    the baseline part, then the regularized run that extends it ("..."), with $P as the README sets it."""
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    P = re.search(r'`P="([^"]+)"`', text).group(1).split()
+    table = text[text.index("| run | command |"):].split("\n\n")[0]
+    commands = []
+    for row in table.splitlines()[2:]:
+        cells = re.findall(r"`([^`]+)`", row.split("|")[2])
+        commands.append(cells[0].split())
+        commands += [cells[0].split() + c.split()[1:] for c in cells[1:]]  # "... extra" extends the first
+    assert len(commands) == 9
+    for cmd in commands:
+        args = [a for c in cmd for a in (P if c == "$P" else [c])]
+        cfg = T.resolve(T.config_from_args(args))
+        assert cfg.recipe == "paper" and round(cfg.lr_warmup_frac * cfg.steps) == 40, cmd
+        assert cfg.batch_size == (1024 if cfg.model == "3b" else 512), cmd
+
+
+def test_paper_weight_decay_schedule():
+    """nanochat's get_weight_decay: the peak at step 0, half of it at mid-training, 0 at the end."""
+    assert [T.paper_weight_decay(s, 100, 0.04) for s in (0, 50, 100)] == pytest.approx([0.04, 0.02, 0.0])
+    assert T.paper_weight_decay(25, 100, 1.0) == pytest.approx((1 + 2 ** -0.5) / 2)
+
+
+def test_paper_recipe_trains(corpus, tmp_path):
+    """A tiny model a few steps with recipe "paper": nanochat's Muon (its state in the checkpoint), the
+    weight decay scheduled, and the loss goes down (slowly: at a batch of 256 tokens nanochat's scaling
+    gives √(256/2^19) = 0.022 of the reference learning rates)."""
+    res = train(cfg_for(corpus, tmp_path, steps=12, recipe="paper", batch_size=8, lr_warmdown_frac=0.0))
+    losses = res.losses
+    assert all(math.isfinite(v) for v in losses) and np.mean(losses[-3:]) < losses[0] - 0.1, losses
+    cfg = T.resolve(cfg_for(corpus, tmp_path, steps=12, recipe="paper", batch_size=8))
+    assert cfg.weight_decay > 0 and cfg.matrix_lr == pytest.approx(0.02 * (8 * 32 / 2 ** 19) ** 0.5)
+    muon, _ = T.build_optimizers(res.model, cfg)
+    assert isinstance(muon, NanochatMuon)
+    muon.load_state_dict(T.load_optim_state(res.run_dir, "cpu")["optimizers"][0])
+    assert muon.param_groups[0]["weight_decay"] == pytest.approx(T.paper_weight_decay(11, 12, cfg.weight_decay))
+    assert all("second_moment" in st for st in muon.state.values())
+
+
+def test_gradient_accumulation_equals_one_batch(corpus, tmp_path, monkeypatch):
+    """--device-batch-size 2 of a batch of 8: four parts whose accumulated gradient, loss and validation
+    PPL equal the whole batch's at once, to float32 rounding (recipe paper and the IDN regularizer: both
+    optimizers and the regularizer's mean). Compared at the first step: Muon's orthogonalisation maps
+    rounding-level directions of a gradient to unit scale, so later steps drift apart by more."""
+    grads, build = [], T.build_optimizers
+
+    def build_and_capture(model, cfg):
+        opts = build(model, cfg)
+        opts[0].register_step_pre_hook(lambda *_: grads.append(
+            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        return opts
+
+    monkeypatch.setattr(T, "build_optimizers", build_and_capture)
+    kw = dict(steps=1, recipe="paper", batch_size=8, reg="idn", lam=0.5, n_par_set=(2, 4))
+    one = train(cfg_for(corpus, tmp_path, "one", **kw))
+    parts = train(cfg_for(corpus, tmp_path, "parts", device_batch_size=2, **kw))
+    assert parts.losses == pytest.approx(one.losses, rel=1e-6)
+    assert parts.evals[-1]["val_ppl"] == pytest.approx(one.evals[-1]["val_ppl"], rel=1e-6)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    flat = [torch.cat([g.flatten() for g in gs.values()]) for gs in grads]  # the whole gradient
+    assert (flat[1] - flat[0]).norm() < 1e-5 * flat[0].norm()  # float32 ε = 1.2e-7; measured 5e-7
+    with pytest.raises(ValueError, match="not a multiple of device_batch_size=3"):
+        train(cfg_for(corpus, tmp_path, "bad", device_batch_size=3, **kw))
+
+
+def test_paper_options_refused_where_they_do_nothing(corpus, tmp_path, capsys):
+    base = ["--model", "tiny", "--data", str(corpus), "--vocab-size", "300", "--seq-len", "32", "--steps", "2",
+            "--out", str(tmp_path / "cli"), "--no-progress"]
+    for extra, msg in [(["--weight-decay", "0.1"], "with --recipe paper"),
+                       (["--target-param-data-ratio", "20"], "with --recipe paper"),
+                       (["--recipe", "paper", "--target-param-data-ratio", "0"], "target_param_data_ratio must be"),
+                       (["--recipe", "paper", "--weight-decay", "-1"], "weight_decay must be a finite number"),
+                       (["--recipe", "paper", "--seq-len", "24"], "pass --batch-size"),
+                       (["--reg", "idn", "--reg-shared-probe"], "use it with --reg diagn")]:
+        assert T.main(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+
+
+def test_shared_probe_reaches_the_regularizer(tiny, idx, monkeypatch):
+    seen, orig = [], T.snlp_regularizer
+    monkeypatch.setattr(T, "snlp_regularizer", lambda *a, **kw: seen.append(kw["shared_probe"]) or orig(*a, **kw))
+    for shared in (False, True):
+        cfg = T.resolve(TrainConfig(model="tiny", reg="diagn", n_par_set=(2,), reg_shared_probe=shared))
+        T.SNLPLoss(tiny, cfg)(idx[:, :-1], idx[:, 1:], 1.0, 0)
+    assert seen == [False, True]
+    assert T.config_from_args(["--reg", "diagn", "--reg-shared-probe"]).reg_shared_probe
 
 
 def test_paper_regularizer_options_reach_the_loss(tiny, idx, monkeypatch):
