@@ -237,7 +237,8 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     configuration replayed from captured CUDA graphs (`GRAPH_COLUMNS`, see `graphed_runs`; on a CPU
     the same functions run uncaptured, so the path stays tested); limits: the machine limits that set
     each pass's floor (`FLOOR_COLUMNS`), a dict of `snlp_lab.limits.measure_limits` or True to measure
-    them here (on the run's device, in its dtype, with its threads); None: no floors.
+    them here (on the run's device, in its dtype, with its threads, copying a working set the size of
+    what a sequential decode step reads); None: no floors.
     Every row carries what its passes must read and compute per token (MB and MFLOP, `snlp_lab.limits`):
     prefill over T tokens, and a decode step averaged over the decoded positions. The DataFrame's
     `attrs["notes"]` says where the weights come from, how memory was measured and the limits used
@@ -252,8 +253,8 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
     m, weights = load_model(model, checkpoint, dev, dtype, seed)
-    if limits is True:
-        limits = measure_limits(dev, dtype)
+    if limits is True:  # the copy's working set (source + destination): what a sequential decode step reads
+        limits = measure_limits(dev, dtype, copy_mb=decode_cost(m, "sequential", 0).bytes / 2**21)
     L, ctx_len = m.n_layer, m.config.sequence_len
     if configs is None:
         configs = default_configs(L, getattr(m.config, "n_streams", 1) > 1, fusable(m))

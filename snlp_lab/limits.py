@@ -23,8 +23,9 @@ them). Mixture-of-experts layers are not modelled (every expert would be counted
 
 The machine limits are measured where the model runs (`measure_limits`): the copy bandwidth and the
 matrix-product rate, medians after warm-up. `floor_seconds` = max(bytes / bandwidth, FLOPs / rate): a
-pass cannot run much faster. On a CPU whose caches hold the model's weights, reads run faster than the
-measured copy bandwidth (its buffers are larger than the caches), and a pass can come in under its floor.
+pass cannot run much faster. Bandwidth depends on where the data lives: the benchmark sizes the copy's
+working set to what a sequential decode step reads, so that a small model whose weights stay in a CPU's
+cache is held to the cache's bandwidth, which can be twice that of main memory.
 """
 from __future__ import annotations
 
@@ -135,31 +136,33 @@ DEFAULT_SIZES = {"cuda": dict(copy_mb=1024, matmul_n=8192), "cpu": dict(copy_mb=
 
 
 def measure_limits(device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                   copy_mb: int | None = None, matmul_n: int | None = None, repeats: int = 10,
+                   copy_mb: float | None = None, matmul_n: int | None = None, repeats: int = 10,
                    warmup: int = 3) -> dict:
     """The machine's limits on `device`, with torch's current thread count on a CPU.
 
-    copy_GB_s: bytes read plus bytes written per second by a copy of copy_mb MiB of float32 (larger
-    than a CPU's caches by default), in GB/s; matmul_TFLOP_s: the rate of a product of two
-    matmul_n x matmul_n matrices in `dtype` (default bf16 on a GPU, float32 on a CPU), in TFLOP/s.
-    Both are medians of `repeats` runs after `warmup` (`snlp_lab.timing`), on random data. Defaults
-    for the sizes: `DEFAULT_SIZES` of the device type. Returns those two, matmul_dtype, device and
-    threads (torch's CPU threads)."""
+    copy_GB_s: bytes read plus bytes written per second by a copy of copy_mb MiB of float32 (its
+    working set, source and destination, is 2·copy_mb MiB: larger than a CPU's caches by default;
+    sized to a model's weights, it measures the memory they stream from), in GB/s; matmul_TFLOP_s:
+    the rate of a product of two matmul_n x matmul_n matrices in `dtype` (default bf16 on a GPU,
+    float32 on a CPU), in TFLOP/s. Both are medians of `repeats` runs after `warmup`
+    (`snlp_lab.timing`), on random data. Defaults for the sizes: `DEFAULT_SIZES` of the device type.
+    Returns those two, copy_MiB (the working set), matmul_dtype, device and threads (torch's)."""
     device = torch.device(device)
     sizes = DEFAULT_SIZES["cuda" if device.type == "cuda" else "cpu"]
     copy_mb = sizes["copy_mb"] if copy_mb is None else copy_mb
     matmul_n = sizes["matmul_n"] if matmul_n is None else matmul_n
-    if copy_mb < 1 or matmul_n < 1 or repeats < 1 or warmup < 0:
-        raise ValueError(f"need copy_mb, matmul_n, repeats >= 1 and warmup >= 0; got {copy_mb}, {matmul_n}, "
-                         f"{repeats}, {warmup}")
+    if not copy_mb > 0 or matmul_n < 1 or repeats < 1 or warmup < 0:
+        raise ValueError(f"need copy_mb > 0, matmul_n >= 1, repeats >= 1 and warmup >= 0; got {copy_mb}, "
+                         f"{matmul_n}, {repeats}, {warmup}")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(copy_mb * 2**20 // 4, generator=g, device=device)
+    x = torch.randn(max(1, int(copy_mb * 2**20) // 4), generator=g, device=device)
     y = torch.empty_like(x)
     a = torch.randn(matmul_n, matmul_n, generator=g, device=device).to(dtype)
     b = torch.randn(matmul_n, matmul_n, generator=g, device=device).to(dtype)
     med = median_seconds({"copy": lambda: y.copy_(x), "matmul": lambda: a @ b}, repeats, warmup, device)
     return {"copy_GB_s": 2 * x.numel() * x.element_size() / med["copy"] / 1e9,
+            "copy_MiB": 2 * x.numel() * x.element_size() / 2**20,
             "matmul_TFLOP_s": 2 * matmul_n ** 3 / med["matmul"] / 1e12,
             "matmul_dtype": str(dtype).removeprefix("torch."), "device": str(device),
             "threads": torch.get_num_threads()}
@@ -176,5 +179,6 @@ def describe(limits: dict) -> str:
     rate = f"{rate:.4g} TFLOP/s" if rate >= 1 else f"{1e3 * rate:.4g} GFLOP/s"
     threads = None if limits.get("device", "").startswith("cuda") else limits.get("threads")  # older records: none
     where = f" on {threads} CPU thread(s)" if threads else ""
-    return (f"copy {limits['copy_GB_s']:.4g} GB/s (read + write), {limits['matmul_dtype']} matrix product "
+    size = f", {limits['copy_MiB']:.3g} MiB working set" if "copy_MiB" in limits else ""  # older records: none
+    return (f"copy {limits['copy_GB_s']:.4g} GB/s (read + write{size}), {limits['matmul_dtype']} matrix product "
             f"{rate}{where}")

@@ -95,8 +95,8 @@ def test_measured_limits_are_finite_and_positive():
     lim = measure_limits("cpu", copy_mb=4, matmul_n=128, repeats=3, warmup=1)
     for k in ("copy_GB_s", "matmul_TFLOP_s"):
         assert math.isfinite(lim[k]) and lim[k] > 0, lim
-    assert lim["matmul_dtype"] == "float32" and lim["threads"] == torch.get_num_threads()
-    with pytest.raises(ValueError, match="need copy_mb, matmul_n"):
+    assert lim["copy_MiB"] == 8 and lim["matmul_dtype"] == "float32" and lim["threads"] == torch.get_num_threads()
+    with pytest.raises(ValueError, match="need copy_mb > 0"):
         measure_limits("cpu", copy_mb=0)
 
 
