@@ -321,18 +321,14 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                                     decode_graph_speedup=med[(base, "decode_graph")] / dec_g,
                                     graph_err=graph_err[c.text])
                 r = rows[-1]
-                if limits:  # measured time over the floor: per pass (prefill), per step (decode)
-                    r.update(prefill_x_floor=r["prefill_ms"] / r["prefill_floor_ms"],
-                             decode_x_floor=1e3 / r["decode_tok_s"] / r["decode_floor_ms"])
-                    if graphs:
-                        r.update(prefill_graph_x_floor=r["prefill_graph_ms"] / r["prefill_floor_ms"],
-                                 decode_graph_x_floor=1e3 / r["decode_graph_tok_s"] / r["decode_floor_ms"])
                 log(f"[bench] T={T} {c.text}: prefill {r['prefill_ms']:.1f} ms (x{r['prefill_speedup']:.2f}), "
                     f"decode {r['decode_tok_s']:.1f} tok/s (x{r['decode_speedup']:.2f}), bound {r['bound']:.2f}")
             del fns
             _release(dev, m)
     df = pd.DataFrame(rows, columns=COLUMNS + (FLOOR_COLUMNS if limits else []) + (GRAPH_COLUMNS if graphs else [])
                       + (GRAPH_FLOOR_COLUMNS if graphs and limits else []))
+    if limits:
+        with_x_floor(df)
     df.attrs["notes"] = notes(weights, dev, graphs, limits)
     df.attrs["limits"] = limits or None
     c = m.config
@@ -367,6 +363,17 @@ def _limit_columns(m, c: SNLPConfig, T: int, decode_tokens: int, batch: int, lim
         out.update(prefill_floor_ms=1e3 * floor_seconds(pre, limits),
                    decode_floor_ms=1e3 * sum(floor_seconds(s, limits) for s in steps) / len(steps))
     return out
+
+
+def with_x_floor(df: pd.DataFrame) -> pd.DataFrame:
+    """Set the x_floor columns of a bench table with floors, in place: measured time over the floor, per
+    pass (prefill) and per step (decode), eager and, where timed, graphed. Returns df."""
+    df["prefill_x_floor"] = df["prefill_ms"] / df["prefill_floor_ms"]
+    df["decode_x_floor"] = 1e3 / df["decode_tok_s"] / df["decode_floor_ms"]
+    if "prefill_graph_ms" in df:
+        df["prefill_graph_x_floor"] = df["prefill_graph_ms"] / df["prefill_floor_ms"]
+        df["decode_graph_x_floor"] = 1e3 / df["decode_graph_tok_s"] / df["decode_floor_ms"]
+    return df
 
 
 def prefill_config(c: SNLPConfig) -> SNLPConfig:

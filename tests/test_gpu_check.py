@@ -59,7 +59,8 @@ def test_redraw_from_json(smoke, tmp_path):
 
 
 def test_redraw_of_a_check_without_costs(smoke, tmp_path):
-    """A check written before the per-token costs and x_floor columns (and the limits' device) redraws."""
+    """A check written before the per-token costs and x_floor columns (and the limits' device) redraws,
+    with x_floor from its recorded times and floors."""
     j = json.loads((smoke["out"] / "gpu_check.json").read_text())
     new = [c for c in gpu_check.SPEED_COLS if c.endswith(("_tok", "x_floor"))]
     j["speed"] = [{k: v for k, v in r.items() if k not in new} for r in j["speed"]]
@@ -67,7 +68,8 @@ def test_redraw_of_a_check_without_costs(smoke, tmp_path):
     (tmp_path / "gpu_check.json").write_text(json.dumps(j))
     gpu_check.redraw(tmp_path)
     assert "prefill_floor_ms" in (tmp_path / "speed.md").read_text()
-    assert "x_floor" not in (tmp_path / "speed.csv").read_text()
+    redrawn = pd.read_csv(tmp_path / "speed.csv")
+    assert "prefill_MB_tok" not in redrawn and (redrawn.decode_graph_x_floor > 0).all()
 
 
 def test_without_gpu_the_cli_says_so(capsys):
