@@ -99,8 +99,8 @@ def evaluations(model, config: SNLPConfig | str) -> list[int]:
 
 
 def _pass_cost(model, config, pairs: list[int], kv_keys: list[int], tokens: int) -> Cost:
-    """The common count: `tokens` tokens through the layers and the head, layer l's attention over
-    pairs[l] (query, key) pairs and reading kv_keys[l] cached keys (per sequence, times the batch)."""
+    """The common count: `tokens` tokens through the layers and the head; layer l's attention forms
+    pairs[l] (query, key) pairs and reads kv_keys[l] cached keys (all counts over the whole batch)."""
     cfg = model.config
     evals = evaluations(model, config)
     mats, layer_bytes = layer_costs(model)
