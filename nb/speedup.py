@@ -20,6 +20,11 @@
 # same run (`snlp_lab.bench`). Configurations read `METHOD:K=iters:n=n_par[:CxFM][:init]`;
 # `bound` is the critical-path speedup L / (S + K). Parameters left as `None` are chosen for the
 # profile and device (on a CPU: T = 128 and a 16-token decode).
+#
+# Physical limits (`snlp_lab.limits`): every row says what its pass must read and compute per token
+# (`*_MB_tok`, `*_MFLOP_tok`), the machine's copy bandwidth and matrix-product rate are measured on the
+# same device with the same threads, and `*_floor_ms` = max(bytes / bandwidth, FLOPs / rate) is the
+# pass's floor; `*_x_floor` = measured time / floor says how far sequential and SNLP are from it.
 
 # %% tags=["parameters"]
 model = None  # preset name; None: "cpu" (profiles smoke, cpu), "0.5b-plain" (paper), or the checkpoint's
@@ -38,7 +43,7 @@ report_dir = None  # relative paths are relative to the repository root
 # %%
 import torch
 
-from snlp_lab import bench, report
+from snlp_lab import bench, limits, report
 from snlp_lab.params import output_dirs
 
 S = bench.settings(model, device, profile, seq_lens, configs, repeats, decode_tokens, threads=threads,
@@ -51,7 +56,7 @@ S
 # %%
 df = bench.run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
                      S["device"], compile=compile, checkpoint=S["checkpoint"], threads=S["threads"],
-                     name=S["name"], log=print)
+                     name=S["name"], limits=True, log=print)
 notes = df.attrs["notes"]
 print("\n".join(notes))
 
@@ -63,18 +68,23 @@ report.save_figure(fig, name, fig_dir)
 
 # %%
 cols = ["config", "T", "S", "units", "bound", "prefill_ms", "prefill_speedup", "decode_tok_s", "decode_speedup",
-        "top1", "peak_mem_mb"]
+        "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok", "prefill_floor_ms", "prefill_x_floor",
+        "decode_MB_tok", "decode_MFLOP_tok", "decode_floor_ms", "decode_x_floor"]
 table = df[cols].dropna(axis=1, how="all")  # peak memory is missing only off Linux/CUDA
 meta = dict(model=f"{S['name']}: {df.attrs['size']}", device=f"{df['device'][0]} ({df['dtype'][0]}, compile={compile})",
             repeats=f"median of {S['repeats']} after {S['warmup']} warm-up, configurations interleaved",
-            decode=f"last {S['decode_tokens']} tokens of each T, KV cache, B=1", notes="; ".join(notes))
+            decode=f"last {S['decode_tokens']} tokens of each T, KV cache, B=1",
+            limits=f"{limits.describe(df.attrs['limits'])}, measured in this run", notes="; ".join(notes))
 report.save_table(table, name, report_dir, f"Wall-clock speedup of SNLP over the sequential forward ({S['name']})", meta)
 best_p = df.loc[df["prefill_speedup"].idxmax()]
 best_d = df.loc[df["decode_speedup"].idxmax()]
+seq = df.iloc[0]  # the sequential baseline (first row of the first T)
 report.add_reading(report_dir, "speedup", name,
                    f"{S['name']} ({df.attrs['size']}) on {df['device'][0]}, {torch.get_num_threads()} thread(s): best prefill x{best_p.prefill_speedup:.2f} ({best_p.config}, "
                    f"T={best_p['T']}, bound x{best_p.bound:.2f}); best decode x{best_d.decode_speedup:.2f} "
-                   f"({best_d.config}); {'random' if checkpoint is None else 'trained'} weights"
+                   f"({best_d.config}); a sequential decode step reads {seq.decode_MB_tok:.3g} MB (T={seq['T']}) and "
+                   f"takes {seq.decode_x_floor:.1f}x its floor of {seq.decode_floor_ms:.3g} ms, {best_d.config} "
+                   f"{best_d.decode_x_floor:.1f}x its own; {'random' if checkpoint is None else 'trained'} weights"
                    + ("; on a CPU a batched call of N layers costs about N layers of arithmetic, so a speedup "
                       "here comes from issuing fewer operations (per-op overhead, large for a small model), "
                       "not from parallel arithmetic" if df["device"][0] == "cpu" else ""))

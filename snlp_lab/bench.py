@@ -48,13 +48,19 @@ from .build import build_model
 from .model import GPT
 from .snlp_config import SNLPConfig, parse_config
 from .solver import NonFiniteError
+from .limits import decode_cost, describe, floor_seconds, measure_limits, prefill_cost
 from .timing import median_seconds
 
 COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
            "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "decode_tokens", "decode_tok_s",
-           "decode_speedup", "top1", "peak_mem_mb"]
+           "decode_speedup", "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok", "decode_MB_tok",
+           "decode_MFLOP_tok"]
 GRAPHABLE = ("sequential", "jacobi", "idn", "scaled-idn", "hcn")  # no host reads or host randomness per step
 GRAPH_COLUMNS = ["prefill_graph_ms", "prefill_graph_speedup", "decode_graph_tok_s", "decode_graph_speedup", "graph_err"]
+# with machine limits: a pass's floor (`snlp_lab.limits`) and the measured time over it (x_floor); with
+# graphs too, the graphed time over the same floor
+FLOOR_COLUMNS = ["prefill_floor_ms", "prefill_x_floor", "decode_floor_ms", "decode_x_floor"]
+GRAPH_FLOOR_COLUMNS = ["prefill_graph_x_floor", "decode_graph_x_floor"]
 
 
 def default_configs(L: int, mhc: bool = False, fusion: bool = True) -> list[str]:
@@ -218,7 +224,8 @@ def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch
 def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: int = 32,
               repeats: int = 5, warmup: int = 1, device: str = "auto", dtype: torch.dtype | None = None,
               compile: bool | str = False, checkpoint: str | None = None, batch: int = 1, seed: int = 0,
-              threads: int | None = None, graphs: bool = False, name: str | None = None, log=None) -> pd.DataFrame:
+              threads: int | None = None, graphs: bool = False, name: str | None = None, limits: dict | bool | None = None,
+              log=None) -> pd.DataFrame:
     """Time the sequential forward and every configuration; one row per (configuration, T).
 
     model: preset name, GPTConfig or a GPT (name: what the table calls it); configs: configuration
@@ -228,8 +235,14 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     the run (torch.set_num_threads; on a machine shared with other jobs, 1 thread avoids the waits of
     multi-threaded kernels for a descheduled thread, which swamp small kernels); graphs: also time every
     configuration replayed from captured CUDA graphs (`GRAPH_COLUMNS`, see `graphed_runs`; on a CPU
-    the same functions run uncaptured, so the path stays tested). The DataFrame's `attrs["notes"]`
-    says where the weights come from and how memory was measured.
+    the same functions run uncaptured, so the path stays tested); limits: the machine limits that set
+    each pass's floor (`FLOOR_COLUMNS`), a dict of `snlp_lab.limits.measure_limits` or True to measure
+    them here (on the run's device, in its dtype, with its threads, copying a working set the size of
+    what a sequential decode step reads); None: no floors.
+    Every row carries what its passes must read and compute per token (MB and MFLOP, `snlp_lab.limits`):
+    prefill over T tokens, and a decode step averaged over the decoded positions. The DataFrame's
+    `attrs["notes"]` says where the weights come from, how memory was measured and the limits used
+    (also in `attrs["limits"]`).
     """
     dev = resolve_device(device)
     if threads is not None:
@@ -240,6 +253,8 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
     m, weights = load_model(model, checkpoint, dev, dtype, seed)
+    if limits is True:  # the copy's working set (source + destination): what a sequential decode step reads
+        limits = measure_limits(dev, dtype, copy_mb=decode_cost(m, "sequential", 0).bytes / 2**21)
     L, ctx_len = m.n_layer, m.config.sequence_len
     if configs is None:
         configs = default_configs(L, getattr(m.config, "n_streams", 1) > 1, fusable(m))
@@ -303,7 +318,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                     decode_tokens=decode_tokens, decode_tok_s=decode_tokens / dec,
                     decode_speedup=med[(base, "decode")] / dec,
                     top1=float((logits[c.text].argmax(-1) == logits[base].argmax(-1)).float().mean()),
-                    peak_mem_mb=peak[c.text]))
+                    peak_mem_mb=peak[c.text], **_limit_columns(m, c, T, decode_tokens, batch, limits)))
                 if graphs:
                     pre_g, dec_g = med[(c.text, "prefill_graph")], med[(c.text, "decode_graph")]
                     rows[-1].update(prefill_graph_ms=1e3 * pre_g,
@@ -316,8 +331,12 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                     f"decode {r['decode_tok_s']:.1f} tok/s (x{r['decode_speedup']:.2f}), bound {r['bound']:.2f}")
             del fns
             _release(dev, m)
-    df = pd.DataFrame(rows, columns=COLUMNS + (GRAPH_COLUMNS if graphs else []))
-    df.attrs["notes"] = notes(weights, dev, graphs)
+    df = pd.DataFrame(rows, columns=COLUMNS + (FLOOR_COLUMNS if limits else []) + (GRAPH_COLUMNS if graphs else [])
+                      + (GRAPH_FLOOR_COLUMNS if graphs and limits else []))
+    if limits:
+        with_x_floor(df)
+    df.attrs["notes"] = notes(weights, dev, graphs, limits)
+    df.attrs["limits"] = limits or None
     c = m.config
     df.attrs["size"] = (f"{L} layers x {c.n_embd} wide, {c.n_head} heads, "
                         f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters")
@@ -336,6 +355,31 @@ def _release(dev: torch.device, m) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+
+def _limit_columns(m, c: SNLPConfig, T: int, decode_tokens: int, batch: int, limits: dict | None) -> dict:
+    """MB and MFLOP per token of the prefill of T tokens and of the decode steps at positions
+    T - decode_tokens..T - 1 (their mean); with limits, the prefill's floor and the mean floor of a step."""
+    pre = prefill_cost(m, prefill_config(c), T, batch)
+    steps = [decode_cost(m, c, p, batch) for p in range(T - decode_tokens, T)]
+    out = dict(prefill_MB_tok=pre.bytes / (batch * T) / 1e6, prefill_MFLOP_tok=pre.flops / (batch * T) / 1e6,
+               decode_MB_tok=sum(s.bytes for s in steps) / len(steps) / batch / 1e6,
+               decode_MFLOP_tok=sum(s.flops for s in steps) / len(steps) / batch / 1e6)
+    if limits:
+        out.update(prefill_floor_ms=1e3 * floor_seconds(pre, limits),
+                   decode_floor_ms=1e3 * sum(floor_seconds(s, limits) for s in steps) / len(steps))
+    return out
+
+
+def with_x_floor(df: pd.DataFrame) -> pd.DataFrame:
+    """Set the x_floor columns of a bench table with floors, in place: measured time over the floor, per
+    pass (prefill) and per step (decode), eager and, where timed, graphed. Returns df."""
+    df["prefill_x_floor"] = df["prefill_ms"] / df["prefill_floor_ms"]
+    df["decode_x_floor"] = 1e3 / df["decode_tok_s"] / df["decode_floor_ms"]
+    if "prefill_graph_ms" in df:
+        df["prefill_graph_x_floor"] = df["prefill_graph_ms"] / df["prefill_floor_ms"]
+        df["decode_graph_x_floor"] = 1e3 / df["decode_graph_tok_s"] / df["decode_floor_ms"]
+    return df
 
 
 def prefill_config(c: SNLPConfig) -> SNLPConfig:
@@ -428,7 +472,7 @@ class _Replay:
         return self.out
 
 
-def notes(weights: str, dev: torch.device, graphs: bool = False) -> list[str]:
+def notes(weights: str, dev: torch.device, graphs: bool = False, limits: dict | None = None) -> list[str]:
     out = [f"weights: {weights}" + ("; timing does not depend on the weights, top1 compares with a random "
                                     "model only" if weights.startswith("random") else ""),
            "speedup = sequential median / configuration median, same run; bound = L / (S + K) "
@@ -441,6 +485,12 @@ def notes(weights: str, dev: torch.device, graphs: bool = False) -> list[str]:
                    "all decoded positions), baseline and SNLP alike; graph_err = max |graphed - eager| / max |eager| of the "
                    "prefill logits" + ("" if dev.type == "cuda" else "; on a CPU nothing is captured "
                                        "(the same functions run eagerly)"))
+    out.append("*_MB_tok, *_MFLOP_tok: what a pass must read and compute per token (snlp_lab.limits: weights "
+               "once per layer evaluation, the KV cache, embedding rows, the head; activations and elementwise "
+               "work not counted); decode: the mean of the timed steps")
+    if limits:
+        out.append("*_floor_ms = max(bytes / copy bandwidth, FLOPs / matrix-product rate) of a pass (decode: a "
+                   "step), on the machine limits measured in the run; x_floor = measured time / floor")
     return out
 
 
@@ -464,6 +514,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on a CPU)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time replays of captured CUDA graphs, baseline and SNLP alike (GPU)")
+    ap.add_argument("--limits", action="store_true",
+                    help="measure the machine limits and add each pass's floor and x_floor (time / floor)")
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
     a = ap.parse_args(argv)
     try:
@@ -475,11 +527,15 @@ def main(argv=None) -> int:
                 raise ValueError(f"cannot write --csv {a.csv}: its folder is missing or not writable")
         df = run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
                        S["device"], getattr(torch, a.dtype) if a.dtype else None, a.compile, S["checkpoint"],
-                       a.batch, a.seed, S["threads"], graphs=a.graphs, name=S["name"], log=print)
+                       a.batch, a.seed, S["threads"], graphs=a.graphs, name=S["name"], limits=a.limits or None,
+                       log=print)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\n".join(f"- {n}" for n in df.attrs["notes"]) + "\n")
+    print("\n".join(f"- {n}" for n in df.attrs["notes"]))
+    if df.attrs["limits"]:
+        print(f"- machine limits: {describe(df.attrs['limits'])}")
+    print()
     print(df.drop(columns=["model", "weights", "device", "dtype", "compile"]).to_markdown(index=False, floatfmt=".4g"))
     if a.csv:
         df.to_csv(a.csv, index=False)

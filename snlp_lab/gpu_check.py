@@ -10,12 +10,13 @@ machine's own Python with `PYTHONPATH=.` from the repository root. Four parts, e
     and gradient) on small random models, the device in float32 (TF32 off) against the CPU in float64
     on the same weights (relative error max|x - ref| / max|ref| < 1e-4), and under bf16 autocast
     (< 3e-2). Nothing may be non-finite.
-(b) machine limits: device-to-device copy bandwidth and the bf16 matrix-product rate, measured; with
-    each model's bytes and FLOPs per forward they give a floor no implementation can beat.
+(b) machine limits: device-to-device copy bandwidth and the bf16 matrix-product rate, measured
+    (`snlp_lab.limits`); with what each pass must read and compute they give its floor.
 (c) speed: the paper's configurations (DESIGN §4) on `0.5b-plain` and `0.5b`, B = 1, T = 128 and 2048,
     bf16, random weights (timing does not depend on them): eager prefill and KV-cached decode, and the
     same replayed from captured CUDA graphs, baseline and SNLP alike (`snlp_lab.bench`). CUDA events,
-    warm-up first, medians, configurations interleaved.
+    warm-up first, medians, configurations interleaved. Every row carries its bytes and FLOPs per token,
+    its floor and its times over the floor (x_floor).
 (d) the report: reports/gpu/README.md (summary, paper numbers beside ours), correctness/speed/limits
     tables (CSV + Markdown), one speedup figure per model, and gpu_check.json with every number, the
     torch/CUDA/GPU names and the seconds each part took. A short summary table is printed last.
@@ -35,11 +36,11 @@ import torch
 
 from . import bench, report
 from .config import get_config
+from .limits import describe, measure_limits
 from .decode import Decoder
 from .build import build_model
 from .paths import repo_root
 from .snlp_config import parse_config
-from .timing import median_seconds
 from .regularizer import snlp_regularizer
 from .solver import solve
 
@@ -153,55 +154,16 @@ def check_correctness(device: torch.device, log=print) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-# ------------------------------------------------------------------------------------------ (b) limits
-def machine_limits(device: torch.device, copy_mb: int, matmul_n: int, repeats: int = 10) -> dict:
-    """Measured ceilings: copy bandwidth (bytes read + written per second) and the matrix-product rate
-    (bf16 on a GPU, float32 on a CPU), each a median after warm-up, on random data."""
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(copy_mb * 2**20 // 4, generator=g, device=device)
-    y = torch.empty_like(x)
-    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(matmul_n, matmul_n, generator=g, device=device).to(dt)
-    b = torch.randn(matmul_n, matmul_n, generator=g, device=device).to(dt)
-    med = median_seconds({"copy": lambda: y.copy_(x), "matmul": lambda: a @ b}, repeats, 3, device)
-    return {"copy_GB_s": 2 * x.numel() * 4 / med["copy"] / 1e9,
-            "matmul_TFLOP_s": 2 * matmul_n ** 3 / med["matmul"] / 1e12, "matmul_dtype": str(dt).removeprefix("torch.")}
-
-
-def model_costs(cfg, T: int, bytes_per_weight: int = 2) -> dict:
-    """What a B = 1 pass must do at least: prefill of T tokens and one decode step at position T.
-
-    FLOPs: 2 per multiply-add of the block and head matrices per token, plus attention (QK^T and PV,
-    causal: each query sees on average half the context). Bytes: every block and head weight read once
-    (embedding and value-embedding rows are a few per token, left out), plus for decode the K/V cache."""
-    D, L, hd = cfg.n_embd, cfg.n_layer, cfg.head_dim
-    per_layer = D * (cfg.n_head + 2 * cfg.n_kv_head) * hd + cfg.n_head * hd * D + 8 * D * D
-    mat = L * per_layer + cfg.vocab_size * D  # + lm_head
-    attn_prefill = 2 * 2 * L * cfg.n_head * hd * T * T / 2
-    kv_bytes = 2 * L * cfg.n_kv_head * hd * T * bytes_per_weight
-    return {"params_matmul": mat,
-            "prefill_GFLOP": (2 * mat * T + attn_prefill) / 1e9, "prefill_MB": mat * bytes_per_weight / 1e6,
-            "decode_GFLOP": (2 * mat + 2 * 2 * L * cfg.n_head * hd * T) / 1e9,
-            "decode_MB": (mat * bytes_per_weight + kv_bytes) / 1e6}
-
-
-def floor_ms(gflop: float, mb: float, limits: dict) -> float:
-    """The larger of the arithmetic time and the memory time: no implementation runs much faster."""
-    return max(gflop / limits["matmul_TFLOP_s"], mb / limits["copy_GB_s"])  # GFLOP / (TFLOP/s) = ms
-
-
 # ------------------------------------------------------------------------------------------ (c) speed
 def check_speed(size: dict, device: torch.device, limits: dict, log=print) -> pd.DataFrame:
-    """`bench.run_bench` with CUDA graphs for every model of the run, plus each row's physical floor."""
+    """`bench.run_bench` with CUDA graphs for every model of the run, each row with its bytes and FLOPs
+    per token, its floor on the measured `limits` and its times over the floor."""
     frames = []
     for preset in size["models"]:
         cfg = get_config(preset, **size["overrides"])
-        df = bench.run_bench(cfg, CONFIGS, size["seq_lens"], size["decode_tokens"], size["repeats"],
-                             size["warmup"], str(device), graphs=True, name=preset, log=log)
-        costs = [model_costs(cfg, T) for T in df["T"]]
-        for col in ("prefill", "decode"):
-            df[f"{col}_floor_ms"] = [floor_ms(c[f"{col}_GFLOP"], c[f"{col}_MB"], limits) for c in costs]
-        frames.append(df)
+        frames.append(bench.run_bench(cfg, CONFIGS, size["seq_lens"], size["decode_tokens"], size["repeats"],
+                                      size["warmup"], str(device), graphs=True, name=preset, limits=limits,
+                                      log=log))
     out = pd.concat(frames, ignore_index=True)
     out.attrs["notes"] = frames[0].attrs["notes"]
     return out
@@ -209,8 +171,12 @@ def check_speed(size: dict, device: torch.device, limits: dict, log=print) -> pd
 
 # ------------------------------------------------------------------------------------------ (d) report
 SPEED_COLS = ["model", "config", "T", "bound", "prefill_ms", "prefill_speedup", "prefill_graph_ms",
-              "prefill_graph_speedup", "prefill_floor_ms", "decode_tok_s", "decode_speedup", "decode_graph_tok_s",
-              "decode_graph_speedup", "decode_floor_ms", "peak_mem_mb", "graph_err"]
+              "prefill_graph_speedup", "prefill_MB_tok", "prefill_MFLOP_tok", "prefill_floor_ms", "prefill_x_floor",
+              "prefill_graph_x_floor", "decode_tok_s", "decode_speedup", "decode_graph_tok_s", "decode_graph_speedup",
+              "decode_MB_tok", "decode_MFLOP_tok", "decode_floor_ms", "decode_x_floor", "decode_graph_x_floor",
+              "peak_mem_mb", "graph_err"]
+SUMMARY_COLS = ["model", "config", "T", "bound", "prefill_speedup", "prefill_graph_speedup", "prefill_graph_x_floor",
+                "decode_speedup", "decode_graph_speedup", "decode_graph_x_floor"]
 
 
 def paper_table(speed: pd.DataFrame) -> pd.DataFrame:
@@ -254,10 +220,10 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
                       dict(device=where, thresholds=f"float32 < {TOL_FP32:g}, bf16 autocast < {TOL_BF16:g} "
                            "(max |x - ref| / max |ref|)", models="tiny (x0ve, GQA) and tiny mHC (2 streams), "
                            "random non-trivial weights"), floatfmt=".2e")
-    report.save_table(speed[SPEED_COLS], "speed", out, "Speed: sequential vs SNLP, B = 1, bf16",
-                      dict(device=where, limits=", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                                          for k, v in limits.items()),
-                           notes="; ".join(speed.attrs["notes"])), floatfmt=".4g")
+    present = lambda cols: [c for c in cols if c in speed]  # a check older than snlp_lab.limits lacks some
+    report.save_table(speed[present(SPEED_COLS)], "speed", out, "Speed: sequential vs SNLP, B = 1, bf16",
+                      dict(device=where, limits=describe(limits), notes="; ".join(speed.attrs["notes"])),
+                      floatfmt=".4g")
     paper = paper_table(speed)
     report.save_table(paper, "paper", out, "Prefill speedups: the paper's (trained models) beside ours",
                       dict(device=where, note="the paper's numbers are over its eager sequential forward on its "
@@ -268,23 +234,29 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
                                   title=f"{preset} on {env.get('gpu', env['cpu'])} (bf16), B=1, random weights; "
                                         "graph = CUDA-graph replays, baseline and SNLP alike")
         report.save_figure(fig, f"speedup_gpu_{preset}", out)
-    summary = speed[["model", "config", "T", "bound", "prefill_speedup", "prefill_graph_speedup",
-                     "decode_speedup", "decode_graph_speedup"]]
+    summary = speed[present(SUMMARY_COLS)]
     (out / "gpu_check.json").write_text(json.dumps(
         {"environment": env, "smoke": smoke, "seconds": seconds, "limits": limits,
          "correctness": corr.to_dict("records"), "speed": speed.to_dict("records"),
          "paper": paper.to_dict("records"), "notes": speed.attrs["notes"]}, indent=1, default=str))
     fails = corr[~corr.ok]
     findings = []
+
+    def x_pre(r):  # graphed time over the floor
+        return f"{r.prefill_graph_x_floor:.1f}x its floor of {r.prefill_floor_ms:.3g} ms"
+
+    def x_dec(r):
+        return f"{r.decode_graph_x_floor:.1f}x its floor of {r.decode_floor_ms:.3g} ms a token"
+
     for (preset, T), d in speed.groupby(["model", "T"], sort=False):
         seq, snlp = d[d.config == "sequential"].iloc[0], d[d.config != "sequential"]
         bp, bd = snlp.loc[snlp.prefill_graph_speedup.idxmax()], snlp.loc[snlp.decode_graph_speedup.idxmax()]
         findings.append(
             f"- {preset}, T = {T}: sequential prefill {seq.prefill_ms:.2f} ms eager, {seq.prefill_graph_ms:.2f} ms "
-            f"graphed ({seq.prefill_graph_ms / seq.prefill_floor_ms:.0f}x its floor of {seq.prefill_floor_ms:.2f} ms); "
-            f"best graphed prefill `{bp.config}` x{bp.prefill_graph_speedup:.2f} (eager x{bp.prefill_speedup:.2f}); "
-            f"best graphed decode `{bd.config}` x{bd.decode_graph_speedup:.2f} "
-            f"({bd.decode_graph_tok_s:.0f} vs {seq.decode_graph_tok_s:.0f} tokens/s).")
+            f"graphed ({x_pre(seq)}), decode {seq.decode_graph_tok_s:.0f} tokens/s graphed ({x_dec(seq)}); "
+            f"best graphed prefill `{bp.config}` x{bp.prefill_graph_speedup:.2f} (eager x{bp.prefill_speedup:.2f}; "
+            f"{x_pre(bp)}); best graphed decode `{bd.config}` x{bd.decode_graph_speedup:.2f} "
+            f"({bd.decode_graph_tok_s:.0f} tokens/s, {x_dec(bd)}).")
     lines = ["# GPU check", "",
              f"`python -m snlp_lab.gpu_check{' --smoke' if smoke else ''}` on {where}"
              + (f", source commit {env['commit']}" if env.get("commit") else "") + "; "
@@ -295,9 +267,11 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
              f"{TOL_BF16:g} against CPU float64; worst float32 {corr.err_fp32.max():.1e}, worst bf16 "
              f"{corr.err_bf16_autocast.max():.1e})" + ("." if fails.empty else "; failing: " + ", ".join(fails.case)),
              "[table](correctness.md)", "", "## Machine limits", "",
-             f"Copy {limits['copy_GB_s']:.0f} GB/s (read + write), {limits['matmul_dtype']} matrix product "
-             f"{limits['matmul_TFLOP_s']:.1f} TFLOP/s. `*_floor_ms` in the speed table is max(FLOPs / rate, "
-             "bytes / bandwidth) of one B = 1 pass: a floor no implementation beats.", "",
+             f"Measured: {describe(limits)}. In the speed table, `*_MB_tok` and `*_MFLOP_tok` are what a pass "
+             "must read and compute per token (weights once per layer evaluation, the KV cache, embedding rows, "
+             "the head; `snlp_lab.limits` says what is left out), `*_floor_ms` = max(bytes / bandwidth, FLOPs / "
+             "rate) of a B = 1 pass (decode: one step, averaged over the decoded positions) and `*_x_floor` the "
+             "measured time over that floor: how far sequential and SNLP are from what the machine allows.", "",
              "## Speed", "", "Speedup over the sequential forward in the same run (eager over eager, graphed over "
              "graphed); bound = L / (S + K). [table](speed.md), figures: "
              + ", ".join(f"[{p}](speedup_gpu_{p}.png)" for p in speed.model.unique()), "",
@@ -336,7 +310,7 @@ def run(smoke: bool = False, out: Path | None = None, device: str | None = None,
         return result
 
     corr = part("correctness", lambda: check_correctness(dev, log))
-    limits = part("limits", lambda: machine_limits(dev, size["copy_mb"], size["matmul_n"]))
+    limits = part("limits", lambda: measure_limits(dev, copy_mb=size["copy_mb"], matmul_n=size["matmul_n"]))
     speed = part("speed", lambda: check_speed(size, dev, limits, log))
     summary = part("report", lambda: write_report(out, env, corr, limits, speed, seconds, smoke))
     log(f"[gpu-check] wrote {out}/ (README.md, correctness, speed, paper tables, figures, gpu_check.json)")
@@ -350,7 +324,7 @@ def redraw(out: Path) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"no finished check in {out}: {path} is missing")
     j = json.loads(path.read_text())
-    speed = pd.DataFrame(j["speed"])
+    speed = bench.with_x_floor(pd.DataFrame(j["speed"]))  # checks before snlp_lab.limits did not record x_floor
     speed.attrs["notes"] = j["notes"]
     return write_report(Path(out), j["environment"], pd.DataFrame(j["correctness"]), j["limits"], speed,
                         j["seconds"], j["smoke"])

@@ -7,17 +7,20 @@ import torch
 
 from snlp_lab.snlp_config import parse_config
 from snlp_lab import bench
+from snlp_lab.limits import decode_cost, floor_seconds, prefill_cost
 
 CONFIGS = ["sequential", "idn:K=1:n=4", "idn:K=2:n=4:2xF2:h0", "idn:K=1:n=3:fwd", "idn:K=4:n=4:warm"]
+LIMITS = dict(copy_GB_s=1.0, matmul_TFLOP_s=1e-3, matmul_dtype="float32", device="cpu", threads=1)  # given, not measured
 
 
 @pytest.fixture(scope="module")
 def table():
-    return bench.run_bench("tiny", CONFIGS, seq_lens=(12, 16), decode_tokens=3, repeats=2, warmup=0, device="cpu")
+    return bench.run_bench("tiny", CONFIGS, seq_lens=(12, 16), decode_tokens=3, repeats=2, warmup=0, device="cpu",
+                           limits=LIMITS)
 
 
 def test_table(table):
-    assert list(table.columns) == bench.COLUMNS
+    assert list(table.columns) == bench.COLUMNS + bench.FLOOR_COLUMNS
     assert len(table) == 2 * len(CONFIGS) and list(table["config"][:5]) == CONFIGS
     assert table.select_dtypes("number").notna().all().all()
     for T, g in table.groupby("T"):
@@ -33,6 +36,26 @@ def test_table(table):
     assert row.loc["idn:K=1:n=4", "top1"] < 1.0  # perturbed random weights: a single iteration differs
     assert (table["prefill_ms"] > 0).all() and (table["decode_tok_s"] > 0).all()
     assert any("random" in n for n in table.attrs["notes"])
+
+
+def test_costs_and_floors(table):
+    """Each row's bytes and FLOPs per token are its passes' (`snlp_lab.limits`), its floors those of the
+    given limits, and x_floor the measured time over the floor."""
+    m = bench.load_model("tiny", None, torch.device("cpu"), torch.float32)[0]
+    assert table.attrs["limits"] == LIMITS
+    for r in table.itertuples():
+        c = bench.prefill_config(parse_config(r.config))
+        pre, steps = prefill_cost(m, c, r.T), [decode_cost(m, r.config, p) for p in range(r.T - 3, r.T)]
+        assert r.prefill_MB_tok == pytest.approx(pre.bytes / r.T / 1e6)
+        assert r.prefill_MFLOP_tok == pytest.approx(pre.flops / r.T / 1e6)
+        assert r.decode_MB_tok == pytest.approx(sum(s.bytes for s in steps) / 3 / 1e6)
+        assert r.decode_MFLOP_tok == pytest.approx(sum(s.flops for s in steps) / 3 / 1e6)
+        assert r.prefill_floor_ms == pytest.approx(1e3 * floor_seconds(pre, LIMITS))
+        assert r.decode_floor_ms == pytest.approx(1e3 * sum(floor_seconds(s, LIMITS) for s in steps) / 3)
+        assert r.prefill_x_floor == pytest.approx(r.prefill_ms / r.prefill_floor_ms)
+        assert r.decode_x_floor == pytest.approx(1e3 / r.decode_tok_s / r.decode_floor_ms)
+    seq, k2 = (table[(table.config == c) & (table["T"] == 12)].iloc[0] for c in ("sequential", "idn:K=2:n=4:2xF2:h0"))
+    assert k2.prefill_MFLOP_tok > 1.9 * seq.prefill_MFLOP_tok  # K = 2 evaluations of every layer (+ the head once)
 
 
 @pytest.mark.parametrize("text,msg", [
@@ -92,6 +115,17 @@ def test_notebook_smoke(tmp_path):
     for path in [fig_dir / "speedup_cpu.png", fig_dir / "speedup_cpu.pdf", report_dir / "speedup_cpu.csv",
                  report_dir / "speedup_cpu.md"]:
         assert path.exists() and path.stat().st_size > 0, path
+    assert_states_limits(report_dir / "speedup_cpu")
+
+
+def assert_states_limits(stem: Path) -> None:
+    """A speedup report (stem.csv, stem.md) carries per-token costs, floors and x_floor, and states the
+    machine limits measured in its run."""
+    import pandas as pd
+    df = pd.read_csv(stem.with_suffix(".csv"))
+    for col in bench.FLOOR_COLUMNS + ["prefill_MB_tok", "prefill_MFLOP_tok", "decode_MB_tok", "decode_MFLOP_tok"]:
+        assert (df[col] > 0).all(), col
+    assert "**limits**: copy " in stem.with_suffix(".md").read_text()
 
 
 def test_checkpoint(tmp_path):

@@ -41,8 +41,12 @@ def test_report_files_and_numbers(smoke):
     base = speed[speed.config == "sequential"]
     assert (base.prefill_speedup == 1).all() and (base.prefill_graph_speedup == 1).all()
     assert (speed.graph_err < 1e-6).all()  # on a CPU the "graphed" functions recompute the same logits
-    assert (speed.prefill_floor_ms > 0).all()
-    assert "Smoke run" in (out / "README.md").read_text()
+    # what each pass reads and computes, its floor on the measured limits, eager and graphed times over it
+    for col in bench.FLOOR_COLUMNS + bench.GRAPH_FLOOR_COLUMNS + ["prefill_MB_tok", "decode_MFLOP_tok"]:
+        assert (speed[col] > 0).all(), col
+    assert ((speed.prefill_graph_x_floor - speed.prefill_graph_ms / speed.prefill_floor_ms).abs() < 1e-9).all()
+    readme = (out / "README.md").read_text()
+    assert "Smoke run" in readme and "float32 matrix product" in readme and "x its floor of" in readme
 
 
 def test_redraw_from_json(smoke, tmp_path):
@@ -54,12 +58,18 @@ def test_redraw_from_json(smoke, tmp_path):
         gpu_check.redraw(tmp_path)
 
 
-def test_model_costs_match_a_hand_count():
-    cfg = gpu_check.get_config("0.5b-plain")
-    c = gpu_check.model_costs(cfg, T=1)
-    D, L, V = 640, 32, 32768
-    assert c["params_matmul"] == L * 12 * D * D + V * D  # q, k, v, o (4 D²) + MLP (8 D²) per layer + head
-    assert gpu_check.floor_ms(1.0, 0.0, {"matmul_TFLOP_s": 1.0, "copy_GB_s": 1.0}) == pytest.approx(1.0)
+def test_redraw_of_a_check_without_costs(smoke, tmp_path):
+    """A check written before the per-token costs and x_floor columns (and the limits' device) redraws,
+    with x_floor from its recorded times and floors."""
+    j = json.loads((smoke["out"] / "gpu_check.json").read_text())
+    new = [c for c in gpu_check.SPEED_COLS if c.endswith(("_tok", "x_floor"))]
+    j["speed"] = [{k: v for k, v in r.items() if k not in new} for r in j["speed"]]
+    j["limits"] = {k: j["limits"][k] for k in ("copy_GB_s", "matmul_TFLOP_s", "matmul_dtype")}
+    (tmp_path / "gpu_check.json").write_text(json.dumps(j))
+    gpu_check.redraw(tmp_path)
+    assert "prefill_floor_ms" in (tmp_path / "speed.md").read_text()
+    redrawn = pd.read_csv(tmp_path / "speed.csv")
+    assert "prefill_MB_tok" not in redrawn and (redrawn.decode_graph_x_floor > 0).all()
 
 
 def test_without_gpu_the_cli_says_so(capsys):

@@ -61,6 +61,11 @@ def test_convergence_shows_finite_termination(smoke_run):
     assert math.isfinite(curves.ppl.max())
 
 
+def test_speedup_report_states_the_limits(smoke_run):
+    from test_bench import assert_states_limits
+    assert_states_limits(smoke_run[0] / "reports" / "speedup_cpu")
+
+
 def test_speculative_is_lossless_and_measured(smoke_run):
     out, _ = smoke_run
     df = pd.read_csv(out / "reports" / "speculative.csv")
