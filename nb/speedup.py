@@ -25,6 +25,8 @@
 # (`*_MB_tok`, `*_MFLOP_tok`), the machine's copy bandwidth and matrix-product rate are measured on the
 # same device with the same threads, and `*_floor_ms` = max(bytes / bandwidth, FLOPs / rate) is the
 # pass's floor; `*_x_floor` = measured time / floor says how far sequential and SNLP are from it.
+# `decode_aten_ops` counts the operators one eager decode step issues: on a CPU a small step pays a
+# fixed cost per operator, which is where SNLP's decode speedup comes from there.
 
 # %% tags=["parameters"]
 model = None  # preset name; None: "cpu" (profiles smoke, cpu), "0.5b-plain" (paper), or the checkpoint's
@@ -69,7 +71,7 @@ report.save_figure(fig, name, fig_dir)
 # %%
 cols = ["config", "T", "S", "units", "bound", "prefill_ms", "prefill_speedup", "decode_tok_s", "decode_speedup",
         "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok", "prefill_floor_ms", "prefill_x_floor",
-        "decode_MB_tok", "decode_MFLOP_tok", "decode_floor_ms", "decode_x_floor"]
+        "decode_MB_tok", "decode_MFLOP_tok", "decode_floor_ms", "decode_x_floor", "decode_aten_ops"]
 table = df[cols].dropna(axis=1, how="all")  # peak memory is missing only off Linux/CUDA
 meta = dict(model=f"{S['name']}: {df.attrs['size']}", device=f"{df['device'][0]} ({df['dtype'][0]}, compile={compile})",
             repeats=f"median of {S['repeats']} after {S['warmup']} warm-up, configurations interleaved",

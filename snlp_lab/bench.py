@@ -49,12 +49,12 @@ from .model import GPT
 from .snlp_config import SNLPConfig, parse_config
 from .solver import NonFiniteError
 from .limits import decode_cost, describe, floor_seconds, measure_limits, prefill_cost
-from .timing import median_seconds
+from .timing import count_ops, median_seconds
 
 COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
            "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "decode_tokens", "decode_tok_s",
            "decode_speedup", "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok", "decode_MB_tok",
-           "decode_MFLOP_tok"]
+           "decode_MFLOP_tok", "decode_calls", "decode_aten_ops"]
 GRAPHABLE = ("sequential", "jacobi", "idn", "scaled-idn", "hcn")  # no host reads or host randomness per step
 GRAPH_COLUMNS = ["prefill_graph_ms", "prefill_graph_speedup", "decode_graph_tok_s", "decode_graph_speedup", "graph_err"]
 # with machine limits: a pass's floor (`snlp_lab.limits`) and the measured time over it (x_floor); with
@@ -279,7 +279,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
             # untimed pass per configuration, alone in memory: peak memory and the prefill logits
             # (with compile, this pass compiles; a configuration that fails to compile runs eagerly,
             # and its rows say so in the `compile` column)
-            peak, logits = {}, {}
+            peak, logits, ops = {}, {}, {}
             for c in cfgs:
                 _release(dev, m)
                 _reset_peak(dev)
@@ -293,6 +293,8 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                     log(f"[bench] {c.text}: {fallback[c.text]}")
                     logits[c.text] = _untimed_pass(m, c, idx, decode_tokens, dev, False)
                 peak[c.text] = _peak_mb(dev)
+                # what one eager decode step issues: on a CPU, small steps cost per operator
+                ops[c.text] = count_ops(_runs(m, c, idx, decode_tokens, dev, False)["decode"])
             _release(dev, m)
             fns, graph_err = {}, {}
             for c in cfgs:
@@ -318,7 +320,8 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                     decode_tokens=decode_tokens, decode_tok_s=decode_tokens / dec,
                     decode_speedup=med[(base, "decode")] / dec,
                     top1=float((logits[c.text].argmax(-1) == logits[base].argmax(-1)).float().mean()),
-                    peak_mem_mb=peak[c.text], **_limit_columns(m, c, T, decode_tokens, batch, limits)))
+                    peak_mem_mb=peak[c.text], decode_calls=ops[c.text]["python"] / decode_tokens,
+                    decode_aten_ops=ops[c.text]["aten"] / decode_tokens, **_limit_columns(m, c, T, decode_tokens, batch, limits)))
                 if graphs:
                     pre_g, dec_g = med[(c.text, "prefill_graph")], med[(c.text, "decode_graph")]
                     rows[-1].update(prefill_graph_ms=1e3 * pre_g,

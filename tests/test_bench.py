@@ -34,6 +34,9 @@ def test_table(table):
     assert list(row["S"]) == [4, 0, 0, 1, 0] and list(row["units"]) == [0, 4, 2, 3, 4]
     assert row.loc["idn:K=4:n=4:warm", "top1"] == 1.0  # K = N is the sequential forward
     assert row.loc["idn:K=1:n=4", "top1"] < 1.0  # perturbed random weights: a single iteration differs
+    # one batched call of 4 layers issues fewer operators than 4 calls of one (and K = 4 more than K = 1)
+    ops = row["decode_aten_ops"]
+    assert ops["idn:K=1:n=4"] < ops["sequential"] < ops["idn:K=4:n=4:warm"] and row["decode_calls"].gt(0).all()
     assert (table["prefill_ms"] > 0).all() and (table["decode_tok_s"] > 0).all()
     assert any("random" in n for n in table.attrs["notes"])
 
