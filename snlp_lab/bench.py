@@ -42,7 +42,7 @@ import torch
 
 from .config import resolve_device
 from .params import as_list, check_choice, check_int, check_path
-from .decode import Decoder
+from .decode import GRAPHABLE, Decoder
 from .fusion import clear_fused_cache, fusable
 from .build import build_model
 from .model import GPT
@@ -55,7 +55,6 @@ COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method",
            "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "decode_tokens", "decode_tok_s",
            "decode_speedup", "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok", "decode_MB_tok",
            "decode_MFLOP_tok", "decode_calls", "decode_aten_ops"]
-GRAPHABLE = ("sequential", "jacobi", "idn", "scaled-idn", "hcn")  # no host reads or host randomness per step
 GRAPH_COLUMNS = ["prefill_graph_ms", "prefill_graph_speedup", "decode_graph_tok_s", "decode_graph_speedup", "graph_err"]
 # with machine limits: a pass's floor (`snlp_lab.limits`) and the measured time over it (x_floor); with
 # graphs too, the graphed time over the same floor

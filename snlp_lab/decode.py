@@ -26,7 +26,7 @@ import functools
 import torch
 
 from .fusion import ChunkStack, check_chunkable, fusable
-from .model import attention_mask, block_apply, capturing
+from .model import attention_mask, block_apply, capturing, check_token_ids
 from .snlp_config import SNLPConfig
 from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, iterate
 
@@ -158,6 +158,21 @@ class _AttendingTo:
 RECOMPILE_LIMIT = 256
 
 
+# methods whose decode step does no host work (no reads back, no host randomness): a step can be one
+# compiled graph (plain GPT) or one captured CUDA graph (`snlp_lab.bench.graphed_runs`)
+GRAPHABLE = ("sequential", "jacobi", "idn", "scaled-idn", "hcn")
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_step(options: tuple = ()):
+    """`Decoder._step_states` under torch.compile (fullgraph, static shapes): a whole decode step (embed,
+    every layer, the SNLP iterations, the head) as one graph, so that a step pays the compiled call's
+    fixed cost once instead of once per layer call. For the plain GPT's static decoders of `GRAPHABLE`
+    methods; see `compiled_block_apply` for the limits set."""
+    compiled_block_apply(options)  # the same dynamo settings
+    return torch.compile(Decoder._step_states, **{"fullgraph": True, "dynamic": False, **dict(options)})
+
+
 def compile_options(compile) -> tuple:
     """The Decoder's `compile` argument as torch.compile keyword arguments (a hashable tuple): True ->
     defaults, a string -> that mode (e.g. "reduce-overhead"), a dict -> those arguments (e.g.
@@ -192,8 +207,11 @@ class Decoder:
     method: "sequential" or a surrogate name (`snlp_lab.methods()`); iters: iterations K per token;
     n_par: parallel layers (default: all, or C·M with chunks); chunks: "CxFM" or None; init: "h0",
     "fwd" or "warm"; kappa, probes, jac, seed: as in `solve`; max_len: cache length (default: the
-    model's sequence_len); compile: torch.compile the layer function (`compiled_block_apply`): False, True,
-    a torch.compile mode (e.g. "reduce-overhead") or a dict of torch.compile arguments (`compile_options`);
+    model's sequence_len); compile: False, True, a torch.compile mode (e.g. "reduce-overhead") or a dict of
+    torch.compile arguments (`compile_options`): each decode step of a `GRAPHABLE` method runs as one
+    compiled graph (`compiled_step`; the first step of a decoder runs eagerly), every other call of the
+    layers (prompts, DiagN and exact Newton steps) through the compiled layer function
+    (`compiled_block_apply`); fullgraph and fixed shapes, so nothing recompiles per position;
     check_finite: raise `NonFiniteError` when a step's logits hold inf or NaN (one host sync per call;
     skipped while a CUDA graph is captured; the benchmark turns it off and checks its untimed pass);
     static: fixed shapes and a tensor position (`StaticSlot`), what torch.compile and the capture of one
@@ -225,6 +243,8 @@ class Decoder:
         self.static = bool(compile) or static
         if self.static and not self._resolved:
             raise ValueError("static (and compiled) decoding is supported for the plain GPT (n_streams=1) only")
+        # a whole decode step as one compiled graph, where the method has no host work per step
+        self._step_graph = compiled_step(compile_options(compile)) if compile and method in GRAPHABLE else None
         self.pos, self._last, self._cache_key = 0, None, None
 
     # ------------------------------------------------------------------------------------------ state
@@ -245,8 +265,8 @@ class Decoder:
             self.cache_par = KVCache(self.par.n_layer, B, self.M * cfg.n_kv_head, self.max_len, hd, dtype, device)
             self.ids = torch.zeros(B, self.max_len, dtype=torch.long, device=device)  # the tokens fed so far
             self.pos_t = torch.zeros((), dtype=torch.long, device=device)  # the position, for StaticSlots
-            self._cache_key = key
-        self._slots, self._static_slots, self._slot_pos, self._windows = {}, {}, None, {}
+            self._cache_key, self._static_slots, self._slots_made = key, {}, False
+        self._slots, self._slot_pos, self._windows = {}, None, {}
         # on the CPU whatever the device, as in `solve`: probes are drawn there and moved (same seed,
         # same probes on every device), and seeding it is allowed while a CUDA graph is captured
         self.generator = torch.Generator().manual_seed(self.seed)
@@ -289,7 +309,16 @@ class Decoder:
         if self._last is None:
             raise ValueError("call prefill(prompt) before step()")
         idx = token.reshape(-1, 1)
-        return self._advance(idx, parallel=True)[:, -1]
+        if self._step_graph is None or not self._slots_made:
+            # (with a step graph, the first step runs eagerly: it makes the cache slots the graph reads)
+            self._slots_made = self._step_graph is not None
+            return self._advance(idx, parallel=True)[:, -1]
+        p = self._room(1)
+        check_token_ids(idx, self.model.config.vocab_size, self.max_len)  # its host reads stay outside the graph
+        self._at(p)
+        # (contiguous copies: the graph is specialised to its inputs' strides)
+        logits, H = self._step_graph(self, idx.contiguous(), self.prev_token().contiguous())
+        return self._finish(idx, H, logits, p)[:, -1]
 
     def _advance(self, idx: torch.Tensor, parallel: bool) -> torch.Tensor:
         return self.feed_states(*self.prefix_states(idx), parallel=parallel)
@@ -308,7 +337,12 @@ class Decoder:
         [B, T, D], and the layers' ctx). Their keys/values go into the prefix cache; the position does not
         move until `feed_states`."""
         p = self._room(idx.shape[1])
-        h, ctx = self.model.embed(idx, pos=p, prev=self.prev_token())
+        self._at(p)
+        return self._prefix(idx, p, self.prev_token())
+
+    def _prefix(self, idx, pos, prev):
+        """Embedding and prefix layers of tokens idx at position pos (an int, or `pos_t` in the step graph)."""
+        h, ctx = self.model.embed(idx, pos=pos, prev=prev)
         prefix = [h]  # h_0..h_S (backout may read one of them)
         for l in range(self.S):
             prefix.append(self._unit(self.prefix, self.cache_prefix, l, prefix[-1], ctx))
@@ -319,25 +353,49 @@ class Decoder:
         """The parallel units on the prefix states h_0..h_S (a list of [B, T, D], from `prefix_states`,
         with its ctx): logits [B, T, V]. SNLP iterations when `parallel`, else the units in sequence.
         Caches the units' keys and values and the tokens (ctx.idx), and moves the position past them."""
-        h, T = prefix[-1], prefix[-1].shape[1]
-        p = self._room(T)
+        p = self._room(prefix[-1].shape[1])
+        self._at(p)  # (a verifier may feed another decoder's prefix states)
+        H = self._units(prefix[-1], ctx, parallel, p)
+        return self._finish(ctx.idx, H, self._logits(prefix, H), p)
+
+    def _units(self, h, ctx, parallel: bool, p: int | None):
+        """The parallel units' outputs H [U, B, T, D] on the prefix's last state h: SNLP iterations when
+        `parallel`, else the units in sequence (p: the position, None inside the step graph)."""
         if parallel and self.method != "sequential":
-            H = self._solve(h, ctx, p)
-        else:
-            states = []
-            for c in range(self.par.n_layer):
-                h = self._unit(self.par, self.cache_par, c, h, ctx)
-                states.append(h)
-            H = torch.stack(states)
+            return self._solve(h, ctx, p)
+        states = []
+        for c in range(self.par.n_layer):
+            h = self._unit(self.par, self.cache_par, c, h, ctx)
+            states.append(h)
+        return torch.stack(states)
+
+    def _logits(self, prefix: list, H: torch.Tensor) -> torch.Tensor:
+        return head_logits(self.model, H[-1], backout_state(self.model, prefix + list(H), self.S, self.M))
+
+    def _step_states(self, idx, prev):
+        """A whole decode step on fixed shapes, what `compiled_step` compiles: (logits, H). Reads the
+        position from `pos_t` only, so one graph serves every position."""
+        prefix, ctx = self._prefix(idx, self.pos_t, prev)
+        H = self._units(prefix[-1], ctx, True, None)
+        return self._logits(prefix, H), H
+
+    def _finish(self, idx, H, logits, p: int) -> torch.Tensor:
+        """Book-keeping after the units ran on tokens idx at position p: the warm start, the tokens, the
+        position; the finiteness check."""
+        T = idx.shape[1]
         self._last = H[:, :, -1:]  # the warm start of the next token
-        self.ids[:, p:p + T] = ctx.idx
+        self.ids[:, p:p + T] = idx
         self.pos = p + T
-        logits = head_logits(self.model, H[-1], backout_state(self.model, prefix + list(H), self.S, self.M))
         if self.check_finite and not capturing(logits) and not bool(torch.isfinite(logits).all()):
             raise NonFiniteError(f"decoding ({self.method}, K={self.iters}, n_par={self.n_par}, chunks={self.chunks}) "
                                  f"produced non-finite logits at positions {p}..{p + T - 1}; the weights or the "
                                  f"input hold inf/NaN, or the iteration diverged")
         return logits
+
+    def _at(self, p: int) -> None:
+        """Static decoding: move the position tensor that the cache slots read (one host write)."""
+        if self.static:
+            self.pos_t.fill_(p)
 
     def _room(self, T: int) -> int:
         """The current position, after checking that T more tokens fit in the cache."""
@@ -353,13 +411,10 @@ class Decoder:
         """The cache slot of units a..b-1 for T tokens at the current position: a `StaticSlot` (made once,
         its position tensor moved by `_at`) or a `Slot` with the keys and mask the units' windows allow
         (made once per position: the SNLP iterations reuse it)."""
-        key = (id(cache), a, b, T)
-        if self.static:
+        key = (cache is self.cache_par, a, b, T)
+        if self.static:  # made once; reads the position from pos_t (`_at`)
             if key not in self._static_slots:
                 self._static_slots[key] = StaticSlot(cache, a, b, self.pos_t, stack.W["window"][a:b])
-            if self._slot_pos != self.pos:  # one host-to-device write per position, not per unit
-                self.pos_t.fill_(self.pos)
-                self._slot_pos = self.pos
             return self._static_slots[key]
         if self._slot_pos != self.pos:
             self._slots, self._slot_pos = {}, self.pos
@@ -399,8 +454,9 @@ class Decoder:
                 raise ValueError("init='warm' decodes one token at a time after a prefill")
             H = self._last
         # surrogates that evaluate the units themselves (DiagN, exact Newton) attend to the earlier tokens
-        sur = SURROGATES[self.method](_AttendingTo(self.par, self.cache_par.past(0, U, p)), 0, U, ctx,
-                                      generator=self.generator, **self.opts)
+        # (inside the step graph, p is None: its methods evaluate no units)
+        past = None if p is None else self.cache_par.past(0, U, p)
+        sur = SURROGATES[self.method](_AttendingTo(self.par, past), 0, U, ctx, generator=self.generator, **self.opts)
         H, *_ = iterate(lambda X: self.par.layers(0, U, X, ctx, cache=slot), hS, H, sur, self.iters, record=False)
         return H
 

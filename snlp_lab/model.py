@@ -44,6 +44,8 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, context: int, pos: int =
         raise ValueError(f"token ids must be an integer tensor, got {idx.dtype}")
     if idx.dim() != 2:
         raise ValueError(f"token ids must have shape [batch, time], got {tuple(idx.shape)}")
+    if torch.compiler.is_compiling() or not isinstance(pos, int):
+        return  # a compiled or fixed-shape decode step: the decoder checked before the graph
     if idx.numel() and not capturing(idx) and (idx.min() < 0 or idx.max() >= vocab_size):
         raise ValueError(f"token ids must lie in [0, {vocab_size}) (vocab_size), "
                          f"got range [{int(idx.min())}, {int(idx.max())}]")
@@ -305,22 +307,27 @@ class GPT(nn.Module):
 
         h0 = x0 is the normalised embedding, smeared: for every position after the first,
         x[t] += smear_lambda·σ(smear_gate·x[t, :24])·x[t-1] (nanochat's smear). With pos > 0 the token
-        before idx[:, 0] is needed: prev [B] or [B, 1] (KV-cached decoding)."""
+        before idx[:, 0] is needed: prev [B] or [B, 1] (KV-cached decoding). pos may be a 0-d tensor
+        (fixed-shape decoding, `snlp_lab.decode.StaticSlot`): no shape or host check then depends on it."""
         cfg = self.config
         check_token_ids(idx, cfg.vocab_size, cfg.sequence_len, pos)
         T = idx.shape[1]
         x = rms_norm(self.wte(idx))
         if cfg.smear:
-            if pos == 0:  # the first token has no predecessor
+            if prev is not None:
+                x = self._smear(x, torch.cat([rms_norm(self.wte(prev.reshape(-1, 1))), x[:, :-1]], dim=1))
+            elif isinstance(pos, int) and pos == 0:  # the first token has no predecessor
                 x = torch.cat([x[:, :1], self._smear(x[:, 1:], x[:, :-1])], dim=1)
-            elif prev is None:
+            else:
                 raise ValueError("smear mixes in the previous token's embedding: at pos > 0 pass prev "
                                  "(the token ids before idx[:, 0])")
-            else:
-                x = self._smear(x, torch.cat([rms_norm(self.wte(prev.reshape(-1, 1))), x[:, :-1]], dim=1))
         cos, sin = self.rotary(x.device, x.dtype)
-        return x, Context(idx=idx, x0=x, cos=cos[pos:pos + T], sin=sin[pos:pos + T], pos=pos,
-                          qk_scale=cfg.qk_scale)
+        if isinstance(pos, int):
+            cos, sin = cos[pos:pos + T], sin[pos:pos + T]
+        else:  # a position tensor (fixed-shape decoding): no shape depends on its value
+            at = pos + torch.arange(T, device=pos.device)
+            cos, sin = cos.index_select(0, at), sin.index_select(0, at)
+        return x, Context(idx=idx, x0=x, cos=cos, sin=sin, pos=pos, qk_scale=cfg.qk_scale)
 
     def rotary(self, device, dtype):
         """cos/sin tables [sequence_len, hd] (`rotary_tables`), computed once per device and dtype
