@@ -266,6 +266,11 @@ class Decoder:
             self.ids = torch.zeros(B, self.max_len, dtype=torch.long, device=device)  # the tokens fed so far
             self.pos_t = torch.zeros((), dtype=torch.long, device=device)  # the position, for StaticSlots
             self._cache_key, self._static_slots, self._slots_made = key, {}, False
+            if self._step_graph is not None:  # buffers the step graph writes in place: with mode
+                # "reduce-overhead" a CUDA graph may then replay them instead of skipping the capture
+                for t in (self.cache_par.k, self.cache_par.v, self.pos_t, self.ids) + (
+                        (self.cache_prefix.k, self.cache_prefix.v) if self.S else ()):
+                    torch._dynamo.mark_static_address(t)
         self._slots, self._slot_pos, self._windows = {}, None, {}
         # on the CPU whatever the device, as in `solve`: probes are drawn there and moved (same seed,
         # same probes on every device), and seeding it is allowed while a CUDA graph is captured
