@@ -225,7 +225,18 @@ def test_fine_tuning_with_the_regularizer_loads_back_and_resumes(llama, text, tm
     cfg = T.resolve(T.TrainConfig(**base))
     assert cfg.model == "hf" and cfg.vocab_size == VOCAB and cfg.matrix_lr == T.FINETUNE_LRS["matrix_lr"]
     lines = [m for m in full.metrics if "loss" in m]
-    assert all(m["reg"] > 0 for m in lines) and lines[-1]["reg"] < lines[0]["reg"]
+    assert all(m["reg"] > 0 for m in lines)
+    # what the regularizer penalises falls: one IDN step's relative distance from the sequential final
+    # state, on fixed validation windows (per-batch training values are too noisy over 4 steps)
+    ds = prepare_data(str(text), tokenizer=llama, cache=tmp_path / "cache", progress=False)
+    idx = torch.as_tensor(ds.val[:4 * 16].astype("int64")).view(4, 16)
+
+    def idn_error(m):
+        with torch.no_grad():
+            seq, idn = (solve(m.float().eval(), idx, method=k, iters=1, n_par=L).trace[-1] for k in ("sequential", "idn"))
+        return float((idn - seq).norm() / seq.norm())
+
+    assert idn_error(full.model) < 0.9 * idn_error(load_hf(llama, dtype=torch.float32))
     # the run folder's weights are a Hugging Face folder: load_hf and transformers read them
     back = load_hf(full.run_dir, dtype=torch.float32)
     assert sorted(p.name for p in full.run_dir.glob("hf_*")) == ["hf_0000004"]
