@@ -114,7 +114,9 @@ def test_c_regulariser_changes_sequential_ppl():
     assert up.verdict == C.NO and "1 higher" in up.rule
     unclear = C.claim_c({"regularization_runs": runs([100.0, 104.0, 96.0], [99.0, 103.0, 95.0])}, S)
     assert unclear.verdict == C.NO and "1 unclear" in unclear.rule and "1 of 1 inside ±2.4%" not in unclear.rule
-    assert C.claim_c({"regularization_runs": runs([100.0], [90.0])}, S).verdict == C.NO  # one seed: no interval
+    one = C.claim_c({"regularization_runs": runs([100.0], [90.0], variants=("plain", "x0ve"))}, S)
+    assert one.verdict == C.WEAK and "2 lower by a change without interval" in one.rule  # one seed: at most weakly
+    assert C.claim_c({"regularization_runs": runs([100.0], [110.0])}, S).verdict == C.NO
     nan = runs([100.0, 101.0], [90.0, float("nan")])
     gone = C.claim_c({"regularization_runs": nan}, S)
     assert gone.verdict == C.UNTESTABLE and "missing values in the column(s) seq_ppl" in gone.rule
@@ -183,7 +185,7 @@ def test_f_hcn_beats_idn_on_mhc():
     assert gone.verdict == C.UNTESTABLE and "no HCN configuration" in gone.rule
     j = pd.DataFrame(dict(variant=["mhc", "mhc"], surrogate=["hcn", "idn"], baseline_distance=[0.1, 0.3],
                           reg_distance=[0.05, 0.2]))
-    assert "HCN 0.100 | 0.050, IDN 0.300 | 0.200" in C.claim_f({"frontier_all": mhc_pairs(0.5), "jacobians": j}, S).ours
+    assert "(mhc, baseline -> regularised): HCN 0.100 -> 0.050, IDN 0.300 -> 0.200" in C.claim_f({"frontier_all": mhc_pairs(0.5), "jacobians": j}, S).ours
 
 
 # ------------------------------------------------------------------------------------------ (g)
@@ -239,6 +241,7 @@ def test_write_ledger_links_its_evidence(tmp_path, capsys):
     reports, figs = tmp_path / "reports", tmp_path / "figures"
     reports.mkdir(), figs.mkdir()
     curves(0.5).to_csv(reports / "convergence_curves.csv", index=False)
+    spec().to_csv(reports / "speculative.csv", index=False)  # its 'n/a' must stay text
     (figs / "convergence_error.png").write_bytes(b"png")
     pd.DataFrame(dict(a=[1])).to_csv(reports / "claims.csv", index=False)  # the ledger's own: not an input
     path = C.write_ledger(reports, figs, "smoke")
@@ -246,6 +249,7 @@ def test_write_ledger_links_its_evidence(tmp_path, capsys):
     rows = [l for l in text.splitlines() if re.match(r"\| \([a-h]\) \|", l)]
     assert len(rows) == 8 and "**holds**" in rows[0] and "[convergence_error.png](../figures/convergence_error.png)" in rows[0]
     assert "[convergence_curves](convergence_curves.csv)" in rows[0] and "`convergence_curves.csv` (" in text
+    assert "**holds**" in rows[7] and "[speculative](speculative.csv)" in rows[7]
     assert not re.search(r"(?<![a-z])nan(?![a-z])", text, re.IGNORECASE)
     assert list(pd.read_csv(reports / "claims.csv").key) == list("abcdefgh")
     assert "[claims] wrote" in capsys.readouterr().out
@@ -257,3 +261,5 @@ def test_cli_bad_folder_is_one_error_line(tmp_path, capsys):
     assert err.startswith("error: report folder") and len(err.strip().splitlines()) == 1
     assert C.main(["--report-dir", str(tmp_path), "--profile", "huge"]) == 2
     assert "valid profiles: smoke, cpu, paper" in capsys.readouterr().err
+    assert C.main(["--report-dir"]) == 2
+    assert capsys.readouterr().err.startswith("error: argument --report-dir: expected one argument")
