@@ -36,6 +36,7 @@ from scipy import stats
 
 from .analysis import PPL_RTOL, ppl_monotone
 from .cli import ArgumentParser
+from .config import get_config
 from .experiments import PAPER_TABLE_B, PROFILES
 from .params import check_choice
 from .snlp_config import parse_chunks, parse_config
@@ -91,7 +92,6 @@ class Setting:
     @classmethod
     def of(cls, profile: str) -> "Setting":
         """The setting of a profile of `snlp_lab.experiments` (its first variant's model size)."""
-        from .config import get_config
         check_choice("profile", profile, PROFILES)
         P = PROFILES[profile]
         v = next(iter(P.variants.values()))
@@ -250,6 +250,19 @@ def claim(key: str, text: str, paper: str, tables: tuple, figures: tuple):
     return wrap
 
 
+def _fine_tuning(t: dict) -> dict | None:
+    """From pretrained: the PPL change of one IDN iteration over all of each model's layers for the
+    baseline, the fine-tuned baseline and the model regularised from scratch (None where not all three are
+    there with a finite number)."""
+    p = t.get("pretrained")
+    if p is None or not {"model", "n_par", "K", "ppl_change_%"} <= set(p.columns):
+        return None
+    one = p[(p.K == 1) & (p.n_par == p.groupby("model").n_par.transform("max"))].set_index("model")["ppl_change_%"]
+    pick = lambda word: next((float(x) for m, x in one.items() if word in m), None)
+    ft = dict(base=pick("no reg"), tuned=pick("fine-tune"), scratch=pick("from scratch"))
+    return ft if all(x is not None and np.isfinite(x) for x in ft.values()) else None
+
+
 def _verdict(strong: int, weak: int, n: int) -> str:
     """holds if all n parts hold strongly, holds weakly if all hold at least weakly, else does not hold."""
     return HOLDS if strong == n else WEAK if weak == n else NO
@@ -384,8 +397,9 @@ def claim_d(t: dict, s: Setting) -> dict:
     """(1) Per family: the one-iteration PPL gap (one step of the family's surrogate over all layers,
     against own sequential PPL) of the baselines minus that of the regularised models, Welch's interval
     over seeds; less amenable if it lies above 0 (strong) or its mean does (weak). (2) pretrained (seed 0;
-    its rows "baseline (no reg)", "baseline + IDN fine-tune", "IDN from scratch"): fine-tuning fixes it if one IDN iteration over all layers of the fine-tuned baseline is within
-    +CLOSE_PPL_PCT of its sequential PPL or no worse than the model regularised from scratch.
+    its rows "baseline (no reg)", "baseline + IDN fine-tune", "IDN from scratch"): fine-tuning fixes it if
+    one IDN iteration over all layers of the fine-tuned baseline is within +CLOSE_PPL_PCT of its sequential
+    PPL or no worse than the model regularised from scratch.
     holds: (1) strong in every family and (2) not fixed; holds weakly: (1) at least weak in every family
     and (2) not fixed or not measured; does not hold here: otherwise."""
     r = need(t, "regularization_runs", ("variant", "reg", "seed", "seq_ppl", "snlp_ppl", "snlp"))
@@ -402,14 +416,7 @@ def claim_d(t: dict, s: Setting) -> dict:
     if not parts:
         raise Untestable("regularization_runs.csv has no family with both a baseline and a regularised model")
     n = len(parts)
-    ft = None
-    p = t.get("pretrained")
-    if p is not None and {"model", "config", "n_par", "K", "ppl_change_%"} <= set(p.columns):
-        one = p[(p.K == 1) & (p.n_par == p.n_par.max())].set_index("model")["ppl_change_%"]
-        pick = lambda word: next((float(x) for m, x in one.items() if word in m), None)
-        ft = dict(base=pick("no reg"), tuned=pick("fine-tune"), scratch=pick("from scratch"))
-        if None in ft.values():
-            ft = None
+    ft = _fine_tuning(t)
     if ft is None:
         fixed, fine = None, "fine-tuning: not measured (pretrained.csv missing or without the three models)"
     else:
@@ -516,13 +523,13 @@ def claim_f(t: dict, s: Setting) -> dict:
 
 def _decode_table(t: dict):
     """The decode study's table (configuration, decode speedup, PPL change), or None: `decode_goal*` or
-    `decode` (nb/decode), rows other than sequential."""
+    `decode` (nb/decode), rows other than sequential and other than the unregularised "baseline" recipe."""
     names = sorted(n for n in t if fnmatch.fnmatch(n, "decode_goal*")) + (["decode"] if "decode" in t else [])
     for name in names:
         d = t[name]
         change = [c for c in ("ppl_change_base_%", "ppl_change_own_%", "ppl_change_%") if c in d.columns]
         if {"config", "decode_speedup"} <= set(d.columns) and change:
-            d = d[d.config != "sequential"]
+            d = d[(d.config != "sequential") & (d.get("recipe", "") != "baseline")]
             label = d.recipe.astype(str) + " " if "recipe" in d.columns else ""
             return name, pd.DataFrame({"what": label + d.config.astype(str), "speedup": d.decode_speedup,
                                        "change": d[change].max(axis=1), "fused": d.config.map(_fused)})

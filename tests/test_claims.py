@@ -203,9 +203,10 @@ def test_g_fused_speedup_at_equal_ppl():
 
 @pytest.mark.parametrize("name", ["decode", "decode_goal_cpu"])
 def test_g_reads_the_decode_study(name):
-    dec = pd.DataFrame(dict(config=["sequential", "idn:K=1:n=4:1xF4", "idn:K=2:n=4"], recipe="lam0.5",
-                            ppl=[100.0, 100.5, 100.2], decode_speedup=[1.0, 2.2, 1.6],
-                            **{"ppl_change_base_%": [0.0, 0.5, 0.2], "ppl_change_own_%": [0.0, 0.8, 0.1]}))
+    dec = pd.DataFrame(dict(config=["sequential", "idn:K=1:n=4:1xF4", "idn:K=2:n=4", "idn:K=1:n=4:2xF2"],
+                            recipe=["lam0.5"] * 3 + ["baseline"], ppl=[100.0, 100.5, 100.2, 100.0],
+                            decode_speedup=[1.0, 2.2, 1.6, 3.0],
+                            **{"ppl_change_base_%": [0.0, 0.5, 0.2, 0.0], "ppl_change_own_%": [0.0, 0.8, 0.1, 0.0]}))
     t = {"frontier_all": frontier([("idn:K=1:n=4:2xF2:h0", 0, 9.0, 2.0)]), name: dec}
     c = C.claim_g(t, S)
     assert c.verdict == C.HOLDS and f"2.20x at +0.8% (decode, lam0.5 idn:K=1:n=4:1xF4)" in c.ours
