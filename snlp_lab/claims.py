@@ -289,7 +289,7 @@ def claim_a(t: dict, s: Setting) -> dict:
     ours = (f"relative error of h_L after k = {L - 1} of {L} Jacobi iterations: "
             + ", ".join(f"{m} {_err(e)}" for m, e in jac.items())
             + (f" (IDN at the same k: at most {_err(idn.max(skipna=False))})" if len(idn) else "")
-            + f"; stalls or diverges on {k} of {n} models")
+            + f"; stalls or diverges on {k} of {n} models (seed 0)")
     verdict = HOLDS if k == n else WEAK if 2 * k >= n else NO
     differs = "" if verdict != NO else f"Jacobi converges on {n - k} of {n} of our models. " + gap(s)
     return dict(ours=ours, verdict=verdict, differs=differs,
@@ -462,7 +462,7 @@ def claim_e(t: dict, s: Setting) -> dict:
     drop = 100 * (before.ppl / before.seq_ppl - 1)
     below = before[drop < -100 * PPL_RTOL]
     ours = (f"largest error of h_L at K = L: {_err(worst)}; PPL non-monotone in K for {nonmono} of {n} model/method "
-            f"pairs; some K < L beats sequential in {below.groupby(['model', 'method']).ngroups} of {n}")
+            f"pairs (seed 0); some K < L beats sequential in {below.groupby(['model', 'method']).ngroups} of {n}")
     differs = ""
     if len(before):
         i = drop.idxmin()
@@ -504,7 +504,7 @@ def claim_f(t: dict, s: Setting) -> dict:
     pv = stats.binomtest(wins, wins + losses, 0.5).pvalue
     ratio = float(np.median([h / i for _, _, h, i in pairs]))
     ours = (f"HCN lower PPL in {wins}, higher in {losses}, tied in {ties} of {len(pairs)} paired configurations on "
-            f"{len({m for m, *_ in pairs})} mHC model(s); sign test p = {pv:.2g}; median PPL ratio HCN/IDN {ratio:.4f}")
+            f"{len({m for m, *_ in pairs})} mHC model(s), seed 0; sign test p = {pv:.2g}; median PPL ratio HCN/IDN {ratio:.4f}")
     j = t.get("jacobians")
     if j is not None and {"variant", "surrogate", "baseline_distance", "reg_distance"} <= set(j.columns):
         d = j[j.surrogate.isin(["hcn", "idn"])].set_index(["variant", "surrogate"])
@@ -570,7 +570,7 @@ def claim_g(t: dict, s: Setting) -> dict:
     say = lambda r: "none" if r is None else f"{r.speedup:.2f}x at {pct(r.change)} ({r['pass']}, {r.what})"
     eq, fused, close = best(a, EQUAL_PPL_PCT), best(a[a.fused], EQUAL_PPL_PCT), best(a, CLOSE_PPL_PCT)
     ours = (f"best fused at <= +{EQUAL_PPL_PCT:g}% PPL: {say(fused)}; best of all at <= +{EQUAL_PPL_PCT:g}%: "
-            f"{say(eq)}; at <= +{CLOSE_PPL_PCT:g}%: {say(close)}; {len(a)} configurations"
+            f"{say(eq)}; at <= +{CLOSE_PPL_PCT:g}%: {say(close)}; {len(a)} configurations of seed-0 models"
             + ("" if dec is not None else "; decode: not testable here (no decode table: nb/decode did not run)")
             + (f" (decode from {dec[0]}.csv)" if dec is not None else ""))
     verdict = HOLDS if fused is not None and fused.speedup >= FASTER else \
@@ -604,7 +604,7 @@ def claim_h(t: dict, s: Setting) -> dict:
     lossless = bool((g.identical.astype(str) == "yes").all())
     b = g.loc[g.speedup.idxmax()]
     ours = (f"greedy output identical to sequential in {int((g.identical.astype(str) == 'yes').sum())} of {len(g)} "
-            f"runs; best at T = 0: {b.speedup:.2f}x ({b.draft}, B = {int(b.block)}, α = {b.alpha:.2f}; predicted "
+            f"runs (seed-0 model); best at T = 0: {b.speedup:.2f}x ({b.draft}, B = {int(b.block)}, α = {b.alpha:.2f}; predicted "
             f"{b.predicted:.2f}x)")
     if (d.temperature > 0).any():
         h = d[d.temperature > 0].loc[d[d.temperature > 0].speedup.idxmax()]
