@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from snlp_lab import experiments as E
 from snlp_lab.params import output_dirs
 from snlp_lab import solve
-from snlp_lab.analysis import convergence_curve
+from snlp_lab.analysis import convergence_curve, ppl_monotone
 from snlp_lab.diagnostics import perplexity
 from snlp_lab.report import add_reading, save_figure, save_table
 
@@ -86,8 +86,8 @@ wide = wide.reset_index()
 wide["seq_ppl"] = wide.model.map(curves.groupby("model").seq_ppl.first())
 exact_at_L = curves[curves.k == curves.L].groupby(["model", "method"], sort=False).final_err.max().reset_index()
 wide = wide.merge(exact_at_L.rename(columns={"final_err": "err_at_K=L"}), on=["model", "method"])
-# monotone: does PPL never get worse from one k to the next?
-mono = curves.groupby(["model", "method"], sort=False).ppl.apply(lambda s: bool((s.diff().dropna() <= 1e-9).all()))
+# monotone: does PPL never get worse from one k to the next (beyond rounding)?
+mono = curves.groupby(["model", "method"], sort=False).ppl.apply(ppl_monotone)
 wide["ppl_monotone_in_k"] = [mono[(m, me)] for m, me in zip(wide.model, wide.method)]
 save_table(wide, "convergence", report_dir, "PPL after K iterations (all layers parallel, init h0)",
            {**P.describe(), "input": f"{x.shape[0]} x {x.shape[1]} validation tokens, seed {P.seeds[0]} models"})

@@ -70,7 +70,7 @@ save_figure(g.figure, "frontier", fig_dir)
 
 # %%
 cols = ["model_name", "config", "S", "units", "bound", "ppl", "ppl_change_%", "prefill_ms", "speedup", "pareto"]
-res[cols].to_csv(f"{report_dir}/frontier_all.csv", index=False)
+res[cols + ["device"]].to_csv(f"{report_dir}/frontier_all.csv", index=False)
 front = res[res.pareto | (res.config == "sequential")][cols].sort_values(["model_name", "speedup"])
 save_table(front, "frontier", report_dir, "Pareto-optimal SNLP configurations: PPL (change) and measured speedup",
            {**P.describe(), "timing": f"prefill B=1, T={P.seq_len}, median of {P.bench_repeats} runs after warm-up, "

@@ -11,6 +11,10 @@ from . import diagnostics as dg
 from . import jacobian as jac
 from .solver import SURROGATES, solve
 
+# A rise of PPL smaller than this (relative) from one iteration count to the next is rounding, not a worse
+# iterate: near convergence float32 evaluations of the same windows differ by about 5e-7.
+PPL_RTOL = 1e-4
+
 
 def convergence_curve(model, idx, targets, method: str, n_par: int | None = None, max_iters: int | None = None,
                       ref=None, **solve_kw) -> pd.DataFrame:
@@ -35,6 +39,13 @@ def convergence_curve(model, idx, targets, method: str, n_par: int | None = None
                      "top1": dg.top1_agreement(r.logits, ref.logits),
                      "ppl": dg.perplexity(r.logits, targets) if finite else float("inf")})
     return pd.DataFrame(rows)
+
+
+def ppl_monotone(ppl) -> bool:
+    """Whether PPL, ordered by iteration count k, never rises from one k to the next by more than
+    PPL_RTOL (relative). A step to an infinite PPL is a rise; inf -> inf is not."""
+    p = pd.Series(ppl, dtype=float).to_numpy()
+    return not bool((p[1:] > p[:-1] * (1 + PPL_RTOL)).any())
 
 
 def surrogate_operator(model, l: int, h: torch.Tensor, ctx, method: str, **opts):

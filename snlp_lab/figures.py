@@ -5,6 +5,11 @@ figures (PNG + PDF) to fig_dir and its tables (CSV + Markdown) to report_dir. Th
 each notebook is saved to report_dir too. Without --out, profiles cpu and paper write the committed
 figures/ and reports/, any other profile a scratch folder (`snlp_lab.params.output_dirs`).
 
+After the notebooks the claims ledger (`snlp_lab.claims`) is rewritten from the tables in report_dir:
+claims.md, linked from the index. A partial run (--only) rewrites it too, as the ledger is a function of
+the tables alone and takes seconds; it then reads the new tables beside those of the last full run, and
+it lists each table it read with its write time, so that a mixed ledger shows it.
+
     python -m snlp_lab.figures --profile cpu            # the default, ~1 h on 2 cores
     python -m snlp_lab.figures --profile smoke --out /tmp/x   # what the tests run
 """
@@ -14,6 +19,7 @@ import argparse
 import time
 from pathlib import Path
 
+from .claims import write_ledger
 from .experiments import PROFILES
 from .params import output_dirs
 from .report import write_index, write_run_times
@@ -58,8 +64,9 @@ def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path 
         log(f"[figures] {nb.stem} done in {times[nb.stem]:.0f}s")
     if not only:  # a partial run keeps the times of the last full one
         write_run_times(report_dir, profile, times)
+    claims = write_ledger(report_dir, fig_dir, profile, log=log)
     write_index(report_dir, fig_dir)
-    log(f"[figures] wrote {fig_dir} and {report_dir} (index: {report_dir / 'README.md'})")
+    log(f"[figures] wrote {fig_dir} and {report_dir} (index: {report_dir / 'README.md'}, claims: {claims})")
     return times
 
 

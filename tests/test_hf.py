@@ -201,9 +201,10 @@ def test_validation_ppl_with_the_models_own_tokenizer(llama, text, tmp_path):
     ce = torch.nn.functional.cross_entropy(m.hf(x[None, :16]).logits[0], x[1:17])
     assert snlp_lab.evaluate_ppl(m, ds.val, 16, 1, max_batches=1) == pytest.approx(ce.exp().item(), rel=1e-5)
     seq = snlp_lab.evaluate_ppl(m, ds.val, 16, 4, max_batches=2)
-    # K = n_par is the sequential PPL; one IDN iteration is not
+    # K = n_par is the sequential PPL; one IDN iteration is not: it lies outside the same rounding bound (how far
+    # outside depends on the validation documents, i.e. on which files the package holds, so no more is asserted)
     assert snlp_lab.evaluate_ppl(m, ds.val, 16, 4, 2, method="idn", iters=L, n_par=L) == pytest.approx(seq, rel=1e-5)
-    assert snlp_lab.evaluate_ppl(m, ds.val, 16, 4, 2, method="idn", iters=1, n_par=L) != pytest.approx(seq, rel=1e-3)
+    assert snlp_lab.evaluate_ppl(m, ds.val, 16, 4, 2, method="idn", iters=1, n_par=L) != pytest.approx(seq, rel=1e-5)
     again = prepare_data(str(text), tokenizer=llama, cache=tmp_path, progress=False)
     assert again.cached and again.path == ds.path
 

@@ -2,6 +2,7 @@
 so notebooks cannot rot. Outputs go to a temporary folder; the committed figures are not touched."""
 import math
 import os
+import re
 
 import pandas as pd
 import pytest
@@ -71,6 +72,20 @@ def test_speculative_is_lossless_and_measured(smoke_run):
     df = pd.read_csv(out / "reports" / "speculative.csv")
     assert set(df.temperature) == {0.0, 1.0} and (df[df.temperature == 0].identical == "yes").all()
     assert df.alpha.between(0, 1).all() and (df.speedup > 0).all() and (df.predicted > 0).all()
+
+
+def test_claims_ledger_has_every_claim(smoke_run):
+    out, _ = smoke_run
+    text = (out / "reports" / "claims.md").read_text()
+    rows = [l for l in text.splitlines() if re.match(r"\| \([a-h]\) \|", l)]
+    assert [r[3] for r in rows] == list("abcdefgh")
+    assert not re.search(r"(?<![a-z])nan(?![a-z])", text, re.IGNORECASE)
+    assert "[claims.md](claims.md)" in (out / "reports" / "README.md").read_text()
+    ledger = pd.read_csv(out / "reports" / "claims.csv")
+    # every table a claim reads was written (a claim may still be untestable for too few rows or seeds)
+    assert not ledger.rule.str.contains("is missing|lacks the column|missing values").any(), ledger.rule.tolist()
+    runs = pd.read_csv(out / "reports" / "regularization_runs.csv")
+    assert {"variant", "reg", "seed", "seq_ppl", "snlp_ppl"} <= set(runs.columns)
 
 
 def test_bad_profile_fails_fast(tmp_path):

@@ -1,0 +1,266 @@
+"""The claims ledger on hand-written tables: for every claim a case that holds, one that does not and one
+with missing data, with the numbers it must report; the statistics against their formulas; the writer
+and its command line."""
+import math
+import re
+
+import pandas as pd
+import pytest
+
+from snlp_lab import claims as C
+
+S = C.Setting("a test", 4, 32, 10, 1000, "toy text", "cpu", finetune_steps=3)
+T975 = {2: 4.302652729749464, 4: 2.7764451051977987}  # Student-t 97.5% quantiles by degrees of freedom
+
+
+def curves(jacobi_err, idn_ppl=(120.0, 95.0, 100.0), err_at_L=1e-7, models=("m1", "m2")):
+    """convergence_curves: L = 3, Jacobi's error of h_L at k = 1, 2 given, exact at k = 3."""
+    rows = []
+    for m in models:
+        for k in (1, 2, 3):
+            rows.append(dict(model=m, method="jacobi", k=k, L=3, seq_ppl=100.0, ppl=300.0 if k < 3 else 100.0,
+                             final_err=err_at_L if k == 3 else jacobi_err))
+            rows.append(dict(model=m, method="idn", k=k, L=3, seq_ppl=100.0, ppl=idn_ppl[k - 1],
+                             final_err=err_at_L if k == 3 else 1e-3))
+    return pd.DataFrame(rows)
+
+
+def runs(base_seq, reg_seq, base_snlp=None, reg_snlp=None, variants=("plain",), reg="idn"):
+    """regularization_runs: one row per (variant, reg, seed)."""
+    rows = []
+    for v in variants:
+        for name, seq, snlp in (("none", base_seq, base_snlp), (reg, reg_seq, reg_snlp)):
+            for i, p in enumerate(seq):
+                rows.append(dict(variant=v, reg=name, seed=i, seq_ppl=p, snlp=f"{reg} K=1 n=4",
+                                 snlp_ppl=p if snlp is None else snlp[i]))
+    return pd.DataFrame(rows)
+
+
+def frontier(rows, model="plain/idn"):
+    """frontier_all: (config, S, ppl, ppl_change_%, speedup) rows of one model, with its sequential row."""
+    seq = dict(model_name=model, config="sequential", S=4, ppl=100.0, **{"ppl_change_%": 0.0}, speedup=1.0)
+    return pd.DataFrame([seq] + [dict(model_name=model, config=c, S=s, ppl=100 * (1 + ch / 100),
+                                      **{"ppl_change_%": ch}, speedup=sp) for c, s, ch, sp in rows])
+
+
+def has_no_nan(c: C.Claim):
+    text = " ".join(str(v) for v in vars(c).values())
+    return not re.search(r"(?<![a-z])nan(?![a-z])", text, re.IGNORECASE)
+
+
+# ------------------------------------------------------------------------------------------ statistics
+def test_mean_ci_is_the_student_t_interval():
+    e = C.mean_ci([1.0, 2.0, 1.5])
+    half = T975[2] * 0.5 / math.sqrt(3)
+    assert e.mean == pytest.approx(1.5) and (e.lo, e.hi) == pytest.approx((1.5 - half, 1.5 + half)) and e.n == 3
+    assert e.text() == f"+1.5% [{1.5 - half:+.1f}, {1.5 + half:+.1f}] (n = 3 seeds)"
+    one = C.mean_ci([4.0])
+    assert not one.has_interval and one.text() == "+4.0%, no interval (n = 1 seed)"
+    assert not one.below(5) and not one.above(0)  # a verdict that needs an interval does not get one
+    same = C.mean_ci([2.0, 2.0])
+    assert (same.lo, same.hi) == (2.0, 2.0)
+    with pytest.raises(ValueError, match="at least one value"):
+        C.mean_ci([])
+
+
+def test_relative_change_is_welch_over_the_baseline_mean():
+    e = C.relative_change([90.0, 91.0, 89.0], [100.0, 101.0, 99.0])
+    half = T975[4] * math.sqrt(1 / 3 + 1 / 3)  # equal variances: Welch's df = 4
+    assert e.mean == pytest.approx(-10.0) and e.n == (3, 3)
+    assert (e.lo, e.hi) == pytest.approx((-10 - half, -10 + half), rel=1e-9)
+    assert e.below(0) and not e.above(0)
+    assert not C.diff_ci([1.0], [2.0, 3.0]).has_interval
+
+
+# ------------------------------------------------------------------------------------------ (a)
+def test_a_jacobi_stalls():
+    c = C.claim_a({"convergence_curves": curves(0.5)}, S)
+    assert c.verdict == C.HOLDS and "m1 0.5, m2 0.5" in c.ours and "2 of 2 models" in c.ours
+    assert C.claim_a({"convergence_curves": curves(float("nan"))}, S).verdict == C.HOLDS  # NaN: diverged
+    no = C.claim_a({"convergence_curves": curves(0.01)}, S)
+    assert no.verdict == C.NO and "0 of 2" in no.ours and no.differs
+    gone = C.claim_a({}, S)
+    assert gone.verdict == C.UNTESTABLE and "convergence_curves.csv is missing" in gone.rule and gone.ours == "—"
+    assert all(map(has_no_nan, (c, no, gone)))
+
+
+# ------------------------------------------------------------------------------------------ (b)
+def test_b_one_iteration_close_to_sequential():
+    t = {"regularization_runs": runs([100.0] * 3, [100.0] * 3, [200.0] * 3, [101.0, 102.0, 101.5])}
+    c = C.claim_b(t, S)
+    half = T975[2] * 0.5 / math.sqrt(3)
+    assert c.verdict == C.HOLDS and f"K=1 +1.5% [{1.5 - half:+.1f}, {1.5 + half:+.1f}] (n = 3 seeds)" in c.ours
+    assert "+1.5 points from the paper's ±0.0%" in c.differs
+    far = C.claim_b({"regularization_runs": runs([100.0] * 3, [100.0] * 3, None, [130.0, 131.0, 129.0])}, S)
+    assert far.verdict == C.NO and "+30.0%" in far.ours
+    # one seed: no interval, at most "holds weakly"; two iterations close is enough for that too
+    one = C.claim_b({"regularization_runs": runs([100.0], [100.0], None, [104.0])}, S)
+    assert one.verdict == C.WEAK and "no interval" in one.ours
+    k2 = {"regularization_runs": runs([100.0], [100.0], None, [130.0]),
+          "frontier_all": frontier([("idn:K=2:n=4:h0", 0, 2.0, 0.8), ("idn:K=2:n=2:h0", 2, 0.1, 1.2)])}
+    w = C.claim_b(k2, S)
+    assert w.verdict == C.WEAK and "K=2 +2.0% (seed 0)" in w.ours
+    gone = C.claim_b({"regularization_runs": runs([100.0], [100.0]).drop(columns="snlp_ppl")}, S)
+    assert gone.verdict == C.UNTESTABLE and "lacks the column(s) snlp_ppl" in gone.rule
+
+
+# ------------------------------------------------------------------------------------------ (c)
+def test_c_regulariser_changes_sequential_ppl():
+    c = C.claim_c({"regularization_runs": runs([100.0, 101.0, 99.0], [90.0, 91.0, 89.0])}, S)
+    half = T975[4] * math.sqrt(2 / 3)
+    assert c.verdict == C.HOLDS and f"plain/idn: -10.0% [{-10 - half:+.1f}, {-10 + half:+.1f}] (n = 3 + 3 seeds)" in c.ours
+    assert "plain/idn -10.0% against the paper's -5.6% (0.5B w/o x0ve IDN): -4.4 points" in c.differs
+    up = C.claim_c({"regularization_runs": runs([100.0, 101.0, 99.0], [110.0, 111.0, 109.0])}, S)
+    assert up.verdict == C.NO and "1 higher" in up.rule
+    unclear = C.claim_c({"regularization_runs": runs([100.0, 104.0, 96.0], [99.0, 103.0, 95.0])}, S)
+    assert unclear.verdict == C.NO and "1 unclear" in unclear.rule and "1 of 1 inside ±2.4%" not in unclear.rule
+    one = C.claim_c({"regularization_runs": runs([100.0], [90.0], variants=("plain", "x0ve"))}, S)
+    assert one.verdict == C.WEAK and "2 lower by a change without interval" in one.rule  # one seed: at most weakly
+    assert C.claim_c({"regularization_runs": runs([100.0], [110.0])}, S).verdict == C.NO
+    nan = runs([100.0, 101.0], [90.0, float("nan")])
+    gone = C.claim_c({"regularization_runs": nan}, S)
+    assert gone.verdict == C.UNTESTABLE and "missing values in the column(s) seq_ppl" in gone.rule
+
+
+# ------------------------------------------------------------------------------------------ (d)
+def pretrained(base, tuned, scratch):
+    rows = []
+    for m, ch in (("baseline (no reg)", base), ("baseline + IDN fine-tune", tuned), ("IDN from scratch", scratch)):
+        rows += [dict(model=m, config="sequential", n_par=0, K=0, ppl=100.0, **{"ppl_change_%": 0.0}),
+                 dict(model=m, config="idn K=1 n=4 h0", n_par=4, K=1, ppl=100 + ch, **{"ppl_change_%": ch}),
+                 dict(model=m, config="idn K=1 n=2 h0", n_par=2, K=1, ppl=100.0, **{"ppl_change_%": 0.0})]
+    return pd.DataFrame(rows)
+
+
+def test_d_baselines_less_amenable_and_fine_tuning_does_not_fix_it():
+    r = runs([100.0] * 3, [100.0] * 3, [200.0, 210.0, 190.0], [101.0, 102.0, 103.0])
+    c = C.claim_d({"regularization_runs": r, "pretrained": pretrained(100.0, 20.0, 1.0)}, S)
+    assert c.verdict == C.HOLDS and "baseline minus idn-regularised one-step gap +98.0 points" in c.ours
+    assert "fine-tuned for 3 steps +20.0%, regularised from scratch (10 steps) +1.0%: fine-tuning does not fix it" in c.ours
+    fixed = C.claim_d({"regularization_runs": r, "pretrained": pretrained(100.0, 1.0, 3.0)}, S)
+    assert fixed.verdict == C.NO and "fine-tuning fixes it" in fixed.ours
+    part = C.claim_d({"regularization_runs": r}, S)  # no pretrained table: at most weakly
+    assert part.verdict == C.WEAK and "fine-tuning: not measured" in part.ours
+    same = C.claim_d({"regularization_runs": runs([100.0] * 3, [100.0] * 3, [101.0, 102.0, 103.0], [150.0, 151.0, 149.0]),
+                      "pretrained": pretrained(100.0, 20.0, 1.0)}, S)
+    assert same.verdict == C.NO
+    gone = C.claim_d({"pretrained": pretrained(1.0, 1.0, 1.0)}, S)
+    assert gone.verdict == C.UNTESTABLE and "regularization_runs.csv is missing" in gone.rule
+
+
+# ------------------------------------------------------------------------------------------ (e)
+def test_e_exact_at_n_par_and_not_monotone():
+    c = C.claim_e({"convergence_curves": curves(0.5)}, S)
+    # per model: Jacobi monotone (300, 300, 100), IDN not (120, 95, 100): 2 of 4 pairs, not more than half
+    assert c.verdict == C.WEAK and "non-monotone in K for 2 of 4" in c.ours and "idn K=2, -5.0% against" in c.ours
+    assert "-5.0% against sequential, +5.8 points from the paper's -10.8%" in c.differs
+    one = C.claim_e({"convergence_curves": curves(0.5, models=("m1",)).query("method == 'idn'")}, S)
+    assert one.verdict == C.HOLDS
+    mono = C.claim_e({"convergence_curves": curves(0.5, idn_ppl=(120.0, 105.0, 100.0))}, S)
+    assert mono.verdict == C.NO and "0 of 4" in mono.ours
+    # a rise below PPL_RTOL is rounding, not a worse iterate
+    tiny = C.claim_e({"convergence_curves": curves(0.5, idn_ppl=(120.0, 100.0, 100.0 * (1 + 1e-6)))}, S)
+    assert tiny.verdict == C.NO
+    inexact = C.claim_e({"convergence_curves": curves(0.5, err_at_L=0.3)}, S)
+    assert inexact.verdict == C.NO and "exact (<= 0.0001): no" in inexact.rule
+    assert C.claim_e({}, S).verdict == C.UNTESTABLE
+
+
+# ------------------------------------------------------------------------------------------ (f)
+def mhc_pairs(hcn_change, idn_change=1.0):
+    cfgs = [f"{{}}:K={k}:n=4:{init}" for k in (1, 2, 3) for init in ("h0", "fwd")]
+    return frontier([(c.format("hcn"), 0, hcn_change, 1.5) for c in cfgs] +
+                    [(c.format("idn"), 0, idn_change, 1.5) for c in cfgs], model="mhc/hcn")
+
+
+def test_f_hcn_beats_idn_on_mhc():
+    c = C.claim_f({"frontier_all": mhc_pairs(0.5)}, S)
+    assert c.verdict == C.HOLDS and "lower PPL in 6, higher in 0, tied in 0 of 6" in c.ours and "p = 0.031" in c.ours
+    assert C.claim_f({"frontier_all": mhc_pairs(2.0)}, S).verdict == C.NO
+    three = mhc_pairs(0.5).query("config.str.endswith('h0')")
+    assert C.claim_f({"frontier_all": three}, S).verdict == C.WEAK  # 3 wins of 3: p = 0.25
+    ties = C.claim_f({"frontier_all": mhc_pairs(1.0)}, S)
+    assert ties.verdict == C.UNTESTABLE and "tie" in ties.rule
+    gone = C.claim_f({"frontier_all": frontier([("idn:K=1:n=4:h0", 0, 1.0, 2.0)])}, S)
+    assert gone.verdict == C.UNTESTABLE and "no HCN configuration" in gone.rule
+    j = pd.DataFrame(dict(variant=["mhc", "mhc"], surrogate=["hcn", "idn"], baseline_distance=[0.1, 0.3],
+                          reg_distance=[0.05, 0.2]))
+    assert "(mhc, baseline -> regularised): HCN 0.100 -> 0.050, IDN 0.300 -> 0.200" in C.claim_f({"frontier_all": mhc_pairs(0.5), "jacobians": j}, S).ours
+
+
+# ------------------------------------------------------------------------------------------ (g)
+def test_g_fused_speedup_at_equal_ppl():
+    c = C.claim_g({"frontier_all": frontier([("idn:K=1:n=4:2xF2:h0", 0, 0.5, 1.5), ("idn:K=1:n=4:h0", 0, 8.0, 3.0)])}, S)
+    assert c.verdict == C.HOLDS and "best fused at <= +1% PPL: 1.50x at +0.5% (prefill, plain/idn idn:K=1:n=4:2xF2:h0)" in c.ours
+    assert "decode: not testable here" in c.ours and "is 1.58 times that" in c.differs and "On a CPU" in c.differs
+    weak = C.claim_g({"frontier_all": frontier([("idn:K=1:n=4:2xF2:h0", 0, 0.5, 1.05), ("idn:K=2:n=4:h0", 0, 3.0, 1.3)])}, S)
+    assert weak.verdict == C.WEAK
+    no = C.claim_g({"frontier_all": frontier([("idn:K=1:n=4:2xF2:h0", 0, 9.0, 2.0), ("idn:K=2:n=4:h0", 0, 0.0, 0.9)])}, S)
+    assert no.verdict == C.NO and "No fused configuration of ours keeps PPL within +1%" in no.differs
+    baseline_only = C.claim_g({"frontier_all": frontier([("idn:K=1:n=4:2xF2:h0", 0, 0.5, 1.5)], model="plain/none")}, S)
+    assert baseline_only.verdict == C.UNTESTABLE
+
+
+@pytest.mark.parametrize("name", ["decode", "decode_goal_cpu"])
+def test_g_reads_the_decode_study(name):
+    dec = pd.DataFrame(dict(config=["sequential", "idn:K=1:n=4:1xF4", "idn:K=2:n=4", "idn:K=1:n=4:2xF2"],
+                            recipe=["lam0.5"] * 3 + ["baseline"], ppl=[100.0, 100.5, 100.2, 100.0],
+                            decode_speedup=[1.0, 2.2, 1.6, 3.0],
+                            **{"ppl_change_base_%": [0.0, 0.5, 0.2, 0.0], "ppl_change_own_%": [0.0, 0.8, 0.1, 0.0]}))
+    t = {"frontier_all": frontier([("idn:K=1:n=4:2xF2:h0", 0, 9.0, 2.0)]), name: dec}
+    c = C.claim_g(t, S)
+    assert c.verdict == C.HOLDS and f"2.20x at +0.8% (decode, lam0.5 idn:K=1:n=4:1xF4)" in c.ours
+    assert f"decode from {name}.csv" in c.ours
+
+
+# ------------------------------------------------------------------------------------------ (h)
+def spec(identical="yes", speedups=(1.3, 1.1)):
+    return pd.DataFrame(dict(draft="idn:K=1:n=4", temperature=[0.0, 0.0, 1.0], block=[1, 2, 2], alpha=[0.9, 0.8, 0.6],
+                             speedup=[*speedups, 0.9], predicted=[1.4, 1.2, 1.0], identical=[identical, identical, "n/a"]))
+
+
+def test_h_lossless_drafter():
+    c = C.claim_h({"speculative": spec()}, S)
+    assert c.verdict == C.HOLDS and "identical to sequential in 2 of 2" in c.ours and "1.30x (idn:K=1:n=4, B = 1" in c.ours
+    assert "Measured 1.30x against the formula's 1.40x" in c.differs
+    assert C.claim_h({"speculative": spec(speedups=(1.05, 1.0))}, S).verdict == C.WEAK
+    assert C.claim_h({"speculative": spec(identical="no")}, S).verdict == C.NO
+    assert C.claim_h({"speculative": spec(speedups=(0.8, 0.7))}, S).verdict == C.NO
+    sampling = C.claim_h({"speculative": spec().iloc[2:]}, S)
+    assert sampling.verdict == C.UNTESTABLE and "no temperature-0 row" in sampling.rule
+    assert C.claim_h({}, S).verdict == C.UNTESTABLE
+
+
+# ------------------------------------------------------------------------------------------ the ledger
+def test_every_claim_is_in_the_ledger_and_missing_tables_are_not_testable():
+    rows = C.ledger({}, C.Setting.of("smoke"))
+    assert [c.key for c in rows] == list("abcdefgh")
+    assert {c.verdict for c in rows} == {C.UNTESTABLE} and all(map(has_no_nan, rows))
+
+
+def test_write_ledger_links_its_evidence(tmp_path, capsys):
+    reports, figs = tmp_path / "reports", tmp_path / "figures"
+    reports.mkdir(), figs.mkdir()
+    curves(0.5).to_csv(reports / "convergence_curves.csv", index=False)
+    spec().to_csv(reports / "speculative.csv", index=False)  # its 'n/a' must stay text
+    (figs / "convergence_error.png").write_bytes(b"png")
+    pd.DataFrame(dict(a=[1])).to_csv(reports / "claims.csv", index=False)  # the ledger's own: not an input
+    path = C.write_ledger(reports, figs, "smoke")
+    text = path.read_text()
+    rows = [l for l in text.splitlines() if re.match(r"\| \([a-h]\) \|", l)]
+    assert len(rows) == 8 and "**holds**" in rows[0] and "[convergence_error.png](../figures/convergence_error.png)" in rows[0]
+    assert "[convergence_curves](convergence_curves.csv)" in rows[0] and "`convergence_curves.csv` (" in text
+    assert "**holds**" in rows[7] and "[speculative](speculative.csv)" in rows[7]
+    assert not re.search(r"(?<![a-z])nan(?![a-z])", text, re.IGNORECASE)
+    assert list(pd.read_csv(reports / "claims.csv").key) == list("abcdefgh")
+    assert "[claims] wrote" in capsys.readouterr().out
+
+
+def test_cli_bad_folder_is_one_error_line(tmp_path, capsys):
+    assert C.main(["--report-dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: report folder") and len(err.strip().splitlines()) == 1
+    assert C.main(["--report-dir", str(tmp_path), "--profile", "huge"]) == 2
+    assert "valid profiles: smoke, cpu, paper" in capsys.readouterr().err
+    assert C.main(["--report-dir"]) == 2
+    assert capsys.readouterr().err.startswith("error: argument --report-dir: expected one argument")
