@@ -64,7 +64,7 @@ from .evaluate import evaluate_ppl, parse_snlp_specs
 from .build import build_model
 from .paths import cache_dir
 from .regularizer import POSITIONS, check_n_par_set, snlp_regularizer
-from .snlp_config import INITS, SNLPConfig, parse_config
+from .snlp_config import INITS, SNLPConfig, parse_chunks, parse_config
 from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, solve
 
 if importlib.util.find_spec(f"{__package__}.mhc") is not None:
@@ -86,7 +86,7 @@ PAPER_MHC_LR = 0.01
 # options added after runs were cached: left out of the config hash (and the resume check) at their
 # defaults, so that the cached runs and committed results keep their run folders
 LATER_DEFAULTS = {"reg_positions": "strided", "reg_per_stream": False, "reg_fd_eps": 0.0, "recipe": "snlp",
-                  "lr_final_frac": 0.0}
+                  "lr_final_frac": 0.0, "chunks": None}
 LOG_SECONDS = 30  # progress lines when the output is not a terminal
 # learning rates when left unset: nanochat's for training our models, smaller ones for fine-tuning a
 # pretrained transformers model (nanochat's would wreck it within a few steps)
@@ -130,7 +130,8 @@ class TrainConfig:
     objective: str = "ce"  # "ce" or "snlp-forward"
     method: str = "idn"  # surrogate of the SNLP forward
     iters: int = 1  # K
-    n_par: int | None = None  # None: the depth
+    n_par: int | None = None  # None: the depth (C·M with chunks)
+    chunks: str | None = None  # "CxFM": train the SNLP forward over C fused chunks of M layers (snlp_lab.fusion)
     init: str = "h0"
     init_from: str | None = None  # checkpoint (run folder) to start from
     init_from_hf: str | None = None  # a local Hugging Face model folder to fine-tune (snlp_lab.hf)
@@ -224,9 +225,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     lrs = {k: v for k, v in (FINETUNE_LRS if hf else NANOCHAT_LRS).items() if getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **lrs, model="hf" if hf else cfg.model,
                               init_from_hf=str(Path(cfg.init_from_hf).expanduser().resolve()) if hf else None)
+    n_par = cfg.n_par
+    if n_par is None:  # all layers, or exactly the layers the chunks cover
+        n_par = math.prod(parse_chunks(cfg.chunks)) if isinstance(cfg.chunks, str) else L
     cfg = dataclasses.replace(cfg, override=over, vocab_size=mcfg.vocab_size,
                               seq_len=mcfg.sequence_len if cfg.seq_len is None else cfg.seq_len, n_par_set=tuple(npset),
-                              n_par=L if cfg.n_par is None else cfg.n_par)
+                              n_par=n_par)
     for name in ("steps", "batch_size", "seq_len", "iters", "eval_batches"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
@@ -267,7 +271,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                              "does not run; use --reg none with it (or --objective ce with a --reg)")
         if cfg.method not in SURROGATES:
             raise ValueError(f"unknown method {cfg.method!r}; valid: {', '.join(SURROGATES)}")
-        SNLPConfig(cfg.method, cfg.iters, cfg.n_par, init=cfg.init).check(L, decoding=False)
+        SNLPConfig(cfg.method, cfg.iters, cfg.n_par, cfg.chunks, init=cfg.init).check(L, decoding=False)
+    elif cfg.chunks is not None:
+        raise ValueError("chunks set the fused units of the SNLP forward; use them with --objective snlp-forward")
     for spec in filter(None, map(str.strip, cfg.eval_snlp.split(","))):
         parse_config(spec).check(L, decoding=False)
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -377,8 +383,8 @@ class SNLPLoss(nn.Module):
         m, cfg = self.model, self.cfg
         seed = cfg.seed * 1_000_003 + step  # random probes (DiagN) differ per step, same on resume
         if cfg.objective == "snlp-forward":
-            logits = solve(m, x, method=cfg.method, iters=cfg.iters, n_par=cfg.n_par, init=cfg.init,
-                           seed=seed).logits
+            logits = solve(m, x, method=cfg.method, iters=cfg.iters, n_par=cfg.n_par, chunks=cfg.chunks,
+                           init=cfg.init, seed=seed).logits
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             return ce, ce, torch.zeros_like(ce)
         h, ctx = m.embed(x)
@@ -727,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--method", default=D.method, help="surrogate of the snlp-forward objective")
     a("--iters", type=int, default=D.iters, help="K, iterations of the snlp-forward objective")
     a("--n-par", type=int, default=None, help="parallel layers of the snlp-forward objective (default: all)")
+    a("--chunks", default=None, metavar="CxFM",
+      help="fused chunks of the snlp-forward objective, e.g. 4xF3 (C chunks of M layers; n_par defaults to C·M)")
     a("--init", default=D.init, help=f"initial guess of the snlp-forward objective: {', '.join(INITS)}")
     a("--init-from", default=None, metavar="CKPT", help="start from this checkpoint's weights (fine-tuning)")
     a("--init-from-hf", default=None, metavar="PATH",
