@@ -352,6 +352,9 @@ def test_trained_model_is_cached(corpus, tmp_path, monkeypatch):
     assert T.run_dir(cfg()) == T.run_dir(cfg(vocab_size=300, device="cpu", out="x"))
     with pytest.raises(ValueError, match="unknown option"):
         trained_model("tiny", steps=3, n_layers=3, **kw)
+    # init is the SNLP forward's initial guess (a training option), not the model's init scheme
+    cached = T._cached_config("tiny", 3, "none", 0.1, 0, objective="snlp-forward", init="fwd", **kw)
+    assert cached.init == "fwd" and cached.override == ()
 
 
 # ------------------------------------------------------------------------------------------ bad input
