@@ -127,7 +127,7 @@ PROFILES: dict[str, Profile] = {
                    # issue 14's model: the cpu-plain preset at full size (12 x 128), 300 steps
                    decode=DecodeStudy("cpu-plain", steps=300, batch_size=4, seq_len=128, vocab_size=4096,
                                       recipes=("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"),
-                                      configs=DECODE_CONFIGS, eval_batches=16)),
+                                      configs=DECODE_CONFIGS, eval_batches=8)),
     "paper": Profile("paper", {"plain": Variant("0.5b-plain", label="0.5B w/o x0ve"),
                                "x0ve": Variant("0.5b", label="0.5B"),
                                "mhc": Variant("0.5b-mhc", regs=("none", "hcn"), label="0.5B-mHC")},

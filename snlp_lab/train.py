@@ -657,7 +657,7 @@ def _cached_config(preset: str, steps: int, reg: str, lam: float, seed: int, **k
                          f"and model config fields {', '.join(sorted(fields))}")
     train_kw = {k: v for k, v in kwargs.items() if k in names}
     # init names both a training option (the SNLP forward's initial guess) and a model field: here the former
-    overrides = tuple(f"{k}={v}" for k, v in kwargs.items() if k in fields and k not in names)
+    overrides = tuple(f"{k}={v}" for k, v in kwargs.items() if k in fields and k != "init")
     cfg = resolve(TrainConfig(model=preset, steps=steps, reg=reg, lam=lam, seed=seed, override=overrides,
                               **train_kw))
     return dataclasses.replace(cfg, out=str(run_dir(cfg)), resume=True)

@@ -354,7 +354,7 @@ def test_trained_model_is_cached(corpus, tmp_path, monkeypatch):
         trained_model("tiny", steps=3, n_layers=3, **kw)
     # init is the SNLP forward's initial guess (a training option), not the model's init scheme
     cached = T._cached_config("tiny", 3, "none", 0.1, 0, objective="snlp-forward", init="fwd", **kw)
-    assert cached.init == "fwd" and cached.override == ()
+    assert cached.init == "fwd" and cached.override == ("vocab_size=300",)  # vocab_size: both, as before
 
 
 # ------------------------------------------------------------------------------------------ bad input
