@@ -9,6 +9,7 @@ training recipe (`decode_recipes`, `recipe_model`).
 """
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 from dataclasses import dataclass, field
@@ -325,10 +326,10 @@ def recipe_ppl(P: Profile, model, ds, configs) -> list[float]:
 def decode_speed(model, configs, seq_len: int, decode_tokens: int, repeats: int, device: str = "cpu",
                  compile_modes=(False,)) -> pd.DataFrame:
     """Decode and prefill speed of each configuration against the best sequential decoder, one row per
-    configuration. Every configuration is timed under each of `compile_modes` (`bench.run_bench`'s
-    `compile`: (False, True) times eager and compiled blocks); decode_tok_s is the best of them (`compile`:
-    whether that was a compiled decoder), prefill_ms likewise, and the speedups divide by the best sequential of the same run
-    (B = 1, T = seq_len, KV-cached decode of the last decode_tokens tokens)."""
+    configuration (B = 1, T = seq_len, KV-cached decode of the last decode_tokens tokens). Each is timed
+    under every one of `compile_modes` (`bench.run_bench`'s `compile`: (False, True) times eager and
+    compiled blocks) and keeps its best: decode_tok_s (`compile`: whether from the compiled decoder) and
+    prefill_ms. The speedups divide by the best sequential decoder of the same run."""
     runs = pd.concat([run_bench(model, list(configs), seq_lens=(seq_len,), decode_tokens=decode_tokens,
                                 repeats=repeats, device=device, compile=mode) for mode in compile_modes],
                      ignore_index=True)
@@ -374,6 +375,5 @@ def best_tradeoffs(table: pd.DataFrame) -> pd.DataFrame:
 
 def train_seconds(run_dir) -> float:
     """Training wall time of a finished run: the sum of its logged step times (metrics.jsonl)."""
-    import json
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     return sum(json.loads(s).get("step_time", 0.0) for s in lines if s.strip())
