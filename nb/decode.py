@@ -26,7 +26,7 @@
 
 # %% tags=["parameters"]
 profile = "cpu"  # smoke | cpu | paper
-recipes = None  # recipe names (one or a list); None: the profile's (experiments.PROFILES[...].decode.recipes)
+recipes = None  # recipe names (one or a list), or "all"; None: the profile's (experiments.PROFILES[...].decode)
 configs = None  # configuration strings (one or a list); None: the profile's
 decoders = "eager"  # "eager" and/or "compiled" (a list): decode speed is the best of them, per configuration
 fig_dir = None  # None: figures/ and reports/ for a make-figures run, else a scratch folder
@@ -51,7 +51,8 @@ if D is None:
     raise ValueError(f"profile {profile!r} has no decode study; valid profiles: "
                      f"{', '.join(k for k, v in E.PROFILES.items() if v.decode)}")
 L = get_config(D.preset, **D.overrides).n_layer
-recipes = as_list("recipes", recipes if recipes is not None else list(D.recipes))
+recipes = list(E.decode_recipes(L)) if recipes == "all" else \
+    as_list("recipes", recipes if recipes is not None else list(D.recipes))
 for r in recipes:
     check_choice("recipe", r, E.decode_recipes(L))
 recipes = ["baseline"] + [r for r in recipes if r != "baseline"]  # every ΔPPL also against the baseline

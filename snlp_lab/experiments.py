@@ -125,10 +125,11 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile("cpu", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2), steps=150, batch_size=8, seq_len=128,
                    vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12), stride=1, eval_batches=16,
                    eval_batch_size=8, finetune_steps=60,
-                   # issue 14's model: the cpu-plain preset at full size (12 x 128), 300 steps
+                   # issue 14's model: the cpu-plain preset at full size (12 x 128), 300 steps. Three recipes
+                   # fit the study's ~15 minutes (the others: papermill ... -p recipes all, about 45 minutes)
                    decode=DecodeStudy("cpu-plain", steps=300, batch_size=4, seq_len=128, vocab_size=4096,
-                                      recipes=("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"),
-                                      configs=DECODE_CONFIGS, eval_batches=8)),
+                                      recipes=("baseline", "idn-all", "fwd"), configs=DECODE_CONFIGS,
+                                      eval_batches=8)),
     "paper": Profile("paper", {"plain": Variant("0.5b-plain", label="0.5B w/o x0ve"),
                                "x0ve": Variant("0.5b", label="0.5B"),
                                "mhc": Variant("0.5b-mhc", regs=("none", "hcn"), label="0.5B-mHC")},
