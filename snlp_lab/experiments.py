@@ -106,6 +106,13 @@ DECODE_CONFIGS = ("sequential", "idn:K=1:n=12", "idn:K=1:n=12:fwd", "idn:K=2:n=1
                   "idn:K=1:n=12:3xF4", "idn:K=2:n=12:3xF4", "idn:K=1:n=12:4xF3", "idn:K=2:n=12:4xF3",
                   "idn:K=1:n=12:4xF3:fwd")
 
+
+def _cpu_plain_decode(recipes: tuple) -> DecodeStudy:
+    # issue 14's model: the cpu-plain preset at full size (12 x 128), 300 steps
+    return DecodeStudy("cpu-plain", steps=300, batch_size=4, seq_len=128, vocab_size=4096, recipes=recipes,
+                       configs=DECODE_CONFIGS, eval_batches=8)
+
+
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", {"plain": Variant("tiny", dict(x0ve=False, vocab_size=512), label="tiny plain"),
                                "x0ve": Variant("tiny", dict(vocab_size=512), label="tiny x0ve"),
@@ -125,17 +132,15 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile("cpu", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2), steps=150, batch_size=8, seq_len=128,
                    vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12), stride=1, eval_batches=16,
                    eval_batch_size=8, finetune_steps=60,
-                   # issue 14's model: the cpu-plain preset at full size (12 x 128), 300 steps. Three recipes
-                   # fit the study's ~15 minutes (the others: papermill ... -p recipes all, about 45 minutes)
-                   decode=DecodeStudy("cpu-plain", steps=300, batch_size=4, seq_len=128, vocab_size=4096,
-                                      recipes=("baseline", "idn-all", "fwd"), configs=DECODE_CONFIGS,
-                                      eval_batches=8)),
+                   # three recipes fit the study's ~15 minutes (all six: papermill ... -p recipes all, ~45 minutes)
+                   decode=_cpu_plain_decode(("baseline", "idn-all", "fwd"))),
     "paper": Profile("paper", {"plain": Variant("0.5b-plain", label="0.5B w/o x0ve"),
                                "x0ve": Variant("0.5b", label="0.5B"),
                                "mhc": Variant("0.5b-mhc", regs=("none", "hcn"), label="0.5B-mHC")},
                      steps=20000, batch_size=32, seq_len=2048, vocab_size=32768, seeds=(0,), lam=0.1,
                      n_par_set=(8, 16, 24), stride=3, eval_batches=64, eval_batch_size=8, device="cuda",
-                     finetune_steps=2000, bench_repeats=20),
+                     finetune_steps=2000, bench_repeats=20,
+                     decode=_cpu_plain_decode(("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"))),
 }
 
 
