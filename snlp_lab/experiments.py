@@ -4,17 +4,23 @@ evaluated. `smoke` is what the test suite runs (seconds), `cpu` is the default `
 
 Every notebook starts with `P = experiments.get_profile(profile)`; trained models come from
 `experiments.trained(P, variant, reg, seed)`, which trains once and reuses the cached run after.
+The decode study (`nb/decode`, issue 14's CPU decode goal) trains its own model, `P.decode`, once per
+training recipe (`decode_recipes`, `recipe_model`).
 """
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 from dataclasses import dataclass, field
 
+import pandas as pd
 import torch
 
 from .data import prepare_data, val_batches
 from .evaluate import evaluate_ppl
+from .bench import run_bench
+from .config import get_config
 from .params import check_choice
 from .snlp_config import parse_config
 from .train import trained_model, trained_run_dir
@@ -32,6 +38,26 @@ class Variant:
     def reg(self) -> str:
         """The variant's main regularizer (IDN; HCN on mHC): the one the single-model studies use."""
         return self.regs[1]
+
+
+@dataclass(frozen=True)
+class DecodeStudy:
+    """The decode study of a profile: the model every training recipe trains (a preset at full size,
+    unlike the profile's 64-wide variants), how long, how it is evaluated, and which recipes
+    (`decode_recipes`) and SNLP configurations the profile's run covers."""
+    preset: str
+    steps: int
+    batch_size: int
+    seq_len: int
+    vocab_size: int
+    recipes: tuple  # recipe names, "baseline" first: every ΔPPL is also taken against its sequential PPL
+    configs: tuple  # configuration strings (`snlp_lab.snlp_config`), "sequential" first
+    eval_batches: int  # validation windows: eval_batches x the profile's eval_batch_size x seq_len tokens
+    decode_tokens: int = 32  # timed KV-cached decode steps per repeat (after a prefill of seq_len - decode_tokens)
+    overrides: dict = field(default_factory=dict)
+    # decoders timed per configuration, the best kept (`decode_speed`): the goal is measured against the
+    # best of eager and compiled sequential decoding (the smoke profile skips compiling: seconds matter)
+    decoders: tuple = ("eager", "compiled")
 
 
 @dataclass(frozen=True)
@@ -53,6 +79,7 @@ class Profile:
     bench_repeats: int = 5
     data: str = "stdlib"  # a corpus for snlp_lab.data.load_corpus
     threads: int | None = None  # torch CPU threads; None: torch's default
+    decode: DecodeStudy | None = None  # the decode study (nb/decode)
 
     def describe(self, variant: str | None = None) -> dict:
         """The facts every table states: model, data, steps, seeds, device."""
@@ -75,6 +102,20 @@ def _cpu_variants(**ov) -> dict:
             "mhc": Variant("cpu-mhc", dict(ov), regs=("none", "hcn"), label="mHC, 4 streams")}
 
 
+# The configurations that decode fast on the 12-layer cpu-plain (issue 14: idn:K=1:n=12 2.49x, K=2 1.55x;
+# K=1 over the last 8 or 10 layers; fused chunks with K = 1 or 2), h0 unless fwd is named.
+DECODE_CONFIGS = ("sequential", "idn:K=1:n=12", "idn:K=1:n=12:fwd", "idn:K=2:n=12", "idn:K=1:n=10", "idn:K=1:n=8",
+                  "idn:K=1:n=12:1xF12", "idn:K=1:n=12:2xF6", "idn:K=2:n=12:2xF6", "idn:K=1:n=12:2xF6:fwd",
+                  "idn:K=1:n=12:3xF4", "idn:K=2:n=12:3xF4", "idn:K=1:n=12:4xF3", "idn:K=2:n=12:4xF3",
+                  "idn:K=1:n=12:4xF3:fwd")
+
+
+def _cpu_plain_decode(recipes: tuple) -> DecodeStudy:
+    # issue 14's model: the cpu-plain preset at full size (12 x 128), 300 steps
+    return DecodeStudy("cpu-plain", steps=300, batch_size=4, seq_len=128, vocab_size=4096, recipes=recipes,
+                       configs=DECODE_CONFIGS, eval_batches=8)
+
+
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", {"plain": Variant("tiny", dict(x0ve=False, vocab_size=512), label="tiny plain"),
                                "x0ve": Variant("tiny", dict(vocab_size=512), label="tiny x0ve"),
@@ -83,18 +124,27 @@ PROFILES: dict[str, Profile] = {
                      steps=6, batch_size=4, seq_len=32, vocab_size=512, seeds=(0,), lam=0.1, n_par_set=(2, 4),
                      stride=1, eval_batches=2, eval_batch_size=2, finetune_steps=3, bench_repeats=2,
                      data=str(Path(__file__).resolve().parent),  # this package's own source: tiny, fast
-                     threads=1),  # toy matrices: threads only add synchronisation
+                     threads=1,  # toy matrices: threads only add synchronisation
+                     decode=DecodeStudy("tiny", steps=6, batch_size=4, seq_len=32, vocab_size=512,
+                                        recipes=("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"),
+                                        configs=("sequential", "idn:K=1:n=4", "idn:K=2:n=4", "idn:K=1:n=3",
+                                                 "idn:K=1:n=4:2xF2", "idn:K=2:n=4:2xF2"),
+                                        eval_batches=2, decode_tokens=4, overrides=dict(x0ve=False),
+                                        decoders=("eager",))),
     # 64-wide versions of the 12-layer CPU presets: 24 training runs (8 models x 3 seeds) fit in about
     # half an hour on 2 cores, the rest of `make figures` in the other half.
     "cpu": Profile("cpu", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2), steps=150, batch_size=8, seq_len=128,
                    vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12), stride=1, eval_batches=16,
-                   eval_batch_size=8, finetune_steps=60),
+                   eval_batch_size=8, finetune_steps=60,
+                   # three recipes fit the study's ~15 minutes (all six: papermill ... -p recipes all, ~45 minutes)
+                   decode=_cpu_plain_decode(("baseline", "idn-all", "fwd"))),
     "paper": Profile("paper", {"plain": Variant("0.5b-plain", label="0.5B w/o x0ve"),
                                "x0ve": Variant("0.5b", label="0.5B"),
                                "mhc": Variant("0.5b-mhc", regs=("none", "hcn"), label="0.5B-mHC")},
                      steps=20000, batch_size=32, seq_len=2048, vocab_size=32768, seeds=(0,), lam=0.1,
                      n_par_set=(8, 16, 24), stride=3, eval_batches=64, eval_batch_size=8, device="cuda",
-                     finetune_steps=2000, bench_repeats=20),
+                     finetune_steps=2000, bench_repeats=20,
+                     decode=_cpu_plain_decode(("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"))),
 }
 
 
@@ -203,3 +253,137 @@ def frontier_table(res):
     for _, d in res.groupby("model_name"):
         res.loc[d.index, "pareto"] = pareto(d)
     return res
+
+
+# ------------------------------------------------------------------------------------------ decode study
+GOAL_SPEEDUP, GOAL_PPL_CHANGE = 2.0, 5.0  # issue 14: >= 2x decode tokens/s at <= +5% validation PPL
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A training recipe: `train.TrainConfig` options on top of the study's model and schedule.
+    init_from names the recipe whose trained model this one fine-tunes, for `steps_frac` of the steps."""
+    label: str
+    options: dict
+    init_from: str | None = None
+    steps_frac: float = 1.0
+
+
+def decode_recipes(L: int) -> dict[str, Recipe]:
+    """The training recipes of the decode study for a model of depth L (the 12-layer values in brackets):
+    - baseline: cross-entropy only;
+    - idn: the IDN regularizer of issue 14's twin, λ = 0.1, 𝒩 = {L/3, 2L/3, L} ({4, 8, 12}), stride 2;
+    - idn-all: a stronger IDN regularizer on the one set the fast configurations use, λ = 0.5, 𝒩 = {L},
+      every layer compared;
+    - fwd: the SNLP-forward objective, trained from scratch on the output of one IDN iteration over all
+      L layers from h0 (`idn:K=1:n=L`, the fastest decoder);
+    - idn+fwd: the idn model fine-tuned on that SNLP forward for a third of the steps;
+    - fwd-chunks: chunk-aware, the SNLP forward over 2 fused chunks of L/2 layers with K = 2
+      (`idn:K=2:n=L:2xF{L/2}`; exact for the fused model, two batched calls per token).
+    """
+    third = max(1, L // 3)
+    fwd = dict(objective="snlp-forward", method="idn", iters=1, n_par=L)  # init h0: the default
+    return {
+        "baseline": Recipe("cross-entropy", {}),
+        "idn": Recipe(f"IDN λ=0.1, 𝒩={{{third},{2 * third},{L}}}, stride 2",
+                      dict(reg="idn", lam=0.1, n_par_set=tuple(sorted({third, 2 * third, L})), stride=2)),
+        "idn-all": Recipe(f"IDN λ=0.5, 𝒩={{{L}}}, stride 1", dict(reg="idn", lam=0.5, n_par_set=(L,), stride=1)),
+        "fwd": Recipe(f"SNLP forward idn:K=1:n={L}", fwd),
+        "idn+fwd": Recipe(f"idn, fine-tuned on SNLP forward idn:K=1:n={L}", fwd, init_from="idn", steps_frac=1 / 3),
+        "fwd-chunks": Recipe(f"SNLP forward idn:K=2:n={L}:2xF{L // 2}",
+                             dict(objective="snlp-forward", method="idn", iters=2, n_par=L, chunks=f"2xF{L // 2}")),
+    }
+
+
+def _recipe_options(P: Profile, name: str) -> dict:
+    """The keyword arguments of `train.trained_model` for recipe `name` of the profile's decode study."""
+    D = P.decode
+    recipes = decode_recipes(get_config(D.preset, **D.overrides).n_layer)
+    check_choice("recipe", name, recipes)
+    r = recipes[name]
+    opts = dict(preset=D.preset, steps=max(1, round(r.steps_frac * D.steps)), reg="none", lam=P.lam, seed=0,
+                batch_size=D.batch_size, seq_len=D.seq_len, vocab_size=D.vocab_size, device=P.device,
+                eval_batches=D.eval_batches, progress=False, data=P.data, **D.overrides)
+    opts.update(r.options)
+    if r.init_from is not None:
+        recipe_model(P, r.init_from)  # the model it fine-tunes, trained (or found in the cache) first
+        opts["init_from"] = str(trained_run_dir(**_recipe_options(P, r.init_from)))
+    return opts
+
+
+def recipe_model(P: Profile, name: str):
+    """The decode study's model trained with recipe `name` (cached like `trained`), frozen for analysis."""
+    return trained_model(**_recipe_options(P, name)).eval().requires_grad_(False)
+
+
+def recipe_run_dir(P: Profile, name: str) -> Path:
+    """The cached run folder of `recipe_model(P, name)` (metrics.jsonl: training time per step)."""
+    return trained_run_dir(**_recipe_options(P, name))
+
+
+def decode_dataset(P: Profile):
+    """The corpus tokenized with the decode study's vocabulary."""
+    return prepare_data(P.data, vocab_size=P.decode.vocab_size)
+
+
+def recipe_ppl(P: Profile, model, ds, configs) -> list[float]:
+    """Validation PPL of `model` under each configuration, on the decode study's windows."""
+    D = P.decode
+    return [evaluate_ppl(model, ds.val, D.seq_len, P.eval_batch_size, D.eval_batches, c.method, **c.solve_kwargs())
+            for c in map(parse_config, configs)]
+
+
+def decode_speed(model, configs, seq_len: int, decode_tokens: int, repeats: int, device: str = "cpu",
+                 compile_modes=(False,)) -> pd.DataFrame:
+    """Decode and prefill speed of each configuration against the best sequential decoder, one row per
+    configuration (B = 1, T = seq_len, KV-cached decode of the last decode_tokens tokens). Each is timed
+    under every one of `compile_modes` (`bench.run_bench`'s `compile`: (False, True) times eager and
+    compiled blocks) and keeps its best: decode_tok_s (`compile`: whether from the compiled decoder) and
+    prefill_ms. The speedups divide by the best sequential decoder of the same run."""
+    runs = pd.concat([run_bench(model, list(configs), seq_lens=(seq_len,), decode_tokens=decode_tokens,
+                                repeats=repeats, device=device, compile=mode) for mode in compile_modes],
+                     ignore_index=True)
+    by = runs.groupby("config", sort=False)
+    best = runs.loc[by.decode_tok_s.idxmax(), ["config", "bound", "decode_tok_s", "compile"]].set_index("config")
+    best["compile"] = best.compile != "False"  # run_bench writes the mode as text
+    best["prefill_ms"] = by.prefill_ms.min()
+    best["decode_speedup"] = best.decode_tok_s / best.decode_tok_s["sequential"]
+    best["prefill_speedup"] = best.prefill_ms["sequential"] / best.prefill_ms
+    return best.reset_index()
+
+
+def decode_goal_table(ppl: pd.DataFrame, speed: pd.DataFrame) -> pd.DataFrame:
+    """One row per (recipe, configuration): ppl (columns recipe, config, ppl) joined with the speed table
+    (`decode_speed`). ppl_change_base_% is against the baseline recipe's sequential PPL, ppl_change_own_%
+    against the recipe's own sequential PPL; goal marks decode_speedup >= 2 with both changes <= +5%."""
+    t = ppl.merge(speed, on="config", how="left")
+    own = t[t.config == "sequential"].set_index("recipe").ppl
+    base = own["baseline"]
+    t["ppl_change_base_%"] = 100 * (t.ppl / base - 1)
+    t["ppl_change_own_%"] = 100 * (t.ppl / t.recipe.map(own) - 1)
+    t["goal"] = (t.decode_speedup >= GOAL_SPEEDUP) & (t["ppl_change_base_%"] <= GOAL_PPL_CHANGE) & \
+        (t["ppl_change_own_%"] <= GOAL_PPL_CHANGE)
+    return t
+
+
+def best_tradeoffs(table: pd.DataFrame) -> pd.DataFrame:
+    """Each recipe's best trade-offs in a `decode_goal_table`, one row per recipe: the fastest SNLP
+    configuration within +5% PPL and the best PPL among those at >= 2x decode, as "config (speedup,
+    ΔPPL)" ("none" where no configuration qualifies); ΔPPL is the larger of the changes against the
+    baseline's and the recipe's own sequential PPL."""
+    snlp = table[table.config != "sequential"].copy()
+    snlp["change"] = snlp[["ppl_change_base_%", "ppl_change_own_%"]].max(axis=1)
+    say = lambda r: "none" if r is None else f"{r.config} ({r.decode_speedup:.2f}x, {r.change:+.1f}%)"
+    rows = []
+    for recipe, d in snlp.groupby("recipe", sort=False):
+        near, fast = d[d.change <= GOAL_PPL_CHANGE], d[d.decode_speedup >= GOAL_SPEEDUP]
+        rows.append({"recipe": recipe, "goal_met": "yes" if d.goal.any() else "no",
+                     "fastest_within_5pct": say(near.loc[near.decode_speedup.idxmax()] if len(near) else None),
+                     "best_ppl_at_2x": say(fast.loc[fast.change.idxmin()] if len(fast) else None)})
+    return pd.DataFrame(rows)
+
+
+def train_seconds(run_dir) -> float:
+    """Training wall time of a finished run: the sum of its logged step times (metrics.jsonl)."""
+    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return sum(json.loads(s).get("step_time", 0.0) for s in lines if s.strip())

@@ -24,7 +24,7 @@ from .experiments import PROFILES
 from .params import output_dirs
 from .report import write_index, write_run_times
 
-ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup", "speculative")
+ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup", "speculative", "decode")
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -72,7 +72,7 @@ from .paths import cache_dir
 from .optim import NanochatMuon
 from .regularizer import POSITIONS, check_n_par_set, snlp_regularizer
 from .scaling import TARGET_PARAM_DATA_RATIO, WEIGHT_DECAY, nanochat_scaling
-from .snlp_config import INITS, SNLPConfig, parse_config
+from .snlp_config import INITS, SNLPConfig, parse_chunks, parse_config
 from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, solve
 
 if importlib.util.find_spec(f"{__package__}.mhc") is not None:
@@ -100,7 +100,7 @@ PAPER_LRS = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "s
 # defaults, so that the cached runs and committed results keep their run folders
 LATER_DEFAULTS = {"reg_positions": "strided", "reg_per_stream": False, "reg_fd_eps": 0.0, "recipe": "snlp",
                   "lr_final_frac": 0.0, "weight_decay": 0.0, "target_param_data_ratio": TARGET_PARAM_DATA_RATIO,
-                  "reg_shared_probe": False}
+                  "reg_shared_probe": False, "chunks": None}
 LOG_SECONDS = 30  # progress lines when the output is not a terminal
 # learning rates when left unset: nanochat's for training our models, smaller ones for fine-tuning a
 # pretrained transformers model (nanochat's would wreck it within a few steps)
@@ -152,7 +152,8 @@ class TrainConfig:
     objective: str = "ce"  # "ce" or "snlp-forward"
     method: str = "idn"  # surrogate of the SNLP forward
     iters: int = 1  # K
-    n_par: int | None = None  # None: the depth
+    n_par: int | None = None  # None: the depth (C·M with chunks)
+    chunks: str | None = None  # "CxFM": train the SNLP forward over C fused chunks of M layers (snlp_lab.fusion)
     init: str = "h0"
     init_from: str | None = None  # checkpoint (run folder) to start from
     init_from_hf: str | None = None  # a local Hugging Face model folder to fine-tune (snlp_lab.hf)
@@ -258,8 +259,10 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     lrs = {k: v for k, v in (FINETUNE_LRS if hf else NANOCHAT_LRS).items() if getattr(cfg, k) is None}
     cfg = dataclasses.replace(cfg, **lrs, model="hf" if hf else cfg.model,
                               init_from_hf=str(Path(cfg.init_from_hf).expanduser().resolve()) if hf else None)
-    cfg = dataclasses.replace(cfg, override=over, vocab_size=mcfg.vocab_size, n_par_set=tuple(npset),
-                              n_par=L if cfg.n_par is None else cfg.n_par,
+    n_par = cfg.n_par
+    if n_par is None:  # all layers, or exactly the layers the chunks cover
+        n_par = math.prod(parse_chunks(cfg.chunks)) if isinstance(cfg.chunks, str) else L
+    cfg = dataclasses.replace(cfg, override=over, vocab_size=mcfg.vocab_size, n_par_set=tuple(npset), n_par=n_par,
                               batch_size=BATCH_SIZE if cfg.batch_size is None else cfg.batch_size,
                               weight_decay=cfg.weight_decay or 0.0)
     for name in ("eval_every", "save_every", "stride"):
@@ -299,7 +302,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                              "does not run; use --reg none with it (or --objective ce with a --reg)")
         if cfg.method not in SURROGATES:
             raise ValueError(f"unknown method {cfg.method!r}; valid: {', '.join(SURROGATES)}")
-        SNLPConfig(cfg.method, cfg.iters, cfg.n_par, init=cfg.init).check(L, decoding=False)
+        SNLPConfig(cfg.method, cfg.iters, cfg.n_par, cfg.chunks, init=cfg.init).check(L, decoding=False)
+    elif cfg.chunks is not None:
+        raise ValueError("chunks set the fused units of the SNLP forward; use them with --objective snlp-forward")
     for spec in filter(None, map(str.strip, cfg.eval_snlp.split(","))):
         parse_config(spec).check(L, decoding=False)
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -437,8 +442,8 @@ class SNLPLoss(nn.Module):
         # random probes (DiagN) differ per step and micro-batch, same on resume
         seed = cfg.seed * 1_000_003 + step + micro * 1_000_000_007
         if cfg.objective == "snlp-forward":
-            logits = solve(m, x, method=cfg.method, iters=cfg.iters, n_par=cfg.n_par, init=cfg.init,
-                           seed=seed).logits
+            logits = solve(m, x, method=cfg.method, iters=cfg.iters, n_par=cfg.n_par, chunks=cfg.chunks,
+                           init=cfg.init, seed=seed).logits
             ce = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             return ce, ce, torch.zeros_like(ce)
         h, ctx = m.embed(x)
@@ -725,7 +730,8 @@ def _cached_config(preset: str, steps: int, reg: str, lam: float, seed: int, **k
         raise ValueError(f"unknown option(s) {bad}; valid: TrainConfig fields {', '.join(sorted(names))} "
                          f"and model config fields {', '.join(sorted(fields))}")
     train_kw = {k: v for k, v in kwargs.items() if k in names}
-    overrides = tuple(f"{k}={v}" for k, v in kwargs.items() if k in fields)
+    # init names both a training option (the SNLP forward's initial guess) and a model field: here the former
+    overrides = tuple(f"{k}={v}" for k, v in kwargs.items() if k in fields and k != "init")
     cfg = resolve(TrainConfig(model=preset, steps=steps, reg=reg, lam=lam, seed=seed, override=overrides,
                               **train_kw))
     return dataclasses.replace(cfg, out=str(run_dir(cfg)), resume=True)
@@ -818,6 +824,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--method", default=D.method, help="surrogate of the snlp-forward objective")
     a("--iters", type=int, default=D.iters, help="K, iterations of the snlp-forward objective")
     a("--n-par", type=int, default=None, help="parallel layers of the snlp-forward objective (default: all)")
+    a("--chunks", default=None, metavar="CxFM",
+      help="fused chunks of the snlp-forward objective, e.g. 4xF3 (C chunks of M layers; n_par defaults to C·M)")
     a("--init", default=D.init, help=f"initial guess of the snlp-forward objective: {', '.join(INITS)}")
     a("--init-from", default=None, metavar="CKPT", help="start from this checkpoint's weights (fine-tuning)")
     a("--init-from-hf", default=None, metavar="PATH",

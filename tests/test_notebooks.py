@@ -29,7 +29,8 @@ def smoke_run(tmp_path_factory):
 def test_every_notebook_ran(smoke_run):
     out, times = smoke_run
     assert set(times) == {p.stem for p in figures.notebooks()}
-    assert {"regularization", "convergence", "jacobians", "frontier", "speedup", "pretrained", "speculative"} <= set(times)
+    assert {"regularization", "convergence", "jacobians", "frontier", "speedup", "pretrained", "speculative",
+            "decode"} <= set(times)
     for name in times:
         assert (out / "reports" / f"{name}.ipynb").exists()
 
@@ -38,7 +39,7 @@ def test_outputs_exist_and_hold_numbers(smoke_run):
     out, _ = smoke_run
     readings = read_readings(out / "reports")
     assert {r["notebook"] for r in readings} >= {"regularization", "convergence", "jacobians", "frontier", "pretrained",
-                                                  "speculative"}
+                                                  "speculative", "decode"}
     for r in readings:
         assert "nan" not in r["reading"].lower(), r
     for csv in (out / "reports").glob("*.csv"):
@@ -86,6 +87,21 @@ def test_claims_ledger_has_every_claim(smoke_run):
     assert not ledger.rule.str.contains("is missing|lacks the column|missing values").any(), ledger.rule.tolist()
     runs = pd.read_csv(out / "reports" / "regularization_runs.csv")
     assert {"variant", "reg", "seed", "seq_ppl", "snlp_ppl"} <= set(runs.columns)
+
+
+def test_decode_study_covers_every_recipe(smoke_run):
+    out, _ = smoke_run
+    from snlp_lab.experiments import PROFILES
+    D = PROFILES["smoke"].decode
+    df = pd.read_csv(out / "reports" / "decode.csv")
+    assert set(df.recipe) == set(D.recipes) and set(df.config) == set(D.configs)
+    seq = df[df.config == "sequential"]
+    assert (seq.decode_speedup == 1).all() and (seq["ppl_change_own_%"] == 0).all()
+    assert seq[seq.recipe == "baseline"]["ppl_change_base_%"].item() == 0
+    assert (df.ppl > 1).all() and (df.decode_tok_s > 0).all()
+    best = pd.read_csv(out / "reports" / "decode_recipes.csv")
+    assert list(best.recipe) == list(D.recipes) and (best.train_s > 0).all()
+    assert (out / "figures" / "decode.png").stat().st_size > 1000
 
 
 def test_bad_profile_fails_fast(tmp_path):

@@ -399,6 +399,32 @@ def test_snlp_forward_objective_first_loss(corpus, tmp_path):
     assert torch.equal(x2, x) and ft.losses[0] == pytest.approx(want.item(), rel=1e-6)
 
 
+def test_snlp_forward_objective_on_fused_chunks(corpus, tmp_path):
+    """chunks="CxFM": the loss is the CE of the SNLP forward over fused chunks (not of the per-layer one),
+    its gradient reaches every fused layer, and n_par defaults to the layers the chunks cover."""
+    res = train(cfg_for(corpus, tmp_path, steps=2, objective="snlp-forward", iters=1, chunks="1xF2"))
+    torch.manual_seed(0)
+    m0 = snlp_lab.build_model("tiny", vocab_size=300)
+    moved = [not torch.equal(a, b) for a, b in zip(m0.blocks.parameters(), res.model.blocks.parameters())]
+    assert all(moved)  # both fused layers (and the sequential prefix) were trained
+    # fine-tuning from it (the zero-initialised projections of a fresh model make every solve equal):
+    # the first loss is that of the fused SNLP forward of the loaded weights
+    ft = train(cfg_for(corpus, tmp_path, "ft", steps=1, objective="snlp-forward", iters=1, chunks="1xF2",
+                       init_from=str(res.run_dir)))
+    m1 = load_checkpoint(res.run_dir)
+    x, y = next(TokenStream(prepare_data(str(corpus), 300).train, 4, 32, seed=0))
+    ce = lambda **kw: F.cross_entropy(solve(m1, x, method="idn", iters=1, **kw).logits.flatten(0, 1), y.flatten())
+    assert ft.losses[0] == pytest.approx(ce(n_par=2, chunks="1xF2").item(), rel=1e-6)
+    assert abs(ft.losses[0] - ce(n_par=2).item()) > 1e-4  # the fused chunk is another function
+    assert T.resolve(cfg_for(corpus, tmp_path, objective="snlp-forward", chunks="2xF2")).n_par == 4
+    for kw, msg in [(dict(chunks="2xF2"), "snlp-forward"),
+                    (dict(objective="snlp-forward", chunks="2xF2", n_par=3), "C·M must equal n_par"),
+                    (dict(objective="snlp-forward", chunks="2x2"), "CxFM")]:
+        with pytest.raises(ValueError, match=msg):
+            train(cfg_for(corpus, tmp_path, "bad", **kw))
+    assert T.main(["--chunks", "2xF2", "--model", "tiny", "--data", str(corpus)]) == 2
+
+
 def test_resume_equals_uninterrupted(corpus, tmp_path):
     full = train(cfg_for(corpus, tmp_path, "full", steps=8, reg="diagn", n_par_set=(2, 3), eval_every=4))
     cut = cfg_for(corpus, tmp_path, "cut", steps=8, reg="diagn", n_par_set=(2, 3), eval_every=4)
@@ -448,6 +474,9 @@ def test_trained_model_is_cached(corpus, tmp_path, monkeypatch):
     assert T.run_dir(cfg()) == T.run_dir(cfg(vocab_size=300, device="cpu", out="x"))
     with pytest.raises(ValueError, match="unknown option"):
         trained_model("tiny", steps=3, n_layers=3, **kw)
+    # init is the SNLP forward's initial guess (a training option), not the model's init scheme
+    cached = T._cached_config("tiny", 3, "none", 0.1, 0, objective="snlp-forward", init="fwd", **kw)
+    assert cached.init == "fwd" and cached.override == ("vocab_size=300",)  # vocab_size: both, as before
 
 
 # ------------------------------------------------------------------------------------------ bad input
