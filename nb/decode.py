@@ -22,7 +22,7 @@
 # 𝒩 and stride, the SNLP-forward objective from scratch or as a fine-tune, and chunk-aware training on
 # fused chunks). Every recipe's model gets a validation PPL under each configuration that decodes fast.
 # Decode speed hardly depends on the weights, so it is measured once, on the baseline model, against
-# the best sequential decoder of the same run (eager, or compiled too with `decoders`).
+# the best sequential decoder of the same run (the best of eager and compiled decoding, per `decoders`).
 
 # %% tags=["parameters"]
 profile = "cpu"  # smoke | cpu | paper
