@@ -239,7 +239,9 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     them here (on the run's device, in its dtype, with its threads, copying a working set the size of
     what a sequential decode step reads); None: no floors.
     Every row carries what its passes must read and compute per token (MB and MFLOP, `snlp_lab.limits`):
-    prefill over T tokens, and a decode step averaged over the decoded positions. The DataFrame's
+    prefill over T tokens, and a decode step averaged over the decoded positions; and what one eager
+    decode step issues, `decode_calls` (torch calls from Python) and `decode_aten_ops` (`timing.count_ops`;
+    on a CPU a small step pays a fixed cost per operator). compile: as `Decoder`'s. The DataFrame's
     `attrs["notes"]` says where the weights come from, how memory was measured and the limits used
     (also in `attrs["limits"]`).
     """
