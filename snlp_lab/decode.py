@@ -419,7 +419,7 @@ class Decoder:
         key = (cache is self.cache_par, a, b, T)
         if self.static:  # made once; reads the position from pos_t (`_at`)
             if key not in self._static_slots:
-                self._static_slots[key] = StaticSlot(cache, a, b, self.pos_t, stack.W["window"][a:b])
+                self._static_slots[key] = StaticSlot(cache, a, b, self.pos_t, stack.W["window_dev"][a:b])
             return self._static_slots[key]
         if self._slot_pos != self.pos:
             self._slots, self._slot_pos = {}, self.pos
@@ -443,7 +443,7 @@ class Decoder:
             return 0, None  # causal over everything (`model.sdpa`)
         if T == 1 and lo == hi:
             return p - lo, None  # one window: its keys are a slice of the cache
-        return 0, attention_mask(window[a:b], T, p, stack.W["q"].device, self.ids.shape[0])
+        return 0, attention_mask(window[a:b], T, p, stack.W["q"].device, self.ids.shape[0], stack.W["window_dev"][a:b])
 
     def _solve(self, hS, ctx, p):
         """`iters` Newton iterations over the parallel units; each evaluation writes its keys/values into

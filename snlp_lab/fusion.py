@@ -33,7 +33,7 @@ from .model import block_apply, param_key, qkv_weight
 _ROW_WEIGHTS = ("q", "k", "v", "fc", "gate")  # [N, out, in]: fusing concatenates output rows
 _COL_WEIGHTS = ("o", "proj")  # [N, out, in]: fusing concatenates input columns (sums the outputs)
 _MEAN_WEIGHTS = ("lam", "mu")  # [N] scalars: the chunk uses their mean
-_HEAD_WEIGHTS = ("window",)  # [N, H] per query head: the fused heads keep their own (per-head masks)
+_HEAD_WEIGHTS = ("window", "window_dev")  # [N, H] per query head (CPU, device): fused heads keep their own
 
 
 def fusable(model) -> bool:

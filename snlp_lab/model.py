@@ -92,9 +92,11 @@ class Context:
     _ve: dict = field(default_factory=dict)  # (start, stop) -> stacked value embeddings, built lazily
 
 
-def attention_mask(window: torch.Tensor | None, T: int, Tp: int, device, B: int = 1) -> torch.Tensor | None:
+def attention_mask(window: torch.Tensor | None, T: int, Tp: int, device, B: int = 1,
+                   window_dev: torch.Tensor | None = None) -> torch.Tensor | None:
     """Which keys each query sees, for T queries at positions Tp..Tp+T-1 and keys 0..Tp+T-1: j <= i and
-    i - j <= window of the query's head. window [N, H] (per unit and query head, on the CPU) or None.
+    i - j <= window of the query's head. window [N, H] (per unit and query head, on the CPU) or None;
+    window_dev: the same on `device` (else copied there).
     Returns None when every query sees every key it may causally see (`sdpa`'s rule: no past, or one
     query, and every window covers the sequence), else a bool mask for `sdpa`'s batch of N·B: [T, Tp + T]
     (no window applies) or [N·B, H or 1, T, Tp + T] (H = 1 when the heads of a unit agree)."""
@@ -104,9 +106,11 @@ def attention_mask(window: torch.Tensor | None, T: int, Tp: int, device, B: int 
     rel = (Tp + torch.arange(T, device=device))[:, None] - torch.arange(Tp + T, device=device)[None, :]
     if full:
         return rel >= 0
-    if bool((window == window[:, :1]).all()):  # one window per unit: a mask per unit, not per head
+    uniform = bool((window == window[:, :1]).all())  # (read on the CPU copy: no device sync)
+    window = window.to(device) if window_dev is None else window_dev
+    if uniform:  # one window per unit: a mask per unit, not per head
         window = window[:, :1]
-    window = window.to(device).repeat_interleave(B, dim=0)[:, :, None, None]  # [N·B, H, 1, 1]
+    window = window.repeat_interleave(B, dim=0)[:, :, None, None]  # [N·B, H, 1, 1]
     return (rel >= 0) & (rel <= window)
 
 
@@ -159,7 +163,7 @@ def attn_branch(W: dict, a: torch.Tensor, ctx: Context, head_dim: int, ve: torch
         if past is not None:
             Tp = past[0].shape[3]
             k, v = torch.cat([past[0].flatten(0, 1), k], dim=2), torch.cat([past[1].flatten(0, 1), v], dim=2)
-        mask = attention_mask(W.get("window"), T, Tp, a.device, B)
+        mask = attention_mask(W.get("window"), T, Tp, a.device, B, W.get("window_dev"))
     y = sdpa(q, k, v, mask).transpose(1, 2).reshape(N, B, T, Hq * head_dim)
     return stacked_linear(y, W["o"]), kv
 
@@ -234,6 +238,9 @@ class GPT(nn.Module):
         self.backout_layer = L // 2 if cfg.backout else None
         # per layer and query head: the attention window (max distance i - j), kept on the CPU
         self.windows = torch.tensor(cfg.window_sizes()).unsqueeze(1).expand(L, cfg.n_head).contiguous()
+        # the same on the model's device, for the masks: no host-to-device copy per call (none is allowed
+        # while a CUDA graph is captured)
+        self.register_buffer("windows_dev", self.windows.clone(), persistent=False)
         self.wte = nn.Embedding(V, D)
         self.blocks = nn.ModuleList(Block(cfg, l in self.ve_layers) for l in range(L))
         self.lm_head = nn.Linear(D, V, bias=False)
@@ -409,7 +416,7 @@ class GPT(nn.Module):
         per = [self.blocks[l].weights() for l in ls]
         # one layer: a view, no copy (the sequential forward calls this per layer while training)
         W = {k: per[0][k].unsqueeze(0) if len(ls) == 1 else torch.stack([w[k] for w in per]) for k in per[0]}
-        W["window"] = self.windows[ls[0]:ls[-1] + 1]
+        W["window"], W["window_dev"] = self.windows[ls[0]:ls[-1] + 1], self.windows_dev[ls[0]:ls[-1] + 1]
         if self.config.x0_lambdas:
             W["lam"], W["mu"] = self.resid_lambdas[ls[0]:ls[-1] + 1], self.x0_lambdas[ls[0]:ls[-1] + 1]
         if self.ve_layers:

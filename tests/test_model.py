@@ -132,3 +132,22 @@ def test_loss_and_gradients_flow(tiny, idx):
     assert torch.isfinite(loss)
     for name, p in tiny.named_parameters():
         assert p.grad is not None, name
+
+
+def test_window_masks_need_no_host_copy():
+    """Masks read the windows from a buffer on the model's device (a host-to-device copy is not allowed
+    while a CUDA graph is captured); the buffer is not part of the checkpoint."""
+    from snlp_lab.model import attention_mask
+    m = snlp_lab.build_model("tiny").double()
+    assert m.windows_dev.dtype == torch.long and "windows_dev" not in m.state_dict()
+    W = m.stacked_weights(0, m.n_layer)
+    assert W["window_dev"].device == m.lm_head.weight.device and torch.equal(W["window_dev"].cpu(), W["window"])
+    copies = []
+    to = torch.Tensor.to
+    torch.Tensor.to = lambda self, *a, **k: copies.append(a) or to(self, *a, **k)
+    try:
+        got = attention_mask(W["window"], 3, 6, "cpu", 2, W["window_dev"])
+    finally:
+        torch.Tensor.to = to
+    assert copies == [] and torch.equal(got, attention_mask(W["window"], 3, 6, "cpu", 2))
+    assert got.shape == (m.n_layer * 2, 1, 3, 9) and not got.all()  # windows of 4 < 8 keys: some masked
