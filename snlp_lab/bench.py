@@ -240,8 +240,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     what a sequential decode step reads); None: no floors.
     Every row carries what its passes must read and compute per token (MB and MFLOP, `snlp_lab.limits`):
     prefill over T tokens, and a decode step averaged over the decoded positions; and what one eager
-    decode step issues, `decode_calls` (torch calls from Python) and `decode_aten_ops` (`timing.count_ops`;
-    on a CPU a small step pays a fixed cost per operator). compile: as `Decoder`'s. The DataFrame's
+    decode step issues, `decode_calls` (torch calls from Python) and `decode_aten_ops` (`_step_ops`). compile: as `Decoder`'s. The DataFrame's
     `attrs["notes"]` says where the weights come from, how memory was measured and the limits used
     (also in `attrs["limits"]`).
     """
@@ -294,8 +293,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                     log(f"[bench] {c.text}: {fallback[c.text]}")
                     logits[c.text] = _untimed_pass(m, c, idx, decode_tokens, dev, False)
                 peak[c.text] = _peak_mb(dev)
-                # what one eager decode step issues: on a CPU, small steps cost per operator
-                ops[c.text] = count_ops(_runs(m, c, idx, decode_tokens, dev, False)["decode"])
+                ops[c.text] = _step_ops(m, c, idx, decode_tokens)
             _release(dev, m)
             fns, graph_err = {}, {}
             for c in cfgs:
@@ -321,8 +319,8 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                     decode_tokens=decode_tokens, decode_tok_s=decode_tokens / dec,
                     decode_speedup=med[(base, "decode")] / dec,
                     top1=float((logits[c.text].argmax(-1) == logits[base].argmax(-1)).float().mean()),
-                    peak_mem_mb=peak[c.text], decode_calls=ops[c.text]["python"] / decode_tokens,
-                    decode_aten_ops=ops[c.text]["aten"] / decode_tokens, **_limit_columns(m, c, T, decode_tokens, batch, limits)))
+                    peak_mem_mb=peak[c.text], decode_calls=ops[c.text]["python"],
+                    decode_aten_ops=ops[c.text]["aten"], **_limit_columns(m, c, T, decode_tokens, batch, limits)))
                 if graphs:
                     pre_g, dec_g = med[(c.text, "prefill_graph")], med[(c.text, "decode_graph")]
                     rows[-1].update(prefill_graph_ms=1e3 * pre_g,
@@ -399,6 +397,15 @@ def _untimed_pass(m, c: SNLPConfig, idx, decode_tokens, dev, compile) -> torch.T
         raise NonFiniteError(f"configuration {c.text!r} gives non-finite logits at T={idx.shape[1]}")
     runs["decode"]()
     return logits
+
+
+def _step_ops(m, c: SNLPConfig, idx, decode_tokens) -> dict:
+    """What one eager decode step issues (`timing.count_ops`), at the first decoded position: on a CPU a
+    small step pays a fixed cost per operator. One step, not the whole decode: every step does the same."""
+    P = idx.shape[1] - decode_tokens
+    dec = Decoder(m, **c.decoder_kwargs(), max_len=idx.shape[1], check_finite=False)
+    dec.prefill(idx[:, :P])
+    return count_ops(lambda: dec.step(idx[:, P]))
 
 
 def _runs(m, c: SNLPConfig, idx, decode_tokens, dev, compile) -> dict:
