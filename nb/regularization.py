@@ -18,10 +18,12 @@
 # # Regularization: sequential PPL with and without the SNLP-aware regularizer
 #
 # Trains (or reuses from the cache) a baseline and regularized models of each variant of the profile
-# over several seeds, and compares their **sequential** validation PPL: does training for one-step
-# SNLP cost language-modelling quality? The paper's Table B (v1) reports −23.4% (0.5B, IDN) and
-# −5.6% (0.5B w/o x0ve, IDN); in v2 (2048-token contexts) the change is within ±2.4%.
-# The last column shows what the regularizer is for: PPL of one IDN (HCN on mHC) iteration over all layers.
+# over several seeds, and at the profile's further context lengths, and compares their **sequential**
+# validation PPL: does training for one-step SNLP cost language-modelling quality? The paper's Table B
+# (v1, 128-token contexts) reports −23.4% (0.5B, IDN) and −5.6% (0.5B w/o x0ve, IDN); in v2
+# (2048-token contexts) the change is within ±2.4%. The `snlp_ppl` column shows what the regularizer is
+# for: PPL of one IDN (HCN on mHC) iteration over all layers. The training curves show whether
+# validation PPL had flattened, and whether the regularizer's effect holds along the way.
 
 # %% tags=["parameters"]
 profile = "cpu"
@@ -43,58 +45,93 @@ fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
 ds = E.dataset(P)
 
 # %%
-rows = []
-jobs = [(v, reg, seed) for v, var in P.variants.items() for reg in var.regs for seed in P.seeds]
-for v, reg, seed in tqdm(jobs, desc="train/evaluate"):
-    model = E.trained(P, v, reg, seed)
+jobs = E.regularization_jobs(P)  # (variant, reg, seed, context)
+E.train_all(P, jobs)
+rows, curves = [], []
+for v, reg, seed, T in tqdm(jobs, desc="evaluate"):
+    model = E.trained(P, v, reg, seed, T)
     one_step = P.variants[v].reg
-    rows.append({"variant": v, "reg": reg, "seed": seed, "seq_ppl": E.ppl(P, model, ds),
-                 f"snlp_ppl": E.ppl(P, model, ds, one_step, iters=1, n_par=model.n_layer, init="h0"),
+    rows.append({"variant": v, "reg": reg, "seed": seed, "seq_len": T, "seq_ppl": E.ppl(P, model, ds, seq_len=T),
+                 "snlp_ppl": E.ppl(P, model, ds, one_step, seq_len=T, iters=1, n_par=model.n_layer, init="h0"),
                  "snlp": f"{one_step} K=1 n={model.n_layer}"})
-runs = pd.DataFrame(rows)
+    curves.append(E.training_curve(P, v, reg, seed, T).assign(variant=v, reg=reg, seed=seed, seq_len=T))
+runs, curves = pd.DataFrame(rows), pd.concat(curves, ignore_index=True)
 runs
 
 # %%
-agg = (runs.groupby(["variant", "reg", "snlp"], sort=False)
+keys = ["variant", "reg", "seq_len"]
+tail = curves.groupby(keys + ["seed"], sort=False)[["step", "val_ppl"]].apply(E.last_quarter_change)
+steps = curves.step.unique()
+mid = min(steps, key=lambda k: abs(k - steps.max() / 2))  # the evaluation nearest half the steps
+half = curves[curves.step == mid].groupby(keys, sort=False).val_ppl.mean() if mid < steps.max() else \
+    pd.Series(float("nan"), index=pd.MultiIndex.from_frame(runs[keys].drop_duplicates()))
+agg = (runs.groupby(keys + ["snlp"], sort=False)
        .agg(seq_ppl_mean=("seq_ppl", "mean"), seq_ppl_std=("seq_ppl", "std"),
             snlp_ppl_mean=("snlp_ppl", "mean"), seeds=("seed", "count")).reset_index())
 agg["seq_ppl_std"] = agg["seq_ppl_std"].fillna(0.0)  # one seed: no spread to report
-base = agg[agg.reg == "none"].set_index("variant")["seq_ppl_mean"]
-agg["seq_change_%"] = 100 * (agg.seq_ppl_mean / agg.variant.map(base) - 1)
+base = agg[agg.reg == "none"].set_index(["variant", "seq_len"])["seq_ppl_mean"]
+agg["seq_change_%"] = 100 * (agg.seq_ppl_mean / [base[v, T] for v, T in zip(agg.variant, agg.seq_len)] - 1)
+# the same change half-way through training: does the effect's sign depend on how long the models train?
+hb = half.xs("none", level="reg")
+agg["seq_change_halfway_%"] = [100 * (half.get((v, r, T), float("nan")) / hb.get((v, T), float("nan")) - 1)
+                               for v, r, T in zip(agg.variant, agg.reg, agg.seq_len)]
+agg["last_quarter_%"] = [tail.xs((v, r, T), level=keys).mean() for v, r, T in zip(agg.variant, agg.reg, agg.seq_len)]
 paper = {v: 100 * (r["reg_ppl"] / r["base"] - 1) for v, r in E.PAPER_TABLE_B.items() if r["base"]}
-agg["paper_change_%"] = [paper.get(v, float("nan")) if reg == E.PAPER_TABLE_B[v]["reg"] else float("nan")
-                         for v, reg in zip(agg.variant, agg.reg)]
+agg["paper_change_%"] = [paper.get(v, float("nan")) if reg == E.PAPER_TABLE_B[v]["reg"] and T == P.seq_len
+                         else float("nan") for v, reg, T in zip(agg.variant, agg.reg, agg.seq_len)]  # v1: 128 tokens
 table = agg.assign(paper_change_pct=agg["paper_change_%"].map(lambda x: "—" if pd.isna(x) else f"{x:+.1f}%"))
 table = table.drop(columns=["paper_change_%"])
 save_table(table, "regularization", report_dir, "Sequential PPL with and without the SNLP regularizer",
            {**P.describe(), "models": ", ".join(f"{k}: {v.preset} {v.overrides or ''}" for k, v in P.variants.items()),
+            "contexts": f"{P.seq_len} (every variant); " + ", ".join(
+                f"{T} ({', '.join(P.context_variants)})" for T in P.contexts) if P.contexts else str(P.seq_len),
+            "columns": f"seq_change_halfway_%: the regularizer's change of mean validation PPL at step {mid}; "
+                       "last_quarter_%: how much validation PPL still changed over the last quarter of training "
+                       "(mean over seeds; it includes the learning rate's warm-down)",
             "paper": "Table B v1: 0.5B IDN 69.54 -> 53.25 (-23.4%), 0.5B w/o x0ve IDN 84.74 -> 79.96 (-5.6%); "
                      "v2: within ±2.4%"})
 save_table(runs, "regularization_runs", report_dir, "Sequential and one-step SNLP PPL of every trained model, per seed",
            {**P.describe(), "snlp": "one iteration of the variant's main surrogate over all layers, from h0"})
+save_table(curves, "regularization_curves", report_dir, "Validation PPL during training, every model and seed",
+           {**P.describe(), "evaluation": f"every {P.eval_every or P.steps} steps, the windows of the final PPL"})
 table
 
 # %%
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-sns.barplot(runs, x="variant", y="seq_ppl", hue="reg", ax=axes[0], errorbar="sd")
+groups = list(agg.groupby(["variant", "seq_len"], sort=False).groups)
+fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), sharey=True, squeeze=False)
+for ax, (v, T) in zip(axes[0], groups):
+    d = curves[(curves.variant == v) & (curves.seq_len == T)]
+    sns.lineplot(d, x="step", y="val_ppl", hue="reg", errorbar="sd", ax=ax)
+    ax.set(title=f"{v}, T={T}", yscale="log", ylabel="validation PPL (mean ± sd over seeds)")
+fig.tight_layout()
+save_figure(fig, "regularization_curves", fig_dir)
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+runs["model"] = [v if T == P.seq_len else f"{v} T={T}" for v, T in zip(runs.variant, runs.seq_len)]
+sns.barplot(runs, x="model", y="seq_ppl", hue="reg", ax=axes[0], errorbar="sd")
 axes[0].set_title("sequential PPL (mean ± sd over seeds)")
-sns.barplot(runs, x="variant", y="snlp_ppl", hue="reg", ax=axes[1], errorbar="sd")
+sns.barplot(runs, x="model", y="snlp_ppl", hue="reg", ax=axes[1], errorbar="sd")
 axes[1].set_title("PPL of one SNLP iteration, all layers parallel")
 fig.tight_layout()
 save_figure(fig, "regularization", fig_dir)
 
 # %%
 lines = []
-for v in P.variants:
-    for reg in P.variants[v].regs[1:]:
-        r = agg[(agg.variant == v) & (agg.reg == reg)].iloc[0]
-        b = agg[(agg.variant == v) & (agg.reg == "none")].iloc[0]
-        p = paper.get(v) if reg == E.PAPER_TABLE_B[v]["reg"] else None
-        lines.append(f"{v}/{reg}: seq PPL {b.seq_ppl_mean:.2f} -> {r.seq_ppl_mean:.2f} ({r['seq_change_%']:+.1f}%"
-                     + (f"; paper {p:+.1f}%" if p is not None else "") + f"), one-step SNLP PPL "
-                     f"{b.snlp_ppl_mean:.3g} -> {r.snlp_ppl_mean:.3g}")
+for (v, T), d in agg.groupby(["variant", "seq_len"], sort=False):
+    b = d[d.reg == "none"].iloc[0]
+    for _, r in d[d.reg != "none"].iterrows():
+        p = paper.get(v) if r.reg == E.PAPER_TABLE_B[v]["reg"] and T == P.seq_len else None
+        lines.append(f"{v}/{r.reg} T={T}: seq PPL {b.seq_ppl_mean:.2f} -> {r.seq_ppl_mean:.2f} ({r['seq_change_%']:+.1f}%"
+                     + (f"; paper {p:+.1f}%" if p is not None else "") + f"; at step {mid} {r['seq_change_halfway_%']:+.1f}%)"
+                     f", one-step SNLP PPL {b.snlp_ppl_mean:.3g} -> {r.snlp_ppl_mean:.3g}")
 reading = "; ".join(lines)
+flat = agg["last_quarter_%"]
 add_reading(report_dir, "regularization", "regularization", reading)
 add_reading(report_dir, "regularization", "regularization_runs", "Every model and seed: sequential and one-step SNLP "
             "PPL (the values behind the means, and the seeds of the claims ledger's intervals).")
+add_reading(report_dir, "regularization", "regularization_curves",
+            f"Validation PPL every {P.eval_every or P.steps} of {P.steps} steps; over the last quarter of training it "
+            f"still changed by {flat.min():+.1f}% to {flat.max():+.1f}% (mean over seeds per model, including the "
+            f"learning rate's warm-down).")
 print(reading)

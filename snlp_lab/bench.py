@@ -91,7 +91,7 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
              repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None,
              threads: int | None = None, checkpoint: str | None = None) -> dict:
     """Check the benchmark's parameters (notebook or command line) and fill the ones left as None for
-    the profile, the model and the device: smoke = seconds (tiny sequences, one repeat); cpu = T=128
+    the profile, the model and the device: smoke = seconds (tiny sequences, one repeat); cpu (and long) = T=128
     and a short decode on a CPU, T=128 and 2048 on a GPU; paper = T=128 and 2048, more repeats.
     Lengths longer than the model's context are dropped from the defaults; configurations default to
     `default_configs` of the model's depth. Raises ValueError naming the valid values.
@@ -103,7 +103,7 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
     single thread never waits for a descheduled one on a machine shared with other jobs (with 2
     threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them)."""
     from .config import PRESETS
-    check_choice("profile", profile, ("smoke", "cpu", "paper"))  # snlp_lab.experiments.PROFILES
+    check_choice("profile", profile, ("smoke", "cpu", "long", "paper"))  # snlp_lab.experiments.PROFILES
     dev = resolve_device(device)
     checkpoint = check_path("checkpoint", checkpoint)
     if checkpoint is not None:
@@ -128,7 +128,7 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
     big = cfg.n_embd >= 512
     if profile == "smoke":
         d = dict(seq_lens=[16], decode_tokens=4, repeats=1, warmup=0)
-    elif profile == "cpu" and dev.type == "cpu":
+    elif profile in ("cpu", "long") and dev.type == "cpu":  # long: longer training, the same benchmark
         d = dict(seq_lens=[128], decode_tokens=16, repeats=5 if big else 15, warmup=1)
     else:
         d = dict(seq_lens=[128, 2048], decode_tokens=32, repeats=10, warmup=2)

@@ -117,6 +117,11 @@ def has_checkpoint(path: str | os.PathLike) -> bool:
     return _json_path(path).is_file()
 
 
+def is_finished(path: str | os.PathLike) -> bool:
+    """Whether the run folder holds the checkpoint of a finished training run."""
+    return has_checkpoint(path) and bool(read_checkpoint(path).get("finished"))
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """The checkpoint's JSON (a run folder or the JSON file itself)."""
     p = _json_path(path)

@@ -10,20 +10,24 @@ training recipe (`decode_recipes`, `recipe_model`).
 from __future__ import annotations
 
 import json
+import multiprocessing
 import platform
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from dataclasses import dataclass, field
 
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from .data import prepare_data, val_batches
 from .evaluate import evaluate_ppl
 from .bench import run_bench
+from .checkpoint import is_finished
 from .config import get_config
 from .params import check_choice
 from .snlp_config import parse_config
-from .train import trained_model, trained_run_dir
+from .train import PAPER_LRS, trained_model, trained_run_dir
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,11 @@ class Profile:
     data: str = "stdlib"  # a corpus for snlp_lab.data.load_corpus
     threads: int | None = None  # torch CPU threads; None: torch's default
     decode: DecodeStudy | None = None  # the decode study (nb/decode)
+    training: dict = field(default_factory=dict)  # TrainConfig options of every run (optimizer recipe, lrs)
+    eval_every: int = 0  # validation every this many training steps: the training curves (0: at the end only)
+    contexts: tuple = ()  # further context lengths of the regularization study (the same tokens per step)
+    context_variants: tuple = ()  # the variants trained at those contexts too
+    train_workers: int = 1  # training runs at once in `train_all` (processes of one thread each when > 1)
 
     def describe(self, variant: str | None = None) -> dict:
         """The facts every table states: model, data, steps, seeds, device."""
@@ -89,17 +98,28 @@ class Profile:
              "regularizer": f"lambda={self.lam}, n_par set={list(self.n_par_set)}, stride={self.stride}",
              "seeds": list(self.seeds), "device": f"{self.device} ({platform.processor() or platform.machine()}, "
                                                   f"{torch.get_num_threads()} threads), torch {torch.__version__}",
-             "evaluation": f"{self.eval_batches} x {self.eval_batch_size} validation windows of {self.seq_len} tokens"}
+             "evaluation": f"{self.eval_batches} x {self.eval_batch_size} validation windows of {self.seq_len} tokens"
+                           + (" (the same tokens at the other contexts)" if self.contexts else "")}
+        if self.training:
+            d["optimizer"] = ", ".join(f"{k}={v}" for k, v in self.training.items())
         if variant is not None:
             v = self.variants[variant]
             d["model"] = f"{v.preset} {v.overrides or ''}".strip()
         return d
 
 
-def _cpu_variants(**ov) -> dict:
-    return {"plain": Variant("cpu-plain", dict(ov), label="plain (w/o x0ve)"),
-            "x0ve": Variant("cpu", dict(ov), label="x0 + value embeddings"),
+def _cpu_variants(regs: tuple = ("none", "idn", "diagn"), **ov) -> dict:
+    return {"plain": Variant("cpu-plain", dict(ov), regs=regs, label="plain (w/o x0ve)"),
+            "x0ve": Variant("cpu", dict(ov), regs=regs, label="x0 + value embeddings"),
             "mhc": Variant("cpu-mhc", dict(ov), regs=("none", "hcn"), label="mHC, 4 streams")}
+
+
+# The CPU profiles train with the paper's optimizer (recipe "paper": nanochat-snlp's NanochatMuon and AdamW
+# groups, weight decay by nanochat's rule). Its learning rates stay at nanochat's reference batch of 2^19
+# tokens: scaled by sqrt(B / 2^19) to our 1024-token batches they would be 22x smaller (Muon 0.0009),
+# too small to learn in hundreds of steps. (torch.optim.Muon, recipe "snlp", is also 10x slower here:
+# its Newton-Schulz iterations run in bfloat16, which these CPUs emulate.)
+PAPER_TRAINING = dict(recipe="paper", **PAPER_LRS)
 
 
 # The configurations that decode fast on the 12-layer cpu-plain (issue 14: idn:K=1:n=12 2.49x, K=2 1.55x;
@@ -125,19 +145,32 @@ PROFILES: dict[str, Profile] = {
                      stride=1, eval_batches=2, eval_batch_size=2, finetune_steps=3, bench_repeats=2,
                      data=str(Path(__file__).resolve().parent),  # this package's own source: tiny, fast
                      threads=1,  # toy matrices: threads only add synchronisation
+                     training=PAPER_TRAINING, eval_every=2, contexts=(64,), context_variants=("x0ve",),
+                     train_workers=2,  # the code path of the cpu profile's parallel training
                      decode=DecodeStudy("tiny", steps=6, batch_size=4, seq_len=32, vocab_size=512,
                                         recipes=("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"),
                                         configs=("sequential", "idn:K=1:n=4", "idn:K=2:n=4", "idn:K=1:n=3",
                                                  "idn:K=1:n=4:2xF2", "idn:K=2:n=4:2xF2"),
                                         eval_batches=2, decode_tokens=4, overrides=dict(x0ve=False),
                                         decoders=("eager",))),
-    # 64-wide versions of the 12-layer CPU presets: 24 training runs (8 models x 3 seeds) fit in about
-    # half an hour on 2 cores, the rest of `make figures` in the other half.
-    "cpu": Profile("cpu", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2), steps=150, batch_size=8, seq_len=128,
-                   vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12), stride=1, eval_batches=16,
-                   eval_batch_size=8, finetune_steps=60,
+    # 64-wide versions of the 12-layer CPU presets, trained 4x longer than the first version (600 steps,
+    # validation every 75 for the curves), three seeds; x0ve also at 256-token contexts, where its windows
+    # of 64 cover a quarter of the context as the paper's v2 windows of 512 do at 2048 (512 tokens took
+    # twice as long again). DiagN is left to the long profile: cut variants, not steps. Two training
+    # processes at once (`train_all`).
+    "cpu": Profile("cpu", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2, regs=("none", "idn")), steps=600,
+                   batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12),
+                   stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=150, training=PAPER_TRAINING,
+                   eval_every=75, contexts=(256,), context_variants=("x0ve",), train_workers=2,
                    # three recipes fit the study's ~15 minutes (all six: papermill ... -p recipes all, ~45 minutes)
                    decode=_cpu_plain_decode(("baseline", "idn-all", "fwd"))),
+    # What did not fit the hour: DiagN too, every variant at both contexts, 1500 steps (hours on 2 cores;
+    # writes figures/long and reports/long).
+    "long": Profile("long", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2), steps=1500, batch_size=8,
+                    seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12), stride=1,
+                    eval_batches=16, eval_batch_size=8, finetune_steps=375, training=PAPER_TRAINING,
+                    eval_every=100, contexts=(256,), context_variants=("plain", "x0ve", "mhc"), train_workers=2,
+                    decode=_cpu_plain_decode(("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"))),
     "paper": Profile("paper", {"plain": Variant("0.5b-plain", label="0.5B w/o x0ve"),
                                "x0ve": Variant("0.5b", label="0.5B"),
                                "mhc": Variant("0.5b-mhc", regs=("none", "hcn"), label="0.5B-mHC")},
@@ -178,27 +211,94 @@ def eval_batch(P: Profile, ds, batch_size: int | None = None, seq_len: int | Non
     return x.to(P.device), y.to(P.device)
 
 
-def train_options(P: Profile, variant: str, reg: str = "none", seed: int = 0, **extra) -> dict:
-    """The keyword arguments of `train.trained_model` for one model of the profile."""
+def train_options(P: Profile, variant: str, reg: str = "none", seed: int = 0, seq_len: int | None = None,
+                  **extra) -> dict:
+    """The keyword arguments of `train.trained_model` for one model of the profile. seq_len: a context
+    other than the profile's (its `contexts`), trained on as many tokens per step (batch_size x
+    seq_len / this), the model's context widened where it is shorter."""
     check_choice("variant", variant, P.variants)
     v = P.variants[variant]
-    opts = dict(preset=v.preset, steps=P.steps, reg=reg, lam=P.lam, seed=seed, batch_size=P.batch_size,
-                seq_len=P.seq_len, vocab_size=P.vocab_size, n_par_set=P.n_par_set, stride=P.stride,
-                device=P.device, eval_batches=P.eval_batches, progress=False, data=P.data)
+    T = seq_len or P.seq_len
+    if T < 1 or (P.batch_size * P.seq_len) % T:
+        raise ValueError(f"seq_len={T} does not divide the profile's {P.batch_size * P.seq_len} tokens per step")
+    batch = P.batch_size * P.seq_len // T
+    # the training curve's evaluations score the windows of `ppl` (batches of the training batch size)
+    windows = P.eval_batches * max(1, P.eval_batch_size * P.seq_len // T)
+    opts = dict(preset=v.preset, steps=P.steps, reg=reg, lam=P.lam, seed=seed, batch_size=batch, seq_len=T,
+                vocab_size=P.vocab_size, n_par_set=P.n_par_set, stride=P.stride, device=P.device,
+                eval_batches=windows // batch if windows % batch == 0 else P.eval_batches, eval_every=P.eval_every,
+                progress=False, data=P.data)
+    opts.update(P.training)
     opts.update(v.overrides)
+    if T > get_config(v.preset, **v.overrides).sequence_len:
+        opts["sequence_len"] = T
     opts.update(extra)
     return opts
 
 
-def trained(P: Profile, variant: str, reg: str = "none", seed: int = 0, **extra):
+def trained(P: Profile, variant: str, reg: str = "none", seed: int = 0, seq_len: int | None = None, **extra):
     """A model of the profile trained with `reg` (cached: trained on first use, reused after), frozen for
     analysis (eval mode, no parameter gradients, so solves build no autograd graph)."""
-    return trained_model(**train_options(P, variant, reg, seed, **extra)).eval().requires_grad_(False)
+    return trained_model(**train_options(P, variant, reg, seed, seq_len, **extra)).eval().requires_grad_(False)
 
 
-def ppl(P: Profile, model, ds, method: str = "sequential", **solve_kw) -> float:
-    """Validation PPL of the profile's evaluation windows, sequential or under an SNLP configuration."""
-    return evaluate_ppl(model, ds.val, P.seq_len, P.eval_batch_size, P.eval_batches, method=method, **solve_kw)
+def _train_one(P: Profile, job: tuple) -> None:
+    torch.set_num_threads(1)  # one process per core: toy matrices gain more from two runs than two threads
+    trained_model(**train_options(P, *job))
+
+
+def train_all(P: Profile, jobs, log=print) -> None:
+    """Train the (variant, reg, seed, seq_len) jobs that are not cached yet, P.train_workers at a time in
+    processes of their own (one thread each), so that the notebook then finds them all in the cache.
+    A run that fails raises here with its error; the others keep their finished runs. The processes are
+    spawned: a script that calls this needs the `if __name__ == "__main__":` guard (notebooks do not)."""
+    todo = [j for j in jobs if not is_finished(run_folder(P, *j))]
+    if P.train_workers <= 1 or len(todo) <= 1:
+        for j in tqdm(todo, desc="train"):
+            trained_model(**train_options(P, *j))
+        return
+    log(f"[train] {len(todo)} runs, {P.train_workers} at a time")
+    # the likely longest first (longer contexts, a regularizer, mHC), so that the processes end together
+    mhc = {v for v, var in P.variants.items() if get_config(var.preset).n_streams > 1}
+    todo.sort(key=lambda j: (j[3] or P.seq_len, j[1] != "none", j[0] in mhc), reverse=True)
+    ctx = multiprocessing.get_context("spawn")  # fork would copy this process's torch threads and state
+    with ProcessPoolExecutor(P.train_workers, mp_context=ctx) as pool:
+        futures = {pool.submit(_train_one, P, tuple(j)): j for j in todo}
+        for f in tqdm(as_completed(futures), total=len(futures), desc="train"):
+            f.result()
+
+
+def ppl(P: Profile, model, ds, method: str = "sequential", seq_len: int | None = None, **solve_kw) -> float:
+    """Validation PPL of the profile's evaluation windows, sequential or under an SNLP configuration.
+    seq_len: windows of another context, as many tokens in all (eval_batch_size x P.seq_len / seq_len each)."""
+    T = seq_len or P.seq_len
+    return evaluate_ppl(model, ds.val, T, max(1, P.eval_batch_size * P.seq_len // T), P.eval_batches,
+                        method=method, **solve_kw)
+
+
+def regularization_jobs(P: Profile) -> list[tuple]:
+    """(variant, reg, seed, seq_len) of the regularization study: every variant and regularizer over the
+    seeds at the profile's context, and the `context_variants` at each further context."""
+    return [(v, reg, seed, T) for T in (P.seq_len,) + tuple(P.contexts) for v, var in P.variants.items()
+            if T == P.seq_len or v in P.context_variants for reg in var.regs for seed in P.seeds]
+
+
+def training_curve(P: Profile, variant: str, reg: str = "none", seed: int = 0, seq_len: int | None = None):
+    """The validation PPL of a trained run at every evaluation (columns step, val_ppl), from its
+    metrics.jsonl: every P.eval_every steps and at the end."""
+    lines = (run_folder(P, variant, reg, seed, seq_len) / "metrics.jsonl").read_text().splitlines()
+    evals = [json.loads(s) for s in lines if s.strip()]
+    return pd.DataFrame([(e["step"], e["val_ppl"]) for e in evals if "val_ppl" in e], columns=["step", "val_ppl"])
+
+
+def last_quarter_change(curve) -> float:
+    """How much a training curve still fell at the end: the change (%) of validation PPL from the
+    evaluation nearest 3/4 of the steps to the last (NaN with fewer than two evaluations)."""
+    if len(curve) < 2:
+        return float("nan")
+    last = curve.iloc[-1]
+    at = curve.iloc[(curve.step - 0.75 * last.step).abs().argmin()]
+    return float("nan") if at.step == last.step else 100 * (last.val_ppl / at.val_ppl - 1)
 
 
 def model_pairs(P: Profile) -> list[tuple[str, str]]:
@@ -236,9 +336,9 @@ def pareto(df, x: str = "speedup", y: str = "ppl"):
     return keep
 
 
-def run_folder(P: Profile, variant: str, reg: str = "none", seed: int = 0, **extra):
-    """The cached run folder of `trained(P, variant, reg, seed, **extra)` (e.g. to fine-tune from it)."""
-    return trained_run_dir(**train_options(P, variant, reg, seed, **extra))
+def run_folder(P: Profile, variant: str, reg: str = "none", seed: int = 0, seq_len: int | None = None, **extra):
+    """The cached run folder of `trained(P, variant, reg, seed, seq_len, **extra)` (e.g. to fine-tune from it)."""
+    return trained_run_dir(**train_options(P, variant, reg, seed, seq_len, **extra))
 
 
 def frontier_table(res):
@@ -303,7 +403,7 @@ def _recipe_options(P: Profile, name: str) -> dict:
     r = recipes[name]
     opts = dict(preset=D.preset, steps=max(1, round(r.steps_frac * D.steps)), reg="none", lam=P.lam, seed=0,
                 batch_size=D.batch_size, seq_len=D.seq_len, vocab_size=D.vocab_size, device=P.device,
-                eval_batches=D.eval_batches, progress=False, data=P.data, **D.overrides)
+                eval_batches=D.eval_batches, progress=False, data=P.data, **P.training, **D.overrides)
     opts.update(r.options)
     if r.init_from is not None:
         recipe_model(P, r.init_from)  # the model it fine-tunes, trained (or found in the cache) first

@@ -8,7 +8,8 @@ fails in the first cell, before any model is trained.
 
 Outputs (`output_dirs`): relative paths are relative to the repository root, whatever the kernel's
 working directory (JupyterLab runs in nb/, papermill where it is called). Without paths, only the
-profiles that `make figures` runs write into the committed figures/ and reports/; other runs (smoke,
+profiles that `make figures` runs write into the committed figures/ and reports/ (profile long:
+figures/long/ and reports/long/); other runs (smoke,
 or any run with a checkpoint or hand-picked settings) write to a scratch folder, so that a try-out
 never overwrites the committed results.
 """
@@ -20,7 +21,9 @@ from pathlib import Path
 
 from .paths import cache_dir, repo_root
 
-MAKE_FIGURES_PROFILES = ("cpu", "paper")  # the profiles whose outputs are committed
+# the profiles whose outputs are committed, and where: (figures, tables) relative to the repository root
+MAKE_FIGURES_PROFILES = {"cpu": ("figures", "reports"), "paper": ("figures", "reports"),
+                         "long": ("figures/long", "reports/long")}
 
 
 def _yaml_hint(name: str) -> str:
@@ -120,7 +123,8 @@ def output_dirs(profile: str, fig_dir=None, report_dir=None, scratch: bool = Fal
         def resolve(p, default):
             p = Path(p).expanduser() if p is not None else default
             return p if p.is_absolute() else (root or Path.cwd()) / p
-        dirs = resolve(fig_dir, Path("figures")), resolve(report_dir, Path("reports"))
+        figs, tables = MAKE_FIGURES_PROFILES.get(profile, ("figures", "reports"))
+        dirs = resolve(fig_dir, Path(figs)), resolve(report_dir, Path(tables))
     dirs = tuple(d.resolve() for d in dirs)
     for d in dirs:
         d.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import (TOKENIZER_JSON, checkpoint_weights, has_checkpoint, load_checkpoint, load_optim_state,
+from .checkpoint import (TOKENIZER_JSON, checkpoint_weights, has_checkpoint, is_finished, load_checkpoint, load_optim_state,
                          read_checkpoint, save_checkpoint, set_rng_state)
 from .config import GPTConfig, get_config, resolve_device
 from .hf import HFConfig, hf_config, load_hf
@@ -748,7 +748,7 @@ def trained_model(preset: str = "cpu", steps: int = 600, reg: str = "none", lam:
     cfg = _cached_config(preset, steps, reg, lam, seed, **kwargs)
     out = Path(cfg.out)
     with _locked(out):
-        if not (has_checkpoint(out) and read_checkpoint(out).get("finished")):
+        if not is_finished(out):
             train(cfg)
         return load_checkpoint(out, device=resolve_device(cfg.device))
 

@@ -35,8 +35,8 @@ def test_surrogate_operator_matches_definition(tiny, idx):
 
 
 def test_profiles_and_choices():
-    assert set(E.PROFILES) == {"smoke", "cpu", "paper"}
-    with pytest.raises(ValueError, match="valid profiles: smoke, cpu, paper"):
+    assert set(E.PROFILES) == {"smoke", "cpu", "long", "paper"}
+    with pytest.raises(ValueError, match="valid profiles: smoke, cpu, long, paper"):
         E.get_profile("gpu")
     with pytest.raises(ValueError, match="valid variants: plain, x0ve, mhc"):
         E.train_options(E.get_profile("cpu"), "d20")

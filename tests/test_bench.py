@@ -81,7 +81,7 @@ def test_settings():
     s = bench.settings("0.5b", device="cpu", profile="cpu")
     assert s["seq_lens"] == [128] and s["decode_tokens"] == 16 and s["threads"] == 1 and "idn:K=2:n=24:4xF6:h0" in s["configs"]
     assert bench.settings("cpu", device="cpu", profile="cpu", repeats=2, seq_lens=[64])["repeats"] == 2
-    for kw, msg in [(dict(model="1b"), "valid models: "), (dict(profile="fast"), "valid profiles: smoke, cpu, paper"),
+    for kw, msg in [(dict(model="1b"), "valid models: "), (dict(profile="fast"), "valid profiles: smoke, cpu, long, paper"),
                     (dict(model="cpu", configs=["idn:n=24"]), r"n_par must be an integer in 1\.\.12"),
                     (dict(model="cpu", seq_lens=[512]), "at most the sequence_len of model 'cpu'"), (dict(device="tpu"), "valid: auto"),
                     (dict(model="cpu-mhc", configs=["idn:n=12:2xF6"]), "not supported on mHC")]:

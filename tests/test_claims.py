@@ -122,6 +122,18 @@ def test_c_regulariser_changes_sequential_ppl():
     assert gone.verdict == C.UNTESTABLE and "missing values in the column(s) seq_ppl" in gone.rule
 
 
+def test_each_context_is_a_family_of_its_own():
+    short = runs([100.0, 101.0, 99.0], [90.0, 91.0, 89.0], variants=("x0ve",)).assign(seq_len=128)
+    long = runs([100.0, 101.0, 99.0], [110.0, 111.0, 109.0], variants=("x0ve",)).assign(seq_len=256)
+    c = C.claim_c({"regularization_runs": pd.concat([short, long], ignore_index=True)}, S)
+    assert "x0ve/idn: -10.0%" in c.ours and "x0ve (T=256)/idn: +10.0%" in c.ours
+    assert c.verdict == C.NO and "1 of 2 families lower" in c.rule and "1 higher" in c.rule
+    # the paper's v1 number (128-token contexts) is compared with the first context only
+    assert "x0ve/idn -10.0% against the paper's -23.4%" in c.differs and "T=256)/idn +10.0% against" not in c.differs
+    d = C.claim_d({"regularization_runs": pd.concat([short, long], ignore_index=True)}, S)
+    assert "x0ve:" in d.ours and "x0ve (T=256):" in d.ours
+
+
 # ------------------------------------------------------------------------------------------ (d)
 def pretrained(base, tuned, scratch):
     rows = []
@@ -261,6 +273,6 @@ def test_cli_bad_folder_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: report folder") and len(err.strip().splitlines()) == 1
     assert C.main(["--report-dir", str(tmp_path), "--profile", "huge"]) == 2
-    assert "valid profiles: smoke, cpu, paper" in capsys.readouterr().err
+    assert "valid profiles: smoke, cpu, long, paper" in capsys.readouterr().err
     assert C.main(["--report-dir"]) == 2
     assert capsys.readouterr().err.startswith("error: argument --report-dir: expected one argument")

@@ -114,6 +114,10 @@ def test_batched_layers_equal_one_at_a_time(folder, dtype, tol):
     _, ctx_new = m.embed(idx[:, 6:], pos=6)
     rest = m.layers(0, L, H[:, :, 6:], ctx_new, past=(k, v))
     full = m.layers(0, L, H, ctx)
+    # Gemma 2's eager attention takes its softmax in float32 (transformers' eager_attention_forward), so
+    # float64 scores that differ in their last bit between the cached and the full call can round apart
+    # there: float32 agreement is all that path can give
+    tol = max(tol, 1e-6) if m.hf.config.model_type == "gemma2" else tol
     assert rel(torch.cat([out, rest], dim=2), full) < tol
     one = m.layers(2, 3, H[2:3, :, 6:], ctx_new, past=(k[2:3], v[2:3]))  # a single layer runs its module
     assert rel(one[0], full[2, :, 6:]) < tol

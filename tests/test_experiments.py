@@ -1,0 +1,66 @@
+"""The experiment profiles' training helpers: other context lengths, parallel training, training curves."""
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+
+from snlp_lab import experiments as E
+from snlp_lab.params import output_dirs
+from snlp_lab.train import _cached_config
+
+SMOKE = E.PROFILES["smoke"]
+
+
+def test_another_context_trains_on_as_many_tokens_per_step():
+    o = E.train_options(SMOKE, "x0ve", "idn", 1, 64)
+    assert (o["batch_size"], o["seq_len"], o["sequence_len"]) == (2, 64, 64)  # 4 x 32 = 2 x 64 tokens
+    assert E.train_options(SMOKE, "x0ve", "idn", 1)["batch_size"] * SMOKE.seq_len == 2 * 64
+    assert "sequence_len" not in E.train_options(SMOKE, "x0ve", "idn", 1, 16)  # the preset's context holds it
+    assert _cached_config(**o).seq_len == 64  # resolves
+    with pytest.raises(ValueError, match="seq_len=48 does not divide the profile's 128 tokens per step"):
+        E.train_options(SMOKE, "x0ve", "idn", 1, 48)
+
+
+@pytest.mark.parametrize("name", ["cpu", "long"])
+def test_every_regularization_job_resolves(name):
+    P = E.PROFILES[name]
+    jobs = E.regularization_jobs(P)
+    assert len(jobs) == len(set(jobs)) and {T for *_, T in jobs} == {P.seq_len, *P.contexts}
+    for v, reg, seed, T in jobs:
+        cfg = _cached_config(**E.train_options(P, v, reg, seed, T))
+        assert cfg.seq_len * cfg.batch_size == P.seq_len * P.batch_size and cfg.recipe == "paper"
+    # every family has its baseline at every context it is trained at, over every seed
+    for v, reg, seed, T in jobs:
+        assert (v, "none", seed, T) in jobs
+
+
+def test_parallel_training_equals_training_here(tmp_path, monkeypatch):
+    P = dataclasses.replace(SMOKE, steps=3, eval_every=1)
+    jobs = [("plain", "idn", 0, SMOKE.seq_len), ("x0ve", "none", 1, 64)]
+    monkeypatch.setenv("SNLP_CACHE", str(tmp_path / "two"))
+    E.train_all(P, jobs)  # two spawned processes of one thread
+    two = [E.trained(P, *j).state_dict() for j in jobs]
+    curves = [E.training_curve(P, *j) for j in jobs]
+    monkeypatch.setenv("SNLP_CACHE", str(tmp_path / "one"))
+    E.train_all(dataclasses.replace(P, train_workers=1), jobs)  # here, one after the other
+    for j, sd in zip(jobs, two):
+        one = E.trained(P, *j).state_dict()
+        assert all(torch.equal(one[k], sd[k]) for k in sd), j
+    # the curve: an evaluation every step, the last on the windows the notebooks' PPL uses
+    ds = E.dataset(P)
+    for j, c in zip(jobs, curves):
+        assert list(c.step) == [1, 2, 3]
+        assert c.val_ppl.iloc[-1] == pytest.approx(E.ppl(P, E.trained(P, *j), ds, seq_len=j[3]), rel=1e-6)
+
+
+def test_last_quarter_change():
+    c = pd.DataFrame({"step": [100, 200, 300, 400], "val_ppl": [80.0, 60.0, 50.0, 45.0]})
+    assert E.last_quarter_change(c) == pytest.approx(100 * (45 / 50 - 1))  # step 300 -> 400
+    assert pd.isna(E.last_quarter_change(c.iloc[-1:]))  # one evaluation: no change to report
+
+
+def test_long_profile_writes_its_own_folders(tmp_path, monkeypatch):
+    monkeypatch.setattr("snlp_lab.params.repo_root", lambda: tmp_path)
+    assert output_dirs("long", log=lambda *_: None) == (tmp_path / "figures/long", tmp_path / "reports/long")
+    assert output_dirs("cpu", log=lambda *_: None) == (tmp_path / "figures", tmp_path / "reports")
