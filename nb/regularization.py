@@ -60,11 +60,8 @@ runs
 
 # %%
 keys = ["variant", "reg", "seq_len"]
-tail = curves.groupby(keys + ["seed"], sort=False)[["step", "val_ppl"]].apply(E.last_quarter_change)
-steps = curves.step.unique()
-mid = min(steps, key=lambda k: abs(k - steps.max() / 2))  # the evaluation nearest half the steps
-half = curves[curves.step == mid].groupby(keys, sort=False).val_ppl.mean() if mid < steps.max() else \
-    pd.Series(float("nan"), index=pd.MultiIndex.from_frame(runs[keys].drop_duplicates()))
+summary = E.curve_summary(curves, keys).set_index(keys)  # half-way PPL, change over the last quarter
+mid = summary.halfway_step.iloc[0]
 agg = (runs.groupby(keys + ["snlp"], sort=False)
        .agg(seq_ppl_mean=("seq_ppl", "mean"), seq_ppl_std=("seq_ppl", "std"),
             snlp_ppl_mean=("snlp_ppl", "mean"), seeds=("seed", "count")).reset_index())
@@ -72,10 +69,10 @@ agg["seq_ppl_std"] = agg["seq_ppl_std"].fillna(0.0)  # one seed: no spread to re
 base = agg[agg.reg == "none"].set_index(["variant", "seq_len"])["seq_ppl_mean"]
 agg["seq_change_%"] = 100 * (agg.seq_ppl_mean / [base[v, T] for v, T in zip(agg.variant, agg.seq_len)] - 1)
 # the same change half-way through training: does the effect's sign depend on how long the models train?
-hb = half.xs("none", level="reg")
-agg["seq_change_halfway_%"] = [100 * (half.get((v, r, T), float("nan")) / hb.get((v, T), float("nan")) - 1)
+half = summary.halfway_ppl
+agg["seq_change_halfway_%"] = [100 * (half[v, r, T] / half[v, "none", T] - 1)
                                for v, r, T in zip(agg.variant, agg.reg, agg.seq_len)]
-agg["last_quarter_%"] = [tail.xs((v, r, T), level=keys).mean() for v, r, T in zip(agg.variant, agg.reg, agg.seq_len)]
+agg["last_quarter_%"] = [summary["last_quarter_%"][v, r, T] for v, r, T in zip(agg.variant, agg.reg, agg.seq_len)]
 paper = {v: 100 * (r["reg_ppl"] / r["base"] - 1) for v, r in E.PAPER_TABLE_B.items() if r["base"]}
 agg["paper_change_%"] = [paper.get(v, float("nan")) if reg == E.PAPER_TABLE_B[v]["reg"] and T == P.seq_len
                          else float("nan") for v, reg, T in zip(agg.variant, agg.reg, agg.seq_len)]  # v1: 128 tokens

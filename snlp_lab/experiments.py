@@ -291,6 +291,20 @@ def training_curve(P: Profile, variant: str, reg: str = "none", seed: int = 0, s
     return pd.DataFrame([(e["step"], e["val_ppl"]) for e in evals if "val_ppl" in e], columns=["step", "val_ppl"])
 
 
+def curve_summary(curves: pd.DataFrame, keys: list) -> pd.DataFrame:
+    """Training curves (columns step, val_ppl, seed and `keys`, as `training_curve` rows) summarised per
+    group of `keys`, averaged over its seeds: halfway_ppl, the validation PPL at halfway_step, the
+    evaluation nearest half the steps (NaN when that is the last); last_quarter_% (`last_quarter_change`)."""
+    steps = curves.step.unique()
+    mid = min(steps, key=lambda k: abs(k - steps.max() / 2))
+    tail = (curves.groupby(keys + ["seed"], sort=False)[["step", "val_ppl"]].apply(last_quarter_change)
+            .groupby(level=keys, sort=False).mean())
+    half = curves[curves.step == mid].groupby(keys, sort=False).val_ppl.mean()
+    out = pd.DataFrame({"halfway_step": mid, "halfway_ppl": half.reindex(tail.index) if mid < steps.max() else
+                        float("nan"), "last_quarter_%": tail})
+    return out.reset_index()
+
+
 def last_quarter_change(curve) -> float:
     """How much a training curve still fell at the end: the change (%) of validation PPL from the
     evaluation nearest 3/4 of the steps to the last (NaN with fewer than two evaluations)."""

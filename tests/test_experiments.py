@@ -64,3 +64,16 @@ def test_long_profile_writes_its_own_folders(tmp_path, monkeypatch):
     monkeypatch.setattr("snlp_lab.params.repo_root", lambda: tmp_path)
     assert output_dirs("long", log=lambda *_: None) == (tmp_path / "figures/long", tmp_path / "reports/long")
     assert output_dirs("cpu", log=lambda *_: None) == (tmp_path / "figures", tmp_path / "reports")
+
+
+def test_curve_summary_averages_seeds():
+    rows = [dict(variant="x", reg=r, seed=s, step=k, val_ppl=p)
+            for r, s, curve in (("none", 0, (80, 60, 50, 45)), ("none", 1, (90, 70, 60, 54)), ("idn", 0, (80, 50, 40, 40)))
+            for k, p in zip((100, 200, 300, 400), curve)]
+    got = E.curve_summary(pd.DataFrame(rows), ["variant", "reg"]).set_index("reg")
+    assert (got.halfway_step == 200).all()
+    assert got.halfway_ppl.to_dict() == {"none": 65.0, "idn": 50.0}
+    assert got["last_quarter_%"]["none"] == pytest.approx(100 * ((45 / 50 + 54 / 60) / 2 - 1))
+    assert got["last_quarter_%"]["idn"] == pytest.approx(0.0)
+    one = E.curve_summary(pd.DataFrame(rows).query("step == 400"), ["variant", "reg"])
+    assert one.halfway_ppl.isna().all() and one["last_quarter_%"].isna().all()  # a single evaluation
