@@ -23,7 +23,8 @@ def convergence_curve(model, idx, targets, method: str, n_par: int | None = None
 
     One row per k: the max relative residual of the iterate the k-th iteration started from
     (`res_in`, from the solve's history), the relative error of the last state, the logits KL and
-    top-1 agreement with the sequential forward, and the PPL on `targets`.
+    top-1 agreement with the sequential forward, and the PPL on `targets`. Where the iterate overflowed
+    to non-finite values (float32 Newton steps can), its errors, KL and PPL are inf.
     """
     n_par = model.n_layer if n_par is None else n_par
     max_iters = n_par if max_iters is None else max_iters
@@ -31,9 +32,10 @@ def convergence_curve(model, idx, targets, method: str, n_par: int | None = None
     rows = []
     for k in range(1, max_iters + 1):
         r = solve(model, idx, method=method, iters=k, n_par=n_par, check_finite=False, **solve_kw)
-        err = dg.layer_errors(r.trace, ref.trace)
+        # an iterate that overflowed (non-finite) is infinitely far from the sequential one, not NaN
+        err = torch.nan_to_num(dg.layer_errors(r.trace, ref.trace), nan=float("inf"))
         finite = bool(torch.isfinite(r.logits).all())
-        rows.append({"method": method, "k": k, "res_in": float(r.rel_history[-1].detach().max()),
+        rows.append({"method": method, "k": k, "res_in": float(r.rel_history[-1].detach().nan_to_num(float("inf")).max()),
                      "final_err": float(err[-1]), "max_err": float(err.max()),
                      "kl": dg.logits_kl(r.logits, ref.logits) if finite else float("inf"),
                      "top1": dg.top1_agreement(r.logits, ref.logits),

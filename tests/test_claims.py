@@ -174,7 +174,13 @@ def test_e_exact_at_n_par_and_not_monotone():
     tiny = C.claim_e({"convergence_curves": curves(0.5, idn_ppl=(120.0, 100.0, 100.0 * (1 + 1e-6)))}, S)
     assert tiny.verdict == C.NO
     inexact = C.claim_e({"convergence_curves": curves(0.5, err_at_L=0.3)}, S)
-    assert inexact.verdict == C.NO and "exact (<= 0.0001): no" in inexact.rule
+    assert inexact.verdict == C.NO and "exact (<= 0.0001) where finite: no" in inexact.rule
+    # a float32 solve that overflowed before k = L is reported and caps the verdict at weakly
+    d = curves(0.5, models=("m1",)).query("method == 'idn'")
+    blown = pd.concat([d, d.assign(method="newton", final_err=float("inf"), ppl=float("inf"))], ignore_index=True)
+    b = C.claim_e({"convergence_curves": blown}, S)
+    assert b.verdict == C.WEAK and "1 solve(s) overflowed to non-finite values before K = L: m1 newton" in b.ours
+    assert "largest error of h_L at K = L: 1e-07 (1 solve" in b.ours and "1 overflowed" in b.rule
     assert C.claim_e({}, S).verdict == C.UNTESTABLE
 
 
