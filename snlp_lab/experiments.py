@@ -1,6 +1,7 @@
 """Experiment profiles shared by the notebooks: which models, how long they train, how much they are
 evaluated. `smoke` is what the test suite runs (seconds), `cpu` is the default `make figures`
-(about an hour on 2 cores), `paper` the paper's sizes on a GPU.
+(72 min on 2 cores, 51 of them the regularization study's 24 training runs), `long` what did not fit
+that (DiagN, every family at two contexts, 1500 steps: hours), `paper` the paper's sizes on a GPU.
 
 Every notebook starts with `P = experiments.get_profile(profile)`; trained models come from
 `experiments.trained(P, variant, reg, seed)`, which trains once and reuses the cached run after.
