@@ -35,7 +35,8 @@ def convergence_curve(model, idx, targets, method: str, n_par: int | None = None
         # an iterate that overflowed (non-finite) is infinitely far from the sequential one, not NaN
         err = torch.nan_to_num(dg.layer_errors(r.trace, ref.trace), nan=float("inf"))
         finite = bool(torch.isfinite(r.logits).all())
-        rows.append({"method": method, "k": k, "res_in": float(r.rel_history[-1].detach().nan_to_num(float("inf")).max()),
+        res_in = r.rel_history[-1].detach().nan_to_num(float("inf")).max()
+        rows.append({"method": method, "k": k, "res_in": float(res_in),
                      "final_err": float(err[-1]), "max_err": float(err.max()),
                      "kl": dg.logits_kl(r.logits, ref.logits) if finite else float("inf"),
                      "top1": dg.top1_agreement(r.logits, ref.logits),

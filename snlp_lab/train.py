@@ -61,8 +61,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import (TOKENIZER_JSON, checkpoint_weights, has_checkpoint, is_finished, load_checkpoint, load_optim_state,
-                         read_checkpoint, save_checkpoint, set_rng_state)
+from .checkpoint import (TOKENIZER_JSON, checkpoint_weights, has_checkpoint, is_finished, load_checkpoint,
+                         load_optim_state, read_checkpoint, save_checkpoint, set_rng_state)
 from .config import GPTConfig, get_config, resolve_device
 from .hf import HFConfig, hf_config, load_hf
 from .data import TokenStream, prepare_data
