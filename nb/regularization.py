@@ -118,10 +118,11 @@ lines = []
 for (v, T), d in agg.groupby(["variant", "seq_len"], sort=False):
     b = d[d.reg == "none"].iloc[0]
     for _, r in d[d.reg != "none"].iterrows():
-        p = paper.get(v) if r.reg == E.PAPER_TABLE_B[v]["reg"] and T == P.seq_len else None
-        lines.append(f"{v}/{r.reg} T={T}: seq PPL {b.seq_ppl_mean:.2f} -> {r.seq_ppl_mean:.2f} ({r['seq_change_%']:+.1f}%"
-                     + (f"; paper {p:+.1f}%" if p is not None else "") + f"; at step {mid} {r['seq_change_halfway_%']:+.1f}%)"
-                     f", one-step SNLP PPL {b.snlp_ppl_mean:.3g} -> {r.snlp_ppl_mean:.3g}")
+        p = r["paper_change_%"]
+        lines.append(f"{v}/{r.reg} T={T}: seq PPL {b.seq_ppl_mean:.2f} -> {r.seq_ppl_mean:.2f} "
+                     f"({r['seq_change_%']:+.1f}%" + ("" if pd.isna(p) else f"; paper {p:+.1f}%")
+                     + f"; at step {mid} {r['seq_change_halfway_%']:+.1f}%), one-step SNLP PPL "
+                     f"{b.snlp_ppl_mean:.3g} -> {r.snlp_ppl_mean:.3g}")
 reading = "; ".join(lines)
 flat = agg["last_quarter_%"]
 add_reading(report_dir, "regularization", "regularization", reading)

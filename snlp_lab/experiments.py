@@ -224,7 +224,7 @@ def train_options(P: Profile, variant: str, reg: str = "none", seed: int = 0, se
         raise ValueError(f"seq_len={T} does not divide the profile's {P.batch_size * P.seq_len} tokens per step")
     batch = P.batch_size * P.seq_len // T
     # the training curve's evaluations score the windows of `ppl` (batches of the training batch size)
-    windows = P.eval_batches * max(1, P.eval_batch_size * P.seq_len // T)
+    windows = P.eval_batches * _eval_batch_size(P, T)
     opts = dict(preset=v.preset, steps=P.steps, reg=reg, lam=P.lam, seed=seed, batch_size=batch, seq_len=T,
                 vocab_size=P.vocab_size, n_par_set=P.n_par_set, stride=P.stride, device=P.device,
                 eval_batches=windows // batch if windows % batch == 0 else P.eval_batches, eval_every=P.eval_every,
@@ -273,8 +273,12 @@ def ppl(P: Profile, model, ds, method: str = "sequential", seq_len: int | None =
     """Validation PPL of the profile's evaluation windows, sequential or under an SNLP configuration.
     seq_len: windows of another context, as many tokens in all (eval_batch_size x P.seq_len / seq_len each)."""
     T = seq_len or P.seq_len
-    return evaluate_ppl(model, ds.val, T, max(1, P.eval_batch_size * P.seq_len // T), P.eval_batches,
-                        method=method, **solve_kw)
+    return evaluate_ppl(model, ds.val, T, _eval_batch_size(P, T), P.eval_batches, method=method, **solve_kw)
+
+
+def _eval_batch_size(P: Profile, T: int) -> int:
+    """Validation windows of T tokens per batch: as many tokens as the profile's own batches."""
+    return max(1, P.eval_batch_size * P.seq_len // T)
 
 
 def regularization_jobs(P: Profile) -> list[tuple]:
