@@ -18,6 +18,28 @@ def test_convergence_curve_ends_exact(tiny, idx):
         assert df.res_in.iloc[0] > df.res_in.iloc[-1]
 
 
+def test_an_overflowed_iterate_is_infinitely_far(tiny, idx, monkeypatch):
+    """A float32 solve whose iterate overflows gives NaN through inf - inf: the curve says inf, so that
+    tables and the claims ledger see a diverged solve rather than a missing value."""
+    import snlp_lab.analysis as A
+    real = A.solve
+
+    def overflowing(model, x, method="sequential", **kw):
+        r = real(model, x, method=method, **kw)
+        if method != "sequential" and kw["iters"] >= 2:  # from k = 2 on every iterate and residual is NaN
+            r.trace[-1] = torch.full_like(r.trace[-1], float("nan"))
+            r.rel_history[-1] = torch.full_like(r.rel_history[-1], float("nan"))
+            r.logits = torch.full_like(r.logits, float("nan"))
+        return r
+
+    monkeypatch.setattr(A, "solve", overflowing)
+    df = convergence_curve(tiny, idx, torch.roll(idx, -1, dims=1), "newton")
+    assert df.final_err.iloc[0] < float("inf")
+    late = df[df.k >= 2]
+    assert (late.final_err == float("inf")).all() and (late.max_err == float("inf")).all()
+    assert (late.res_in == float("inf")).all() and (late.ppl == float("inf")).all()
+
+
 def test_layer_spectra_rows_and_exact_surrogate(tiny):
     x = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
     df = layer_spectra(tiny, x, ("idn", "newton"), probes=4, power_iters=10)
