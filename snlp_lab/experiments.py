@@ -38,6 +38,11 @@ class Variant:
     overrides: dict = field(default_factory=dict)
     regs: tuple = ("none", "idn", "diagn")
     label: str = ""
+    seeds: tuple | None = None  # the regularization study's seeds for this family; None: the profile's
+
+    def study_seeds(self, P: "Profile") -> tuple:
+        """The seeds the regularization study trains this family at (the single-seed studies use P.seeds[0])."""
+        return self.seeds or P.seeds
 
     @property
     def reg(self) -> str:
@@ -94,11 +99,13 @@ class Profile:
     def describe(self, variant: str | None = None) -> dict:
         """The facts every table states: model, data, steps, seeds, device."""
         data = "Python standard library source ('stdlib')" if self.data == "stdlib" else self.data
+        own = {k: list(v.seeds) for k, v in self.variants.items() if v.seeds}  # e.g. "[0, 1, 2] (mhc: [0])"
+        seeds = f"{list(self.seeds)} ({', '.join(f'{k}: {s}' for k, s in own.items())})" if own else list(self.seeds)
         d = {"profile": self.name, "data": data,
              "training": f"{self.steps} steps x {self.batch_size} x {self.seq_len} tokens, BPE vocab {self.vocab_size}",
              "regularizer": f"lambda={self.lam}, n_par set={list(self.n_par_set)}, stride={self.stride}",
-             "seeds": list(self.seeds), "device": f"{self.device} ({platform.processor() or platform.machine()}, "
-                                                  f"{torch.get_num_threads()} threads), torch {torch.__version__}",
+             "seeds": seeds, "device": f"{self.device} ({platform.processor() or platform.machine()}, "
+                                       f"{torch.get_num_threads()} threads), torch {torch.__version__}",
              "evaluation": f"{self.eval_batches} x {self.eval_batch_size} validation windows of {self.seq_len} tokens"
                            + (" (the same tokens at the other contexts)" if self.contexts else "")}
         if self.training:
@@ -109,10 +116,10 @@ class Profile:
         return d
 
 
-def _cpu_variants(regs: tuple = ("none", "idn", "diagn"), **ov) -> dict:
+def _cpu_variants(regs: tuple = ("none", "idn", "diagn"), mhc_seeds: tuple | None = None, **ov) -> dict:
     return {"plain": Variant("cpu-plain", dict(ov), regs=regs, label="plain (w/o x0ve)"),
             "x0ve": Variant("cpu", dict(ov), regs=regs, label="x0 + value embeddings"),
-            "mhc": Variant("cpu-mhc", dict(ov), regs=("none", "hcn"), label="mHC, 4 streams")}
+            "mhc": Variant("cpu-mhc", dict(ov), regs=("none", "hcn"), label="mHC, 4 streams", seeds=mhc_seeds)}
 
 
 # The CPU profiles train with the paper's optimizer (recipe "paper": nanochat-snlp's NanochatMuon and AdamW
@@ -157,10 +164,12 @@ PROFILES: dict[str, Profile] = {
     # 64-wide versions of the 12-layer CPU presets, trained 4x longer than the first version (600 steps,
     # validation every 75 for the curves), three seeds; x0ve also at 256-token contexts, where its windows
     # of 64 cover a quarter of the context as the paper's v2 windows of 512 do at 2048 (512 tokens took
-    # twice as long again). DiagN is left to the long profile: cut variants, not steps. Two training
-    # processes at once (`train_all`).
-    "cpu": Profile("cpu", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2, regs=("none", "idn")), steps=600,
-                   batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12),
+    # twice as long again). Cut variants, not steps, to fit the hour: DiagN is left to the long profile, and
+    # mHC trains at seed 0 only (its HCN runs cost 0.88 s a step, twice an IDN run: seeds 1 and 2 took 12 of
+    # the 72 minutes; the paper gives no mHC baseline to compare with). Two training processes at once
+    # (`train_all`).
+    "cpu": Profile("cpu", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2, regs=("none", "idn"), mhc_seeds=(0,)),
+                   steps=600, batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12),
                    stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=150, training=PAPER_TRAINING,
                    eval_every=75, contexts=(256,), context_variants=("x0ve",), train_workers=2,
                    # three recipes fit the study's ~15 minutes (all six: papermill ... -p recipes all, ~45 minutes)
@@ -283,9 +292,10 @@ def _eval_batch_size(P: Profile, T: int) -> int:
 
 def regularization_jobs(P: Profile) -> list[tuple]:
     """(variant, reg, seed, seq_len) of the regularization study: every variant and regularizer over the
-    seeds at the profile's context, and the `context_variants` at each further context."""
+    seeds at the profile's context (a variant's own `seeds` where it has them), and the `context_variants`
+    at each further context."""
     return [(v, reg, seed, T) for T in (P.seq_len,) + tuple(P.contexts) for v, var in P.variants.items()
-            if T == P.seq_len or v in P.context_variants for reg in var.regs for seed in P.seeds]
+            if T == P.seq_len or v in P.context_variants for reg in var.regs for seed in var.study_seeds(P)]
 
 
 def training_curve(P: Profile, variant: str, reg: str = "none", seed: int = 0, seq_len: int | None = None):

@@ -35,6 +35,14 @@ def test_every_regularization_job_resolves(name):
         assert (v, "none", seed, T) in jobs
 
 
+def test_a_variant_may_train_at_fewer_seeds():
+    P = E.PROFILES["cpu"]  # mHC at seed 0 only: its seeds 1 and 2 did not fit the hour
+    jobs = E.regularization_jobs(P)
+    assert {s for v, _, s, _ in jobs if v == "mhc"} == {0} and {s for v, _, s, _ in jobs if v == "x0ve"} == {0, 1, 2}
+    assert len(jobs) == 2 * 3 + 2 * 3 + 2 * 1 + 2 * 3  # plain, x0ve, mhc at T=128; x0ve at T=256
+    assert P.describe()["seeds"] == "[0, 1, 2] (mhc: [0])" and E.PROFILES["long"].describe()["seeds"] == [0, 1, 2]
+
+
 def test_parallel_training_equals_training_here(tmp_path, monkeypatch):
     P = dataclasses.replace(SMOKE, steps=3, eval_every=1)
     jobs = [("plain", "idn", 0, SMOKE.seq_len), ("x0ve", "none", 1, 64)]
