@@ -1,7 +1,8 @@
 """Experiment profiles shared by the notebooks: which models, how long they train, how much they are
 evaluated. `smoke` is what the test suite runs (seconds), `cpu` is the default `make figures`
-(72 min on 2 cores, 51 of them the regularization study's 24 training runs), `long` what did not fit
-that (DiagN, every family at two contexts, 1500 steps: hours), `paper` the paper's sizes on a GPU.
+(59 min on 2 cores, 38 of them the regularization study's 20 training runs), `long` what did not fit
+that (DiagN, mHC at three seeds, every family at two contexts, 1500 steps: hours), `paper` the paper's
+sizes on a GPU.
 
 Every notebook starts with `P = experiments.get_profile(profile)`; trained models come from
 `experiments.trained(P, variant, reg, seed)`, which trains once and reuses the cached run after.
@@ -165,17 +166,17 @@ PROFILES: dict[str, Profile] = {
     # validation every 75 for the curves), three seeds; x0ve also at 256-token contexts, where its windows
     # of 64 cover a quarter of the context as the paper's v2 windows of 512 do at 2048 (512 tokens took
     # twice as long again). Cut variants, not steps, to fit the hour: DiagN is left to the long profile, and
-    # mHC trains at seed 0 only (its HCN runs cost 0.88 s a step, twice an IDN run: seeds 1 and 2 took 12 of
-    # the 72 minutes; the paper gives no mHC baseline to compare with). Two training processes at once
-    # (`train_all`).
+    # mHC trains at seed 0 only (its HCN runs cost 0.88 s a step, twice an IDN run; with seeds 1 and 2 the
+    # profile took 72 minutes, without them 59; the paper gives no mHC baseline to compare with). Two
+    # training processes at once (`train_all`).
     "cpu": Profile("cpu", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2, regs=("none", "idn"), mhc_seeds=(0,)),
                    steps=600, batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12),
                    stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=150, training=PAPER_TRAINING,
                    eval_every=75, contexts=(256,), context_variants=("x0ve",), train_workers=2,
                    # three recipes fit the study's ~15 minutes (all six: papermill ... -p recipes all, ~45 minutes)
                    decode=_cpu_plain_decode(("baseline", "idn-all", "fwd"))),
-    # What did not fit the hour: DiagN too, every variant at both contexts, 1500 steps (hours on 2 cores;
-    # writes figures/long and reports/long).
+    # What did not fit the hour: DiagN too, mHC at three seeds, every variant at both contexts, 1500 steps
+    # (hours on 2 cores; writes figures/long and reports/long).
     "long": Profile("long", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2), steps=1500, batch_size=8,
                     seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12), stride=1,
                     eval_batches=16, eval_batch_size=8, finetune_steps=375, training=PAPER_TRAINING,

@@ -10,7 +10,7 @@ claims.md, linked from the index. A partial run (--only) rewrites it too, as the
 the tables alone and takes seconds; it then reads the new tables beside those of the last full run, and
 it lists each table it read with its write time, so that a mixed ledger shows it.
 
-    python -m snlp_lab.figures --profile cpu            # the default, ~75 min on 2 cores
+    python -m snlp_lab.figures --profile cpu            # the default, ~60 min on 2 cores
     python -m snlp_lab.figures --profile smoke --out /tmp/x   # what the tests run
 """
 from __future__ import annotations
