@@ -1,8 +1,7 @@
 """Experiment profiles shared by the notebooks: which models, how long they train, how much they are
 evaluated. `smoke` is what the test suite runs (seconds), `cpu` is the default `make figures`
 (59 min on 2 cores, 38 of them the regularization study's 20 training runs), `long` what did not fit
-that (DiagN, mHC at three seeds, every family at two contexts, 1500 steps: hours), `paper` the paper's
-sizes on a GPU.
+that (the same comparisons, mHC at three seeds, 2400 steps: hours), `paper` the paper's sizes on a GPU.
 
 Every notebook starts with `P = experiments.get_profile(profile)`; trained models come from
 `experiments.trained(P, variant, reg, seed)`, which trains once and reuses the cached run after.
@@ -175,12 +174,15 @@ PROFILES: dict[str, Profile] = {
                    eval_every=75, contexts=(256,), context_variants=("x0ve",), train_workers=2,
                    # three recipes fit the study's ~15 minutes (all six: papermill ... -p recipes all, ~45 minutes)
                    decode=_cpu_plain_decode(("baseline", "idn-all", "fwd"))),
-    # What did not fit the hour: DiagN too, mHC at three seeds, every variant at both contexts, 1500 steps
-    # (hours on 2 cores; writes figures/long and reports/long).
-    "long": Profile("long", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2), steps=1500, batch_size=8,
-                    seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12), stride=1,
-                    eval_batches=16, eval_batch_size=8, finetune_steps=375, training=PAPER_TRAINING,
-                    eval_every=100, contexts=(256,), context_variants=("plain", "x0ve", "mhc"), train_workers=2,
+    # What did not fit the hour: the cpu profile's central comparisons trained 4x longer, mHC at three seeds
+    # too. 2400 steps, as a probe at seed 0 (plain and x0ve, T=128) found validation PPL before the warm-down
+    # nearly flat by then (-0.9% to -2.1% over steps 1500-1800; x0ve/IDN -9.4%), and final PPL 42-53% below
+    # that of 600 steps. About 3.5 hours of training on 2 cores (an interrupted run resumes where it stopped);
+    # writes figures/long and reports/long. DiagN is in the paper profile.
+    "long": Profile("long", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2, regs=("none", "idn")), steps=2400,
+                    batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12),
+                    stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=600, training=PAPER_TRAINING,
+                    eval_every=300, contexts=(256,), context_variants=("x0ve",), train_workers=2,
                     decode=_cpu_plain_decode(("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"))),
     "paper": Profile("paper", {"plain": Variant("0.5b-plain", label="0.5B w/o x0ve"),
                                "x0ve": Variant("0.5b", label="0.5B"),
