@@ -37,7 +37,7 @@ from scipy import stats
 from .analysis import PPL_RTOL, ppl_monotone
 from .cli import ArgumentParser
 from .config import get_config
-from .experiments import PAPER_TABLE_B, PROFILES, last_quarter_change
+from .experiments import PAPER_TABLE_B, PROFILES, before_warmdown_change, last_quarter_change
 from .params import check_choice
 from .snlp_config import parse_chunks, parse_config
 
@@ -52,6 +52,7 @@ FASTER = 1.1  # "faster": at least 1.1x, beyond the run-to-run spread of medians
 STALL_ERR = 0.1  # Jacobi "stalls": relative error of h_L still >= 10% one iteration before finite termination
 EXACT_ERR = 1e-4  # "exact": relative error of h_L at K = n_par within float32 rounding
 P_VALUE = 0.05  # a sign test "holds" below this two-sided p-value
+FLAT_PCT = 3.0  # a training curve "has flattened": validation PPL within ±3% over the eighth before the warm-down
 
 
 # ------------------------------------------------------------------------------------------ the paper
@@ -403,17 +404,29 @@ def claim_c(t: dict, s: Setting) -> dict:
 
 
 def _still_falling(t: dict) -> str:
-    """A sentence on how far from flat the training curves ended (regularization_curves), or ""."""
+    """A sentence on how far from flat the training curves ended (regularization_curves), or "": before
+    the learning rate's warm-down (`before_warmdown_change`, where the table has lr_mult) and over the last
+    quarter, warm-down included (`last_quarter_change`)."""
     c = t.get("regularization_curves")
     keys = ["variant", "reg", "seed", "seq_len"]
     if c is None or not set(keys + ["step", "val_ppl"]) <= set(c.columns):
         return ""
-    tail = c.groupby(keys)[["step", "val_ppl"]].apply(last_quarter_change).dropna()
+    curves = c.groupby(keys)[["step", "val_ppl"] + (["lr_mult"] if "lr_mult" in c else [])]
+    tail = curves.apply(last_quarter_change).dropna()
     if tail.empty:
         return ""
-    return (f"Validation PPL still changed by {tail.min():+.1f}% to {tail.max():+.1f}% (median {tail.median():+.1f}%) "
-            f"over the last quarter of training, warm-down included: the models were still learning, and a "
-            f"longer run may move these changes. ")
+    last = (f"over the last quarter of training, warm-down included, it changed by {tail.min():+.1f}% to "
+            f"{tail.max():+.1f}% (median {tail.median():+.1f}%)")
+    plateau = curves.apply(before_warmdown_change).dropna()
+    if plateau.empty:
+        return f"Validation PPL was not followed to a plateau: {last}; a longer run may move these changes. "
+    flat = int((plateau.abs() <= FLAT_PCT).sum())
+    return (f"Over the eighth of training before the learning rate's warm-down, validation PPL changed by "
+            f"{plateau.min():+.1f}% to {plateau.max():+.1f}% (median {plateau.median():+.1f}%): {flat} of "
+            f"{len(plateau)} curves within ±{FLAT_PCT:g}%, "
+            + ("flattened at the peak rate" if flat == len(plateau) else
+               "so some models were still learning and a longer run may move these changes")
+            + f"; {last}. ")
 
 
 @claim("d", "Models trained without the regulariser are less amenable to SNLP, and fine-tuning with it does not fix that.",

@@ -302,35 +302,59 @@ def regularization_jobs(P: Profile) -> list[tuple]:
 
 
 def training_curve(P: Profile, variant: str, reg: str = "none", seed: int = 0, seq_len: int | None = None):
-    """The validation PPL of a trained run at every evaluation (columns step, val_ppl), from its
-    metrics.jsonl: every P.eval_every steps and at the end."""
+    """The validation PPL of a trained run at every evaluation (columns step, val_ppl, lr_mult), from its
+    metrics.jsonl: every P.eval_every steps and at the end. lr_mult: the learning-rate multiplier of the
+    step just evaluated (1 at the peak rate, below it in the warm-up and the warm-down)."""
     lines = (run_folder(P, variant, reg, seed, seq_len) / "metrics.jsonl").read_text().splitlines()
-    evals = [json.loads(s) for s in lines if s.strip()]
-    return pd.DataFrame([(e["step"], e["val_ppl"]) for e in evals if "val_ppl" in e], columns=["step", "val_ppl"])
+    records = [json.loads(s) for s in lines if s.strip()]
+    mult = {r["step"]: r["lr_mult"] for r in records if "lr_mult" in r}
+    return pd.DataFrame([(r["step"], r["val_ppl"], mult.get(r["step"], float("nan"))) for r in records
+                         if "val_ppl" in r], columns=["step", "val_ppl", "lr_mult"])
 
 
 def curve_summary(curves: pd.DataFrame, keys: list) -> pd.DataFrame:
     """Training curves (columns step, val_ppl, seed and `keys`, as `training_curve` rows) summarised per
     group of `keys`, averaged over its seeds: halfway_ppl, the validation PPL at halfway_step, the
-    evaluation nearest half the steps (NaN when that is the last); last_quarter_% (`last_quarter_change`)."""
+    evaluation nearest half the steps (NaN when that is the last); last_quarter_% (`last_quarter_change`);
+    before_warmdown_% (`before_warmdown_change`)."""
     steps = curves.step.unique()
     mid = min(steps, key=lambda k: abs(k - steps.max() / 2))
-    tail = (curves.groupby(keys + ["seed"], sort=False)[["step", "val_ppl"]].apply(last_quarter_change)
-            .groupby(level=keys, sort=False).mean())
+    per_seed = curves.groupby(keys + ["seed"], sort=False)
+    cols = ["step", "val_ppl"] + (["lr_mult"] if "lr_mult" in curves else [])
+    tail = per_seed[cols].apply(last_quarter_change).groupby(level=keys, sort=False).mean()
+    plateau = per_seed[cols].apply(before_warmdown_change).groupby(level=keys, sort=False).mean()
     half = curves[curves.step == mid].groupby(keys, sort=False).val_ppl.mean()
     out = pd.DataFrame({"halfway_step": mid, "halfway_ppl": half.reindex(tail.index) if mid < steps.max() else
-                        float("nan"), "last_quarter_%": tail})
+                        float("nan"), "last_quarter_%": tail, "before_warmdown_%": plateau})
     return out.reset_index()
 
 
 def last_quarter_change(curve) -> float:
     """How much a training curve still fell at the end: the change (%) of validation PPL from the
-    evaluation nearest 3/4 of the steps to the last (NaN with fewer than two evaluations)."""
+    evaluation nearest 3/4 of the steps to the last (NaN with fewer than two evaluations). With a
+    learning-rate warm-down this includes it; `before_warmdown_change` leaves it out."""
     if len(curve) < 2:
         return float("nan")
     last = curve.iloc[-1]
     at = curve.iloc[(curve.step - 0.75 * last.step).abs().argmin()]
     return float("nan") if at.step == last.step else 100 * (last.val_ppl / at.val_ppl - 1)
+
+
+def before_warmdown_change(curve) -> float:
+    """Whether a training curve had flattened at its peak learning rate: the change (%) of validation PPL
+    over an eighth of training (steps = the last evaluation's step) before the warm-down, from the
+    evaluation nearest steps/8 before the last one at the peak rate (lr_mult == 1) to that one. The
+    warm-down's own fall (nanochat's schedule: the last fifth of the steps, to zero) says how far the rate
+    was annealed, not whether the model was still learning. NaN without an lr_mult column or with fewer
+    than two evaluations at the peak rate."""
+    if "lr_mult" not in curve or len(curve) < 2:
+        return float("nan")
+    peak = curve[curve.lr_mult == 1.0]  # `train.lr_multiplier` returns exactly 1.0 there
+    if len(peak) < 2:
+        return float("nan")
+    end = peak.iloc[-1]
+    start = peak.iloc[(peak.step - (end.step - curve.step.max() / 8)).abs().argmin()]
+    return float("nan") if start.step == end.step else 100 * (end.val_ppl / start.val_ppl - 1)
 
 
 def model_pairs(P: Profile) -> list[tuple[str, str]]:

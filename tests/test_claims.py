@@ -122,6 +122,22 @@ def test_c_regulariser_changes_sequential_ppl():
     assert gone.verdict == C.UNTESTABLE and "missing values in the column(s) seq_ppl" in gone.rule
 
 
+def test_c_says_whether_the_curves_flattened_before_the_warm_down():
+    def curve(v, seed, ppl):  # 800 steps, the last two evaluations in the warm-down
+        return [dict(variant=v, reg="none", seed=seed, seq_len=128, step=k, val_ppl=p, lr_mult=m)
+                for k, p, m in zip((200, 400, 500, 600, 700, 800), ppl, (1.0, 1.0, 1.0, 1.0, 0.7, 0.01))]
+    flat = curve("plain", 0, (80.0, 61.0, 60.0, 59.4, 45.0, 40.0))  # 500 -> 600: -1.0%
+    learning = curve("plain", 1, (80.0, 70.0, 60.0, 54.0, 45.0, 40.0))  # 500 -> 600: -10.0%
+    t = {"regularization_runs": runs([100.0, 101.0, 99.0], [90.0, 91.0, 89.0])}
+    one = C.claim_c({**t, "regularization_curves": pd.DataFrame(flat)}, S)
+    assert ("changed by -1.0% to -1.0% (median -1.0%): 1 of 1 curves within ±3%, flattened at the peak rate; "
+            "over the last quarter of training, warm-down included, it changed by -32.7% to -32.7%") in one.differs
+    two = C.claim_c({**t, "regularization_curves": pd.DataFrame(flat + learning)}, S)
+    assert "-10.0% to -1.0% (median -5.5%): 1 of 2 curves within ±3%, so some models were still learning" in two.differs
+    old = C.claim_c({**t, "regularization_curves": pd.DataFrame(flat).drop(columns="lr_mult")}, S)
+    assert "not followed to a plateau: over the last quarter" in old.differs  # a table from before lr_mult
+
+
 def test_each_context_is_a_family_of_its_own():
     short = runs([100.0, 101.0, 99.0], [90.0, 91.0, 89.0], variants=("x0ve",)).assign(seq_len=128)
     long = runs([100.0, 101.0, 99.0], [110.0, 111.0, 109.0], variants=("x0ve",)).assign(seq_len=256)

@@ -1,5 +1,6 @@
 """The experiment profiles' training helpers: other context lengths, parallel training, training curves."""
 import dataclasses
+import json
 
 import pandas as pd
 import pytest
@@ -68,6 +69,26 @@ def test_last_quarter_change():
     assert pd.isna(E.last_quarter_change(c.iloc[-1:]))  # one evaluation: no change to report
 
 
+def test_before_warmdown_change_leaves_the_warm_down_out():
+    # 800 steps, warm-down from step 640: the eighth before it is step 500 -> 600, 60 -> 57
+    c = pd.DataFrame({"step": [100, 200, 300, 400, 500, 600, 700, 800],
+                      "val_ppl": [90.0, 75.0, 66.0, 62.0, 60.0, 57.0, 45.0, 40.0],
+                      "lr_mult": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.7, 0.01]})
+    assert E.before_warmdown_change(c) == pytest.approx(100 * (57 / 60 - 1))
+    assert E.last_quarter_change(c) == pytest.approx(100 * (40 / 57 - 1))  # 600 -> 800, warm-down included
+    assert pd.isna(E.before_warmdown_change(c.drop(columns="lr_mult")))  # a table without the column
+    assert pd.isna(E.before_warmdown_change(c.assign(lr_mult=[0.5] * 7 + [0.1])))  # never at the peak rate
+
+
+def test_training_curve_reads_the_learning_rate_of_each_evaluation(tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "run_folder", lambda *a, **k: tmp_path)
+    lines = [{"step": 1, "loss": 5.0, "lr_mult": 1.0, "step_time": 0.5}, {"step": 1, "val_ppl": 80.0},
+             {"step": 2, "loss": 4.0, "lr_mult": 0.25, "step_time": 0.5}, {"step": 2, "val_ppl": 70.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    c = E.training_curve(SMOKE, "plain")
+    assert c.to_dict("list") == {"step": [1, 2], "val_ppl": [80.0, 70.0], "lr_mult": [1.0, 0.25]}
+
+
 def test_long_profile_writes_its_own_folders(tmp_path, monkeypatch):
     monkeypatch.setattr("snlp_lab.params.repo_root", lambda: tmp_path)
     assert output_dirs("long", log=lambda *_: None) == (tmp_path / "figures/long", tmp_path / "reports/long")
@@ -75,13 +96,15 @@ def test_long_profile_writes_its_own_folders(tmp_path, monkeypatch):
 
 
 def test_curve_summary_averages_seeds():
-    rows = [dict(variant="x", reg=r, seed=s, step=k, val_ppl=p)
+    rows = [dict(variant="x", reg=r, seed=s, step=k, val_ppl=p, lr_mult=m)
             for r, s, curve in (("none", 0, (80, 60, 50, 45)), ("none", 1, (90, 70, 60, 54)), ("idn", 0, (80, 50, 40, 40)))
-            for k, p in zip((100, 200, 300, 400), curve)]
+            for k, p, m in zip((100, 200, 300, 400), curve, (1.0, 1.0, 1.0, 0.5))]
     got = E.curve_summary(pd.DataFrame(rows), ["variant", "reg"]).set_index("reg")
     assert (got.halfway_step == 200).all()
     assert got.halfway_ppl.to_dict() == {"none": 65.0, "idn": 50.0}
     assert got["last_quarter_%"]["none"] == pytest.approx(100 * ((45 / 50 + 54 / 60) / 2 - 1))
     assert got["last_quarter_%"]["idn"] == pytest.approx(0.0)
+    assert got["before_warmdown_%"]["none"] == pytest.approx(100 * ((50 / 60 + 60 / 70) / 2 - 1))  # 200 -> 300
+    assert got["before_warmdown_%"]["idn"] == pytest.approx(100 * (40 / 50 - 1))
     one = E.curve_summary(pd.DataFrame(rows).query("step == 400"), ["variant", "reg"])
     assert one.halfway_ppl.isna().all() and one["last_quarter_%"].isna().all()  # a single evaluation
