@@ -30,7 +30,6 @@ report_dir = None  # relative paths are relative to the repository root
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 import torch
@@ -39,7 +38,7 @@ from tqdm.auto import tqdm
 from snlp_lab import experiments as E
 from snlp_lab.params import output_dirs
 from snlp_lab import solve
-from snlp_lab.analysis import convergence_curve, ppl_monotone
+from snlp_lab.analysis import convergence_curve, finite_termination, ppl_monotone
 from snlp_lab.diagnostics import perplexity
 from snlp_lab.report import add_reading, save_figure, save_table
 
@@ -95,10 +94,7 @@ save_table(wide, "convergence", report_dir, "PPL after K iterations (all layers 
 wide
 
 # %%
-at_L = curves[curves.k == curves.L]
-fin = at_L.final_err[np.isfinite(at_L.final_err)].max()
-# a solve whose iterate overflowed (float32) never reaches K = L: finite termination is exact arithmetic
-gone = curves[~np.isfinite(curves.final_err)].groupby(["model", "method"], sort=False).k.min()
+fin, gone = finite_termination(curves)  # error at K = L where finite; the first K of each overflowed solve
 last = curves[curves.k == curves.L - 1].set_index(["model", "method"]).final_err.unstack()
 nonmono = int((~wide.ppl_monotone_in_k).sum())
 reading = (f"Finite termination: at K = L = {L} every method "

@@ -4,6 +4,7 @@ Both return pandas DataFrames (one row per measurement), so notebooks only group
 """
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -42,6 +43,18 @@ def convergence_curve(model, idx, targets, method: str, n_par: int | None = None
                      "top1": dg.top1_agreement(r.logits, ref.logits),
                      "ppl": dg.perplexity(r.logits, targets) if finite else float("inf")})
     return pd.DataFrame(rows)
+
+
+def finite_termination(curves: pd.DataFrame) -> tuple[float, pd.Series]:
+    """Finite termination, as floating point shows it, over several solves' `convergence_curve` rows
+    (columns model, method, k, L, final_err). Returns the largest relative error of h_L at k = L over the
+    solves that stayed finite (inf where none did), and for each solve that overflowed to non-finite
+    values the first k at which it did (a Series indexed by model and method; empty when none did). A
+    float32 iterate can overflow before k = L; in exact arithmetic every solve ends exactly there."""
+    at_L = curves[curves.k == curves.L]
+    finite = at_L.final_err[np.isfinite(at_L.final_err)]
+    overflowed = curves[~np.isfinite(curves.final_err)].groupby(["model", "method"], sort=False).k.min()
+    return (float(finite.max()) if len(finite) else float("inf")), overflowed
 
 
 def ppl_monotone(ppl) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .analysis import PPL_RTOL, ppl_monotone
+from .analysis import PPL_RTOL, finite_termination, ppl_monotone
 from .cli import ArgumentParser
 from .config import get_config
 from .experiments import PAPER_TABLE_B, PROFILES, before_warmdown_change, last_quarter_change
@@ -496,11 +496,9 @@ def claim_e(t: dict, s: Setting) -> dict:
         raise Untestable("convergence_curves.csv has no row at k = L")
     # a solve whose iterate overflowed (inf; NaN in older tables) never reaches k = L in floating point:
     # it is reported, and the verdict is at most weak, but it is no counterexample to exact arithmetic
-    diverged = at_L[~np.isfinite(at_L.final_err)]
-    gone = [f"{m} {me}" for m, me in zip(diverged.model, diverged.method)]
-    finite = at_L.final_err[np.isfinite(at_L.final_err)]
-    worst = float(finite.max()) if len(finite) else float("inf")
-    exact = bool(len(finite) and worst <= EXACT_ERR)
+    worst, overflowed = finite_termination(c)
+    gone = [f"{m} {me}" for m, me in overflowed.index]
+    exact = worst <= EXACT_ERR
     groups = c.sort_values("k").groupby(["model", "method"], sort=False)
     mono = groups.ppl.apply(ppl_monotone)
     n, nonmono = len(mono), int((~mono).sum())

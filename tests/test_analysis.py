@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from snlp_lab import experiments as E
-from snlp_lab.analysis import convergence_curve, layer_spectra, surrogate_operator
+from snlp_lab.analysis import convergence_curve, finite_termination, layer_spectra, surrogate_operator
 from snlp_lab import jacobian as jac
 
 
@@ -38,6 +38,19 @@ def test_an_overflowed_iterate_is_infinitely_far(tiny, idx, monkeypatch):
     late = df[df.k >= 2]
     assert (late.final_err == float("inf")).all() and (late.max_err == float("inf")).all()
     assert (late.res_in == float("inf")).all() and (late.ppl == float("inf")).all()
+
+
+def test_finite_termination_leaves_out_overflowed_solves():
+    inf = float("inf")
+    rows = [("m", "idn", 1, 0.3), ("m", "idn", 2, 2e-7), ("m", "newton", 1, 0.1), ("m", "newton", 2, 3e-7),
+            ("n", "newton", 1, inf), ("n", "newton", 2, inf), ("n", "idn", 1, 0.2), ("n", "idn", 2, 1e-7)]
+    c = pd.DataFrame(rows, columns=["model", "method", "k", "final_err"]).assign(L=2)
+    worst, overflowed = finite_termination(c)
+    assert worst == 3e-7 and overflowed.to_dict() == {("n", "newton"): 1}
+    worst, overflowed = finite_termination(c[c.method == "idn"])
+    assert worst == 2e-7 and overflowed.empty
+    worst, _ = finite_termination(c[(c.model == "n") & (c.method == "newton")])
+    assert worst == inf  # no solve stayed finite: nothing is exact
 
 
 def test_layer_spectra_rows_and_exact_surrogate(tiny):
