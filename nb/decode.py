@@ -25,7 +25,7 @@
 # the best sequential decoder of the same run (the best of eager and compiled decoding, per `decoders`).
 
 # %% tags=["parameters"]
-profile = "cpu"  # smoke | cpu | paper
+profile = "cpu"  # smoke | cpu | long | paper (snlp_lab.experiments.PROFILES)
 recipes = None  # recipe names (one or a list), or "all"; None: the profile's (experiments.PROFILES[...].decode)
 configs = None  # configuration strings (one or a list); None: the profile's
 decoders = None  # "eager" and/or "compiled" (a list): decode speed is the best of them, per configuration; None: the profile's
@@ -64,9 +64,9 @@ decoders = as_list("decoders", decoders if decoders is not None else list(D.deco
 for d in decoders:
     check_choice("decoder", d, ("eager", "compiled"))
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
-ds = E.decode_dataset(P)
 
 # %%
+ds = E.decode_dataset(P)
 models, rows, train_rows = {}, [], []
 for name in recipes:
     models[name] = model = E.recipe_model(P, name)

@@ -26,7 +26,7 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/long, reports/long for long), else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
 
 # %%
@@ -42,9 +42,9 @@ from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
-ds = E.dataset(P)
 
 # %%
+ds = E.dataset(P)
 frames = []
 jobs = E.model_pairs(P)
 for v, reg in tqdm(jobs, desc="models"):

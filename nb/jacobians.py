@@ -25,7 +25,7 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/long, reports/long for long), else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
 probes = 8
 power_iters = 20
@@ -45,10 +45,10 @@ from snlp_lab.report import add_reading, save_figure, save_table
 P = E.get_profile(profile)
 probes, power_iters = check_int("probes", probes), check_int("power_iters", power_iters)
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
-ds = E.dataset(P)
-x, _ = E.eval_batch(P, ds, batch_size=1, seq_len=min(P.seq_len, 64))
 
 # %%
+ds = E.dataset(P)
+x, _ = E.eval_batch(P, ds, batch_size=1, seq_len=min(P.seq_len, 64))
 frames = []
 jobs = E.model_pairs(P)
 for v, reg in tqdm(jobs, desc="models"):

@@ -32,7 +32,7 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/long, reports/long for long), else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
 variant = "plain"
 # a run folder or checkpoint written by snlp_lab.train; "" = none
@@ -63,9 +63,9 @@ if hf_model:
     hf_config(hf_model)  # a folder that is not a supported causal LM fails here, before any training
 # a run with a model of the user's own writes to the scratch folder unless told otherwise
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=bool(checkpoint or hf_model))
-ds = E.dataset(P)
 
 # %%
+ds = E.dataset(P)
 seed = P.seeds[0]
 models = {"baseline (no reg)": E.trained(P, variant, "none", seed),
           "baseline + IDN fine-tune": E.trained(P, variant, "idn", seed, steps=P.finetune_steps,

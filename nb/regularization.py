@@ -27,7 +27,7 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/long, reports/long for long), else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
 
 # %%
@@ -42,9 +42,9 @@ from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
-ds = E.dataset(P)
 
 # %%
+ds = E.dataset(P)
 jobs = E.regularization_jobs(P)  # (variant, reg, seed, context)
 E.train_all(P, jobs)
 rows, curves = [], []
@@ -77,10 +77,11 @@ for col in ("before_warmdown_%", "last_quarter_%"):
 paper = {v: 100 * (r["reg_ppl"] / r["base"] - 1) for v, r in E.PAPER_TABLE_B.items() if r["base"]}
 agg["paper_change_%"] = [paper.get(v, float("nan")) if reg == E.PAPER_TABLE_B[v]["reg"] and T == P.seq_len
                          else float("nan") for v, reg, T in zip(agg.variant, agg.reg, agg.seq_len)]  # v1: 128 tokens
-table = agg.assign(paper_change_pct=agg["paper_change_%"].map(lambda x: "—" if pd.isna(x) else f"{x:+.1f}%"))
-dash = lambda fmt: lambda x: "—" if pd.isna(x) else fmt.format(x)  # NaN: nothing to report (one seed; see columns)
-table = table.drop(columns=["paper_change_%"]).assign(**{"seq_ppl_std": agg.seq_ppl_std.map(dash("{:.2f}")),
-                                                        "before_warmdown_%": agg["before_warmdown_%"].map(dash("{:+.1f}"))})
+dash = lambda fmt: lambda x: "—" if pd.isna(x) else fmt.format(x)  # NaN: nothing to report (see columns)
+table = agg.drop(columns=["paper_change_%"]).assign(**{
+    "paper_change_pct": agg["paper_change_%"].map(dash("{:+.1f}%")),
+    "seq_ppl_std": agg.seq_ppl_std.map(dash("{:.2f}")),
+    "before_warmdown_%": agg["before_warmdown_%"].map(dash("{:+.1f}"))})
 save_table(table, "regularization", report_dir, "Sequential PPL with and without the SNLP regularizer",
            {**P.describe(), "models": ", ".join(f"{k}: {v.preset} {v.overrides or ''}" for k, v in P.variants.items()),
             "contexts": f"{P.seq_len} (every variant); " + ", ".join(

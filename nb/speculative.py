@@ -25,7 +25,7 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ for the make-figures profiles (cpu, paper), else a scratch folder
+fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/long, reports/long for long), else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
 variant = "plain"
 reg = None  # None: the variant's main regularizer (IDN; HCN on mHC)
@@ -39,6 +39,8 @@ repeats = None  # timing: median of `repeats` runs after one warm-up
 threads = None  # CPU threads; None: 1 on a CPU (steady medians on a shared machine)
 
 # %%
+import dataclasses
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -50,23 +52,23 @@ from snlp_lab.report import add_reading, save_figure, save_table
 from snlp_lab.speculative import measure
 
 P = E.get_profile(profile)
+# only make figures' own run (the defaults) writes the committed results
+custom = any(v is not None for v in (reg, drafts, blocks, n_prompts, prompt_len, max_new_tokens, repeats))
 E.check_choice("variant", variant, P.variants)
 reg = reg or P.variants[variant].reg
 E.check_choice("reg", reg, P.variants[variant].regs)
-D = {"smoke": dict(blocks=[1, 2, 4], n_prompts=2, prompt_len=8, max_new_tokens=12, repeats=1),
-     "cpu": dict(blocks=[1, 2, 4, 6, 8], n_prompts=4, prompt_len=32, max_new_tokens=64, repeats=3),
-     "paper": dict(blocks=[1, 2, 4, 8, 16], n_prompts=8, prompt_len=256, max_new_tokens=256, repeats=5)}[profile]
+D = dataclasses.asdict(P.speculative)  # the profile's study, then what was given
 given = dict(n_prompts=n_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens, repeats=repeats)
 D.update({k: check_int(k, v) for k, v in given.items() if v is not None})
 D["blocks"] = [check_int("blocks", b) for b in as_list("blocks", blocks if blocks is not None else D["blocks"], int)]
 temperatures = [float(t) for t in as_list("temperatures", temperatures, float)]
 if drafts is not None:
     drafts = as_list("drafts", drafts)
-custom = any(v is not None for v in (reg, drafts, blocks, *given.values()))
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
 if P.device == "cpu":
     torch.set_num_threads(threads or 1)
 
+# %%
 model = E.trained(P, variant, reg, P.seeds[0])
 L = model.n_layer
 drafts = drafts or [f"idn:K=1:n={L}", f"idn:K=1:n={L // 2}"]

@@ -29,7 +29,7 @@
 # fixed cost per operator, which is where SNLP's decode speedup comes from there.
 
 # %% tags=["parameters"]
-model = None  # preset name; None: "cpu" (profiles smoke, cpu), "0.5b-plain" (paper), or the checkpoint's
+model = None  # preset name; None: "cpu" (profiles smoke, cpu, long), "0.5b-plain" (paper), or the checkpoint's
 device = "auto"  # "auto" picks CUDA when present
 seq_lens = None  # prefill lengths T (one value or a list); decode covers the last decode_tokens tokens of T
 configs = None  # configuration strings (one or a list); None: snlp_lab.bench.default_configs(depth)
@@ -38,7 +38,7 @@ repeats = None
 decode_tokens = None
 compile = False  # torch.compile the block function for the baseline and SNLP alike
 threads = None  # CPU threads; None: 1 on a CPU (steady on a shared machine), torch's default on a GPU
-profile = "cpu"  # smoke | cpu | paper
+profile = "cpu"  # smoke | cpu | long | paper (snlp_lab.experiments.PROFILES)
 fig_dir = None  # None: figures/ and reports/ for a make-figures run, else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
 

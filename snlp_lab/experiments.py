@@ -71,6 +71,18 @@ class DecodeStudy:
 
 
 @dataclass(frozen=True)
+class SpeculativeStudy:
+    """The speculative-decoding study of a profile (nb/speculative): draft block sizes, and prompts of
+    `prompt_len` tokens (windows spread over the validation split) each continued by `max_new_tokens`,
+    timed as the median of `repeats` runs. The defaults are the cpu profile's."""
+    blocks: tuple = (1, 2, 4, 6, 8)  # draft tokens per round
+    n_prompts: int = 4
+    prompt_len: int = 32
+    max_new_tokens: int = 64
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
 class Profile:
     name: str
     variants: dict  # name -> Variant
@@ -90,6 +102,7 @@ class Profile:
     data: str = "stdlib"  # a corpus for snlp_lab.data.load_corpus
     threads: int | None = None  # torch CPU threads; None: torch's default
     decode: DecodeStudy | None = None  # the decode study (nb/decode)
+    speculative: SpeculativeStudy = SpeculativeStudy()  # the speculative-decoding study (nb/speculative)
     training: dict = field(default_factory=dict)  # TrainConfig options of every run (optimizer recipe, lrs)
     eval_every: int = 0  # validation every this many training steps: the training curves (0: at the end only)
     contexts: tuple = ()  # further context lengths of the regularization study (the same tokens per step)
@@ -160,7 +173,9 @@ PROFILES: dict[str, Profile] = {
                                         configs=("sequential", "idn:K=1:n=4", "idn:K=2:n=4", "idn:K=1:n=3",
                                                  "idn:K=1:n=4:2xF2", "idn:K=2:n=4:2xF2"),
                                         eval_batches=2, decode_tokens=4, overrides=dict(x0ve=False),
-                                        decoders=("eager",))),
+                                        decoders=("eager",)),
+                     speculative=SpeculativeStudy(blocks=(1, 2, 4), n_prompts=2, prompt_len=8, max_new_tokens=12,
+                                                  repeats=1)),
     # 64-wide versions of the 12-layer CPU presets, trained 4x longer than the first version (600 steps,
     # validation every 75 for the curves), three seeds; x0ve also at 256-token contexts, where its windows
     # of 64 cover a quarter of the context as the paper's v2 windows of 512 do at 2048 (512 tokens took
@@ -190,7 +205,9 @@ PROFILES: dict[str, Profile] = {
                      steps=20000, batch_size=32, seq_len=2048, vocab_size=32768, seeds=(0,), lam=0.1,
                      n_par_set=(8, 16, 24), stride=3, eval_batches=64, eval_batch_size=8, device="cuda",
                      finetune_steps=2000, bench_repeats=20,
-                     decode=_cpu_plain_decode(("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"))),
+                     decode=_cpu_plain_decode(("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks")),
+                     speculative=SpeculativeStudy(blocks=(1, 2, 4, 8, 16), n_prompts=8, prompt_len=256,
+                                                  max_new_tokens=256, repeats=5)),
 }
 
 

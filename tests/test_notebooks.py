@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from snlp_lab import figures
+from snlp_lab.experiments import PROFILES
 from snlp_lab.report import read_readings
 
 
@@ -119,3 +120,33 @@ def test_bad_parameters_fail_in_the_first_cell(tmp_path):
     assert err.value.exec_count <= 3  # markdown, parameters, injected parameters, then the first code cell
 
 
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_every_notebook_settles_its_settings_for_every_profile(profile, tmp_path, monkeypatch):
+    """The cell after the parameters checks them and fills in the profile's defaults for every profile
+    (a notebook's own table of settings per profile once lacked `long`, and failed that run after
+    hours of training), and loads nothing: data and models come in the cells after it."""
+    import jupytext
+    import torch
+
+    from snlp_lab import bench
+    from snlp_lab import experiments as E
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the settings cell loads data or a model")
+
+    for name in ("dataset", "decode_dataset", "trained", "recipe_model", "train_all"):
+        monkeypatch.setattr(E, name, refuse)
+    monkeypatch.setattr(bench, "run_bench", refuse)
+    threads = torch.get_num_threads()
+    try:
+        for path in figures.notebooks():  # what make figures runs
+            cells = [c for c in jupytext.read(path.with_suffix(".py")).cells if c.cell_type == "code"]
+            i = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+            ns = {}
+            exec(cells[i].source, ns)
+            ns.update(profile=profile, fig_dir=str(tmp_path / "figures"), report_dir=str(tmp_path / "reports"))
+            exec(cells[i + 1].source, ns)  # raises on a setting the profile lacks
+    finally:
+        torch.set_num_threads(threads)
