@@ -138,8 +138,10 @@ for (v, T), d in agg.groupby(["variant", "seq_len"], sort=False):
 reading = "; ".join(lines)
 flat, tail = agg["before_warmdown_%"], agg["last_quarter_%"]
 add_reading(report_dir, "regularization", "regularization", reading)
+train_total = runs.train_s.sum()  # over every invocation: a resumed or cached run's notebook time says nothing of it
 add_reading(report_dir, "regularization", "regularization_runs", "Every model and seed: sequential and one-step SNLP "
-            "PPL (the values behind the means, and the seeds of the claims ledger's intervals).")
+            f"PPL (the values behind the means, and the seeds of the claims ledger's intervals); {len(runs)} models, "
+            f"{train_total / 3600:.2g} h of training in all (train_s).")
 add_reading(report_dir, "regularization", "regularization_curves",
             f"Validation PPL every {P.eval_every or P.steps} of {P.steps} steps (dotted: the first evaluation in the "
             f"learning rate's warm-down). Over the eighth of training before the warm-down it changed by "

@@ -56,6 +56,14 @@ def test_outputs_exist_and_hold_numbers(smoke_run):
     assert "## convergence" in index and "frontier" in index
 
 
+def test_regularization_runs_say_how_long_they_trained(smoke_run):
+    out, _ = smoke_run
+    runs = pd.read_csv(out / "reports" / "regularization_runs.csv")
+    reading = next(e["reading"] for e in read_readings(out / "reports") if e["item"] == "regularization_runs")
+    assert (runs.train_s > 0).all() and f"{runs.train_s.sum() / 3600:.2g} h of training in all" in reading
+    assert "training time is in the tables' `train_s` columns" in (out / "reports" / "README.md").read_text()
+
+
 def test_convergence_shows_finite_termination(smoke_run):
     out, _ = smoke_run
     curves = pd.read_csv(out / "reports" / "convergence_curves.csv")
