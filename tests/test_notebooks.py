@@ -128,8 +128,6 @@ def test_bad_parameters_fail_in_the_first_cell(tmp_path):
     assert err.value.exec_count <= 3  # markdown, parameters, injected parameters, then the first code cell
 
 
-
-
 @pytest.mark.parametrize("profile", list(PROFILES))
 def test_every_notebook_settles_its_settings_for_every_profile(profile, tmp_path, monkeypatch):
     """The cell after the parameters checks them and fills in the profile's defaults for every profile
@@ -156,5 +154,7 @@ def test_every_notebook_settles_its_settings_for_every_profile(profile, tmp_path
             exec(cells[i].source, ns)
             ns.update(profile=profile, fig_dir=str(tmp_path / "figures"), report_dir=str(tmp_path / "reports"))
             exec(cells[i + 1].source, ns)  # raises on a setting the profile lacks
+            # the defaults are make figures' own run, whose outputs are the committed ones
+            assert not ns.get("custom", False), f"{path.name}: its default parameters count as a custom run"
     finally:
         torch.set_num_threads(threads)
