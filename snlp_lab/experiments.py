@@ -190,10 +190,12 @@ PROFILES: dict[str, Profile] = {
                    # three recipes fit the study's ~15 minutes (all six: papermill ... -p recipes all, ~45 minutes)
                    decode=_cpu_plain_decode(("baseline", "idn-all", "fwd"))),
     # What did not fit the hour: the cpu profile's central comparisons trained 4x longer, mHC at three seeds
-    # too. 2400 steps, as a probe at seed 0 (plain and x0ve, T=128) found validation PPL before the warm-down
-    # nearly flat by then (-0.9% to -2.1% over steps 1500-1800; x0ve/IDN -9.4%), and final PPL 42-53% below
-    # that of 600 steps. About 3.5 hours of training on 2 cores (an interrupted run resumes where it stopped);
-    # writes figures/long and reports/long. DiagN is in the paper profile.
+    # too. Final PPL is 42-53% below that of 600 steps, but the curves have not flattened: over steps
+    # 1500-1800, before the warm-down, the means over seeds still fell 2-11% (reports/long/regularization.md).
+    # A seed-0 probe of x0ve at 7200 steps flattened at the peak rate only after ~4000 steps, and the
+    # regularizer's cost in sequential PPL fell from +26% (2400 steps) to +5.5% there. 6.2 hours of training
+    # on 2 cores (an interrupted run resumes where it stopped); writes figures/long and reports/long. DiagN
+    # is in the paper profile.
     "long": Profile("long", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2, regs=("none", "idn")), steps=2400,
                     batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12),
                     stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=600, training=PAPER_TRAINING,
