@@ -192,10 +192,10 @@ PROFILES: dict[str, Profile] = {
     # What did not fit the hour: the cpu profile's central comparisons trained 4x longer, mHC at three seeds
     # too. Final PPL is 42-53% below that of 600 steps, but the curves have not flattened: over steps
     # 1500-1800, before the warm-down, the means over seeds still fell 2-11% (reports/long/regularization.md).
-    # A seed-0 probe of x0ve at 7200 steps flattened at the peak rate only after ~4000 steps, and the
-    # regularizer's cost in sequential PPL fell from +26% (2400 steps) to +5.5% there. 6.2 hours of training
-    # on 2 cores (an interrupted run resumes where it stopped); writes figures/long and reports/long. DiagN
-    # is in the paper profile.
+    # A seed-0 probe of x0ve at 7200 steps levelled off at the peak rate only from step ~3600 (within 1.3%
+    # to 4800, though -4.2% by the table's rule), and the regularizer's cost in sequential PPL fell from +26%
+    # (2400 steps) to +5.5% there. 6.2 hours of training on 2 cores (an interrupted run resumes where it
+    # stopped); writes figures/long and reports/long. DiagN is in the paper profile.
     "long": Profile("long", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2, regs=("none", "idn")), steps=2400,
                     batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12),
                     stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=600, training=PAPER_TRAINING,
