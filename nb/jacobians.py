@@ -27,8 +27,8 @@
 profile = "cpu"
 fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/long, reports/long for long), else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
-probes = 8
-power_iters = 20
+probes = None  # Rademacher probes per layer; None: 8
+power_iters = None  # None: 20
 
 # %%
 import matplotlib.pyplot as plt
@@ -43,8 +43,11 @@ from snlp_lab.analysis import layer_spectra
 from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
-probes, power_iters = check_int("probes", probes), check_int("power_iters", power_iters)
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
+# only make figures' own run (the defaults) writes the committed results
+custom = probes is not None or power_iters is not None
+probes = check_int("probes", probes if probes is not None else 8)
+power_iters = check_int("power_iters", power_iters if power_iters is not None else 20)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
 
 # %%
 ds = E.dataset(P)

@@ -34,7 +34,7 @@
 profile = "cpu"
 fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/long, reports/long for long), else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
-variant = "plain"
+variant = None  # None: "plain"
 # a run folder or checkpoint written by snlp_lab.train; "" = none
 checkpoint = ""
 # a local Hugging Face causal-LM folder (snlp_lab.load_hf); "" = none
@@ -56,13 +56,15 @@ from snlp_lab.hf import hf_config, load_hf
 from snlp_lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
+# only make figures' own run (the defaults) writes the committed results; a model of the user's own does not
+custom = bool(variant or checkpoint or hf_model)
+variant = variant or "plain"
 E.check_choice("variant", variant, [v for v, var in P.variants.items() if "idn" in var.regs])
 checkpoint = check_path("checkpoint", checkpoint)  # loaded now: a bad path fails before any training
 given = load_checkpoint(checkpoint).eval().requires_grad_(False) if checkpoint else None
 if hf_model:
     hf_config(hf_model)  # a folder that is not a supported causal LM fails here, before any training
-# a run with a model of the user's own writes to the scratch folder unless told otherwise
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=bool(checkpoint or hf_model))
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
 
 # %%
 ds = E.dataset(P)

@@ -27,11 +27,11 @@
 profile = "cpu"
 fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/long, reports/long for long), else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
-variant = "plain"
+variant = None  # None: "plain"
 reg = None  # None: the variant's main regularizer (IDN; HCN on mHC)
 drafts = None  # drafter configurations; None: one IDN iteration over all layers, and over the last half
 blocks = None  # draft tokens per round; None: the profile's
-temperatures = [0.0, 1.0]
+temperatures = None  # sampling temperatures; None: 0 (greedy) and 1
 n_prompts = None  # prompts: windows spread over the validation split
 prompt_len = None
 max_new_tokens = None
@@ -53,7 +53,9 @@ from snlp_lab.speculative import measure
 
 P = E.get_profile(profile)
 # only make figures' own run (the defaults) writes the committed results
-custom = any(v is not None for v in (reg, drafts, blocks, n_prompts, prompt_len, max_new_tokens, repeats))
+custom = any(v is not None for v in (variant, reg, drafts, blocks, temperatures, n_prompts, prompt_len,
+                                     max_new_tokens, repeats, threads))
+variant = variant or "plain"
 E.check_choice("variant", variant, P.variants)
 reg = reg or P.variants[variant].reg
 E.check_choice("reg", reg, P.variants[variant].regs)
@@ -61,7 +63,7 @@ D = dataclasses.asdict(P.speculative)  # the profile's study, then what was give
 given = dict(n_prompts=n_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens, repeats=repeats)
 D.update({k: check_int(k, v) for k, v in given.items() if v is not None})
 D["blocks"] = [check_int("blocks", b) for b in as_list("blocks", blocks if blocks is not None else D["blocks"], int)]
-temperatures = [float(t) for t in as_list("temperatures", temperatures, float)]
+temperatures = [float(t) for t in as_list("temperatures", temperatures if temperatures is not None else [0.0, 1.0], float)]
 if drafts is not None:
     drafts = as_list("drafts", drafts)
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)

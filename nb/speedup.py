@@ -29,7 +29,7 @@
 # fixed cost per operator, which is where SNLP's decode speedup comes from there.
 
 # %% tags=["parameters"]
-model = None  # preset name; None: "cpu" (profiles smoke, cpu, long), "0.5b-plain" (paper), or the checkpoint's
+model = None  # preset name; None: the profile's (cpu; 0.5b-plain in paper) or the checkpoint's
 device = "auto"  # "auto" picks CUDA when present
 seq_lens = None  # prefill lengths T (one value or a list); decode covers the last decode_tokens tokens of T
 configs = None  # configuration strings (one or a list); None: snlp_lab.bench.default_configs(depth)
@@ -46,12 +46,15 @@ report_dir = None  # relative paths are relative to the repository root
 import torch
 
 from snlp_lab import bench, limits, report
+from snlp_lab import experiments as E
 from snlp_lab.params import output_dirs
 
-S = bench.settings(model, device, profile, seq_lens, configs, repeats, decode_tokens, threads=threads,
+P = E.get_profile(profile)
+S = bench.settings(model, device, P.speedup, seq_lens, configs, repeats, decode_tokens, threads=threads,
                    checkpoint=checkpoint)
 # only make figures' own run (default settings, random weights) writes the committed results
-custom = any(v is not None for v in (model, seq_lens, configs, checkpoint, repeats, decode_tokens)) or compile
+custom = (any(v is not None for v in (model, seq_lens, configs, checkpoint, repeats, decode_tokens, threads))
+          or compile or device != "auto")
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
 S
 

@@ -87,23 +87,48 @@ def default_configs(L: int, mhc: bool = False, fusion: bool = True) -> list[str]
 
 
 
-def settings(model: str | None = None, device: str = "auto", profile: str = "cpu", seq_lens=None, configs=None,
-             repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None,
-             threads: int | None = None, checkpoint: str | None = None) -> dict:
-    """Check the benchmark's parameters (notebook or command line) and fill the ones left as None for
-    the profile, the model and the device: smoke = seconds (tiny sequences, one repeat); cpu (and long) = T=128
-    and a short decode on a CPU, T=128 and 2048 on a GPU; paper = T=128 and 2048, more repeats.
-    Lengths longer than the model's context are dropped from the defaults; configurations default to
-    `default_configs` of the model's depth. Raises ValueError naming the valid values.
+@dataclasses.dataclass(frozen=True)
+class SpeedupStudy:
+    """The speedup benchmark's defaults for a profile (nb/speedup; `settings` fills the parameters left
+    unset from it): the model timed when none is given, and per device the prefill lengths T, the
+    KV-cached decode steps, the repeats (medians) and the warm-up runs before them. The defaults are the
+    cpu profile's: T = 128 and a 16-token decode on a CPU, T = 128 and 2048 on a GPU."""
+    model: str = "cpu"  # preset timed when neither a model nor a checkpoint is given
+    seq_lens: tuple = (128,)  # on a CPU
+    decode_tokens: int = 16
+    repeats: int = 15
+    big_repeats: int = 5  # on a CPU, for models 512 wide or more (a repeat takes seconds)
+    warmup: int = 1
+    gpu: dict = dataclasses.field(  # the same four on a GPU, where the timings are shorter
+        default_factory=lambda: dict(seq_lens=(128, 2048), decode_tokens=32, repeats=10, warmup=2))
 
-    model: a preset name (default "cpu", or "0.5b-plain" with profile paper), or None with a
-    checkpoint, whose saved config and name are used (`name` in the result: the trained run's preset,
-    e.g. "cpu-plain (trained)"). List parameters take a single value or a list (`params.as_list`).
+    def defaults(self, device: torch.device, width: int) -> dict:
+        """seq_lens (a list), decode_tokens, repeats and warmup for a model `width` wide on `device`."""
+        if device.type != "cpu":
+            d = dict(self.gpu)
+        else:
+            d = dict(seq_lens=self.seq_lens, decode_tokens=self.decode_tokens, warmup=self.warmup,
+                     repeats=self.big_repeats if width >= 512 else self.repeats)
+        return {**d, "seq_lens": list(d["seq_lens"])}
+
+
+def settings(model: str | None = None, device: str = "auto", study: SpeedupStudy | None = None, seq_lens=None,
+             configs=None, repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None,
+             threads: int | None = None, checkpoint: str | None = None) -> dict:
+    """Check the benchmark's parameters (notebook or command line) and fill the ones left as None from
+    `study` (a profile's `SpeedupStudy`, `snlp_lab.experiments.Profile.speedup`; None: the cpu
+    profile's), the model and the device. Lengths longer than the model's context are dropped from the
+    defaults; configurations default to `default_configs` of the model's depth. Raises ValueError
+    naming the valid values.
+
+    model: a preset name (default: the study's), a transformers folder, or None with a checkpoint,
+    whose saved config and name are used (`name` in the result: the trained run's preset, e.g.
+    "cpu-plain (trained)"). List parameters take a single value or a list (`params.as_list`).
     threads: CPU threads, 1 by default on a CPU: the ratios compare like with like either way, and a
     single thread never waits for a descheduled one on a machine shared with other jobs (with 2
     threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them)."""
     from .config import PRESETS
-    check_choice("profile", profile, ("smoke", "cpu", "long", "paper"))  # snlp_lab.experiments.PROFILES
+    study = study or SpeedupStudy()
     dev = resolve_device(device)
     checkpoint = check_path("checkpoint", checkpoint)
     if checkpoint is not None:
@@ -116,7 +141,7 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
                              f"leave model unset with a checkpoint")
         name = f"{trained_as} (trained, step {meta['step']})"
     else:
-        model = model or ("0.5b-plain" if profile == "paper" else "cpu")
+        model = model or study.model
         if model not in PRESETS and os.path.isdir(os.path.expanduser(str(model))):  # a transformers folder
             from .hf import HFConfig, hf_config
             cfg, name = HFConfig.from_hf(hf_config(model)), Path(model).name
@@ -125,13 +150,7 @@ def settings(model: str | None = None, device: str = "auto", profile: str = "cpu
             cfg, name = PRESETS[model], model
     mhc = getattr(cfg, "n_streams", 1) > 1
     fusion = not hasattr(cfg, "model_type")  # fused chunks: our GPT only (snlp_lab.fusion.fusable)
-    big = cfg.n_embd >= 512
-    if profile == "smoke":
-        d = dict(seq_lens=[16], decode_tokens=4, repeats=1, warmup=0)
-    elif profile in ("cpu", "long") and dev.type == "cpu":  # long: longer training, the same benchmark
-        d = dict(seq_lens=[128], decode_tokens=16, repeats=5 if big else 15, warmup=1)
-    else:
-        d = dict(seq_lens=[128, 2048], decode_tokens=32, repeats=10, warmup=2)
+    d = study.defaults(dev, cfg.n_embd)
     d["seq_lens"] = [T for T in d["seq_lens"] if T <= cfg.sequence_len] or [cfg.sequence_len]
     d["decode_tokens"] = min(d["decode_tokens"], min(d["seq_lens"]) - 1)
     if seq_lens is not None:
@@ -530,7 +549,7 @@ def main(argv=None) -> int:
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
     a = ap.parse_args(argv)
     try:
-        S = settings(a.model, a.device, "cpu", a.seq_lens, a.configs, a.repeats, a.decode_tokens, a.warmup,
+        S = settings(a.model, a.device, None, a.seq_lens, a.configs, a.repeats, a.decode_tokens, a.warmup,
                      a.threads, a.checkpoint)
         if a.csv:  # fail now, not after the run
             csv = Path(a.csv).expanduser()

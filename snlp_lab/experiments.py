@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .data import prepare_data, val_batches
 from .evaluate import evaluate_ppl
-from .bench import run_bench
+from .bench import SpeedupStudy, run_bench
 from .checkpoint import is_finished
 from .config import get_config
 from .params import check_choice
@@ -103,6 +103,7 @@ class Profile:
     threads: int | None = None  # torch CPU threads; None: torch's default
     decode: DecodeStudy | None = None  # the decode study (nb/decode)
     speculative: SpeculativeStudy = SpeculativeStudy()  # the speculative-decoding study (nb/speculative)
+    speedup: SpeedupStudy = SpeedupStudy()  # the speedup benchmark's defaults (nb/speedup, `bench.settings`)
     training: dict = field(default_factory=dict)  # TrainConfig options of every run (optimizer recipe, lrs)
     eval_every: int = 0  # validation every this many training steps: the training curves (0: at the end only)
     contexts: tuple = ()  # further context lengths of the regularization study (the same tokens per step)
@@ -175,7 +176,9 @@ PROFILES: dict[str, Profile] = {
                                         eval_batches=2, decode_tokens=4, overrides=dict(x0ve=False),
                                         decoders=("eager",)),
                      speculative=SpeculativeStudy(blocks=(1, 2, 4), n_prompts=2, prompt_len=8, max_new_tokens=12,
-                                                  repeats=1)),
+                                                  repeats=1),
+                     speedup=SpeedupStudy(seq_lens=(16,), decode_tokens=4, repeats=1, big_repeats=1, warmup=0,
+                                          gpu=dict(seq_lens=(16,), decode_tokens=4, repeats=1, warmup=0))),
     # 64-wide versions of the 12-layer CPU presets, trained 4x longer than the first version (600 steps,
     # validation every 75 for the curves), three seeds; x0ve also at 256-token contexts, where its windows
     # of 64 cover a quarter of the context as the paper's v2 windows of 512 do at 2048 (512 tokens took
@@ -209,7 +212,10 @@ PROFILES: dict[str, Profile] = {
                      finetune_steps=2000, bench_repeats=20,
                      decode=_cpu_plain_decode(("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks")),
                      speculative=SpeculativeStudy(blocks=(1, 2, 4, 8, 16), n_prompts=8, prompt_len=256,
-                                                  max_new_tokens=256, repeats=5)),
+                                                  max_new_tokens=256, repeats=5),
+                     # the GPU's benchmark on either device: the 0.5B model, T = 128 and 2048
+                     speedup=SpeedupStudy("0.5b-plain", seq_lens=(128, 2048), decode_tokens=32, repeats=10,
+                                          big_repeats=10, warmup=2)),
 }
 
 

@@ -78,15 +78,32 @@ def test_parse_config():
 
 
 def test_settings():
-    s = bench.settings("0.5b", device="cpu", profile="cpu")
+    s = bench.settings("0.5b", device="cpu")
     assert s["seq_lens"] == [128] and s["decode_tokens"] == 16 and s["threads"] == 1 and "idn:K=2:n=24:4xF6:h0" in s["configs"]
-    assert bench.settings("cpu", device="cpu", profile="cpu", repeats=2, seq_lens=[64])["repeats"] == 2
-    for kw, msg in [(dict(model="1b"), "valid models: "), (dict(profile="fast"), "valid profiles: smoke, cpu, long, paper"),
+    assert s["repeats"] == 5 and bench.settings("cpu", device="cpu")["repeats"] == 15  # fewer for the 512-wide model
+    assert bench.settings("cpu", device="cpu", repeats=2, seq_lens=[64])["repeats"] == 2
+    for kw, msg in [(dict(model="1b"), "valid models: "),
                     (dict(model="cpu", configs=["idn:n=24"]), r"n_par must be an integer in 1\.\.12"),
                     (dict(model="cpu", seq_lens=[512]), "at most the sequence_len of model 'cpu'"), (dict(device="tpu"), "valid: auto"),
                     (dict(model="cpu-mhc", configs=["idn:n=12:2xF6"]), "not supported on mHC")]:
         with pytest.raises(ValueError, match=msg):
             bench.settings(**kw)
+
+
+@pytest.mark.parametrize("profile", ["smoke", "cpu", "long", "paper"])
+def test_every_profile_has_its_speedup_defaults(profile):
+    """Each profile's benchmark defaults live in the profile (`Profile.speedup`), not in a table of
+    profile names inside bench: smoke takes seconds, cpu and long time T = 128 on a CPU and T = 128 and
+    2048 on a GPU, paper the 0.5B model at T = 128 and 2048 on either."""
+    from snlp_lab.experiments import PROFILES
+    study = PROFILES[profile].speedup
+    want = {"smoke": ([16], 4, 1, 0), "paper": ([128, 2048], 32, 10, 2)}.get(profile, ([128], 16, 15, 1))
+    s = bench.settings(device="cpu", study=study)
+    assert (s["seq_lens"], s["decode_tokens"], s["repeats"], s["warmup"]) == want
+    assert s["model"] == ("0.5b-plain" if profile == "paper" else "cpu")
+    gpu = study.defaults(torch.device("cuda"), 64)
+    assert (gpu["seq_lens"], gpu["decode_tokens"], gpu["repeats"], gpu["warmup"]) == (
+        ([16], 4, 1, 0) if profile == "smoke" else ([128, 2048], 32, 10, 2))
 
 
 def test_bad_run_arguments():

@@ -10,6 +10,7 @@ from snlp_lab.snlp_config import parse_config
 from snlp_lab import bench, jacobian, params, report
 from snlp_lab.checkpoint import load_checkpoint, save_checkpoint
 from snlp_lab.decode import Decoder, generate
+from snlp_lab.experiments import PROFILES
 from snlp_lab.paths import repo_root
 from snlp_lab.solver import NonFiniteError
 
@@ -134,7 +135,7 @@ def test_bench_cli_errors_are_one_line(argv, msg, capsys):
 
 @pytest.mark.parametrize("model", ["tiny", "cpu-mhc"])
 def test_bench_defaults_fit_the_model(model, capsys):
-    s = bench.settings(model, device="cpu", profile="smoke")
+    s = bench.settings(model, device="cpu", study=PROFILES["smoke"].speedup)
     L = snlp_lab.get_config(model).n_layer
     for c in s["configs"]:
         parse_config(c).check(L)

@@ -128,12 +128,19 @@ def test_bad_parameters_fail_in_the_first_cell(tmp_path):
     assert err.value.exec_count <= 3  # markdown, parameters, injected parameters, then the first code cell
 
 
-@pytest.mark.parametrize("profile", list(PROFILES))
-def test_every_notebook_settles_its_settings_for_every_profile(profile, tmp_path, monkeypatch):
-    """The cell after the parameters checks them and fills in the profile's defaults for every profile
-    (a notebook's own table of settings per profile once lacked `long`, and failed that run after
-    hours of training), and loads nothing: data and models come in the cells after it."""
+def settings_cells(path):
+    """A notebook's parameters cell and the cell after it, which checks them and fills in the settings
+    (from the jupytext .py, the source both files share)."""
     import jupytext
+    cells = [c for c in jupytext.read(path.with_suffix(".py")).cells if c.cell_type == "code"]
+    i = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    return cells[i].source, cells[i + 1].source
+
+
+@pytest.fixture
+def settings_only(monkeypatch):
+    """Makes anything that loads data, trains or times a model fail (the settings cell must not), and
+    restores the torch threads a settings cell sets."""
     import torch
 
     from snlp_lab import bench
@@ -146,15 +153,63 @@ def test_every_notebook_settles_its_settings_for_every_profile(profile, tmp_path
         monkeypatch.setattr(E, name, refuse)
     monkeypatch.setattr(bench, "run_bench", refuse)
     threads = torch.get_num_threads()
-    try:
-        for path in figures.notebooks():  # what make figures runs
-            cells = [c for c in jupytext.read(path.with_suffix(".py")).cells if c.cell_type == "code"]
-            i = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_every_notebook_settles_its_settings_for_every_profile(profile, tmp_path, settings_only):
+    """The cell after the parameters checks them and fills in the profile's defaults for every profile
+    (a notebook's own table of settings per profile once lacked `long`, and failed that run after
+    hours of training), and loads nothing: data and models come in the cells after it."""
+    for path in figures.notebooks():  # what make figures runs
+        params, settle = settings_cells(path)
+        ns = {}
+        exec(params, ns)
+        ns.update(profile=profile, fig_dir=str(tmp_path / "figures"), report_dir=str(tmp_path / "reports"))
+        exec(settle, ns)  # raises on a setting the profile lacks
+        # the defaults are make figures' own run, whose outputs are the committed ones
+        assert not ns.get("custom", False), f"{path.name}: its default parameters count as a custom run"
+
+
+def test_a_hand_picked_parameter_keeps_the_committed_results(tmp_path, monkeypatch, settings_only):
+    """Only make figures' own run (every parameter at its default) writes the committed figures and
+    reports: any other value of any parameter sends the run to the scratch folder. (Notebooks once
+    counted only some of their parameters: another variant's results, or timings with other threads,
+    overwrote the committed ones.)"""
+    from snlp_lab import hf, params
+    from snlp_lab.build import build_model
+    from snlp_lab.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    save_checkpoint(run, build_model("tiny"), step=1, train_config={"model": "tiny"})
+    monkeypatch.setattr(hf, "hf_config", lambda folder: None)  # stands for a transformers folder
+    # a valid value other than the default, for every parameter but the profile and the output folders
+    picked = dict(recipes="baseline", configs="sequential", decoders="eager", probes=4, power_iters=5,
+                  variant="x0ve", checkpoint=str(run), hf_model=str(tmp_path), reg="none", drafts="idn:K=1:n=12",
+                  blocks=2, temperatures=0.0, n_prompts=1, prompt_len=8, max_new_tokens=4, repeats=1, threads=1,
+                  model="cpu", device="cpu", seq_lens=64, decode_tokens=4, compile=True)
+    to_scratch = []  # the `scratch` of each output_dirs call
+
+    def output_dirs(profile, fig_dir=None, report_dir=None, scratch=False, log=print):
+        to_scratch.append(scratch)
+        return tmp_path, tmp_path
+
+    monkeypatch.setattr(params, "output_dirs", output_dirs)
+    checked = 0
+    for path in figures.notebooks():
+        source, settle = settings_cells(path)
+        defaults = {}
+        exec(source, defaults)
+        names = [k for k in defaults if not k.startswith("__") and k not in ("profile", "fig_dir", "report_dir")]
+        for name in [None] + names:
             ns = {}
-            exec(cells[i].source, ns)
-            ns.update(profile=profile, fig_dir=str(tmp_path / "figures"), report_dir=str(tmp_path / "reports"))
-            exec(cells[i + 1].source, ns)  # raises on a setting the profile lacks
-            # the defaults are make figures' own run, whose outputs are the committed ones
-            assert not ns.get("custom", False), f"{path.name}: its default parameters count as a custom run"
-    finally:
-        torch.set_num_threads(threads)
+            exec(source, ns)
+            ns["profile"] = "cpu"
+            if name is not None:
+                assert name in picked, f"{path.name}: give parameter {name!r} a hand-picked value in this test"
+                ns[name] = picked[name]
+            exec(settle, ns)
+            assert to_scratch.pop() == (name is not None), f"{path.name}, {name}: wrong output folder"
+            checked += name is not None
+    assert checked >= 20

@@ -18,6 +18,7 @@ from snlp_lab import solve
 from snlp_lab import train as T
 from snlp_lab.checkpoint import load_checkpoint, read_checkpoint
 from snlp_lab.data import TokenStream, prepare_data, val_batches
+from snlp_lab.experiments import PROFILES
 from snlp_lab.evaluate import evaluate_ppl, parse_snlp_spec
 from snlp_lab.optim import NanochatMuon
 from snlp_lab.paths import cache_dir
@@ -607,7 +608,7 @@ def test_cli_modules_run_without_runpy_warning(module):
 def test_bench_names_a_checkpoint_by_its_run(corpus, tmp_path):
     from snlp_lab import bench
     res = train(cfg_for(corpus, tmp_path, steps=2))
-    s = bench.settings(checkpoint=str(res.run_dir), device="cpu", profile="smoke")
+    s = bench.settings(checkpoint=str(res.run_dir), device="cpu", study=PROFILES["smoke"].speedup)
     assert s["name"] == "tiny (trained, step 2)" and s["model"] is None
     with pytest.raises(ValueError, match="does not match the checkpoint, trained as 'tiny'"):
         bench.settings("cpu", checkpoint=str(res.run_dir), device="cpu")
