@@ -47,8 +47,10 @@ import pandas as pd
 import torch
 
 from snlp_lab import experiments as E
-from snlp_lab.params import as_list, check_int, output_dirs
+from snlp_lab.params import as_list, check_float, check_int, output_dirs
 from snlp_lab.report import add_reading, save_figure, save_table
+from snlp_lab.config import get_config
+from snlp_lab.snlp_config import parse_config
 from snlp_lab.speculative import measure
 
 P = E.get_profile(profile)
@@ -63,12 +65,15 @@ D = dataclasses.asdict(P.speculative)  # the profile's study, then what was give
 given = dict(n_prompts=n_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens, repeats=repeats)
 D.update({k: check_int(k, v) for k, v in given.items() if v is not None})
 D["blocks"] = [check_int("blocks", b) for b in as_list("blocks", blocks if blocks is not None else D["blocks"], int)]
-temperatures = [float(t) for t in as_list("temperatures", temperatures if temperatures is not None else [0.0, 1.0], float)]
+temperatures = [check_float("temperatures", t, minimum=0.0)
+                for t in as_list("temperatures", temperatures if temperatures is not None else [0.0, 1.0], float)]
 if drafts is not None:
     drafts = as_list("drafts", drafts)
+    for d in drafts:  # a configuration the model cannot run fails here, before any training
+        parse_config(d).check(get_config(P.variants[variant].preset, **P.variants[variant].overrides).n_layer)
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
 if P.device == "cpu":
-    torch.set_num_threads(threads or 1)
+    torch.set_num_threads(check_int("threads", threads) if threads is not None else 1)
 
 # %%
 model = E.trained(P, variant, reg, P.seeds[0])

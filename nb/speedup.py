@@ -47,9 +47,12 @@ import torch
 
 from snlp_lab import bench, limits, report
 from snlp_lab import experiments as E
+from snlp_lab.decode import compile_options
 from snlp_lab.params import output_dirs
 
 P = E.get_profile(profile)
+if compile:
+    compile_options(compile)  # a mode torch.compile lacks fails here
 S = bench.settings(model, device, P.speedup, seq_lens, configs, repeats, decode_tokens, threads=threads,
                    checkpoint=checkpoint)
 # only make figures' own run (default settings, random weights) writes the committed results

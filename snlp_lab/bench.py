@@ -41,8 +41,8 @@ import pandas as pd
 import torch
 
 from .config import resolve_device
-from .params import as_list, check_choice, check_int, check_path
-from .decode import GRAPHABLE, Decoder
+from .params import ArgumentParser, as_list, check_choice, check_int, check_path
+from .decode import GRAPHABLE, Decoder, compile_options
 from .fusion import clear_fused_cache, fusable
 from .build import build_model
 from .model import GPT
@@ -271,6 +271,8 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
+    if compile:  # a bad mode fails now: a configuration that fails to compile later runs eagerly
+        compile_options(compile)
     m, weights = load_model(model, checkpoint, dev, dtype, seed)
     if limits is True:  # the copy's working set (source + destination): what a sequential decode step reads
         limits = measure_limits(dev, dtype, copy_mb=decode_cost(m, "sequential", 0).bytes / 2**21)
@@ -525,8 +527,8 @@ def notes(weights: str, dev: torch.device, graphs: bool = False, limits: dict | 
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m snlp_lab.bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m snlp_lab.bench", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="preset name (snlp_lab.PRESETS), or a local Hugging Face folder; default cpu, or the checkpoint's")
     ap.add_argument("--configs", nargs="+", default=None, help="default: the model's (default_configs)")
     ap.add_argument("--seq-lens", nargs="+", type=int, default=None,
@@ -547,8 +549,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limits", action="store_true",
                     help="measure the machine limits and add each pass's floor and x_floor (time / floor)")
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
-    a = ap.parse_args(argv)
     try:
+        a = ap.parse_args(argv)
         S = settings(a.model, a.device, None, a.seq_lens, a.configs, a.repeats, a.decode_tokens, a.warmup,
                      a.threads, a.checkpoint)
         if a.csv:  # fail now, not after the run

@@ -35,7 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from .analysis import PPL_RTOL, finite_termination, ppl_monotone
-from .cli import ArgumentParser
+from .params import ArgumentParser
 from .config import get_config
 from .experiments import PAPER_TABLE_B, PROFILES, before_warmdown_change, last_quarter_change
 from .params import check_choice

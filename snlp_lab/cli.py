@@ -10,7 +10,6 @@ run's tokenizer), so neither asks for data settings. Prompts are encoded as trai
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,15 +24,9 @@ from .data import encode_split
 from .decode import generate
 from .evaluate import evaluate_ppl, evaluated_tokens
 from .nanochat import is_nanochat_checkpoint, load_nanochat
+from .params import ArgumentParser
 from .solver import NonFiniteError
 from .speculative import DEFAULT_DRAFT, decode_kwargs, speculative_generate
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose bad input is a ValueError: one `error: ...` line (exit status 2), no usage block."""
-
-    def error(self, message):
-        raise ValueError(message)
 
 
 def _run(main, argv) -> int:
@@ -137,7 +130,7 @@ def _evaluate(argv) -> int:
     data = a.data or tc.get("data")
     if data is None:
         raise ValueError(f"checkpoint {a.checkpoint} records no training data; pass --data")
-    seq_len = a.seq_len or tc.get("seq_len") or model.config.sequence_len
+    seq_len = a.seq_len if a.seq_len is not None else tc.get("seq_len") or model.config.sequence_len
     if not 1 <= seq_len <= model.config.sequence_len or a.batch_size < 1 or (a.max_batches is not None and a.max_batches < 1):
         raise ValueError(f"need 1 <= --seq-len <= {model.config.sequence_len} (sequence_len), --batch-size >= 1 and "
                          f"--max-batches >= 1; got {seq_len}, {a.batch_size}, {a.max_batches}")

@@ -173,13 +173,18 @@ def compiled_step(options: tuple = ()):
     return torch.compile(Decoder._step_states, **{"fullgraph": True, "dynamic": False, **dict(options)})
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 def compile_options(compile) -> tuple:
     """The Decoder's `compile` argument as torch.compile keyword arguments (a hashable tuple): True ->
-    defaults, a string -> that mode (e.g. "reduce-overhead"), a dict -> those arguments (e.g.
-    {"backend": "eager"} to check tracing alone, fast)."""
+    defaults, a string -> that mode (one of `COMPILE_MODES`), a dict -> those arguments (e.g.
+    {"backend": "eager"} to check tracing alone, fast). Raises ValueError naming the valid values."""
     if compile is True:
         return ()
     if isinstance(compile, str):
+        if compile not in COMPILE_MODES:  # checked here: a compile failure later falls back to eager
+            raise ValueError(f"unknown torch.compile mode {compile!r}; valid modes: {', '.join(COMPILE_MODES)}")
         return (("mode", compile),)
     if isinstance(compile, dict):
         return tuple(sorted(compile.items()))

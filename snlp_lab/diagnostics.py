@@ -8,6 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .snlp_config import parse_chunks
+
 
 def _per_layer_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.detach().flatten(1).double(), dim=1)
@@ -38,14 +40,35 @@ def top1_agreement(logits: torch.Tensor, ref_logits: torch.Tensor) -> float:
 
 
 def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """exp(mean cross-entropy) of logits [B, T, V] on targets [B, T] (ids < 0 are ignored)."""
-    ce = F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=-1)
+    """exp(mean cross-entropy) of logits [B, T, V] on targets [B, T] (ids < 0 are ignored). Raises
+    ValueError when every target is ignored (there is nothing to average)."""
+    targets = targets.reshape(-1)
+    keep = targets >= 0
+    if not bool(keep.any()):
+        raise ValueError("perplexity: every target id is < 0 (ignored); nothing to score")
+    ce = F.cross_entropy(logits.detach().reshape(-1, logits.shape[-1])[keep].float(), targets[keep])
     return math.exp(float(ce))
 
 
+def traced_layers(result) -> list[int]:
+    """The layer index l of each state in result.trace: 0..L, or with fused chunks the sequential
+    prefix 0..S and the chunk boundaries S+M, S+2M, ..., L (`solver.SolveResult`)."""
+    if not result.chunks:
+        return list(range(result.trace.shape[0]))
+    C, M = parse_chunks(result.chunks)
+    S = result.n_seq
+    return list(range(S + 1)) + [S + M * c for c in range(1, C + 1)]
+
+
 def compare(result, ref) -> dict:
-    """Summary of a SolveResult against the sequential SolveResult of the same input."""
-    err = layer_errors(result.trace, ref.trace)
+    """Summary of a SolveResult against the sequential SolveResult of the same input (with fused
+    chunks, its states are compared with the sequential states of the same layers, `traced_layers`).
+    Raises ValueError when ref is not a full trace of as many layers."""
+    layers = traced_layers(result)
+    if ref.chunks or ref.trace.shape[0] != layers[-1] + 1:
+        raise ValueError(f"compare needs the sequential solve of the same model as ref: a trace of "
+                         f"{layers[-1] + 1} states h_0..h_L, got {ref.trace.shape[0]}")
+    err = layer_errors(result.trace, ref.trace[layers])
     return {"max_layer_err": float(err.max()), "final_layer_err": float(err[-1]),
             "kl": logits_kl(result.logits, ref.logits), "top1": top1_agreement(result.logits, ref.logits),
             "cos_final": float(cosine_similarity(result.trace[-1:], ref.trace[-1:])[0])}

@@ -16,12 +16,13 @@ it lists each table it read with its write time, so that a mixed ledger shows it
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 from .claims import write_ledger
 from .experiments import PROFILES
-from .params import output_dirs
+from .params import ArgumentParser, output_dirs
 from .report import write_index, write_run_times
 
 ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup", "speculative", "decode")
@@ -49,6 +50,10 @@ def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path 
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
+    names = [nb.stem for nb in notebooks()]
+    unknown = [n for n in only or () if n not in names]
+    if unknown:  # a typo would otherwise run nothing and still rewrite the ledger and the index
+        raise ValueError(f"unknown notebook(s) {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
     fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, log=log)
     sync()
     times = {}
@@ -70,16 +75,21 @@ def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path 
     return times
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu", choices=list(PROFILES))
     ap.add_argument("--out", type=Path, default=None, help="write figures/ and reports/ under this folder")
-    ap.add_argument("--only", nargs="*", help="run only these notebooks (by name)")
-    a = ap.parse_args(argv)
-    dirs = {} if a.out is None else dict(fig_dir=a.out / "figures", report_dir=a.out / "reports")
-    times = run_all(a.profile, only=a.only, **dirs)
+    ap.add_argument("--only", nargs="*", help=f"run only these notebooks (by name: {', '.join(ORDER)})")
+    try:
+        a = ap.parse_args(argv)
+        dirs = {} if a.out is None else dict(fig_dir=a.out / "figures", report_dir=a.out / "reports")
+        times = run_all(a.profile, only=a.only, **dirs)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"[figures] {len(times)} notebooks in {sum(times.values()):.0f}s")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -39,7 +39,8 @@ from .config import get_config
 from .limits import describe, measure_limits
 from .decode import Decoder
 from .build import build_model
-from .paths import repo_root
+from .params import ArgumentParser
+from .paths import cache_dir, repo_root
 from .snlp_config import parse_config
 from .regularizer import snlp_regularizer
 from .solver import solve
@@ -290,6 +291,12 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
 
 
 # ------------------------------------------------------------------------------------------ main
+def default_out(smoke: bool = False) -> Path:
+    """Where a check writes without --out: reports/gpu in the repository (the committed GPU results),
+    or for a smoke run the cache's scratch/gpu-smoke, so that a CPU toy run never overwrites them."""
+    return cache_dir() / "scratch" / "gpu-smoke" if smoke else (repo_root() or Path.cwd()) / "reports" / "gpu"
+
+
 def run(smoke: bool = False, out: Path | None = None, device: str | None = None, log=print) -> dict:
     """Run every part; returns {"ok": all correctness cases passed, "summary": table, "out": folder}."""
     dev = torch.device(device or ("cpu" if smoke else "cuda"))
@@ -298,7 +305,7 @@ def run(smoke: bool = False, out: Path | None = None, device: str | None = None,
     if dev.type == "cpu" and not smoke:
         raise ValueError("the full check needs a GPU; --smoke runs its code path on the CPU at toy sizes")
     size = SIZES["smoke" if smoke else "gpu"]
-    out = Path(out) if out is not None else (repo_root() or Path.cwd()) / "reports" / "gpu"
+    out = Path(out) if out is not None else default_out(smoke)
     env, seconds = environment(dev, size), {}
 
     def part(name, fn):
@@ -331,16 +338,16 @@ def redraw(out: Path) -> pd.DataFrame:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the same code path on the CPU at toy sizes")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: reports/gpu in the repository)")
+    ap.add_argument("--out", type=Path, default=None, help="output folder (default: reports/gpu in the repository; with --smoke the cache's scratch/gpu-smoke)")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     ap.add_argument("--redraw", action="store_true",
                     help="only rewrite the tables, figures and README of the check in --out from its JSON")
-    a = ap.parse_args(argv)
     try:
+        a = ap.parse_args(argv)
         if a.redraw:
-            out = a.out or (repo_root() or Path.cwd()) / "reports" / "gpu"
+            out = a.out or default_out()
             print(redraw(out).to_markdown(index=False, floatfmt=".2f"))
             return 0
         res = run(a.smoke, a.out, a.device)
@@ -352,6 +359,7 @@ def main(argv=None) -> int:
     bad = res["correctness"][~res["correctness"].ok]
     print(f"\ncorrectness: {len(res['correctness']) - len(bad)}/{len(res['correctness'])} cases pass"
           + ("" if bad.empty else "; FAILING: " + ", ".join(bad.case)))
+    print(f"[gpu-check] wrote {res['out']}")
     return 0 if res["ok"] else 1
 
 

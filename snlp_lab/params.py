@@ -15,6 +15,7 @@ never overwrites the committed results.
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import math
 from pathlib import Path
@@ -65,6 +66,14 @@ def as_list(name: str, value, item_type: type = str, allow_none: bool = False) -
     if not out:
         raise ValueError(f"parameter {name} is an empty list; give {_yaml_hint(name)}")
     return out
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad input is a ValueError, which every command prints as one `error: ...` line
+    (exit status 2), with no usage block. --help still prints the help and exits 0."""
+
+    def error(self, message):
+        raise ValueError(message)
 
 
 def check_int(name: str, value, minimum: int | None = 1, allow_none: bool = False) -> int | None:

@@ -68,6 +68,7 @@ from .hf import HFConfig, hf_config, load_hf
 from .data import TokenStream, prepare_data
 from .evaluate import evaluate_ppl, parse_snlp_specs
 from .build import build_model
+from .params import ArgumentParser
 from .paths import cache_dir
 from .optim import NanochatMuon
 from .regularizer import POSITIONS, check_n_par_set, snlp_regularizer
@@ -768,11 +769,11 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,16,24, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> ArgumentParser:
     """The command line: one option per TrainConfig field (--n-par-set for n_par_set, ...)."""
     D = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m snlp_lab.train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(prog="python -m snlp_lab.train", description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--model", default=D.model, help="model preset (snlp_lab.config.PRESETS); not used with --init-from-hf")
     a("--override", action="append", default=[], metavar="KEY=VALUE",

@@ -110,7 +110,11 @@ def test_bad_notebook_parameters_fail_in_the_first_cell(tmp_path):
     for nb, bad, msg in [("jacobians", dict(power_iters=0), "power_iters must be >= 1"),
                          ("jacobians", dict(probes=2.5), "probes must be an integer"),
                          ("pretrained", dict(checkpoint="/nonexistent"), "does not exist"),
-                         ("speedup", dict(seq_lens={"a": 1}), "-y")]:
+                         ("speedup", dict(seq_lens={"a": 1}), "-y"),
+                         ("speedup", dict(compile="fast"), "valid modes: default"),
+                         # these two once failed only after training, inside the decoding
+                         ("speculative", dict(temperatures=-1), "temperatures must be a finite number in"),
+                         ("speculative", dict(drafts="idn:n=9"), "n_par must be an integer in 1..4")]:
         with pytest.raises(pm.PapermillExecutionError, match=msg) as err:
             pm.execute_notebook(str(ROOT / "nb" / f"{nb}.ipynb"), str(tmp_path / "out.ipynb"), kernel_name="python3",
                                 parameters=dict(profile="smoke", **bad), progress_bar=False)
@@ -125,10 +129,29 @@ def test_bad_notebook_parameters_fail_in_the_first_cell(tmp_path):
     (["--model", "tiny", "--repeats", "0"], "repeats must be >= 1"),
     (["--checkpoint", "/nonexistent/run"], "does not exist"),
     (["--model", "tiny", "--csv", "/nonexistent/dir/out.csv"], "cannot write --csv"),
-    (["--model", "cpu-mhc", "--configs", "idn:n=12:2xF6"], "not supported on mHC")]
+    (["--model", "cpu-mhc", "--configs", "idn:n=12:2xF6"], "not supported on mHC"),
+    (["--model", "tiny", "--seq-lens", "abc"], "invalid"), (["--model", "tiny", "--bogus"], "unrecognized arguments"),
+    # a mode torch.compile lacks: once a silent fallback to eager timings
+    (["--model", "tiny", "--seq-lens", "8", "--decode-tokens", "2", "--compile", "fast"], "valid modes: default")]
     + ([] if torch.cuda.is_available() else [(["--model", "tiny", "--device", "cuda"], "sees no GPU")]))
 def test_bench_cli_errors_are_one_line(argv, msg, capsys):
     assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("module, argv, msg", [
+    ("train", ["--n-par-set", "abc"], "expected comma-separated integers"),
+    ("train", ["--model", "tiny", "--bogus"], "unrecognized arguments"),
+    ("figures", ["--profile", "smok"], "invalid choice: 'smok'"),
+    # a typo once ran no notebook and still rewrote the committed ledger and index
+    ("figures", ["--profile", "smoke", "--only", "speedups"], "unknown notebook(s) 'speedups'; valid: regularization"),
+    ("gpu_check", ["--smoke", "--bogus"], "unrecognized arguments"),
+    ("claims", ["--bogus"], "unrecognized arguments")])
+def test_every_command_prints_one_error_line(module, argv, msg, capsys):
+    """Bad input to any command is one `error: ...` line and exit status 2, never argparse's usage block."""
+    import importlib
+    assert importlib.import_module(f"snlp_lab.{module}").main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
 

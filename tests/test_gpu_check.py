@@ -83,3 +83,10 @@ def test_graphs_refuse_host_side_surrogates(tiny):
     idx = torch.randint(0, 64, (1, 8))
     with pytest.raises(ValueError, match="cannot be captured as a CUDA graph"):
         bench.graphed_runs(tiny, parse_config("diagn:K=1:n=4"), idx, 2, torch.device("cpu"))
+
+
+def test_a_smoke_run_never_writes_the_committed_results():
+    from snlp_lab.paths import cache_dir, repo_root
+    assert gpu_check.default_out() == repo_root() / "reports" / "gpu"
+    smoke = gpu_check.default_out(smoke=True)
+    assert smoke.is_relative_to(cache_dir() / "scratch") and not smoke.is_relative_to(repo_root() / "reports")

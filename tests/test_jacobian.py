@@ -57,3 +57,26 @@ def test_diagnostics_on_known_values(tiny, idx):
     c = dg.compare(one, ref)
     assert c["max_layer_err"] > 1e-3 and c["kl"] > 0 and 0 <= c["top1"] <= 1
     assert dg.compare(solve(tiny, idx, method="idn", iters=4), ref)["kl"] < 1e-12
+
+
+def test_diagnostics_refuse_what_they_cannot_score(tiny, idx):
+    V = 64
+    t = torch.zeros(2, 3, dtype=torch.long)
+    t[0, 0] = -2  # any id < 0 is ignored (only -1 once was; -2 raised an IndexError)
+    assert dg.perplexity(torch.zeros(2, 3, V), t) == pytest.approx(V)
+    with pytest.raises(ValueError, match="every target id is < 0"):  # once NaN
+        dg.perplexity(torch.zeros(1, 4, V), torch.full((1, 4), -1))
+    # fused chunks trace the chunk boundaries only: compared with the sequential states of those layers
+    ref = solve(tiny, idx, method="sequential")
+    chunked = solve(tiny, idx, method="idn", iters=2, chunks="2xF2")
+    assert dg.traced_layers(chunked) == [0, 2, 4] and dg.traced_layers(ref) == [0, 1, 2, 3, 4]
+    # K = C iterations terminate (a third changes nothing); a fused chunk is another function than its layers
+    c = dg.compare(chunked, ref)
+    assert c == pytest.approx(dg.compare(solve(tiny, idx, method="idn", iters=3, chunks="2xF2"), ref))
+    assert c["max_layer_err"] > 1e-3
+    tail = solve(tiny, idx, method="idn", iters=1, n_par=2, chunks="1xF2")  # sequential prefix h_0..h_2
+    assert dg.traced_layers(tail) == [0, 1, 2, 4]
+    err = dg.layer_errors(tail.trace, ref.trace[dg.traced_layers(tail)])
+    assert err[:3].max() < 1e-12 and err[3] > 1e-3
+    with pytest.raises(ValueError, match="a trace of 5 states"):
+        dg.compare(ref, chunked)

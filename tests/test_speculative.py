@@ -305,6 +305,8 @@ def test_evaluate_command(run, capsys):
     (evaluate_main, ["RUN", "--configs", "warp:K=1"], "unknown method 'warp'"),
     (evaluate_main, ["RUN", "--data", "/nonexistent"], "does not exist"),
     (evaluate_main, ["RUN", "--max-batches", "0"], "--max-batches >= 1"),
+    (evaluate_main, ["RUN", "--seq-len", "0"], "need 1 <= --seq-len <= "),  # 0 once meant the default
+    (evaluate_main, ["RUN", "--max-new-tokens", "2"], "unrecognized arguments"),
 ])
 def test_commands_bad_input_is_one_error_line(run, capsys, main, args, msg):
     args = ["--checkpoint", str(run), *args[1:]] if args[0] == "RUN" else args
