@@ -26,6 +26,9 @@ def evaluate_ppl(model, val_tokens: np.ndarray, seq_len: int, batch_size: int, m
 
     method: "sequential" or any solver method, with `solve_kwargs` (iters, n_par, init, kappa, ...)
     passed to `snlp_lab.solve`. Every target token counts once, also in a smaller last batch.
+    val_tokens: the validation split as a 1-D array of token ids (`data.prepare_data(...).val`), cut
+    into consecutive windows of seq_len inputs (targets one token later), batch_size at a time, at most
+    max_batches batches (`data.val_batches`).
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0

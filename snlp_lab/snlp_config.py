@@ -168,21 +168,24 @@ def parse_config(text: str) -> SNLPConfig:
     kw = {}
     for f in fields:
         if m := re.fullmatch(r"K=(\d+)", f):
-            kw["iters"] = int(m[1])
+            key, value = "iters", int(m[1])
         elif m := re.fullmatch(r"n=(\d+)", f):
-            kw["n_par"] = int(m[1])
+            key, value = "n_par", int(m[1])
         elif m := re.fullmatch(r"kappa=([0-9.eE+-]+)", f):
-            kw["kappa"] = float(m[1])
+            key, value = "kappa", float(m[1])
         elif m := re.fullmatch(r"(probes|seed)=(\d+)", f):
-            kw[m[1]] = int(m[2])
+            key, value = m[1], int(m[2])
         elif m := re.fullmatch(r"jac=(\w+)", f):
-            kw["jac"] = m[1]
+            key, value = "jac", m[1]
         elif f in DECODE_INITS:
-            kw["init"] = f
+            key, value = "init", f
         elif "xF" in f:
             parse_chunks(f)  # a clear error for a malformed chunking
-            kw["chunks"] = f
+            key, value = "chunks", f
         else:
             raise ValueError(f"cannot read {f!r} in configuration {text!r}; expected {GRAMMAR} "
                              f"(INIT one of {', '.join(DECODE_INITS)})")
+        if key in kw:  # the last would silently win
+            raise ValueError(f"configuration {text!r} gives {f.split('=')[0] if '=' in f else key} twice")
+        kw[key] = value
     return SNLPConfig(method=method, text=text.strip(), **kw)

@@ -243,6 +243,12 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
     parallel units, see `snlp_lab.fusion`; the trace then holds only the chunk-boundary states after
     h_S. With method="sequential", chunks give the fused model's sequential pass (prefix, then the
     chunks one after another); without chunks n_par is ignored by "sequential".
+
+    idx: token ids [B, T], an integer tensor on the model's device, T at most the model's
+    sequence_len. Returns a `SolveResult` (trace [L+1, B, T, D], or [L+1, B, T, n, D] on mHC; logits
+    [B, T, V]). Raises ValueError naming the valid values for a bad option or input, and
+    `NonFiniteError` when check_finite is set and an iteration overflows to inf or NaN.
+    Source: DESIGN §1 (the paper's structured Newton iteration).
     """
     L = model.n_layer
     if chunks is not None:

@@ -769,18 +769,25 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 8,16,24, got {text!r}") from None
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default, except None: those options' help says what they default to."""
+
+    def _get_help_string(self, action):
+        return action.help or "" if action.default is None else super()._get_help_string(action)
+
+
 def build_parser() -> ArgumentParser:
     """The command line: one option per TrainConfig field (--n-par-set for n_par_set, ...)."""
     D = TrainConfig()
     p = ArgumentParser(prog="python -m snlp_lab.train", description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=_DefaultsHelp)
     a = p.add_argument
     a("--model", default=D.model, help="model preset (snlp_lab.config.PRESETS); not used with --init-from-hf")
     a("--override", action="append", default=[], metavar="KEY=VALUE",
       help="model config override, repeatable (e.g. --override n_layer=6)")
     a("--data", default=D.data, help="'stdlib', a folder of text files, or parquet shards")
     a("--vocab-size", type=int, default=None, help="BPE vocabulary (default: the preset's)")
-    a("--steps", type=int, default=D.steps)
+    a("--steps", type=int, default=D.steps, help="optimizer steps")
     a("--batch-size", type=int, default=None,
       help=f"global batch in sequences, split over the processes (default {BATCH_SIZE}; --recipe paper: nanochat's "
            f"batch from the model's size, 2^round(log2(2^19·(D/D_ref)^0.383)) tokens / seq len, snlp_lab.scaling)")
@@ -788,15 +795,15 @@ def build_parser() -> ArgumentParser:
     a("--device-batch-size", type=int, default=None,
       help="sequences per forward/backward on each process; the gradient is accumulated over the batch "
            "(default: the whole batch at once)")
-    a("--seed", type=int, default=D.seed)
+    a("--seed", type=int, default=D.seed, help="initial weights, data order and probes")
     lr = lambda k: (f"default {NANOCHAT_LRS[k]}, with --init-from-hf {FINETUNE_LRS[k]}, "
                     f"with --recipe paper {PAPER_LRS[k]}·√(batch tokens/2^19)")
     a("--matrix-lr", type=float, default=None, help=f"Muon, blocks' matrices ({lr('matrix_lr')})")
     a("--embedding-lr", type=float, default=None, help=f"AdamW, times (n_embd/768)^-0.5 ({lr('embedding_lr')})")
     a("--unembedding-lr", type=float, default=None, help=f"AdamW, times (n_embd/768)^-0.5 ({lr('unembedding_lr')})")
     a("--scalar-lr", type=float, default=None, help=f"AdamW, lambdas, norms, biases, mHC mixing ({lr('scalar_lr')})")
-    a("--lr-warmup-frac", type=float, default=D.lr_warmup_frac)
-    a("--lr-warmdown-frac", type=float, default=D.lr_warmdown_frac)
+    a("--lr-warmup-frac", type=float, default=D.lr_warmup_frac, help="learning-rate warm-up, a fraction of the steps")
+    a("--lr-warmdown-frac", type=float, default=D.lr_warmdown_frac, help="learning-rate warm-down, a fraction of the steps")
     a("--lr-final-frac", type=float, default=D.lr_final_frac, help="lr at the end of the warm-down, a fraction")
     a("--recipe", default=D.recipe, choices=RECIPES,
       help="snlp: torch.optim.Muon, AdamW with one betas and no weight decay; paper: nanochat-snlp's recipe "
@@ -834,9 +841,9 @@ def build_parser() -> ArgumentParser:
     a("--out", default=None, help="run folder (default: cache_dir()/runs/<model>-<config hash>)")
     a("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     a("--eval-every", type=int, default=D.eval_every, help="0: only at the end")
-    a("--eval-batches", type=int, default=D.eval_batches)
+    a("--eval-batches", type=int, default=D.eval_batches, help="validation batches per evaluation")
     a("--eval-snlp", default=D.eval_snlp, help="SNLP configs for validation PPL, e.g. 'idn:K=1:n=12,idn:K=2:n=12:4xF3'")
-    a("--save-every", type=int, default=D.save_every)
+    a("--save-every", type=int, default=D.save_every, help="checkpoint every this many steps (and at the end)")
     a("--stop-at", type=int, default=None, help="stop after this step with a checkpoint (resume later)")
     a("--device", default=D.device, choices=("auto", "cpu", "cuda"))
     a("--progress", action=argparse.BooleanOptionalAction, default=None)

@@ -75,6 +75,9 @@ def test_parse_config():
     assert (c.method, c.iters, c.n_par, c.chunks, c.init) == ("idn", 2, 24, "4xF6", "h0")
     assert c.bound(32) == 32 / (8 + 2) and c.layout(32) == (8, 4)
     assert parse_config("idn:fwd:kappa=0.5:K=3").bound(12) == 12 / 4
+    for text, twice in (("idn:K=1:K=2", "K"), ("idn:h0:fwd", "init"), ("idn:2xF2:1xF4", "chunks")):
+        with pytest.raises(ValueError, match=f"gives {twice} twice"):  # the last once won silently
+            parse_config(text)
 
 
 def test_settings():
