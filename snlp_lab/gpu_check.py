@@ -340,7 +340,8 @@ def redraw(out: Path) -> pd.DataFrame:
 def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the same code path on the CPU at toy sizes")
-    ap.add_argument("--out", type=Path, default=None, help="output folder (default: reports/gpu in the repository; with --smoke the cache's scratch/gpu-smoke)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="output folder (default: reports/gpu in the repository; with --smoke the cache's scratch/gpu-smoke)")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     ap.add_argument("--redraw", action="store_true",
                     help="only rewrite the tables, figures and README of the check in --out from its JSON")
