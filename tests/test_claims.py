@@ -130,10 +130,17 @@ def test_c_says_whether_the_curves_flattened_before_the_warm_down():
     learning = curve("plain", 1, (80.0, 70.0, 60.0, 54.0, 45.0, 40.0))  # 500 -> 600: -10.0%
     t = {"regularization_runs": runs([100.0, 101.0, 99.0], [90.0, 91.0, 89.0])}
     one = C.claim_c({**t, "regularization_curves": pd.DataFrame(flat)}, S)
-    assert ("changed by -1.0% to -1.0% (median -1.0%): 1 of 1 curves within ±3%, flattened at the peak rate; "
+    assert ("changed by -1.0% to -1.0% (median -1.0%): 1 of 1 single runs within ±3%, 1 of 1 means over seeds, "
+            "so the curves had flattened at the peak rate; "
             "over the last quarter of training, warm-down included, it changed by -32.7% to -32.7%") in one.differs
     two = C.claim_c({**t, "regularization_curves": pd.DataFrame(flat + learning)}, S)
-    assert "-10.0% to -1.0% (median -5.5%): 1 of 2 curves within ±3%, so some models were still learning" in two.differs
+    assert ("-10.0% to -1.0% (median -5.5%): 1 of 2 single runs within ±3%, 0 of 1 means over seeds, "
+            "so some models were still learning") in two.differs
+    # two seeds that wander either way: neither run is within ±3%, their mean is (the table's curve)
+    up = curve("plain", 1, (80.0, 70.0, 60.0, 62.4, 45.0, 40.0))  # 500 -> 600: +4.0%
+    down = curve("plain", 0, (80.0, 70.0, 60.0, 57.6, 45.0, 40.0))  # -4.0%
+    wander = C.claim_c({**t, "regularization_curves": pd.DataFrame(up + down)}, S)
+    assert "0 of 2 single runs within ±3%, 1 of 1 means over seeds, so the curves had flattened" in wander.differs
     old = C.claim_c({**t, "regularization_curves": pd.DataFrame(flat).drop(columns="lr_mult")}, S)
     assert "not followed to a plateau: over the last quarter" in old.differs  # a table from before lr_mult
 
