@@ -24,17 +24,9 @@ from .data import encode_split
 from .decode import generate
 from .evaluate import evaluate_ppl, evaluated_tokens
 from .nanochat import is_nanochat_checkpoint, load_nanochat
-from .params import ArgumentParser
+from .params import ArgumentParser, run_command
 from .solver import NonFiniteError
 from .speculative import DEFAULT_DRAFT, decode_kwargs, speculative_generate
-
-
-def _run(main, argv) -> int:
-    try:
-        return main(argv)
-    except ValueError as e:  # bad options, checkpoint or data: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def load_for_text(path: str, device) -> tuple:
@@ -98,7 +90,7 @@ def _generate(argv) -> int:
 
 
 def generate_main(argv=None) -> int:
-    return _run(_generate, argv)
+    return run_command(_generate, argv)
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -151,4 +143,4 @@ def _evaluate(argv) -> int:
 
 
 def evaluate_main(argv=None) -> int:
-    return _run(_evaluate, argv)
+    return run_command(_evaluate, argv)

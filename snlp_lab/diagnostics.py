@@ -8,8 +8,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .snlp_config import parse_chunks
-
 
 def _per_layer_norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.detach().flatten(1).double(), dim=1)
@@ -50,21 +48,11 @@ def perplexity(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return math.exp(float(ce))
 
 
-def traced_layers(result) -> list[int]:
-    """The layer index l of each state in result.trace: 0..L, or with fused chunks the sequential
-    prefix 0..S and the chunk boundaries S+M, S+2M, ..., L (`solver.SolveResult`)."""
-    if not result.chunks:
-        return list(range(result.trace.shape[0]))
-    C, M = parse_chunks(result.chunks)
-    S = result.n_seq
-    return list(range(S + 1)) + [S + M * c for c in range(1, C + 1)]
-
-
 def compare(result, ref) -> dict:
     """Summary of a SolveResult against the sequential SolveResult of the same input (with fused
-    chunks, its states are compared with the sequential states of the same layers, `traced_layers`).
+    chunks, its states are compared with the sequential states of the same layers, `SolveResult.traced_layers`).
     Raises ValueError when ref is not a full trace of as many layers."""
-    layers = traced_layers(result)
+    layers = result.traced_layers
     if ref.chunks or ref.trace.shape[0] != layers[-1] + 1:
         raise ValueError(f"compare needs the sequential solve of the same model as ref: a trace of "
                          f"{layers[-1] + 1} states h_0..h_L, got {ref.trace.shape[0]}")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .claims import write_ledger
 from .experiments import PROFILES
-from .params import ArgumentParser, output_dirs
+from .params import ArgumentParser, output_dirs, run_command
 from .report import write_index, write_run_times
 
 ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup", "speculative", "decode")
@@ -75,20 +75,21 @@ def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path 
     return times
 
 
-def main(argv=None) -> int:
+def _main(argv) -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu", choices=list(PROFILES))
     ap.add_argument("--out", type=Path, default=None, help="write figures/ and reports/ under this folder")
     ap.add_argument("--only", nargs="*", help=f"run only these notebooks (by name: {', '.join(ORDER)})")
-    try:
-        a = ap.parse_args(argv)
-        dirs = {} if a.out is None else dict(fig_dir=a.out / "figures", report_dir=a.out / "reports")
-        times = run_all(a.profile, only=a.only, **dirs)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    a = ap.parse_args(argv)
+    dirs = {} if a.out is None else dict(fig_dir=a.out / "figures", report_dir=a.out / "reports")
+    times = run_all(a.profile, only=a.only, **dirs)
     print(f"[figures] {len(times)} notebooks in {sum(times.values()):.0f}s")
     return 0
+
+
+def main(argv=None) -> int:
+    """The command line; bad input is one `error: ...` line on stderr and exit status 2."""
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

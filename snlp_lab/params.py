@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ast
 import math
+import sys
 from pathlib import Path
 
 from .paths import cache_dir, repo_root
@@ -74,6 +75,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         raise ValueError(message)
+
+
+def run_command(main, argv=None) -> int:
+    """main(argv), with a ValueError (bad options, files or data) printed as one `error: ...` line on
+    stderr and exit status 2: a message, not a traceback."""
+    try:
+        return main(argv)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 def check_int(name: str, value, minimum: int | None = 1, allow_none: bool = False) -> int | None:

@@ -184,6 +184,14 @@ class SolveResult:
     def n_seq(self) -> int:
         return self.trace.shape[0] - 1 - self.n_units
 
+    @property
+    def traced_layers(self) -> list[int]:
+        """The layer l of each state in trace: 0..L, or with chunks 0..S and S+M, S+2M, ..., L."""
+        if not self.chunks:
+            return list(range(self.trace.shape[0]))
+        C, M = parse_chunks(self.chunks)
+        return list(range(self.n_seq + 1)) + [self.n_seq + M * c for c in range(1, C + 1)]
+
 
 def backout_state(model, states, S: int, M: int = 1):
     """The state a backout head subtracts (None for models without backout): the output of layer

@@ -69,14 +69,14 @@ def test_diagnostics_refuse_what_they_cannot_score(tiny, idx):
     # fused chunks trace the chunk boundaries only: compared with the sequential states of those layers
     ref = solve(tiny, idx, method="sequential")
     chunked = solve(tiny, idx, method="idn", iters=2, chunks="2xF2")
-    assert dg.traced_layers(chunked) == [0, 2, 4] and dg.traced_layers(ref) == [0, 1, 2, 3, 4]
+    assert chunked.traced_layers == [0, 2, 4] and ref.traced_layers == [0, 1, 2, 3, 4]
     # K = C iterations terminate (a third changes nothing); a fused chunk is another function than its layers
     c = dg.compare(chunked, ref)
     assert c == pytest.approx(dg.compare(solve(tiny, idx, method="idn", iters=3, chunks="2xF2"), ref))
     assert c["max_layer_err"] > 1e-3
     tail = solve(tiny, idx, method="idn", iters=1, n_par=2, chunks="1xF2")  # sequential prefix h_0..h_2
-    assert dg.traced_layers(tail) == [0, 1, 2, 4]
-    err = dg.layer_errors(tail.trace, ref.trace[dg.traced_layers(tail)])
+    assert tail.traced_layers == [0, 1, 2, 4]
+    err = dg.layer_errors(tail.trace, ref.trace[tail.traced_layers])
     assert err[:3].max() < 1e-12 and err[3] > 1e-3
     with pytest.raises(ValueError, match="a trace of 5 states"):
         dg.compare(ref, chunked)
