@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from .config import resolve_device
-from .params import ArgumentParser, as_list, check_choice, check_int, check_path
+from .params import ArgumentParser, as_list, check_choice, check_int, check_path, run_command
 from .decode import GRAPHABLE, Decoder, compile_options
 from .fusion import clear_fused_cache, fusable
 from .build import build_model
@@ -527,6 +527,11 @@ def notes(weights: str, dev: torch.device, graphs: bool = False, limits: dict | 
 
 
 def main(argv=None) -> int:
+    """The command line; bad input is one `error: ...` line on stderr and exit status 2."""
+    return run_command(_main, argv)
+
+
+def _main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m snlp_lab.bench", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="preset name (snlp_lab.PRESETS), or a local Hugging Face folder; default cpu, or the checkpoint's")
@@ -549,21 +554,17 @@ def main(argv=None) -> int:
     ap.add_argument("--limits", action="store_true",
                     help="measure the machine limits and add each pass's floor and x_floor (time / floor)")
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
-    try:
-        a = ap.parse_args(argv)
-        S = settings(a.model, a.device, None, a.seq_lens, a.configs, a.repeats, a.decode_tokens, a.warmup,
-                     a.threads, a.checkpoint)
-        if a.csv:  # fail now, not after the run
-            csv = Path(a.csv).expanduser()
-            if not (csv.parent.is_dir() and os.access(csv.parent, os.W_OK)) or (csv.exists() and not os.access(csv, os.W_OK)):
-                raise ValueError(f"cannot write --csv {a.csv}: its folder is missing or not writable")
-        df = run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
-                       S["device"], getattr(torch, a.dtype) if a.dtype else None, a.compile, S["checkpoint"],
-                       a.batch, a.seed, S["threads"], graphs=a.graphs, name=S["name"], limits=a.limits or None,
-                       log=print)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    a = ap.parse_args(argv)
+    S = settings(a.model, a.device, None, a.seq_lens, a.configs, a.repeats, a.decode_tokens, a.warmup,
+                 a.threads, a.checkpoint)
+    if a.csv:  # fail now, not after the run
+        csv = Path(a.csv).expanduser()
+        if not (csv.parent.is_dir() and os.access(csv.parent, os.W_OK)) or (csv.exists() and not os.access(csv, os.W_OK)):
+            raise ValueError(f"cannot write --csv {a.csv}: its folder is missing or not writable")
+    df = run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
+                   S["device"], getattr(torch, a.dtype) if a.dtype else None, a.compile, S["checkpoint"],
+                   a.batch, a.seed, S["threads"], graphs=a.graphs, name=S["name"], limits=a.limits or None,
+                   log=print)
     print("\n".join(f"- {n}" for n in df.attrs["notes"]))
     if df.attrs["limits"]:
         print(f"- machine limits: {describe(df.attrs['limits'])}")

@@ -35,10 +35,9 @@ import pandas as pd
 from scipy import stats
 
 from .analysis import PPL_RTOL, finite_termination, ppl_monotone
-from .params import ArgumentParser
+from .params import ArgumentParser, check_choice, run_command
 from .config import get_config
 from .experiments import PAPER_TABLE_B, PROFILES, before_warmdown_change, last_quarter_change
-from .params import check_choice
 from .snlp_config import parse_chunks, parse_config
 
 HOLDS, WEAK, NO, UNTESTABLE = "holds", "holds weakly", "does not hold here", "not testable here"
@@ -740,21 +739,21 @@ def write_ledger(report_dir, fig_dir=None, profile: str = "cpu", log=print) -> P
 
 def main(argv=None) -> int:
     """The command line; bad input is one `error: ...` line on stderr and exit status 2."""
+    return run_command(_main, argv)
+
+
+def _main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--report-dir", type=Path, default=Path(__file__).resolve().parent.parent / "reports")
     ap.add_argument("--fig-dir", type=Path, default=None, help="default: figures/ beside the report folder")
     ap.add_argument("--profile", default=None,
                     help="the profile the tables come from; default: the last make-figures run's, else cpu")
-    try:
-        a = ap.parse_args(argv)
-        profile = a.profile
-        if profile is None:
-            times = a.report_dir / "run_times.json"
-            profile = json.loads(times.read_text())["profile"] if times.exists() else "cpu"
-        write_ledger(a.report_dir, a.fig_dir, profile)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    a = ap.parse_args(argv)
+    profile = a.profile
+    if profile is None:
+        times = a.report_dir / "run_times.json"
+        profile = json.loads(times.read_text())["profile"] if times.exists() else "cpu"
+    write_ledger(a.report_dir, a.fig_dir, profile)
     return 0
 
 

@@ -160,4 +160,8 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} requested but torch {torch.__version__} sees no GPU; "
                          f"use 'cpu' or 'auto'")
+    index = device.partition(":")[2]
+    if device.startswith("cuda:") and not (index.isdigit() and int(index) < torch.cuda.device_count()):
+        raise ValueError(f"unknown device {device!r}; torch sees {torch.cuda.device_count()} GPU(s): "
+                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return torch.device(device)

@@ -39,7 +39,7 @@ from .config import get_config
 from .limits import describe, measure_limits
 from .decode import Decoder
 from .build import build_model
-from .params import ArgumentParser
+from .params import ArgumentParser, run_command
 from .paths import cache_dir, repo_root
 from .snlp_config import parse_config
 from .regularizer import snlp_regularizer
@@ -338,6 +338,11 @@ def redraw(out: Path) -> pd.DataFrame:
 
 
 def main(argv=None) -> int:
+    """The command line; bad input is one `error: ...` line on stderr and exit status 2."""
+    return run_command(_main, argv)
+
+
+def _main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the same code path on the CPU at toy sizes")
     ap.add_argument("--out", type=Path, default=None,
@@ -345,16 +350,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     ap.add_argument("--redraw", action="store_true",
                     help="only rewrite the tables, figures and README of the check in --out from its JSON")
-    try:
-        a = ap.parse_args(argv)
-        if a.redraw:
-            out = a.out or default_out()
-            print(redraw(out).to_markdown(index=False, floatfmt=".2f"))
-            return 0
-        res = run(a.smoke, a.out, a.device)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    a = ap.parse_args(argv)
+    if a.redraw:
+        out = a.out or default_out()
+        print(redraw(out).to_markdown(index=False, floatfmt=".2f"))
+        return 0
+    res = run(a.smoke, a.out, a.device)
     print()
     print(res["summary"].to_markdown(index=False, floatfmt=".2f"))
     bad = res["correctness"][~res["correctness"].ok]

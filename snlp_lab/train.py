@@ -68,7 +68,7 @@ from .hf import HFConfig, hf_config, load_hf
 from .data import TokenStream, prepare_data
 from .evaluate import evaluate_ppl, parse_snlp_specs
 from .build import build_model
-from .params import ArgumentParser
+from .params import ArgumentParser, run_command
 from .paths import cache_dir
 from .optim import NanochatMuon
 from .regularizer import POSITIONS, check_n_par_set, snlp_regularizer
@@ -166,7 +166,7 @@ class TrainConfig:
     eval_snlp: str = ""  # comma-separated configurations (snlp_lab.bench grammar), e.g. "idn:K=1:n=12,idn:K=2:n=12"
     save_every: int = 200  # checkpoint every this many steps (and always at the end)
     stop_at: int | None = None  # stop after this step with a checkpoint (time-limited jobs; resume later)
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool | None = None  # progress bar; None: only on a terminal
 
 
@@ -308,10 +308,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError("chunks set the fused units of the SNLP forward; use them with --objective snlp-forward")
     for spec in filter(None, map(str.strip, cfg.eval_snlp.split(","))):
         parse_config(spec).check(L, decoding=False)
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {cfg.device!r}; valid: auto, cpu, cuda")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but torch sees no GPU; use --device cpu or auto")
+    resolve_device(cfg.device)  # unknown names, or a GPU torch does not see, fail here
+    if cfg.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"torchrun puts each process on cuda:LOCAL_RANK; use --device cuda, not {cfg.device!r}")
     if cfg.init_from is not None:  # a missing or incomplete checkpoint fails here, before any data is read
         checkpoint_weights(cfg.init_from)
     if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
@@ -479,10 +478,11 @@ class _Dist:
 
 
 def _setup(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
-    kind = resolve_device(cfg.device).type
+    device = resolve_device(cfg.device)
+    kind = device.type
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return _Dist(), torch.device(kind)
+        return _Dist(), device
     d = _Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if kind == "cuda" else "gloo")
@@ -845,7 +845,7 @@ def build_parser() -> ArgumentParser:
     a("--eval-snlp", default=D.eval_snlp, help="SNLP configs for validation PPL, e.g. 'idn:K=1:n=12,idn:K=2:n=12:4xF3'")
     a("--save-every", type=int, default=D.save_every, help="checkpoint every this many steps (and at the end)")
     a("--stop-at", type=int, default=None, help="stop after this step with a checkpoint (resume later)")
-    a("--device", default=D.device, choices=("auto", "cpu", "cuda"))
+    a("--device", default=D.device, help="auto, cpu, cuda or cuda:N (under torchrun: cuda, one GPU per process)")
     a("--progress", action=argparse.BooleanOptionalAction, default=None)
     return p
 
@@ -857,12 +857,12 @@ def config_from_args(argv=None) -> TrainConfig:
 
 
 def main(argv=None) -> int:
-    try:
-        cfg = config_from_args(argv)
-        res = train(cfg)
-    except ValueError as e:  # bad options or data: a message, not a traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    """The command line; bad options or data are one `error: ...` line on stderr and exit status 2."""
+    return run_command(_main, argv)
+
+
+def _main(argv=None) -> int:
+    res = train(config_from_args(argv))
     if int(os.environ.get("RANK", "0")) == 0:
         last = res.evals[-1] if res.evals else {}
         print(json.dumps({"run_dir": str(res.run_dir), "step": res.step, **last}))

@@ -143,6 +143,7 @@ def test_bench_cli_errors_are_one_line(argv, msg, capsys):
 @pytest.mark.parametrize("module, argv, msg", [
     ("train", ["--n-par-set", "abc"], "expected comma-separated integers"),
     ("train", ["--model", "tiny", "--bogus"], "unrecognized arguments"),
+    ("train", ["--model", "tiny", "--device", "gpu"], "unknown device 'gpu'; valid: auto, cpu, cuda, cuda:N"),
     ("figures", ["--profile", "smok"], "invalid choice: 'smok'"),
     # a typo once ran no notebook and still rewrote the committed ledger and index
     ("figures", ["--profile", "smoke", "--only", "speedups"], "unknown notebook(s) 'speedups'; valid: regularization"),
@@ -154,6 +155,25 @@ def test_every_command_prints_one_error_line(module, argv, msg, capsys):
     assert importlib.import_module(f"snlp_lab.{module}").main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
+
+
+def test_devices_are_checked_against_the_gpus_torch_sees(monkeypatch):
+    """cuda:N names one of the GPUs torch sees; a malformed or missing index is a ValueError (one error
+    line in every command), not torch's RuntimeError at the first tensor moved there."""
+    from snlp_lab.config import resolve_device
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    assert resolve_device("auto") == torch.device("cuda")
+    for bad in ("cuda:2", "cuda:x", "cuda:", "cuda:-1"):
+        with pytest.raises(ValueError, match="torch sees 2 GPU"):
+            resolve_device(bad)
+    # train takes cuda:N as the other commands do, except under torchrun, which places each process itself
+    from snlp_lab.train import TrainConfig, resolve
+    assert resolve(TrainConfig(model="tiny", device="cuda:1")).device == "cuda:1"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="torchrun puts each process on cuda:LOCAL_RANK"):
+        resolve(TrainConfig(model="tiny", device="cuda:1"))
 
 
 @pytest.mark.parametrize("model", ["tiny", "cpu-mhc"])
