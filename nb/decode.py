@@ -82,7 +82,7 @@ speed = E.decode_speed(models["baseline"], configs, D.seq_len, D.decode_tokens, 
                        compile_modes=[d == "compiled" for d in decoders])
 table = E.decode_goal_table(pd.DataFrame(rows), speed)
 cols = ["config", "recipe", "ppl", "ppl_change_base_%", "ppl_change_own_%", "decode_tok_s", "decode_speedup",
-        "prefill_speedup", "bound", "compile", "goal"]
+        "decode_speedup_lo", "prefill_speedup", "bound", "compile", "goal"]
 meta = {**P.describe(), "seeds": [0], "model": f"{D.preset} {D.overrides or ''}".strip() + f", {models['baseline'].n_layer} layers",
         "training": f"{D.steps} steps x {D.batch_size} x {D.seq_len} tokens, BPE vocab {D.vocab_size}; "
                     + "; ".join(f"{r.recipe}: {r.label} ({r.steps} steps, {r.train_s:.0f} s)" for r in trained.itertuples()),
@@ -90,7 +90,8 @@ meta = {**P.describe(), "seeds": [0], "model": f"{D.preset} {D.overrides or ''}"
         "timing": f"B=1, KV-cached decode of the last {D.decode_tokens} of {D.seq_len} tokens on the baseline model "
                   f"(speed hardly depends on the weights), median of {P.bench_repeats} runs after warm-up, "
                   f"{torch.get_num_threads()} thread(s); decoders: {', '.join(decoders)}; speedups against the "
-                  f"best sequential decoder of the same run",
+                  f"best sequential decoder of the same run; decode_speedup_lo: the lower end of its 95% interval "
+                  f"over the paired rounds (the min below 6 repeats)",
         "goal": f"decode_speedup >= {E.GOAL_SPEEDUP:g} and PPL change <= +{E.GOAL_PPL_CHANGE:g}% against both the "
                 f"baseline's and the recipe's own sequential PPL"}
 meta.pop("regularizer")  # each recipe states its own

@@ -5,7 +5,9 @@ Two measurements per configuration and sequence length T (batch B = 1 by default
   - decode: the last `decode_tokens` tokens of a T-token sequence, one token at a time against the
     KV cache (after an untimed sequential prefill of the first T - decode_tokens), tokens per second.
 Every number is a median over `repeats` runs after `warmup` runs. Speedups are ratios of medians
-taken in the same run. The sequential baseline and every SNLP configuration go through the same
+taken in the same run; *_speedup_lo is the lower end of a 95% distribution-free interval for the
+median of the per-round speedups (`snlp_lab.timing.speedup_interval`; the min with fewer than 6
+repeats), the speedup the run's own noise still supports. The sequential baseline and every SNLP configuration go through the same
 `Decoder` (same weight layout, same cache, same kernels, optionally the same torch.compile'd block),
 so a speedup is never against a handicapped baseline.
 
@@ -34,6 +36,7 @@ import ctypes
 import gc
 import os
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -49,11 +52,11 @@ from .model import GPT
 from .snlp_config import SNLPConfig, parse_config
 from .solver import NonFiniteError
 from .limits import decode_cost, describe, floor_seconds, measure_limits, prefill_cost
-from .timing import count_ops, median_seconds
+from .timing import count_ops, round_seconds, speedup_interval
 
 COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
-           "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "decode_tokens", "decode_tok_s",
-           "decode_speedup", "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok", "decode_MB_tok",
+           "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "prefill_speedup_lo", "decode_tokens",
+           "decode_tok_s", "decode_speedup", "decode_speedup_lo", "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok", "decode_MB_tok",
            "decode_MFLOP_tok", "decode_calls", "decode_aten_ops"]
 GRAPH_COLUMNS = ["prefill_graph_ms", "prefill_graph_speedup", "decode_graph_tok_s", "decode_graph_speedup", "graph_err"]
 # with machine limits: a pass's floor (`snlp_lab.limits`) and the measured time over it (x_floor); with
@@ -326,8 +329,10 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                     out = g["prefill"]()  # a replay computes what the eager prefill computed
                     graph_err[c.text] = float((out.float() - logits[c.text].float()).abs().max()
                                               / logits[c.text].float().abs().max().clamp_min(1e-30))
-            med = median_seconds(fns, repeats, warmup, dev)
+            times = round_seconds(fns, repeats, warmup, dev)
+            med = {k: statistics.median(v) for k, v in times.items()}
             base = cfgs[0].text  # the sequential baseline
+            low = lambda c, kind: speedup_interval(times[(base, kind)], times[(c.text, kind)])[0]
             for c in cfgs:
                 S, units = c.layout(L)
                 pre, dec = med[(c.text, "prefill")], med[(c.text, "decode")]
@@ -337,8 +342,8 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                     K=c.iters if c.method != "sequential" else 0, n_par=L - S, chunks=c.chunks or "",
                     init=c.init if c.method != "sequential" else "", S=S, units=units, T=T, bound=c.bound(L),
                     prefill_ms=1e3 * pre, prefill_speedup=med[(base, "prefill")] / pre,
-                    decode_tokens=decode_tokens, decode_tok_s=decode_tokens / dec,
-                    decode_speedup=med[(base, "decode")] / dec,
+                    prefill_speedup_lo=low(c, "prefill"), decode_tokens=decode_tokens, decode_tok_s=decode_tokens / dec,
+                    decode_speedup=med[(base, "decode")] / dec, decode_speedup_lo=low(c, "decode"),
                     top1=float((logits[c.text].argmax(-1) == logits[base].argmax(-1)).float().mean()),
                     peak_mem_mb=peak[c.text], decode_calls=ops[c.text]["python"],
                     decode_aten_ops=ops[c.text]["aten"], **_limit_columns(m, c, T, decode_tokens, batch, limits)))
@@ -507,7 +512,8 @@ class _Replay:
 def notes(weights: str, dev: torch.device, graphs: bool = False, limits: dict | None = None) -> list[str]:
     out = [f"weights: {weights}" + ("; timing does not depend on the weights, top1 compares with a random "
                                     "model only" if weights.startswith("random") else ""),
-           "speedup = sequential median / configuration median, same run; bound = L / (S + K) "
+           "speedup = sequential median / configuration median, same run; *_speedup_lo: lower end of the 95% "
+           "sign-test interval of the per-round speedups (the min below 6 repeats); bound = L / (S + K) "
            "(+1 call for init fwd)",
            "peak_mem_mb: " + ("peak allocated CUDA memory" if dev.type == "cuda"
                               else "peak resident set of the process (model weights included)"),

@@ -424,12 +424,13 @@ def run_folder(P: Profile, variant: str, reg: str = "none", seed: int = 0, seq_l
 
 def frontier_table(res):
     """A speed–quality table of bench rows with a `ppl` column and a `model_name` column: adds
-    ppl_change_% (against the same model's sequential PPL), speedup (the prefill speedup) and pareto
-    (no configuration of the same model is both faster and better; `pareto`)."""
+    ppl_change_% (against the same model's sequential PPL), speedup and speedup_lo (the prefill speedup
+    and the lower end of its 95% interval within the run, `bench.run_bench`) and pareto (no configuration
+    of the same model is both faster and better; `pareto`)."""
     res = res.copy()
     seq = res[res.config == "sequential"].set_index("model_name").ppl
     res["ppl_change_%"] = 100 * (res.ppl / res.model_name.map(seq) - 1)
-    res["speedup"] = res.prefill_speedup
+    res["speedup"], res["speedup_lo"] = res.prefill_speedup, res.prefill_speedup_lo
     res["pareto"] = False
     for _, d in res.groupby("model_name"):
         res.loc[d.index, "pareto"] = pareto(d)
@@ -520,14 +521,20 @@ def decode_speed(model, configs, seq_len: int, decode_tokens: int, repeats: int,
     configuration (B = 1, T = seq_len, KV-cached decode of the last decode_tokens tokens). Each is timed
     under every one of `compile_modes` (`bench.run_bench`'s `compile`: (False, True) times eager and
     compiled blocks) and keeps its best: decode_tok_s (`compile`: whether from the compiled decoder) and
-    prefill_ms. The speedups divide by the best sequential decoder of the same run."""
+    prefill_ms. The speedups divide by the best sequential decoder of the same run. decode_speedup_lo is
+    the lower end of the 95% interval of the kept decoder's speedup over the sequential decoder timed
+    with it (`bench.run_bench`), scaled by that decoder's speed over the best one's (<= 1): a bound the
+    run's noise still supports."""
     runs = pd.concat([run_bench(model, list(configs), seq_lens=(seq_len,), decode_tokens=decode_tokens,
                                 repeats=repeats, device=device, compile=mode) for mode in compile_modes],
                      ignore_index=True)
     by = runs.groupby("config", sort=False)
-    best = runs.loc[by.decode_tok_s.idxmax(), ["config", "bound", "decode_tok_s", "compile"]].set_index("config")
+    best = runs.loc[by.decode_tok_s.idxmax(), ["config", "bound", "decode_tok_s", "compile", "decode_speedup",
+                                                "decode_speedup_lo"]].set_index("config")
     best["compile"] = best.compile != "False"  # run_bench writes the mode as text
     best["prefill_ms"] = by.prefill_ms.min()
+    its_sequential = best.decode_tok_s / best.decode_speedup  # the sequential decoder timed with each kept one
+    best["decode_speedup_lo"] *= its_sequential / best.decode_tok_s["sequential"]
     best["decode_speedup"] = best.decode_tok_s / best.decode_tok_s["sequential"]
     best["prefill_speedup"] = best.prefill_ms["sequential"] / best.prefill_ms
     return best.reset_index()

@@ -35,6 +35,7 @@ compares the speedup with ((1 - α^(B+1)) / (1 - α)) / (B/s + 1) (`predicted_sp
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -42,7 +43,7 @@ import pandas as pd
 import torch
 
 from .snlp_config import SNLPConfig, parse_config
-from .timing import median_seconds
+from .timing import round_seconds, speedup_interval
 from .decode import Decoder, generate
 
 DEFAULT_DRAFT = "idn:K=1:n=8"
@@ -233,8 +234,9 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
 
     One row per (temperature, block B): the drafter's prefix layers S (shared with the verifier),
     acceptance rate α and tokens per verifier pass over all prompts (prompt i sampled with seed + i); wall time of decoding every prompt (prefill included), median of
-    `repeats` after `warmup`, the three methods interleaved (`snlp_lab.timing.median_seconds`); speedup =
-    sequential / speculative time; drafter_speedup s = sequential / drafter time; predicted =
+    `repeats` after `warmup`, the three methods interleaved (`snlp_lab.timing.round_seconds`); speedup =
+    sequential / speculative time, speedup_lo the lower end of its 95% interval over the paired rounds
+    (`snlp_lab.timing.speedup_interval`; the min with fewer than 6 repeats); drafter_speedup s = sequential / drafter time; predicted =
     `predicted_speedup(α, B, s)`; identical: at temperature 0, whether every prompt's tokens equal
     sequential decoding's ("n/a" when sampling, where only the distribution is the same).
     """
@@ -253,7 +255,8 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
         for B in blocks:
             fns[B] = run(lambda p, s, B=B: speculative_generate(model, p, max_new_tokens, draft, B, t, seed=s))
         reference = fns["sequential"]()
-        med = median_seconds(fns, repeats, warmup, device)
+        times = round_seconds(fns, repeats, warmup, device)
+        med = {k: statistics.median(v) for k, v in times.items()}
         s = med["sequential"] / med["drafter"]
         for B in blocks:
             out = fns[B]()
@@ -266,7 +269,8 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
             same = all(torch.equal(o, r) for (o, _), r in zip(out, reference))
             rows.append(dict(draft=draft, S=S, temperature=t, block=B, alpha=alpha, tokens_per_pass=st.tokens_per_pass,
                              drafted=st.drafted, accepted=st.accepted, verifier_passes=st.verifier_passes,
-                             speedup=med["sequential"] / med[B], drafter_speedup=s,
+                             speedup=med["sequential"] / med[B],
+                             speedup_lo=speedup_interval(times["sequential"], times[B])[0], drafter_speedup=s,
                              predicted=predicted_speedup(alpha, B, s),
                              sequential_tok_s=st.new_tokens / med["sequential"], speculative_tok_s=st.new_tokens / med[B],
                              shared_layer_tokens=st.shared_layer_tokens,

@@ -2,10 +2,11 @@
 
 Every timing in snlp_lab is a median after warm-up, and a speedup is a ratio of two medians taken in
 the same run (`median_seconds` interleaves the functions, so a drift in the machine's load hits them all
-alike).
+alike). `speedup_interval` gives a speedup's spread within the run, from the paired rounds.
 """
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -32,9 +33,10 @@ def seconds(fn, device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def median_seconds(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
-    """Median wall time of every fn in fns over `repeats` runs after `warmup` runs. The functions take
-    turns (one run of each per round), so a drift in the machine's load hits them all alike."""
+def round_seconds(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict[object, list[float]]:
+    """Wall time of every fn in fns in each of `repeats` rounds after `warmup` rounds. The functions take
+    turns (one run of each per round), so a drift in the machine's load hits them all alike, and the
+    i-th times of two functions form a pair (`speedup_interval`)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -42,7 +44,30 @@ def median_seconds(fns: dict, repeats: int, warmup: int, device: torch.device) -
     for _ in range(repeats):
         for k, fn in fns.items():
             times[k].append(seconds(fn, device))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def median_seconds(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
+    """Median wall time of every fn in fns over `repeats` interleaved rounds (`round_seconds`)."""
+    return {k: statistics.median(v) for k, v in round_seconds(fns, repeats, warmup, device).items()}
+
+
+def speedup_interval(base: list[float], other: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval for the median of the per-round speedups base_i / other_i
+    (times of one `round_seconds` run): the sign-test interval, the k-th smallest and k-th largest ratio
+    with k the largest for which P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2. It needs no model of
+    the noise; with n < 6 rounds it is the min and max (coverage 1 - 2^(1-n): 94% at 5, 75% at 3).
+    Raises ValueError for an empty or unequal pair of lists."""
+    if not base or len(base) != len(other):
+        raise ValueError(f"need two equally long, non-empty lists of round times, got {len(base)} and {len(other)}")
+    ratios = sorted(b / o for b, o in zip(base, other))
+    n, k, tail = len(ratios), 1, 0.0
+    while k < (n + 1) // 2:
+        tail += math.comb(n, k - 1) / 2 ** n  # P(X <= k - 1)
+        if tail + math.comb(n, k) / 2 ** n > (1 - confidence) / 2:
+            break
+        k += 1
+    return ratios[k - 1], ratios[n - k]
 
 
 MATMULS = ("mm", "bmm", "addmm", "baddbmm", "matmul", "linear")

@@ -19,6 +19,22 @@ def table():
                            limits=LIMITS)
 
 
+def test_speedup_interval_is_the_sign_test_interval():
+    from scipy import stats
+    from snlp_lab.timing import speedup_interval
+    for n in (3, 5, 6, 10, 15, 20, 51):
+        base, other = [float(i + 1) for i in range(n)], [1.0] * n  # ratios 1..n, sorted
+        lo, hi = speedup_interval(base[::-1], other)
+        k = int(lo)
+        assert hi == n + 1 - k  # symmetric order statistics
+        cover = lambda k: 1 - 2 * stats.binom.cdf(k - 1, n, 0.5)
+        # the narrowest interval of >= 95% coverage; below 6 rounds none reaches it and min..max is given
+        assert k == 1 if n < 6 else (cover(k) >= 0.95 > cover(k + 1))
+    assert speedup_interval([2.0, 2.0], [1.0, 1.0]) == (2.0, 2.0)
+    with pytest.raises(ValueError, match="equally long"):
+        speedup_interval([1.0], [1.0, 2.0])
+
+
 def test_table(table):
     assert list(table.columns) == bench.COLUMNS + bench.FLOOR_COLUMNS
     assert len(table) == 2 * len(CONFIGS) and list(table["config"][:5]) == CONFIGS
@@ -29,6 +45,9 @@ def test_table(table):
         torch.testing.assert_close(list(g["prefill_speedup"]), list(seq.prefill_ms / g["prefill_ms"]))
         torch.testing.assert_close(list(g["decode_speedup"]), list(g["decode_tok_s"] / seq.decode_tok_s))
         assert seq.prefill_speedup == 1.0 and seq.decode_speedup == 1.0 and seq.top1 == 1.0
+        assert seq.prefill_speedup_lo == 1.0 and seq.decode_speedup_lo == 1.0  # every round's ratio is 1
+        # two rounds: the interval's lower end is the smaller per-round ratio, at most their mean
+        assert (g.prefill_speedup_lo > 0).all() and (g.decode_speedup_lo > 0).all()
     row = table[table["T"] == 12].set_index("config").loc[CONFIGS]
     assert list(row["bound"]) == [1.0, 4.0, 2.0, 4 / 3, 1.0]  # L / (S + K), +1 call for fwd
     assert list(row["S"]) == [4, 0, 0, 1, 0] and list(row["units"]) == [0, 4, 2, 3, 4]

@@ -242,6 +242,22 @@ def test_g_fused_speedup_at_equal_ppl():
     assert baseline_only.verdict == C.UNTESTABLE
 
 
+def test_g_and_h_need_a_speedup_the_runs_noise_supports():
+    """A median ratio >= 1.1x whose run's 95% lower bound is <= 1 is not faster: the noise explains it."""
+    f = frontier([("idn:K=1:n=4:2xF2:h0", 0, 0.5, 1.5), ("idn:K=1:n=4:h0", 0, 0.2, 1.2)])
+    f["speedup_lo"] = [1.0, 0.95, 1.05]
+    c = C.claim_g({"frontier_all": f}, S)  # the 1.5x is noise; the 1.2x is not, and is picked
+    assert c.verdict == C.WEAK and "1.20x (>= 1.05x) at +0.2% (prefill, plain/idn idn:K=1:n=4:h0)" in c.ours
+    f["speedup_lo"] = [1.0, 0.95, 0.97]
+    assert C.claim_g({"frontier_all": f}, S).verdict == C.NO
+    f["speedup_lo"] = [1.0, 1.2, 0.97]
+    assert C.claim_g({"frontier_all": f}, S).verdict == C.HOLDS
+    h = spec().assign(speedup_lo=[0.98, 1.02, 0.8])
+    c = C.claim_h({"speculative": h}, S)  # 1.3x with a lower bound below 1, and 1.1x above it
+    assert c.verdict == C.HOLDS and "best at T = 0: 1.10x (>= 1.02x) (idn:K=1:n=4, B = 2" in c.ours
+    assert C.claim_h({"speculative": h.assign(speedup_lo=[0.98, 0.99, 0.8])}, S).verdict == C.WEAK
+
+
 @pytest.mark.parametrize("name", ["decode", "decode_goal_cpu"])
 def test_g_reads_the_decode_study(name):
     dec = pd.DataFrame(dict(config=["sequential", "idn:K=1:n=4:1xF4", "idn:K=2:n=4", "idn:K=1:n=4:2xF2"],

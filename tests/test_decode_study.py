@@ -82,16 +82,20 @@ def test_best_tradeoffs_per_recipe():
 
 def test_decode_speed_takes_the_best_decoder_per_configuration(monkeypatch):
     """Eager and compiled runs: each configuration keeps its faster one, and the speedups divide by the
-    fastest sequential decoder of the two."""
+    fastest sequential decoder of the two. The lower bound of a kept decoder's speedup over the sequential
+    decoder timed with it is scaled down to the fastest sequential decoder."""
     def fake_bench(model, configs, compile=False, **kw):
         tok_s = {"sequential": 100.0, "x": 150.0} if not compile else {"sequential": 120.0, "x": 140.0}
+        lo = {"sequential": 1.0, "x": 1.4 if not compile else 1.1}
         return pd.DataFrame([dict(config=c, bound=2.0, decode_tok_s=tok_s[c], prefill_ms=10.0 if c == "x" else 20.0,
+                                  decode_speedup=tok_s[c] / tok_s["sequential"], decode_speedup_lo=lo[c],
                                   compile=str(compile)) for c in configs])
     monkeypatch.setattr(E, "run_bench", fake_bench)
     s = E.decode_speed(None, ["sequential", "x"], 32, 4, 1, compile_modes=(False, True)).set_index("config")
     assert s.loc["sequential", "decode_tok_s"] == 120 and s.loc["sequential", "compile"]
     assert s.loc["x", "decode_speedup"] == pytest.approx(150 / 120) and not s.loc["x", "compile"]
     assert s.loc["x", "prefill_speedup"] == pytest.approx(2.0)
+    assert s.loc["x", "decode_speedup_lo"] == pytest.approx(1.4 * 100 / 120) and s.loc["sequential", "decode_speedup_lo"] == 1
 
 
 def test_decode_speed_measures_a_model():
@@ -99,6 +103,7 @@ def test_decode_speed_measures_a_model():
     m = snlp_lab.build_model("tiny", vocab_size=64).eval()
     s = E.decode_speed(m, ["sequential", "idn:K=1:n=4"], 16, 4, 1).set_index("config")
     assert s.loc["sequential", "decode_speedup"] == 1.0 and s.loc["sequential", "prefill_speedup"] == 1.0
+    assert s.loc["sequential", "decode_speedup_lo"] == 1.0 and s.loc["idn:K=1:n=4", "decode_speedup_lo"] > 0
     assert s.loc["idn:K=1:n=4", "decode_tok_s"] > 0 and s.loc["idn:K=1:n=4", "bound"] == 4.0
 
 

@@ -251,6 +251,7 @@ def test_measure_table(trained):
     assert len(df) == 4 and list(df.block) == [1, 3, 1, 3]
     assert (df[df.temperature == 0].identical == "yes").all() and (df[df.temperature > 0].identical == "n/a").all()
     assert df.alpha.between(0, 1).all() and (df.speedup > 0).all() and (df.drafter_speedup > 0).all()
+    assert (df.speedup_lo == df.speedup).all()  # one round: its ratio is the median and the interval
     for r in df.itertuples():
         assert r.predicted == pytest.approx(predicted_speedup(r.alpha, r.block, r.drafter_speedup))
         assert r.tokens_per_pass == pytest.approx(16 / r.verifier_passes)
