@@ -7,9 +7,9 @@ Two measurements per configuration and sequence length T (batch B = 1 by default
 Every number is a median over `repeats` runs after `warmup` runs. Speedups are ratios of medians
 taken in the same run; *_speedup_lo is the lower end of a 95% distribution-free interval for the
 median of the per-round speedups (`snlp_lab.timing.speedup_interval`; the min with fewer than 6
-repeats), the speedup the run's own noise still supports. The sequential baseline and every SNLP configuration go through the same
-`Decoder` (same weight layout, same cache, same kernels, optionally the same torch.compile'd block),
-so a speedup is never against a handicapped baseline.
+repeats), the speedup the run's own noise still supports. The sequential baseline and every SNLP
+configuration go through the same `Decoder` (same weight layout, same cache, same kernels, optionally
+the same torch.compile'd block), so a speedup is never against a handicapped baseline.
 
 Configurations are strings of `snlp_lab.snlp_config` (`sequential`, `idn:K=2:n=24:4xF6:h0`, ...).
 "warm" is a decoding init (the previous token's states), so its prefill starts from h0.
@@ -56,8 +56,8 @@ from .timing import count_ops, round_seconds, speedup_interval
 
 COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
            "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "prefill_speedup_lo", "decode_tokens",
-           "decode_tok_s", "decode_speedup", "decode_speedup_lo", "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok", "decode_MB_tok",
-           "decode_MFLOP_tok", "decode_calls", "decode_aten_ops"]
+           "decode_tok_s", "decode_speedup", "decode_speedup_lo", "top1", "peak_mem_mb", "prefill_MB_tok",
+           "prefill_MFLOP_tok", "decode_MB_tok", "decode_MFLOP_tok", "decode_calls", "decode_aten_ops"]
 GRAPH_COLUMNS = ["prefill_graph_ms", "prefill_graph_speedup", "decode_graph_tok_s", "decode_graph_speedup", "graph_err"]
 # with machine limits: a pass's floor (`snlp_lab.limits`) and the measured time over it (x_floor); with
 # graphs too, the graphed time over the same floor

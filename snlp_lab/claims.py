@@ -50,16 +50,6 @@ EQUAL_PPL_PCT = 1.0  # "equal PPL": at most +1% (the paper calls +0.8% on par: 0
 FASTER = 1.1  # "faster": at least 1.1x, beyond the run-to-run spread of medians on a shared machine
 # ... and the run's own noise must support a speedup too: the lower end of the 95% interval of the
 # per-round speedups (`snlp_lab.timing.speedup_interval`, the tables' *_lo columns) above 1
-
-
-def _faster(d) -> bool | pd.Series:
-    """Whether rows (or a row) with columns speedup and lo count as faster than sequential: the median
-    ratio >= FASTER and the run's lower bound > 1 (tables without a lower bound: lo = speedup)."""
-    return (d.speedup >= FASTER) & (d.lo > 1)
-
-
-def _speed(r) -> str:
-    return f"{r.speedup:.2f}x" + (f" (>= {r.lo:.2f}x)" if r.lo != r.speedup else "")
 STALL_ERR = 0.1  # Jacobi "stalls": relative error of h_L still >= 10% one iteration before finite termination
 EXACT_ERR = 1e-4  # "exact": relative error of h_L at K = n_par within float32 rounding
 P_VALUE = 0.05  # a sign test "holds" below this two-sided p-value
@@ -583,6 +573,16 @@ def claim_f(t: dict, s: Setting) -> dict:
                      "weakly: more wins)")
 
 
+def _faster(d) -> bool | pd.Series:
+    """Whether rows (or a row) with columns speedup and lo count as faster than sequential: the median
+    ratio >= FASTER and the run's lower bound > 1 (tables without a lower bound: lo = speedup)."""
+    return (d.speedup >= FASTER) & (d.lo > 1)
+
+
+def _speed(r) -> str:
+    return f"{r.speedup:.2f}x" + (f" (>= {r.lo:.2f}x)" if r.lo != r.speedup else "")
+
+
 def _decode_table(t: dict):
     """The decode study's table (configuration, decode speedup, PPL change), or None: `decode_goal*` or
     `decode` (nb/decode), rows other than sequential and other than the unregularised "baseline" recipe."""
@@ -673,8 +673,7 @@ def claim_h(t: dict, s: Setting) -> dict:
     if g.empty:
         raise Untestable("speculative.csv has no temperature-0 row: losslessness is not measured")
     lossless = bool((g.identical.astype(str) == "yes").all())
-    b = (g[_faster(g)] if _faster(g).any() else g).speedup.idxmax()
-    b = g.loc[b]
+    b = g.loc[(g[_faster(g)] if _faster(g).any() else g).speedup.idxmax()]
     ours = (f"greedy output identical to sequential in {int((g.identical.astype(str) == 'yes').sum())} of {len(g)} "
             f"runs (seed-0 model); best at T = 0: {_speed(b)} ({b.draft}, B = {int(b.block)}, α = {b.alpha:.2f}; predicted "
             f"{b.predicted:.2f}x)")

@@ -171,12 +171,11 @@ def check_speed(size: dict, device: torch.device, limits: dict, log=print) -> pd
 
 
 # ------------------------------------------------------------------------------------------ (d) report
-SPEED_COLS = ["model", "config", "T", "bound", "prefill_ms", "prefill_speedup", "prefill_speedup_lo", "prefill_graph_ms",
-              "prefill_graph_speedup", "prefill_MB_tok", "prefill_MFLOP_tok", "prefill_floor_ms", "prefill_x_floor",
-              "prefill_graph_x_floor", "decode_tok_s", "decode_speedup", "decode_speedup_lo", "decode_graph_tok_s",
-              "decode_graph_speedup",
-              "decode_MB_tok", "decode_MFLOP_tok", "decode_floor_ms", "decode_x_floor", "decode_graph_x_floor",
-              "peak_mem_mb", "graph_err"]
+SPEED_COLS = ["model", "config", "T", "bound", "prefill_ms", "prefill_speedup", "prefill_speedup_lo",
+              "prefill_graph_ms", "prefill_graph_speedup", "prefill_MB_tok", "prefill_MFLOP_tok", "prefill_floor_ms",
+              "prefill_x_floor", "prefill_graph_x_floor", "decode_tok_s", "decode_speedup", "decode_speedup_lo",
+              "decode_graph_tok_s", "decode_graph_speedup", "decode_MB_tok", "decode_MFLOP_tok", "decode_floor_ms",
+              "decode_x_floor", "decode_graph_x_floor", "peak_mem_mb", "graph_err"]
 SUMMARY_COLS = ["model", "config", "T", "bound", "prefill_speedup", "prefill_graph_speedup", "prefill_graph_x_floor",
                 "decode_speedup", "decode_graph_speedup", "decode_graph_x_floor"]
 
