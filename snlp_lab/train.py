@@ -293,8 +293,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"reg_shared_probe sets DiagN's probes; use it with --reg diagn, not {cfg.reg!r}")
     if not cfg.lam >= 0:
         raise ValueError(f"lam (regularizer weight λ) must be >= 0, got {cfg.lam}")
-    if cfg.reg != "none":
-        check_n_par_set(cfg.n_par_set, L)
+    check_n_par_set(cfg.n_par_set, L)  # with reg none too: a set that could never run is a typo
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {cfg.objective!r}; valid: {', '.join(OBJECTIVES)}")
     if cfg.objective == "snlp-forward":

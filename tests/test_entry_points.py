@@ -142,6 +142,7 @@ def test_bench_cli_errors_are_one_line(argv, msg, capsys):
 
 @pytest.mark.parametrize("module, argv, msg", [
     ("train", ["--n-par-set", "abc"], "expected comma-separated integers"),
+    ("train", ["--model", "tiny", "--n-par-set", "0,9"], "every n_par in n_par_set must be an integer in 1..4"),
     ("train", ["--model", "tiny", "--bogus"], "unrecognized arguments"),
     ("train", ["--model", "tiny", "--device", "gpu"], "unknown device 'gpu'; valid: auto, cpu, cuda, cuda:N"),
     ("figures", ["--profile", "smok"], "invalid choice: 'smok'"),
