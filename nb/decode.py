@@ -90,8 +90,8 @@ meta = {**P.describe(), "seeds": [0], "model": f"{D.preset} {D.overrides or ''}"
         "timing": f"B=1, KV-cached decode of the last {D.decode_tokens} of {D.seq_len} tokens on the baseline model "
                   f"(speed hardly depends on the weights), median of {P.bench_repeats} runs after warm-up, "
                   f"{torch.get_num_threads()} thread(s); decoders: {', '.join(decoders)}; speedups against the "
-                  f"best sequential decoder of the same run; decode_speedup_lo: the lower end of its 95% interval "
-                  f"over the paired rounds (the min below 6 repeats)",
+                  f"best sequential decoder of the same run; decode_speedup_lo: the speedup the run's noise still "
+                  f"supports (timing.speedup_lower_bound, scaled like decode_speedup)",
         "goal": f"decode_speedup >= {E.GOAL_SPEEDUP:g} and PPL change <= +{E.GOAL_PPL_CHANGE:g}% against both the "
                 f"baseline's and the recipe's own sequential PPL"}
 meta.pop("regularizer")  # each recipe states its own

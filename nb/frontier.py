@@ -75,8 +75,8 @@ res[cols + ["device"]].to_csv(f"{report_dir}/frontier_all.csv", index=False)
 front = res[res.pareto | (res.config == "sequential")][cols].sort_values(["model_name", "speedup"])
 save_table(front, "frontier", report_dir, "Pareto-optimal SNLP configurations: PPL (change) and measured speedup",
            {**P.describe(), "timing": f"prefill B=1, T={P.seq_len}, median of {P.bench_repeats} runs after warm-up, "
-                                      f"{res.device.iloc[0]} {res.dtype.iloc[0]}; speedup_lo: the lower end of the "
-                                      f"speedup's 95% interval over the paired rounds (the min below 6 repeats)",
+                                      f"{res.device.iloc[0]} {res.dtype.iloc[0]}; speedup_lo: the speedup the run's "
+                                      f"noise still supports (timing.speedup_lower_bound, from the paired rounds)",
             "all configurations": "frontier_all.csv",
             "paper (GPU, 0.5B w/o x0ve IDN)": "4xF6-h0 K2: -6.1% PPL at 2.32x; 0.5B IDN 12xF2-h0 K2: +0.8% at 2.37x"})
 front

@@ -116,7 +116,7 @@ meta = {**P.describe(variant), "model": f"{variant}/{reg}, seed {P.seeds[0]}",
                    f"{D['max_new_tokens']} new tokens each (prompt i sampled with seed i)",
         "timing": f"decoding all prompts (prefill included), median of {D['repeats']} after 1 warm-up, "
                   "sequential / drafter / speculative interleaved; speedup = sequential time / speculative time; "
-                  "speedup_lo: the lower end of its 95% interval over the paired rounds (the min below 6 repeats)",
+                  "speedup_lo: the speedup the run's noise still supports (timing.speedup_lower_bound, from the paired rounds)",
         "alpha": "accepted / (accepted + rejected): the probability that a tested draft token is kept",
         "predicted": "((1 - alpha^(B+1)) / (1 - alpha)) / (B/s + 1), s = drafter_speedup (drafter alone vs sequential)",
         "S": "prefix layers the drafter computes once for both (shared_layer_tokens: token x layer evaluations "

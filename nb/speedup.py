@@ -76,8 +76,8 @@ report.save_figure(fig, name, fig_dir)
 
 # %%
 cols = ["config", "T", "S", "units", "bound", "prefill_ms", "prefill_speedup", "prefill_speedup_lo", "decode_tok_s",
-        "decode_speedup", "decode_speedup_lo", "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok", "prefill_floor_ms", "prefill_x_floor",
-        "decode_MB_tok", "decode_MFLOP_tok", "decode_floor_ms", "decode_x_floor", "decode_aten_ops"]
+        "decode_speedup", "decode_speedup_lo", "top1", "peak_mem_mb", "prefill_MB_tok", "prefill_MFLOP_tok",
+        "prefill_floor_ms", "prefill_x_floor", "decode_MB_tok", "decode_MFLOP_tok", "decode_floor_ms", "decode_x_floor", "decode_aten_ops"]
 table = df[cols].dropna(axis=1, how="all")  # peak memory is missing only off Linux/CUDA
 meta = dict(model=f"{S['name']}: {df.attrs['size']}", device=f"{df['device'][0]} ({df['dtype'][0]}, compile={compile})",
             repeats=f"median of {S['repeats']} after {S['warmup']} warm-up, configurations interleaved",

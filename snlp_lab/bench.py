@@ -5,9 +5,9 @@ Two measurements per configuration and sequence length T (batch B = 1 by default
   - decode: the last `decode_tokens` tokens of a T-token sequence, one token at a time against the
     KV cache (after an untimed sequential prefill of the first T - decode_tokens), tokens per second.
 Every number is a median over `repeats` runs after `warmup` runs. Speedups are ratios of medians
-taken in the same run; *_speedup_lo is the lower end of a 95% distribution-free interval for the
-median of the per-round speedups (`snlp_lab.timing.speedup_interval`; the min with fewer than 6
-repeats), the speedup the run's own noise still supports. The sequential baseline and every SNLP
+taken in the same run; *_speedup_lo is the speedup the run's own noise still supports, from the
+paired rounds (`snlp_lab.timing.speedup_lower_bound`: the lower end of a distribution-free 95%
+interval, one-sided 97.5% from 6 repeats on, 97% at 5). The sequential baseline and every SNLP
 configuration go through the same `Decoder` (same weight layout, same cache, same kernels, optionally
 the same torch.compile'd block), so a speedup is never against a handicapped baseline.
 
@@ -52,7 +52,7 @@ from .model import GPT
 from .snlp_config import SNLPConfig, parse_config
 from .solver import NonFiniteError
 from .limits import decode_cost, describe, floor_seconds, measure_limits, prefill_cost
-from .timing import count_ops, round_seconds, speedup_interval
+from .timing import count_ops, round_seconds, speedup_lower_bound
 
 COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
            "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "prefill_speedup_lo", "decode_tokens",
@@ -332,7 +332,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
             times = round_seconds(fns, repeats, warmup, dev)
             med = {k: statistics.median(v) for k, v in times.items()}
             base = cfgs[0].text  # the sequential baseline
-            low = lambda c, kind: speedup_interval(times[(base, kind)], times[(c.text, kind)])[0]
+            low = lambda c, kind: speedup_lower_bound(times[(base, kind)], times[(c.text, kind)])
             for c in cfgs:
                 S, units = c.layout(L)
                 pre, dec = med[(c.text, "prefill")], med[(c.text, "decode")]
@@ -512,8 +512,8 @@ class _Replay:
 def notes(weights: str, dev: torch.device, graphs: bool = False, limits: dict | None = None) -> list[str]:
     out = [f"weights: {weights}" + ("; timing does not depend on the weights, top1 compares with a random "
                                     "model only" if weights.startswith("random") else ""),
-           "speedup = sequential median / configuration median, same run; *_speedup_lo: lower end of the 95% "
-           "sign-test interval of the per-round speedups (the min below 6 repeats); bound = L / (S + K) "
+           "speedup = sequential median / configuration median, same run; *_speedup_lo: the speedup the run's "
+           "noise still supports (timing.speedup_lower_bound: one-sided 97.5% from 6 repeats, 97% at 5); bound = L / (S + K) "
            "(+1 call for init fwd)",
            "peak_mem_mb: " + ("peak allocated CUDA memory" if dev.type == "cuda"
                               else "peak resident set of the process (model weights included)"),

@@ -43,7 +43,7 @@ import pandas as pd
 import torch
 
 from .snlp_config import SNLPConfig, parse_config
-from .timing import round_seconds, speedup_interval
+from .timing import round_seconds, speedup_lower_bound
 from .decode import Decoder, generate
 
 DEFAULT_DRAFT = "idn:K=1:n=8"
@@ -235,8 +235,9 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
     One row per (temperature, block B): the drafter's prefix layers S (shared with the verifier),
     acceptance rate α and tokens per verifier pass over all prompts (prompt i sampled with seed + i); wall time of decoding every prompt (prefill included), median of
     `repeats` after `warmup`, the three methods interleaved (`snlp_lab.timing.round_seconds`); speedup =
-    sequential / speculative time, speedup_lo the lower end of its 95% interval over the paired rounds
-    (`snlp_lab.timing.speedup_interval`; the min with fewer than 6 repeats); drafter_speedup s = sequential / drafter time; predicted =
+    sequential / speculative time, speedup_lo the speedup the run's noise still supports
+    (`snlp_lab.timing.speedup_lower_bound`, from the paired rounds); drafter_speedup s = sequential /
+    drafter time; predicted =
     `predicted_speedup(α, B, s)`; identical: at temperature 0, whether every prompt's tokens equal
     sequential decoding's ("n/a" when sampling, where only the distribution is the same).
     """
@@ -270,7 +271,7 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
             rows.append(dict(draft=draft, S=S, temperature=t, block=B, alpha=alpha, tokens_per_pass=st.tokens_per_pass,
                              drafted=st.drafted, accepted=st.accepted, verifier_passes=st.verifier_passes,
                              speedup=med["sequential"] / med[B],
-                             speedup_lo=speedup_interval(times["sequential"], times[B])[0], drafter_speedup=s,
+                             speedup_lo=speedup_lower_bound(times["sequential"], times[B]), drafter_speedup=s,
                              predicted=predicted_speedup(alpha, B, s),
                              sequential_tok_s=st.new_tokens / med["sequential"], speculative_tok_s=st.new_tokens / med[B],
                              shared_layer_tokens=st.shared_layer_tokens,

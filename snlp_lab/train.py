@@ -481,6 +481,8 @@ def _setup(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
     kind = device.type
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
+        if device.index is not None:  # cuda:N: kernels and new tensors without a device go there too
+            torch.cuda.set_device(device)
         return _Dist(), device
     d = _Dist(rank=int(os.environ["RANK"]), world=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():

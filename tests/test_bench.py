@@ -21,7 +21,7 @@ def table():
 
 def test_speedup_interval_is_the_sign_test_interval():
     from scipy import stats
-    from snlp_lab.timing import speedup_interval
+    from snlp_lab.timing import speedup_interval, speedup_lower_bound
     for n in (3, 5, 6, 10, 15, 20, 51):
         base, other = [float(i + 1) for i in range(n)], [1.0] * n  # ratios 1..n, sorted
         lo, hi = speedup_interval(base[::-1], other)
@@ -31,6 +31,12 @@ def test_speedup_interval_is_the_sign_test_interval():
         # the narrowest interval of >= 95% coverage; below 6 rounds none reaches it and min..max is given
         assert k == 1 if n < 6 else (cover(k) >= 0.95 > cover(k + 1))
     assert speedup_interval([2.0, 2.0], [1.0, 1.0]) == (2.0, 2.0)
+    # the interval is for the median of the per-round ratios; the speedup is the ratio of the medians,
+    # here 1.8 while every ratio but one is 2: the bound is capped at the speedup it bounds
+    other = [float(i) for i in range(1, 10)]
+    base = [2 * o for o in other[:8]] + [9.0]
+    assert speedup_interval(base, other) == (2.0, 2.0) and speedup_lower_bound(base, other) == pytest.approx(1.8)
+    assert speedup_lower_bound([1.0, 1.1, 0.9, 1.0, 1.2], [1.0] * 5) == 0.9  # 5 rounds: the smallest ratio
     with pytest.raises(ValueError, match="equally long"):
         speedup_interval([1.0], [1.0, 2.0])
 
@@ -46,8 +52,9 @@ def test_table(table):
         torch.testing.assert_close(list(g["decode_speedup"]), list(g["decode_tok_s"] / seq.decode_tok_s))
         assert seq.prefill_speedup == 1.0 and seq.decode_speedup == 1.0 and seq.top1 == 1.0
         assert seq.prefill_speedup_lo == 1.0 and seq.decode_speedup_lo == 1.0  # every round's ratio is 1
-        # two rounds: the interval's lower end is the smaller per-round ratio, at most their mean
-        assert (g.prefill_speedup_lo > 0).all() and (g.decode_speedup_lo > 0).all()
+        # a lower bound: positive and at most the speedup it bounds
+        for kind in ("prefill", "decode"):
+            assert (g[f"{kind}_speedup_lo"] > 0).all() and (g[f"{kind}_speedup_lo"] <= g[f"{kind}_speedup"]).all()
     row = table[table["T"] == 12].set_index("config").loc[CONFIGS]
     assert list(row["bound"]) == [1.0, 4.0, 2.0, 4 / 3, 1.0]  # L / (S + K), +1 call for fwd
     assert list(row["S"]) == [4, 0, 0, 1, 0] and list(row["units"]) == [0, 4, 2, 3, 4]

@@ -256,6 +256,9 @@ def test_g_and_h_need_a_speedup_the_runs_noise_supports():
     c = C.claim_h({"speculative": h}, S)  # 1.3x with a lower bound below 1, and 1.1x above it
     assert c.verdict == C.HOLDS and "best at T = 0: 1.10x (>= 1.02x) (idn:K=1:n=4, B = 2" in c.ours
     assert C.claim_h({"speculative": h.assign(speedup_lo=[0.98, 0.99, 0.8])}, S).verdict == C.WEAK
+    # an empty cell is a missing bound: the median ratio alone decides, and no "nan" is written
+    c = C.claim_h({"speculative": h.assign(speedup_lo=[float("nan"), 0.99, 0.8])}, S)
+    assert c.verdict == C.HOLDS and "best at T = 0: 1.30x (idn:K=1:n=4, B = 1" in c.ours and has_no_nan(c)
 
 
 @pytest.mark.parametrize("name", ["decode", "decode_goal_cpu"])
