@@ -36,7 +36,6 @@ import ctypes
 import gc
 import os
 import re
-import statistics
 import sys
 from pathlib import Path
 
@@ -52,7 +51,7 @@ from .model import GPT
 from .snlp_config import SNLPConfig, parse_config
 from .solver import NonFiniteError
 from .limits import decode_cost, describe, floor_seconds, measure_limits, prefill_cost
-from .timing import count_ops, round_seconds, speedup_lower_bound
+from .timing import count_ops, medians, round_seconds, speedup_lower_bound
 
 COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
            "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "prefill_speedup_lo", "decode_tokens",
@@ -330,7 +329,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
                     graph_err[c.text] = float((out.float() - logits[c.text].float()).abs().max()
                                               / logits[c.text].float().abs().max().clamp_min(1e-30))
             times = round_seconds(fns, repeats, warmup, dev)
-            med = {k: statistics.median(v) for k, v in times.items()}
+            med = medians(times)
             base = cfgs[0].text  # the sequential baseline
             low = lambda c, kind: speedup_lower_bound(times[(base, kind)], times[(c.text, kind)])
             for c in cfgs:
@@ -513,8 +512,8 @@ def notes(weights: str, dev: torch.device, graphs: bool = False, limits: dict | 
     out = [f"weights: {weights}" + ("; timing does not depend on the weights, top1 compares with a random "
                                     "model only" if weights.startswith("random") else ""),
            "speedup = sequential median / configuration median, same run; *_speedup_lo: the speedup the run's "
-           "noise still supports (timing.speedup_lower_bound: one-sided 97.5% from 6 repeats, 97% at 5); bound = L / (S + K) "
-           "(+1 call for init fwd)",
+           "noise still supports (timing.speedup_lower_bound: one-sided 97.5% from 6 repeats, 97% at 5); "
+           "bound = L / (S + K) (+1 call for init fwd)",
            "peak_mem_mb: " + ("peak allocated CUDA memory" if dev.type == "cuda"
                               else "peak resident set of the process (model weights included)"),
            f"device: {dev}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"]

@@ -35,7 +35,6 @@ compares the speedup with ((1 - α^(B+1)) / (1 - α)) / (B/s + 1) (`predicted_sp
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -43,7 +42,7 @@ import pandas as pd
 import torch
 
 from .snlp_config import SNLPConfig, parse_config
-from .timing import round_seconds, speedup_lower_bound
+from .timing import medians, round_seconds, speedup_lower_bound
 from .decode import Decoder, generate
 
 DEFAULT_DRAFT = "idn:K=1:n=8"
@@ -257,7 +256,7 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
             fns[B] = run(lambda p, s, B=B: speculative_generate(model, p, max_new_tokens, draft, B, t, seed=s))
         reference = fns["sequential"]()
         times = round_seconds(fns, repeats, warmup, device)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        med = medians(times)
         s = med["sequential"] / med["drafter"]
         for B in blocks:
             out = fns[B]()

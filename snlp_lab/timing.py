@@ -48,9 +48,14 @@ def round_seconds(fns: dict, repeats: int, warmup: int, device: torch.device) ->
     return times
 
 
+def medians(times: dict) -> dict:
+    """The median of each function's round times (`round_seconds`)."""
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def median_seconds(fns: dict, repeats: int, warmup: int, device: torch.device) -> dict:
     """Median wall time of every fn in fns over `repeats` interleaved rounds (`round_seconds`)."""
-    return {k: statistics.median(v) for k, v in round_seconds(fns, repeats, warmup, device).items()}
+    return medians(round_seconds(fns, repeats, warmup, device))
 
 
 def speedup_interval(base: list[float], other: list[float], confidence: float = 0.95) -> tuple[float, float]:
