@@ -89,9 +89,10 @@ meta = {**P.describe(), "seeds": [0], "model": f"{D.preset} {D.overrides or ''}"
         "evaluation": f"{D.eval_batches} x {P.eval_batch_size} validation windows of {D.seq_len} tokens",
         "timing": f"B=1, KV-cached decode of the last {D.decode_tokens} of {D.seq_len} tokens on the baseline model "
                   f"(speed hardly depends on the weights), median of {P.bench_repeats} runs after warm-up, "
-                  f"{torch.get_num_threads()} thread(s); decoders: {', '.join(decoders)}; speedups against the "
-                  f"best sequential decoder of the same run; decode_speedup_lo: the speedup the run's noise still "
-                  f"supports (timing.speedup_lower_bound, scaled like decode_speedup)",
+                  f"{torch.get_num_threads()} thread(s); decoders: {', '.join(decoders)}, all timed in one "
+                  f"interleaved run, each configuration keeping its fastest; speedups against the fastest "
+                  f"sequential decoder; decode_speedup_lo: the speedup the run's noise still supports "
+                  f"(timing.speedup_lower_bound)",
         "goal": f"decode_speedup >= {E.GOAL_SPEEDUP:g} and PPL change <= +{E.GOAL_PPL_CHANGE:g}% against both the "
                 f"baseline's and the recipe's own sequential PPL"}
 meta.pop("regularizer")  # each recipe states its own

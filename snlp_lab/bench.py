@@ -251,7 +251,10 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     model: preset name, GPTConfig or a GPT (name: what the table calls it); configs: configuration
     strings (default: `default_configs` of the model; the sequential baseline is added first when
     missing); dtype: default bf16 on CUDA, fp32 on CPU; compile: torch.compile the block function of
-    every decoder (True or a mode such as "reduce-overhead"); threads: CPU threads for
+    every decoder (True or a mode such as "reduce-overhead"), or a list of such settings (e.g.
+    [False, True]): every configuration is then timed under each, all in one interleaved timing, one
+    row per (configuration, T, setting), and every speedup divides by the fastest sequential decoder
+    of the run (per pass: prefill and decode each by its own fastest); threads: CPU threads for
     the run (torch.set_num_threads; on a machine shared with other jobs, 1 thread avoids the waits of
     multi-threaded kernels for a descheduled thread, which swamp small kernels); graphs: also time every
     configuration replayed from captured CUDA graphs (`GRAPH_COLUMNS`, see `graphed_runs`; on a CPU
@@ -273,8 +276,12 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
-    if compile:  # a bad mode fails now: a configuration that fails to compile later runs eagerly
-        compile_options(compile)
+    modes = list(compile) if isinstance(compile, (list, tuple)) else [compile]
+    if not modes:
+        raise ValueError("compile: need at least one setting")
+    for mode in modes:  # a bad mode fails now: a configuration that fails to compile later runs eagerly
+        if mode:
+            compile_options(mode)
     m, weights = load_model(model, checkpoint, dev, dtype, seed)
     if limits is True:  # the copy's working set (source + destination): what a sequential decode step reads
         limits = measure_limits(dev, dtype, copy_mb=decode_cost(m, "sequential", 0).bytes / 2**21)
@@ -294,68 +301,78 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     log = log or (lambda s: None)
     name = name or (model if isinstance(model, str) else type(model).__name__)
     gen = torch.Generator().manual_seed(seed)
+    # a decoder: (configuration, index of its compile setting); settings may be dicts, so not keys themselves
+    decoders = [(c, i) for c in cfgs for i in range(len(modes))]
+    key = lambda c, i: (c.text, i)
     rows = []
-    used, fallback = {}, {}  # per configuration: the compile setting it runs with, and why it fell back
+    used, fallback = {}, {}  # per decoder: the compile setting it runs with, and why it fell back
     with torch.inference_mode():
         for T in seq_lens:
             idx = torch.randint(0, m.config.vocab_size, (batch, T), generator=gen).to(dev)
-            # untimed pass per configuration, alone in memory: peak memory and the prefill logits
-            # (with compile, this pass compiles; a configuration that fails to compile runs eagerly,
-            # and its rows say so in the `compile` column)
+            # untimed pass per decoder, alone in memory: peak memory and the prefill logits (with
+            # compile, this pass compiles; a configuration that fails to compile runs eagerly, and its
+            # rows say so in the `compile` column)
             peak, logits, ops = {}, {}, {}
-            for c in cfgs:
+            for c, i in decoders:
+                k = key(c, i)
                 _release(dev, m)
                 _reset_peak(dev)
                 try:
-                    logits[c.text] = _untimed_pass(m, c, idx, decode_tokens, dev, used.get(c.text, compile))
+                    logits[k] = _untimed_pass(m, c, idx, decode_tokens, dev, used.get(k, modes[i]))
                 except Exception as e:  # noqa: BLE001 - any compiler error; eager below re-raises real ones
-                    if not used.get(c.text, compile):
+                    if not used.get(k, modes[i]):
                         raise
-                    used[c.text] = False
-                    fallback[c.text] = f"eager (compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0]})"
-                    log(f"[bench] {c.text}: {fallback[c.text]}")
-                    logits[c.text] = _untimed_pass(m, c, idx, decode_tokens, dev, False)
-                peak[c.text] = _peak_mb(dev)
-                ops[c.text] = _step_ops(m, c, idx, decode_tokens)
+                    used[k] = False
+                    fallback[k] = f"eager (compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0]})"
+                    log(f"[bench] {c.text}: {fallback[k]}")
+                    logits[k] = _untimed_pass(m, c, idx, decode_tokens, dev, False)
+                peak[k] = _peak_mb(dev)
+                if c.text not in ops:  # what an eager step issues: the same under every setting
+                    ops[c.text] = _step_ops(m, c, idx, decode_tokens)
             _release(dev, m)
             fns, graph_err = {}, {}
-            for c in cfgs:
-                for kind, fn in _runs(m, c, idx, decode_tokens, dev, used.get(c.text, compile)).items():
-                    fns[(c.text, kind)] = fn
-                if graphs:
+            for c, i in decoders:
+                for kind, fn in _runs(m, c, idx, decode_tokens, dev, used.get(key(c, i), modes[i])).items():
+                    fns[(*key(c, i), kind)] = fn
+            if graphs:  # a captured graph replays the eager kernels: once per configuration
+                for c in cfgs:
                     g = graphed_runs(m, c, idx, decode_tokens, dev)
-                    fns[(c.text, "prefill_graph")], fns[(c.text, "decode_graph")] = g["prefill"], g["decode"]
-                    out = g["prefill"]()  # a replay computes what the eager prefill computed
-                    graph_err[c.text] = float((out.float() - logits[c.text].float()).abs().max()
-                                              / logits[c.text].float().abs().max().clamp_min(1e-30))
+                    fns[(c.text, "graph", "prefill")], fns[(c.text, "graph", "decode")] = g["prefill"], g["decode"]
+                    out, ref = g["prefill"]().float(), logits[key(c, 0)].float()  # a replay computes what the eager prefill computed
+                    graph_err[c.text] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
             times = round_seconds(fns, repeats, warmup, dev)
             med = medians(times)
-            base = cfgs[0].text  # the sequential baseline
-            low = lambda c, kind: speedup_lower_bound(times[(base, kind)], times[(c.text, kind)])
-            for c in cfgs:
+            # the baseline of each pass: the fastest sequential decoder of the run
+            fastest = {kind: min(((base.text, i, kind) for i in range(len(modes))), key=med.get)
+                       for kind in ("prefill", "decode")}
+            fastest.update({g: (base.text, "graph", g.split("_")[0]) for g in ("prefill_graph", "decode_graph")})
+            low = lambda k, kind: speedup_lower_bound(times[fastest[kind]], times[(*k, kind)])
+            for c, i in decoders:
+                k = key(c, i)
                 S, units = c.layout(L)
-                pre, dec = med[(c.text, "prefill")], med[(c.text, "decode")]
+                pre, dec = med[(*k, "prefill")], med[(*k, "decode")]
                 rows.append(dict(
                     model=name, weights=weights, device=str(dev), dtype=str(dtype).removeprefix("torch."),
-                    compile=fallback.get(c.text, str(compile)), config=c.text, method=c.method,
+                    compile=fallback.get(k, str(modes[i])), config=c.text, method=c.method,
                     K=c.iters if c.method != "sequential" else 0, n_par=L - S, chunks=c.chunks or "",
                     init=c.init if c.method != "sequential" else "", S=S, units=units, T=T, bound=c.bound(L),
-                    prefill_ms=1e3 * pre, prefill_speedup=med[(base, "prefill")] / pre,
-                    prefill_speedup_lo=low(c, "prefill"), decode_tokens=decode_tokens, decode_tok_s=decode_tokens / dec,
-                    decode_speedup=med[(base, "decode")] / dec, decode_speedup_lo=low(c, "decode"),
-                    top1=float((logits[c.text].argmax(-1) == logits[base].argmax(-1)).float().mean()),
-                    peak_mem_mb=peak[c.text], decode_calls=ops[c.text]["python"],
+                    prefill_ms=1e3 * pre, prefill_speedup=med[fastest["prefill"]] / pre,
+                    prefill_speedup_lo=low(k, "prefill"), decode_tokens=decode_tokens, decode_tok_s=decode_tokens / dec,
+                    decode_speedup=med[fastest["decode"]] / dec, decode_speedup_lo=low(k, "decode"),
+                    top1=float((logits[k].argmax(-1) == logits[key(base, 0)].argmax(-1)).float().mean()),
+                    peak_mem_mb=peak[k], decode_calls=ops[c.text]["python"],
                     decode_aten_ops=ops[c.text]["aten"], **_limit_columns(m, c, T, decode_tokens, batch, limits)))
                 if graphs:
-                    pre_g, dec_g = med[(c.text, "prefill_graph")], med[(c.text, "decode_graph")]
+                    pre_g, dec_g = med[(c.text, "graph", "prefill")], med[(c.text, "graph", "decode")]
                     rows[-1].update(prefill_graph_ms=1e3 * pre_g,
-                                    prefill_graph_speedup=med[(base, "prefill_graph")] / pre_g,
+                                    prefill_graph_speedup=med[fastest["prefill_graph"]] / pre_g,
                                     decode_graph_tok_s=decode_tokens / dec_g,
-                                    decode_graph_speedup=med[(base, "decode_graph")] / dec_g,
+                                    decode_graph_speedup=med[fastest["decode_graph"]] / dec_g,
                                     graph_err=graph_err[c.text])
                 r = rows[-1]
-                log(f"[bench] T={T} {c.text}: prefill {r['prefill_ms']:.1f} ms (x{r['prefill_speedup']:.2f}), "
-                    f"decode {r['decode_tok_s']:.1f} tok/s (x{r['decode_speedup']:.2f}), bound {r['bound']:.2f}")
+                log(f"[bench] T={T} {c.text} (compile={r['compile']}): prefill {r['prefill_ms']:.1f} ms "
+                    f"(x{r['prefill_speedup']:.2f}), decode {r['decode_tok_s']:.1f} tok/s "
+                    f"(x{r['decode_speedup']:.2f}), bound {r['bound']:.2f}")
             del fns
             _release(dev, m)
     df = pd.DataFrame(rows, columns=COLUMNS + (FLOOR_COLUMNS if limits else []) + (GRAPH_COLUMNS if graphs else [])

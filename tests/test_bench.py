@@ -211,6 +211,23 @@ def test_compiled_bench_never_hits_the_recompile_limit(tiny):
     assert set(df["compile"]) == {"{'backend': 'eager'}"}, df["compile"].tolist()
 
 
+def test_several_compile_settings_are_timed_in_one_run(tiny):
+    """compile=[False, {...}]: a row per (configuration, setting), and every speedup divides by the fastest
+    sequential decoder of the run, so exactly one sequential row per pass has speedup 1 and none exceeds it."""
+    df = bench.run_bench(tiny, ["sequential", "idn:K=1:n=4"], seq_lens=(8,), decode_tokens=2, repeats=3, warmup=0,
+                         device="cpu", compile=[False, {"backend": "eager"}])
+    assert list(zip(df.config, df.compile)) == [("sequential", "False"), ("sequential", "{'backend': 'eager'}"),
+                                                ("idn:K=1:n=4", "False"), ("idn:K=1:n=4", "{'backend': 'eager'}")]
+    seq = df[df.config == "sequential"]
+    for kind in ("prefill", "decode"):
+        assert seq[f"{kind}_speedup"].max() == 1.0 and (seq[f"{kind}_speedup"] <= 1.0).all()
+        assert (df[f"{kind}_speedup_lo"] <= df[f"{kind}_speedup"]).all() and (df[f"{kind}_speedup_lo"] > 0).all()
+    fastest = 1e3 / seq.prefill_ms.min()
+    assert df.prefill_speedup.tolist() == pytest.approx((1e3 / df.prefill_ms / fastest).tolist())
+    with pytest.raises(ValueError, match="at least one"):
+        bench.run_bench(tiny, ["sequential"], seq_lens=(8,), decode_tokens=2, device="cpu", compile=[])
+
+
 def test_compile_failure_falls_back_and_says_so(tiny):
     df = bench.run_bench(tiny, ["sequential", "idn:K=1:n=4"], seq_lens=(8,), decode_tokens=2, repeats=1, warmup=0,
                          device="cpu", compile={"backend": "no-such-backend"})

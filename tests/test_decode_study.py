@@ -81,21 +81,28 @@ def test_best_tradeoffs_per_recipe():
 
 
 def test_decode_speed_takes_the_best_decoder_per_configuration(monkeypatch):
-    """Eager and compiled runs: each configuration keeps its faster one, and the speedups divide by the
-    fastest sequential decoder of the two. The lower bound of a kept decoder's speedup over the sequential
-    decoder timed with it is scaled down to the fastest sequential decoder."""
+    """Eager and compiled decoders in one bench run: each configuration keeps its faster decoder with that
+    row's speedups (against the run's fastest sequential decoder) and its fastest prefill; a decoder that
+    fell back to eager is not called compiled."""
+    calls = []
+
     def fake_bench(model, configs, compile=False, **kw):
-        tok_s = {"sequential": 100.0, "x": 150.0} if not compile else {"sequential": 120.0, "x": 140.0}
-        lo = {"sequential": 1.0, "x": 1.4 if not compile else 1.1}
-        return pd.DataFrame([dict(config=c, bound=2.0, decode_tok_s=tok_s[c], prefill_ms=10.0 if c == "x" else 20.0,
-                                  decode_speedup=tok_s[c] / tok_s["sequential"], decode_speedup_lo=lo[c],
-                                  compile=str(compile)) for c in configs])
+        calls.append(compile)
+        tok_s = {("sequential", False): 100.0, ("x", False): 150.0, ("sequential", True): 120.0, ("x", True): 140.0,
+                 ("y", False): 90.0, ("y", True): 130.0}
+        lo = {("x", False): 1.1, ("x", True): 1.0, ("y", True): 0.9}
+        return pd.DataFrame([dict(config=c, bound=2.0, decode_tok_s=tok_s[c, m], prefill_ms=20.0 if c == "sequential" else 10.0 + m,
+                                  prefill_speedup=20.0 / (20.0 if c == "sequential" else 10.0 + m),
+                                  decode_speedup=tok_s[c, m] / 120.0, decode_speedup_lo=lo.get((c, m), 0.5),
+                                  compile="eager (compile failed: X)" if c == "y" and m else str(m))
+                             for c in configs for m in compile])
     monkeypatch.setattr(E, "run_bench", fake_bench)
-    s = E.decode_speed(None, ["sequential", "x"], 32, 4, 1, compile_modes=(False, True)).set_index("config")
+    s = E.decode_speed(None, ["sequential", "x", "y"], 32, 4, 1, compile_modes=(False, True)).set_index("config")
+    assert calls == [[False, True]]  # one interleaved timing of both decoders
     assert s.loc["sequential", "decode_tok_s"] == 120 and s.loc["sequential", "compile"]
     assert s.loc["x", "decode_speedup"] == pytest.approx(150 / 120) and not s.loc["x", "compile"]
-    assert s.loc["x", "prefill_speedup"] == pytest.approx(2.0)
-    assert s.loc["x", "decode_speedup_lo"] == pytest.approx(1.4 * 100 / 120) and s.loc["sequential", "decode_speedup_lo"] == 1
+    assert s.loc["x", "decode_speedup_lo"] == 1.1 and s.loc["x", "prefill_speedup"] == pytest.approx(2.0)
+    assert s.loc["y", "decode_tok_s"] == 130 and not s.loc["y", "compile"] and s.loc["y", "decode_speedup_lo"] == 0.9
 
 
 def test_decode_speed_measures_a_model():
