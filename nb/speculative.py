@@ -51,7 +51,7 @@ from snlp_lab.params import as_list, check_float, check_int, output_dirs
 from snlp_lab.report import add_reading, save_figure, save_table
 from snlp_lab.config import get_config
 from snlp_lab.snlp_config import parse_config
-from snlp_lab.speculative import measure
+from snlp_lab.speculative import measure, retime_fastest
 
 P = E.get_profile(profile)
 # only make figures' own run (the defaults) writes the committed results
@@ -124,12 +124,31 @@ meta = {**P.describe(variant), "model": f"{variant}/{reg}, seed {P.seeds[0]}",
         "identical": "temperature 0: every prompt's tokens equal sequential greedy decoding's"}
 save_table(df, "speculative", report_dir, "Self-speculative decoding: acceptance and speedup against block size and temperature", meta)
 
+# %% [markdown]
+# The fastest greedy drafter and block above were picked from the timings that measured them: the best of
+# many noisy ratios overstates its own speedup. Timed again on its own, the pick gives a speedup that the
+# selection does not bias (the claims ledger's (h) judges this one).
+
+# %%
+confirm = None
+if (df.temperature == 0).any():
+    confirm = retime_fastest(model, prompts, df, D["max_new_tokens"], repeats=D["repeats"], warmup=1, seed=0, log=print)
+    save_table(confirm, "speculative_confirm", report_dir, "The fastest greedy drafter and block, timed again on its own",
+               {**meta, "picked": "the largest temperature-0 speedup of speculative.csv (explored_speedup, of "
+                                  "explored_of rows), timed again against sequential decoding and the drafter as "
+                                  "there, without the other candidates"})
+confirm
+
+# %%
 best = {(d, t): g.loc[g.speedup.idxmax()] for (d, t), g in df.groupby(["draft", "temperature"], sort=False)}
 greedy = df[df.temperature == 0].identical
 reading = ("; ".join(f"{d} (x{r.drafter_speedup:.2f} alone) at T={t:g}: best B={int(r.block)}, alpha {r.alpha:.2f}, "
                      f"x{r.speedup:.2f} over sequential decoding (>= x{r.speedup_lo:.2f} within the run's noise; "
                      f"predicted x{r.predicted:.2f})"
                      for (d, t), r in best.items())
-           + ("" if greedy.empty else f"; greedy output identical to sequential: {'yes' if (greedy == 'yes').all() else 'NO'}"))
+           + ("" if greedy.empty else f"; greedy output identical to sequential: {'yes' if (greedy == 'yes').all() else 'NO'}")
+           + ("" if confirm is None else
+              f"; the fastest greedy pick ({confirm.draft[0]}, B={confirm.block[0]}) timed again alone: "
+              f"x{confirm.speedup[0]:.2f} (>= x{confirm.speedup_lo[0]:.2f}; x{confirm.explored_speedup[0]:.2f} when picked)"))
 add_reading(report_dir, "speculative", "speculative", reading)
 print(reading)

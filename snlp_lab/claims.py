@@ -663,30 +663,44 @@ def claim_g(t: dict, s: Setting) -> dict:
 @claim("h", "SNLP is a lossless drafter: self-speculative decoding gives sequential greedy output, faster.",
        "Greedy output identical to sequential; speedup ((1 - α^(B+1)) / (1 - α)) / (B/s + 1) (DESIGN §1; "
        "no number in §4).",
-       tables=("speculative",), figures=("speculative",))
+       tables=("speculative", "speculative_confirm"), figures=("speculative",))
 def claim_h(t: dict, s: Setting) -> dict:
     """speculative (seed-0 regularised model): lossless if every temperature-0 row's output equals
-    sequential greedy decoding's. holds: lossless and some (drafter, block) at temperature 0 decodes
-    faster than sequential (`_faster`: >= FASTER, and the run's lower bound > 1); holds weakly: lossless
-    and above 1x only; does not hold here: not lossless, or never above 1x."""
+    sequential greedy decoding's. The speed judged: where speculative_confirm is there, the fastest
+    temperature-0 (drafter, block), timed again on its own (`speculative.retime_fastest`: free of the bias
+    of picking the best of many noisy timings); else the fastest of those that count as faster, else of
+    all. holds: lossless and that speed is faster than sequential (`_faster`: >= FASTER, and the run's
+    lower bound > 1); holds weakly: lossless and above 1x only; does not hold here: not lossless, or not
+    above 1x."""
     d = need(t, "speculative", ("draft", "temperature", "block", "alpha", "speedup", "predicted", "identical"))
     d = d.assign(lo=d.get("speedup_lo", float("nan")))
     g = d[d.temperature == 0]
     if g.empty:
         raise Untestable("speculative.csv has no temperature-0 row: losslessness is not measured")
-    lossless = bool((g.identical.astype(str) == "yes").all())
-    b = g.loc[(g[_faster(g)] if _faster(g).any() else g).speedup.idxmax()]
-    ours = (f"greedy output identical to sequential in {int((g.identical.astype(str) == 'yes').sum())} of {len(g)} "
-            f"runs (seed-0 model); best at T = 0: {_speed(b)} ({b.draft}, B = {int(b.block)}, α = {b.alpha:.2f}; predicted "
+    c = t.get("speculative_confirm")
+    c = None if c is None or c.empty else c.assign(lo=c.get("speedup_lo", float("nan"))).iloc[0]
+    runs = pd.concat([g.identical, pd.Series([] if c is None else [c.identical])]).astype(str)
+    lossless = bool((runs == "yes").all())
+    if c is None:
+        b = g.loc[(g[_faster(g)] if _faster(g).any() else g).speedup.idxmax()]
+    else:  # the pick as it was in the exploration
+        b = g.loc[g.speedup.idxmax()]
+    ours = (f"greedy output identical to sequential in {int((runs == 'yes').sum())} of {len(runs)} runs (seed-0 "
+            f"model); best at T = 0: {_speed(b)} ({b.draft}, B = {int(b.block)}, α = {b.alpha:.2f}; predicted "
             f"{b.predicted:.2f}x)")
+    if c is not None:
+        ours += f", timed again on its own: {_speed(c)}"
     if (d.temperature > 0).any():
         h = d[d.temperature > 0].loc[d[d.temperature > 0].speedup.idxmax()]
         ours += f"; best sampling: {_speed(h)} at T = {h.temperature:g} (α = {h.alpha:.2f})"
-    verdict = NO if not lossless or b.speedup <= 1 else HOLDS if _faster(b) else WEAK
+    judged = b if c is None else c
+    verdict = NO if not lossless or judged.speedup <= 1 else HOLDS if _faster(judged) else WEAK
+    what = "best" if c is None else f"the fastest of {len(g)} greedy (drafter, B), timed again:"
     return dict(ours=ours, verdict=verdict,
-                differs=f"Measured {b.speedup:.2f}x against the formula's {b.predicted:.2f}x with α and s of the same run.",
-                rule=f"lossless: {'yes' if lossless else 'no'}; best {_speed(b)} (holds: >= {FASTER:g}x with the run's "
-                     f"lower bound, in brackets, > 1x; weakly: > 1x)")
+                differs=f"Measured {judged.speedup:.2f}x against the formula's {judged.predicted:.2f}x with α and s "
+                        f"of the same run.",
+                rule=f"lossless: {'yes' if lossless else 'no'}; {what} {_speed(judged)} (holds: >= {FASTER:g}x with "
+                     f"the run's lower bound, in brackets, > 1x; weakly: > 1x)")
 
 
 # ------------------------------------------------------------------------------------------ the ledger

@@ -30,7 +30,9 @@ One sequence at a time: acceptance differs between sequences, and the caches kee
 the whole batch, so a batch > 1 is refused.
 
 `measure` times speculative decoding against sequential KV-cached decoding and the drafter alone, and
-compares the speedup with ((1 - α^(B+1)) / (1 - α)) / (B/s + 1) (`predicted_speedup`).
+compares the speedup with ((1 - α^(B+1)) / (1 - α)) / (B/s + 1) (`predicted_speedup`). `retime_fastest`
+times the fastest greedy (drafter, B) of such a table again, alone: the fastest of many noisy ratios
+overstates its own speedup, a fresh timing of it does not.
 """
 from __future__ import annotations
 
@@ -279,3 +281,19 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
             log(f"[speculative] T={t} B={B}: alpha {alpha:.3f}, {r['tokens_per_pass']:.2f} tokens/pass, "
                 f"speedup x{r['speedup']:.2f} (predicted x{r['predicted']:.2f}, drafter x{s:.2f})")
     return pd.DataFrame(rows)
+
+
+def retime_fastest(model, prompts: list[torch.Tensor], table: pd.DataFrame, max_new_tokens: int,
+                   repeats: int = 5, warmup: int = 1, seed: int = 0, log=None) -> pd.DataFrame:
+    """The fastest temperature-0 (draft, block) of a `measure` table (or of several), timed again on its
+    own: one row of `measure` with explored_speedup (its speedup in `table`, where it was picked) and
+    explored_of (how many temperature-0 rows it was picked from). The pick's speedup in `table` is biased
+    upward (selection on the same noisy timings, the winner's curse); the new timing is independent of
+    the selection. Raises ValueError if `table` has no temperature-0 row."""
+    greedy = table[table.temperature == 0]
+    if greedy.empty:
+        raise ValueError("no temperature-0 row to pick from: measure with temperature 0 first")
+    pick = greedy.loc[greedy.speedup.idxmax()]
+    row = measure(model, prompts, pick.draft, blocks=(int(pick.block),), temperatures=(0.0,),
+                  max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup, seed=seed, log=log)
+    return row.assign(explored_speedup=float(pick.speedup), explored_of=len(greedy))

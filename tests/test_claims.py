@@ -291,6 +291,22 @@ def test_h_lossless_drafter():
     assert C.claim_h({}, S).verdict == C.UNTESTABLE
 
 
+def test_h_judges_the_fastest_pick_timed_again():
+    """With speculative_confirm, the verdict rests on the re-timed pick (the exploration's fastest greedy
+    row), not on its exploration speedup, which the selection biases upward."""
+    h = spec().assign(speedup_lo=[1.2, 1.05, 0.8])
+    again = lambda speedup, lo, identical="yes": pd.DataFrame(dict(
+        draft=["idn:K=1:n=4"], temperature=[0.0], block=[1], alpha=[0.9], speedup=[speedup], speedup_lo=[lo],
+        predicted=[1.4], identical=[identical], explored_speedup=[1.3], explored_of=[2]))
+    c = C.claim_h({"speculative": h, "speculative_confirm": again(1.04, 0.97)}, S)
+    assert c.verdict == C.WEAK and "1.30x (>= 1.20x) (idn:K=1:n=4, B = 1" in c.ours
+    assert "timed again on its own: 1.04x (>= 0.97x)" in c.ours and "identical to sequential in 3 of 3" in c.ours
+    assert "the fastest of 2 greedy (drafter, B), timed again: 1.04x (>= 0.97x)" in c.rule
+    assert C.claim_h({"speculative": h, "speculative_confirm": again(1.2, 1.1)}, S).verdict == C.HOLDS
+    assert C.claim_h({"speculative": h, "speculative_confirm": again(0.98, 0.9)}, S).verdict == C.NO
+    assert C.claim_h({"speculative": h, "speculative_confirm": again(1.2, 1.1, "no")}, S).verdict == C.NO
+
+
 # ------------------------------------------------------------------------------------------ the ledger
 def test_every_claim_is_in_the_ledger_and_missing_tables_are_not_testable():
     rows = C.ledger({}, C.Setting.of("smoke"))

@@ -82,6 +82,10 @@ def test_speculative_is_lossless_and_measured(smoke_run):
     df = pd.read_csv(out / "reports" / "speculative.csv")
     assert set(df.temperature) == {0.0, 1.0} and (df[df.temperature == 0].identical == "yes").all()
     assert df.alpha.between(0, 1).all() and (df.speedup > 0).all() and (df.predicted > 0).all()
+    again = pd.read_csv(out / "reports" / "speculative_confirm.csv")  # the fastest greedy pick, timed again
+    pick = df[df.temperature == 0].loc[df[df.temperature == 0].speedup.idxmax()]
+    assert len(again) == 1 and (again.draft[0], again.block[0]) == (pick.draft, pick.block)
+    assert again.explored_speedup[0] == pytest.approx(pick.speedup) and again.identical[0] == "yes"
 
 
 def test_claims_ledger_has_every_claim(smoke_run):

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -16,7 +17,7 @@ from snlp_lab.cli import evaluate_main, generate_main
 from snlp_lab.data import encode_split
 from snlp_lab.decode import Decoder, generate
 from snlp_lab.evaluate import evaluate_ppl
-from snlp_lab.speculative import (SpeculativeStats, measure, next_token_probs, predicted_speedup,
+from snlp_lab.speculative import (SpeculativeStats, measure, next_token_probs, predicted_speedup, retime_fastest,
                                   speculative_generate, verify)
 from snlp_lab.train import TrainConfig, train
 
@@ -255,6 +256,18 @@ def test_measure_table(trained):
     for r in df.itertuples():
         assert r.predicted == pytest.approx(predicted_speedup(r.alpha, r.block, r.drafter_speedup))
         assert r.tokens_per_pass == pytest.approx(16 / r.verifier_passes)
+
+
+def test_retime_fastest_times_the_greedy_pick_again(trained):
+    prompts = [torch.tensor([[0, 9, 4]])]
+    table = pd.DataFrame(dict(draft=["idn:K=1:n=3", "idn:K=1:n=2", "idn:K=1:n=3"], temperature=[0.0, 0.0, 1.0],
+                              block=[1, 3, 2], speedup=[1.1, 1.4, 9.0]))
+    row = retime_fastest(trained, prompts, table, max_new_tokens=6, repeats=1, warmup=0)
+    assert len(row) == 1 and (row.draft[0], row.block[0], row.temperature[0]) == ("idn:K=1:n=2", 3, 0.0)
+    assert row.explored_speedup[0] == 1.4 and row.explored_of[0] == 2 and row.identical[0] == "yes"
+    assert row.speedup[0] > 0 and row.speedup[0] != 1.4  # a new timing, not the table's number
+    with pytest.raises(ValueError, match="no temperature-0 row"):
+        retime_fastest(trained, prompts, table[table.temperature > 0], max_new_tokens=6)
 
 
 # ------------------------------------------------------------------------------------------ commands
