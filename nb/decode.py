@@ -102,6 +102,30 @@ save_table(best, "decode_recipes", report_dir, "Each recipe's best trade-off (th
            meta)
 best
 
+# %% [markdown]
+# The claims ledger's (g) judges the fastest fused configuration at equal PPL and the fastest at close PPL
+# of the trained recipes (`E.speed_picks`, PPL change: the larger of the two). Picked from the timings
+# that measured them, their speedups overstate themselves, so each is timed again against sequential alone.
+
+# %%
+def decode_speedup(r):
+    s = E.decode_speed(models["baseline"], ["sequential", r.config], D.seq_len, D.decode_tokens, P.bench_repeats,
+                       P.device, compile_modes=[d == "compiled" for d in decoders])
+    return tuple(s.set_index("config").loc[r.config, ["decode_speedup", "decode_speedup_lo"]])
+
+
+candidates = table[(table.config != "sequential") & (table.recipe != "baseline")]
+candidates = candidates.assign(speedup=candidates.decode_speedup,
+                               change=candidates[["ppl_change_base_%", "ppl_change_own_%"]].max(axis=1))
+again = E.retimed(E.speed_picks(candidates), decode_speedup).rename(columns={"change": "ppl_change_max_%"})
+again = again[["pick", "picked_of", "recipe", "config", "ppl_change_max_%", "explored_speedup", "speedup", "speedup_lo"]]
+save_table(again, "decode_confirm", report_dir, "The fastest decoders at equal and close PPL, timed again",
+           {**meta, "picked": f"recipes other than the baseline; fused: the fastest fused (CxFM, M >= 2) at <= "
+                              f"+{E.EQUAL_PPL_PCT:g}% PPL, close: the fastest at <= +{E.CLOSE_PPL_PCT:g}%, of "
+                              f"picked_of rows of decode.csv (explored_speedup)",
+            "timing": meta["timing"].replace("speedups against", "each pick against sequential alone; speedups against")})
+again
+
 # %%
 snlp = table[table.config != "sequential"]
 fig, ax = plt.subplots(figsize=(6.5, 4.2))

@@ -81,6 +81,29 @@ save_table(front, "frontier", report_dir, "Pareto-optimal SNLP configurations: P
             "paper (GPU, 0.5B w/o x0ve IDN)": "4xF6-h0 K2: -6.1% PPL at 2.32x; 0.5B IDN 12xF2-h0 K2: +0.8% at 2.37x"})
 front
 
+# %% [markdown]
+# The claims ledger's (g) judges the fastest fused configuration at equal PPL and the fastest at close PPL
+# of the regularized models (`E.speed_picks`). Picked from the timings that measured them, their speedups
+# overstate themselves (the best of many noisy ratios), so each is timed again against sequential alone.
+
+# %%
+def prefill_speedup(r):
+    t = run_bench(E.trained(P, r.variant, r.reg, P.seeds[0]), ["sequential", r.config], seq_lens=(P.seq_len,),
+                  decode_tokens=4, repeats=P.bench_repeats, device=P.device)
+    return tuple(t.set_index("config").loc[r.config, ["prefill_speedup", "prefill_speedup_lo"]])
+
+
+candidates = res[(res.config != "sequential") & (res.reg != "none")].assign(change=res["ppl_change_%"])
+again = E.retimed(E.speed_picks(candidates), prefill_speedup)
+again = again[["pick", "picked_of", "model_name", "config", "ppl_change_%", "explored_speedup", "speedup", "speedup_lo"]]
+save_table(again, "frontier_confirm", report_dir, "The fastest configurations at equal and close PPL, timed again",
+           {**P.describe(), "picked": f"regularized models; fused: the fastest fused (CxFM, M >= 2) at <= "
+                                      f"+{E.EQUAL_PPL_PCT:g}% PPL, close: the fastest at <= +{E.CLOSE_PPL_PCT:g}%, of "
+                                      f"picked_of configurations of frontier_all.csv (explored_speedup)",
+            "timing": f"each pick against sequential alone, prefill B=1, T={P.seq_len}, median of {P.bench_repeats} "
+                      f"runs after warm-up"})
+again
+
 # %%
 best = res[res.config != "sequential"].sort_values("speedup", ascending=False).groupby("model_name").head(1)
 fastest = res[res.config != "sequential"].speedup.max()

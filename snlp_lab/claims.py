@@ -38,7 +38,8 @@ from scipy import stats
 from .analysis import PPL_RTOL, finite_termination, ppl_monotone
 from .params import ArgumentParser, check_choice, run_command
 from .config import get_config
-from .experiments import PAPER_TABLE_B, PROFILES, before_warmdown_change, last_quarter_change
+from .experiments import (CLOSE_PPL_PCT, EQUAL_PPL_PCT, PAPER_TABLE_B, PROFILES, before_warmdown_change, is_fused,
+                          last_quarter_change, speed_picks)
 from .snlp_config import parse_chunks, parse_config
 
 HOLDS, WEAK, NO, UNTESTABLE = "holds", "holds weakly", "does not hold here", "not testable here"
@@ -46,8 +47,8 @@ VERDICTS = (HOLDS, WEAK, NO, UNTESTABLE)
 LEVEL = 0.95  # confidence level of every interval
 
 # Thresholds of the verdict rules (each rule's docstring says how it is used).
-CLOSE_PPL_PCT = 5.0  # "close to sequential": PPL at most +5% above the model's own sequential PPL
-EQUAL_PPL_PCT = 1.0  # "equal PPL": at most +1% (the paper calls +0.8% on par: 0.5B IDN 12xF2-h0 K2)
+# "close to sequential": PPL at most +CLOSE_PPL_PCT % above the model's own sequential PPL; "equal PPL":
+# at most +EQUAL_PPL_PCT % (`snlp_lab.experiments`, whose `speed_picks` picks what (g) judges)
 FASTER = 1.1  # "faster": at least 1.1x, beyond the run-to-run spread of medians on a shared machine
 # ... and the run's own noise must support a speedup too: its lower bound from the paired rounds
 # (`snlp_lab.timing.speedup_lower_bound`, the tables' *_lo columns) above 1
@@ -594,53 +595,87 @@ def _decode_table(t: dict):
         change = [c for c in ("ppl_change_base_%", "ppl_change_own_%", "ppl_change_%") if c in d.columns]
         if {"config", "decode_speedup"} <= set(d.columns) and change:
             d = d[(d.config != "sequential") & (d.get("recipe", "") != "baseline")]
-            label = d.recipe.astype(str) + " " if "recipe" in d.columns else ""
-            return name, pd.DataFrame({"what": label + d.config.astype(str), "speedup": d.decode_speedup,
+            return name, pd.DataFrame({"what": _what(d, "recipe"), "config": d.config, "speedup": d.decode_speedup,
                                        "lo": d.get("decode_speedup_lo", float("nan")),
-                                       "change": d[change].max(axis=1), "fused": d.config.map(_fused)})
+                                       "change": d[change].max(axis=1), "fused": d.config.map(is_fused)})
     return None
 
 
-def _fused(config: str) -> bool:
-    c = parse_config(config)
-    return bool(c.chunks) and parse_chunks(c.chunks)[1] > 1
+def _what(d: pd.DataFrame, model_column: str) -> pd.Series:
+    """'model configuration' (or the configuration alone where d has no model_column)."""
+    label = d[model_column].astype(str) + " " if model_column in d.columns else ""
+    return label + d.config.astype(str)
+
+
+def _timed_again(t: dict) -> pd.DataFrame:
+    """The picks of nb/frontier and nb/decode timed again (frontier_confirm, decode_confirm:
+    `experiments.retimed`), indexed by (pass, what) with columns speedup and lo; empty where neither ran."""
+    parts = []
+    for name, kind, model_column in (("frontier_confirm", "prefill", "model_name"), ("decode_confirm", "decode", "recipe")):
+        c = t.get(name)
+        if c is not None and not c.empty and {"config", "speedup"} <= set(c.columns):
+            parts.append(pd.DataFrame({"pass": kind, "what": _what(c, model_column), "speedup": c.speedup,
+                                       "lo": c.get("speedup_lo", float("nan"))}))
+    if not parts:
+        return pd.DataFrame(columns=["speedup", "lo"], index=pd.MultiIndex.from_tuples([], names=["pass", "what"]))
+    return pd.concat(parts).drop_duplicates(["pass", "what"]).set_index(["pass", "what"])
 
 
 @claim("g", "SNLP with fused chunks gives a wall-clock speedup at equal or better PPL.",
        "v1 (GPU, B = 1): " + "; ".join(f"{m} {c}: {pct(ch)} at {sp:.2f}x" for m, c, _, ch, sp in PAPER_V1
                                        if "baseline" not in m)
        + f"; v2: {PAPER_V2_EQUAL[3]:.2f}x at ±0% ({PAPER_V2_EQUAL[0]}, {PAPER_V2_EQUAL[1]}).",
-       tables=("frontier_all", "frontier", "decode"), figures=("frontier", "decode"))
+       tables=("frontier_all", "frontier", "frontier_confirm", "decode", "decode_confirm"),
+       figures=("frontier", "decode"))
 def claim_g(t: dict, s: Setting) -> dict:
     """Regularised seed-0 models: every SNLP configuration's prefill speedup over sequential and PPL change
     against the same model's sequential PPL (frontier_all), and, where the decode study ran, its KV-cached
-    decode speedups with the larger of its PPL changes (`_decode_table`). Faster: `_faster` (>= FASTER, and
-    the run's lower bound > 1). holds: a fused configuration (CxFM, M >= 2) is faster at <= +EQUAL_PPL_PCT;
-    holds weakly: some configuration, fused or per layer, is faster at <= +CLOSE_PPL_PCT; does not hold
-    here: none. Each "best" is the fastest of the configurations that count as faster, else of all."""
+    decode speedups with the larger of its PPL changes (`_decode_table`). Where the notebooks timed their
+    picks again (`_timed_again`), each "best" is the fastest configuration as measured, judged on its new
+    timing (`experiments.speed_picks`: the fastest of many noisy ratios overstates itself); else the
+    fastest of those that count as faster, else of all. Faster: `_faster` (>= FASTER, and the run's lower
+    bound > 1). holds: the best fused configuration (CxFM, M >= 2) at <= +EQUAL_PPL_PCT is faster; holds
+    weakly: the best of all, fused or per layer, at <= +CLOSE_PPL_PCT is."""
     f = need(t, "frontier_all", ("model_name", "config", "ppl_change_%", "speedup"))
     f = f[(f.config != "sequential") & (f.model_name.str.split("/").str[1] != "none")]
     if f.empty:
         raise Untestable("frontier_all.csv has no SNLP configuration of a regularised model")
-    rows = [pd.DataFrame({"what": f.model_name + " " + f.config, "speedup": f.speedup,
+    rows = [pd.DataFrame({"what": _what(f, "model_name"), "config": f.config, "speedup": f.speedup,
                           "lo": f.get("speedup_lo", float("nan")), "change": f["ppl_change_%"],
-                          "fused": f.config.map(_fused), "pass": "prefill"})]
+                          "fused": f.config.map(is_fused), "pass": "prefill"})]
     dec = _decode_table(t)
     if dec is not None:
         rows.append(dec[1].assign(**{"pass": "decode"}))
     a = pd.concat(rows, ignore_index=True)
+    again = _timed_again(t)
 
     def best(d, limit):
         d = d[d.change <= limit]
-        d = d[_faster(d)] if _faster(d).any() else d
+        if again.empty:
+            d = d[_faster(d)] if _faster(d).any() else d
         return None if d.empty else d.loc[d.speedup.idxmax()]
 
-    say = lambda r: "none" if r is None else f"{_speed(r)} at {pct(r.change)} ({r['pass']}, {r.what})"
+    def judged(r):
+        """The row as judged: with its new timing where it has one."""
+        if r is None or (r["pass"], r.what) not in again.index:
+            return r
+        j = r.copy()
+        j["speedup"], j["lo"] = again.loc[(r["pass"], r.what), ["speedup", "lo"]]
+        return j
+
+    def say(r):
+        if r is None:
+            return "none"
+        j = judged(r)
+        return (f"{_speed(r)} at {pct(r.change)} ({r['pass']}, {r.what})"
+                + ("" if j is r else f", timed again: {_speed(j)}"))
+
     eq, fused, close = best(a, EQUAL_PPL_PCT), best(a[a.fused], EQUAL_PPL_PCT), best(a, CLOSE_PPL_PCT)
     ours = (f"best fused at <= +{EQUAL_PPL_PCT:g}% PPL: {say(fused)}; best of all at <= +{EQUAL_PPL_PCT:g}%: "
             f"{say(eq)}; at <= +{CLOSE_PPL_PCT:g}%: {say(close)}; {len(a)} configurations of seed-0 models"
             + ("" if dec is not None else "; decode: not testable here (no decode table: nb/decode did not run)")
             + (f" (decode from {dec[0]}.csv)" if dec is not None else ""))
+    fused, close = judged(fused), judged(close)
     verdict = HOLDS if fused is not None and _faster(fused) else WEAK if close is not None and _faster(close) else NO
     _, config, _, ch, sp = _v1("0.5B IDN", "12xF2-h0 K2")
     device = str(t["frontier_all"].device.iloc[0]) if "device" in t["frontier_all"].columns else s.device
@@ -654,9 +689,10 @@ def claim_g(t: dict, s: Setting) -> dict:
         differs += ("On a CPU a batched call of N layers costs about N layers of arithmetic: speedups here come from "
                     "issuing fewer operations, not from parallel arithmetic. ")
     best_fused = "no fused configuration" if fused is None else f"best fused {_speed(fused)}"
+    how = "" if again.empty else ", the fastest as measured, timed again"
     return dict(ours=ours, verdict=verdict, differs=differs + gap(s),
-                rule=f"{best_fused} at <= +{EQUAL_PPL_PCT:g}% (faster: >= {FASTER:g}x with the run's lower bound, in "
-                     f"brackets, > 1x; holds: faster and fused; weakly: faster by any configuration at "
+                rule=f"{best_fused} at <= +{EQUAL_PPL_PCT:g}%{how} (faster: >= {FASTER:g}x with the run's lower "
+                     f"bound, in brackets, > 1x; holds: faster and fused; weakly: faster by any configuration at "
                      f"<= +{CLOSE_PPL_PCT:g}%)")
 
 

@@ -108,3 +108,18 @@ def test_curve_summary_averages_seeds():
     assert got["before_warmdown_%"]["idn"] == pytest.approx(100 * (40 / 50 - 1))
     one = E.curve_summary(pd.DataFrame(rows).query("step == 400"), ["variant", "reg"])
     assert one.halfway_ppl.isna().all() and one["last_quarter_%"].isna().all()  # a single evaluation
+
+
+def test_speed_picks_are_the_fastest_as_measured_and_are_timed_again():
+    d = pd.DataFrame(dict(config=["idn:K=1:n=4:2xF2:h0", "idn:K=1:n=4:1xF4:h0", "idn:K=1:n=4", "idn:K=2:n=4:2xF2"],
+                          speedup=[1.5, 1.3, 1.6, 2.0], change=[0.5, 0.8, 3.0, 1.5]), index=[10, 11, 12, 13])
+    p = E.speed_picks(d)
+    assert list(zip(p.pick, p.config, p.picked_of)) == [("fused", "idn:K=1:n=4:2xF2:h0", 2), ("close", "idn:K=2:n=4:2xF2", 4)]
+    assert list(p.index) == [10, 13]
+    assert E.is_fused("idn:K=1:n=4:2xF2") and not E.is_fused("idn:K=1:n=4:4xF1") and not E.is_fused("idn:K=1:n=4")
+    calls = []
+    r = E.retimed(pd.concat([p, p.iloc[:1].assign(pick="again")]), lambda row: calls.append(row.config) or (1.1, 0.9))
+    assert calls == ["idn:K=1:n=4:2xF2:h0", "idn:K=2:n=4:2xF2"]  # a row picked twice is timed once
+    assert r.explored_speedup.tolist() == [1.5, 2.0, 1.5] and r.speedup.tolist() == [1.1] * 3 and r.speedup_lo.tolist() == [0.9] * 3
+    none = E.speed_picks(d.assign(change=9.0))
+    assert none.empty and {"pick", "picked_of"} <= set(none.columns)

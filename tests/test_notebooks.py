@@ -77,6 +77,22 @@ def test_speedup_report_states_the_limits(smoke_run):
     assert_states_limits(smoke_run[0] / "reports" / "speedup_cpu")
 
 
+def test_g_picks_are_timed_again(smoke_run):
+    """frontier_confirm and decode_confirm: each pick is the fastest of its kind as measured, timed again."""
+    from snlp_lab import experiments as E
+    out, _ = smoke_run
+    f = pd.read_csv(out / "reports" / "frontier_all.csv")
+    f = f[(f.config != "sequential") & ~f.model_name.str.endswith("/none")].assign(change=lambda d: d["ppl_change_%"])
+    again = pd.read_csv(out / "reports" / "frontier_confirm.csv")
+    picks = E.speed_picks(f)
+    assert list(zip(again.pick, again.model_name, again.config)) == list(zip(picks.pick, picks.model_name, picks.config))
+    assert again.explored_speedup.tolist() == pytest.approx(picks.speedup.tolist())
+    assert (again.speedup > 0).all() and (again.speedup_lo <= again.speedup).all()
+    d = pd.read_csv(out / "reports" / "decode_confirm.csv")
+    assert set(d.columns) >= {"pick", "recipe", "config", "explored_speedup", "speedup", "speedup_lo"}
+    assert (d.speedup > 0).all() and (d.speedup_lo <= d.speedup).all() and (d.recipe != "baseline").all()
+
+
 def test_speculative_is_lossless_and_measured(smoke_run):
     out, _ = smoke_run
     df = pd.read_csv(out / "reports" / "speculative.csv")
