@@ -135,7 +135,7 @@ if (df.temperature == 0).any():
     confirm = retime_fastest(model, prompts, df, D["max_new_tokens"], repeats=D["repeats"], warmup=1, seed=0, log=print)
     save_table(confirm, "speculative_confirm", report_dir, "The fastest greedy drafter and block, timed again on its own",
                {**meta, "picked": "the largest temperature-0 speedup of speculative.csv (explored_speedup, of "
-                                  "explored_of rows), timed again against sequential decoding and the drafter as "
+                                  "picked_of rows), timed again against sequential decoding and the drafter as "
                                   "there, without the other candidates"})
 confirm
 

@@ -243,7 +243,7 @@ def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch
 # ------------------------------------------------------------------------------------------ the benchmark
 def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: int = 32,
               repeats: int = 5, warmup: int = 1, device: str = "auto", dtype: torch.dtype | None = None,
-              compile: bool | str = False, checkpoint: str | None = None, batch: int = 1, seed: int = 0,
+              compile: bool | str | dict | list = False, checkpoint: str | None = None, batch: int = 1, seed: int = 0,
               threads: int | None = None, graphs: bool = False, name: str | None = None, limits: dict | bool | None = None,
               log=None) -> pd.DataFrame:
     """Time the sequential forward and every configuration; one row per (configuration, T).

@@ -287,7 +287,7 @@ def retime_fastest(model, prompts: list[torch.Tensor], table: pd.DataFrame, max_
                    repeats: int = 5, warmup: int = 1, seed: int = 0, log=None) -> pd.DataFrame:
     """The fastest temperature-0 (draft, block) of a `measure` table (or of several), timed again on its
     own: one row of `measure` with explored_speedup (its speedup in `table`, where it was picked) and
-    explored_of (how many temperature-0 rows it was picked from). The pick's speedup in `table` is biased
+    picked_of (how many temperature-0 rows it was picked from). The pick's speedup in `table` is biased
     upward (selection on the same noisy timings, the winner's curse); the new timing is independent of
     the selection. Raises ValueError if `table` has no temperature-0 row."""
     greedy = table[table.temperature == 0]
@@ -296,4 +296,4 @@ def retime_fastest(model, prompts: list[torch.Tensor], table: pd.DataFrame, max_
     pick = greedy.loc[greedy.speedup.idxmax()]
     row = measure(model, prompts, pick.draft, blocks=(int(pick.block),), temperatures=(0.0,),
                   max_new_tokens=max_new_tokens, repeats=repeats, warmup=warmup, seed=seed, log=log)
-    return row.assign(explored_speedup=float(pick.speedup), explored_of=len(greedy))
+    return row.assign(explored_speedup=float(pick.speedup), picked_of=len(greedy))

@@ -324,7 +324,7 @@ def test_h_judges_the_fastest_pick_timed_again():
     h = spec().assign(speedup_lo=[1.2, 1.05, 0.8])
     again = lambda speedup, lo, identical="yes": pd.DataFrame(dict(
         draft=["idn:K=1:n=4"], temperature=[0.0], block=[1], alpha=[0.9], speedup=[speedup], speedup_lo=[lo],
-        predicted=[1.4], identical=[identical], explored_speedup=[1.3], explored_of=[2]))
+        predicted=[1.4], identical=[identical], explored_speedup=[1.3], picked_of=[2]))
     c = C.claim_h({"speculative": h, "speculative_confirm": again(1.04, 0.97)}, S)
     assert c.verdict == C.WEAK and "1.30x (>= 1.20x) (idn:K=1:n=4, B = 1" in c.ours
     assert "timed again on its own: 1.04x (>= 0.97x)" in c.ours and "identical to sequential in 3 of 3" in c.ours

@@ -264,7 +264,7 @@ def test_retime_fastest_times_the_greedy_pick_again(trained):
                               block=[1, 3, 2], speedup=[1.1, 1.4, 9.0]))
     row = retime_fastest(trained, prompts, table, max_new_tokens=6, repeats=1, warmup=0)
     assert len(row) == 1 and (row.draft[0], row.block[0], row.temperature[0]) == ("idn:K=1:n=2", 3, 0.0)
-    assert row.explored_speedup[0] == 1.4 and row.explored_of[0] == 2 and row.identical[0] == "yes"
+    assert row.explored_speedup[0] == 1.4 and row.picked_of[0] == 2 and row.identical[0] == "yes"
     assert row.speedup[0] > 0 and row.speedup[0] != 1.4  # a new timing, not the table's number
     with pytest.raises(ValueError, match="no temperature-0 row"):
         retime_fastest(trained, prompts, table[table.temperature > 0], max_new_tokens=6)
