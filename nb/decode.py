@@ -124,6 +124,7 @@ save_table(again, "decode_confirm", report_dir, "The fastest decoders at equal a
                               f"+{E.EQUAL_PPL_PCT:g}% PPL, close: the fastest at <= +{E.CLOSE_PPL_PCT:g}%, of "
                               f"picked_of rows of decode.csv (explored_speedup)",
             "timing": meta["timing"].replace("speedups against", "each pick against sequential alone; speedups against")})
+add_reading(report_dir, "decode", "decode_confirm", E.retimed_reading(again, "recipe"))
 again
 
 # %%

@@ -102,6 +102,7 @@ save_table(again, "frontier_confirm", report_dir, "The fastest configurations at
                                       f"picked_of configurations of frontier_all.csv (explored_speedup)",
             "timing": f"each pick against sequential alone, prefill B=1, T={P.seq_len}, median of {P.bench_repeats} "
                       f"runs after warm-up"})
+add_reading(report_dir, "frontier", "frontier_confirm", E.retimed_reading(again, "model_name"))
 again
 
 # %%

@@ -478,6 +478,15 @@ def retimed(picks: pd.DataFrame, time_one) -> pd.DataFrame:
     return out.reset_index(drop=True)
 
 
+def retimed_reading(again: pd.DataFrame, model_column: str) -> str:
+    """One line on `retimed` picks: per pick, its model (model_column) and configuration, the speedup it
+    was picked on and the one timed again, with its lower bound."""
+    if again.empty:
+        return f"no configuration within +{CLOSE_PPL_PCT:g}% PPL: nothing to time again"
+    return "; ".join(f"{r.pick}: {r[model_column]} {r.config}, x{r.explored_speedup:.2f} when picked (fastest of "
+                     f"{r.picked_of}), x{r.speedup:.2f} (>= x{r.speedup_lo:.2f}) timed again" for _, r in again.iterrows())
+
+
 # ------------------------------------------------------------------------------------------ decode study
 GOAL_SPEEDUP, GOAL_PPL_CHANGE = 2.0, 5.0  # issue 14: >= 2x decode tokens/s at <= +5% validation PPL
 

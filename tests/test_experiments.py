@@ -121,5 +121,8 @@ def test_speed_picks_are_the_fastest_as_measured_and_are_timed_again():
     r = E.retimed(pd.concat([p, p.iloc[:1].assign(pick="again")]), lambda row: calls.append(row.config) or (1.1, 0.9))
     assert calls == ["idn:K=1:n=4:2xF2:h0", "idn:K=2:n=4:2xF2"]  # a row picked twice is timed once
     assert r.explored_speedup.tolist() == [1.5, 2.0, 1.5] and r.speedup.tolist() == [1.1] * 3 and r.speedup_lo.tolist() == [0.9] * 3
+    assert E.retimed_reading(r.assign(model="m").iloc[:1], "model") == \
+        "fused: m idn:K=1:n=4:2xF2:h0, x1.50 when picked (fastest of 2), x1.10 (>= x0.90) timed again"
     none = E.speed_picks(d.assign(change=9.0))
     assert none.empty and {"pick", "picked_of"} <= set(none.columns)
+    assert "nothing to time again" in E.retimed_reading(E.retimed(none, None), "model")

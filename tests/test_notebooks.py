@@ -91,6 +91,8 @@ def test_g_picks_are_timed_again(smoke_run):
     d = pd.read_csv(out / "reports" / "decode_confirm.csv")
     assert set(d.columns) >= {"pick", "recipe", "config", "explored_speedup", "speedup", "speedup_lo"}
     assert (d.speedup > 0).all() and (d.speedup_lo <= d.speedup).all() and (d.recipe != "baseline").all()
+    index = (out / "reports" / "README.md").read_text()
+    assert all(f"`{n}_confirm` ([table]({n}_confirm.md))" in index for n in ("frontier", "decode", "speculative"))
 
 
 def test_speculative_is_lossless_and_measured(smoke_run):
