@@ -39,8 +39,8 @@ from .analysis import PPL_RTOL, finite_termination, ppl_monotone
 from .params import ArgumentParser, check_choice, run_command
 from .config import get_config
 from .experiments import (CLOSE_PPL_PCT, EQUAL_PPL_PCT, PAPER_TABLE_B, PROFILES, before_warmdown_change, is_fused,
-                          last_quarter_change, speed_picks)
-from .snlp_config import parse_chunks, parse_config
+                          last_quarter_change)
+from .snlp_config import parse_config
 
 HOLDS, WEAK, NO, UNTESTABLE = "holds", "holds weakly", "does not hold here", "not testable here"
 VERDICTS = (HOLDS, WEAK, NO, UNTESTABLE)
@@ -595,7 +595,7 @@ def _decode_table(t: dict):
         change = [c for c in ("ppl_change_base_%", "ppl_change_own_%", "ppl_change_%") if c in d.columns]
         if {"config", "decode_speedup"} <= set(d.columns) and change:
             d = d[(d.config != "sequential") & (d.get("recipe", "") != "baseline")]
-            return name, pd.DataFrame({"what": _what(d, "recipe"), "config": d.config, "speedup": d.decode_speedup,
+            return name, pd.DataFrame({"what": _what(d, "recipe"), "speedup": d.decode_speedup,
                                        "lo": d.get("decode_speedup_lo", float("nan")),
                                        "change": d[change].max(axis=1), "fused": d.config.map(is_fused)})
     return None
@@ -640,7 +640,7 @@ def claim_g(t: dict, s: Setting) -> dict:
     f = f[(f.config != "sequential") & (f.model_name.str.split("/").str[1] != "none")]
     if f.empty:
         raise Untestable("frontier_all.csv has no SNLP configuration of a regularised model")
-    rows = [pd.DataFrame({"what": _what(f, "model_name"), "config": f.config, "speedup": f.speedup,
+    rows = [pd.DataFrame({"what": _what(f, "model_name"), "speedup": f.speedup,
                           "lo": f.get("speedup_lo", float("nan")), "change": f["ppl_change_%"],
                           "fused": f.config.map(is_fused), "pass": "prefill"})]
     dec = _decode_table(t)
