@@ -777,7 +777,7 @@ def write_ledger(report_dir, fig_dir=None, profile: str = "cpu", log=print) -> P
     fig_dir = Path(fig_dir) if fig_dir is not None else report_dir.parent / "figures"
     if not report_dir.is_dir():
         raise ValueError(f"report folder {report_dir} does not exist: run `make figures` first")
-    setting = Setting.of(profile)
+    setting, own = Setting.of(profile), PROFILES[profile].notebooks
     t = read_tables(report_dir)
     rows = ledger(t, setting)
     stamp = lambda n: datetime.datetime.fromtimestamp((report_dir / f"{n}.csv").stat().st_mtime).strftime("%Y-%m-%d %H:%M")
@@ -786,7 +786,9 @@ def write_ledger(report_dir, fig_dir=None, profile: str = "cpu", log=print) -> P
              f"this folder, profile `{profile}`: {setting.text()}. Each verdict comes from the rule beside it "
              f"(`snlp_lab/claims.py`); intervals are 95% Student-t over seeds (Welch's for a difference of two sets "
              f"of models); a speedup's bracket is the lower bound its run's noise supports (one-sided 97% or more "
-             f"with 5 timing rounds or more). Paper numbers: DESIGN.md §4 (arXiv 2605.17842).", "",
+             f"with 5 timing rounds or more). Paper numbers: DESIGN.md §4 (arXiv 2605.17842)."
+             + (f" This profile runs {', '.join(f'nb/{n}' for n in own)} only (`Profile.notebooks`): a claim "
+                f"whose tables come from another notebook is not testable here." if own else ""), "",
              "| | claim | ours | paper | verdict | evidence |", "|---|---|---|---|---|---|"]
     for c in rows:
         lines.append("| " + " | ".join(_cell(x) for x in (

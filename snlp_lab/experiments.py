@@ -109,6 +109,7 @@ class Profile:
     contexts: tuple = ()  # further context lengths of the regularization study (the same tokens per step)
     context_variants: tuple = ()  # the variants trained at those contexts too
     train_workers: int = 1  # training runs at once in `train_all` (processes of one thread each when > 1)
+    notebooks: tuple = ()  # the notebooks `make figures` runs for this profile (by name); empty: all of nb/
 
     def describe(self, variant: str | None = None) -> dict:
         """The facts every table states: model, data, steps, seeds, device."""
@@ -204,6 +205,16 @@ PROFILES: dict[str, Profile] = {
                     stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=600, training=PAPER_TRAINING,
                     eval_every=300, contexts=(256,), context_variants=("x0ve",), train_workers=2,
                     decode=_cpu_plain_decode(("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"))),
+    # long's x0ve comparison at T = 128 trained 3x longer again, until its curves flatten (7200 steps,
+    # validation every 600): `long` still fell 2-11% before the warm-down, and all of long's comparisons at
+    # 7200 steps take ~19 h of single-core compute (3x long's 6.2 h; ~9.5 h on 2 cores). Cut variants, not
+    # steps: x0ve alone at one context, three seeds, the regularization study alone (nb/regularization),
+    # ~2 h on 2 cores; writes figures/long-x0ve and reports/long-x0ve.
+    "long-x0ve": Profile("long-x0ve", {"x0ve": _cpu_variants(n_embd=64, n_head=2, n_kv_head=2,
+                                                             regs=("none", "idn"))["x0ve"]},
+                         steps=7200, batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1,
+                         n_par_set=(6, 12), stride=1, eval_batches=16, eval_batch_size=8, training=PAPER_TRAINING,
+                         eval_every=600, train_workers=2, notebooks=("regularization",)),
     "paper": Profile("paper", {"plain": Variant("0.5b-plain", label="0.5B w/o x0ve"),
                                "x0ve": Variant("0.5b", label="0.5B"),
                                "mhc": Variant("0.5b-mhc", regs=("none", "hcn"), label="0.5B-mHC")},

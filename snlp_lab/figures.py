@@ -3,7 +3,11 @@
 Each notebook takes the papermill parameters `profile`, `fig_dir` and `report_dir`; it writes its
 figures (PNG + PDF) to fig_dir and its tables (CSV + Markdown) to report_dir. The executed copy of
 each notebook is saved to report_dir too. Without --out, profiles cpu and paper write the committed
-figures/ and reports/, any other profile a scratch folder (`snlp_lab.params.output_dirs`).
+figures/ and reports/, long and long-x0ve subfolders of their own, any other profile a scratch folder
+(`snlp_lab.params.output_dirs`).
+
+A profile may run some of the notebooks only (`Profile.notebooks`); the ledger's other claims then say
+which table is missing.
 
 After the notebooks the claims ledger (`snlp_lab.claims`) is rewritten from the tables in report_dir:
 claims.md, linked from the index. A partial run (--only) rewrites it too, as the ledger is a function of
@@ -29,10 +33,13 @@ ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained",
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def notebooks(nb_dir: Path = ROOT / "nb") -> list[Path]:
-    """The notebooks to run, in dependency order (models trained by one are reused by the next)."""
+def notebooks(profile: str | None = None, nb_dir: Path = ROOT / "nb") -> list[Path]:
+    """The notebooks to run, in dependency order (models trained by one are reused by the next): all of
+    them, or those a profile names (`Profile.notebooks`, e.g. long-x0ve: the regularization study)."""
     found = {p.stem: p for p in nb_dir.glob("*.ipynb")}
-    return [found[n] for n in ORDER if n in found] + sorted(p for n, p in found.items() if n not in ORDER)
+    every = [found[n] for n in ORDER if n in found] + sorted(p for n, p in found.items() if n not in ORDER)
+    own = PROFILES[profile].notebooks if profile is not None else ()
+    return [p for p in every if p.stem in own] if own else every
 
 
 def sync(nb_dir: Path = ROOT / "nb") -> None:
@@ -50,14 +57,15 @@ def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path 
 
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
-    names = [nb.stem for nb in notebooks()]
+    names = [nb.stem for nb in notebooks(profile)]
     unknown = [n for n in only or () if n not in names]
     if unknown:  # a typo would otherwise run nothing and still rewrite the ledger and the index
-        raise ValueError(f"unknown notebook(s) {', '.join(map(repr, unknown))}; valid: {', '.join(names)}")
+        raise ValueError(f"unknown notebook(s) {', '.join(map(repr, unknown))} for profile {profile}; valid: "
+                         f"{', '.join(names)}")
     fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, log=log)
     sync()
     times = {}
-    for nb in notebooks():
+    for nb in notebooks(profile):
         if only and nb.stem not in only:
             continue
         t0 = time.perf_counter()

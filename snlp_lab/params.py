@@ -25,7 +25,8 @@ from .paths import cache_dir, repo_root
 
 # the profiles whose outputs are committed, and where: (figures, tables) relative to the repository root
 MAKE_FIGURES_PROFILES = {"cpu": ("figures", "reports"), "paper": ("figures", "reports"),
-                         "long": ("figures/long", "reports/long")}
+                         "long": ("figures/long", "reports/long"),
+                         "long-x0ve": ("figures/long-x0ve", "reports/long-x0ve")}
 
 
 def _yaml_hint(name: str) -> str:

@@ -70,8 +70,8 @@ def test_surrogate_operator_matches_definition(tiny, idx):
 
 
 def test_profiles_and_choices():
-    assert set(E.PROFILES) == {"smoke", "cpu", "long", "paper"}
-    with pytest.raises(ValueError, match="valid profiles: smoke, cpu, long, paper"):
+    assert set(E.PROFILES) == {"smoke", "cpu", "long", "long-x0ve", "paper"}
+    with pytest.raises(ValueError, match="valid profiles: smoke, cpu, long, long-x0ve, paper"):
         E.get_profile("gpu")
     with pytest.raises(ValueError, match="valid variants: plain, x0ve, mhc"):
         E.train_options(E.get_profile("cpu"), "d20")

@@ -357,6 +357,11 @@ def test_write_ledger_links_its_evidence(tmp_path, capsys):
     assert not re.search(r"(?<![a-z])nan(?![a-z])", text, re.IGNORECASE)
     assert list(pd.read_csv(reports / "claims.csv").key) == list("abcdefgh")
     assert "[claims] wrote" in capsys.readouterr().out
+    assert "This profile runs" not in text  # smoke runs every notebook
+    # a profile of one notebook says so: its other claims have no table here, by design
+    text = C.write_ledger(reports, figs, "long-x0ve").read_text()
+    assert "This profile runs nb/regularization only (`Profile.notebooks`)" in text
+    assert "our long-x0ve profile: 12 layers x 64 wide, 7200 steps" in text
 
 
 def test_cli_bad_folder_is_one_error_line(tmp_path, capsys):
@@ -364,6 +369,6 @@ def test_cli_bad_folder_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: report folder") and len(err.strip().splitlines()) == 1
     assert C.main(["--report-dir", str(tmp_path), "--profile", "huge"]) == 2
-    assert "valid profiles: smoke, cpu, long, paper" in capsys.readouterr().err
+    assert "valid profiles: smoke, cpu, long, long-x0ve, paper" in capsys.readouterr().err
     assert C.main(["--report-dir"]) == 2
     assert capsys.readouterr().err.startswith("error: argument --report-dir: expected one argument")

@@ -147,7 +147,7 @@ def test_bench_cli_errors_are_one_line(argv, msg, capsys):
     ("train", ["--model", "tiny", "--device", "gpu"], "unknown device 'gpu'; valid: auto, cpu, cuda, cuda:N"),
     ("figures", ["--profile", "smok"], "invalid choice: 'smok'"),
     # a typo once ran no notebook and still rewrote the committed ledger and index
-    ("figures", ["--profile", "smoke", "--only", "speedups"], "unknown notebook(s) 'speedups'; valid: regularization"),
+    ("figures", ["--profile", "smoke", "--only", "speedups"], "unknown notebook(s) 'speedups' for profile smoke; valid: regularization"),
     ("gpu_check", ["--smoke", "--bogus"], "unrecognized arguments"),
     ("claims", ["--bogus"], "unrecognized arguments")])
 def test_every_command_prints_one_error_line(module, argv, msg, capsys):

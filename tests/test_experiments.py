@@ -89,9 +89,10 @@ def test_training_curve_reads_the_learning_rate_of_each_evaluation(tmp_path, mon
     assert c.to_dict("list") == {"step": [1, 2], "val_ppl": [80.0, 70.0], "lr_mult": [1.0, 0.25]}
 
 
-def test_long_profile_writes_its_own_folders(tmp_path, monkeypatch):
+def test_long_profiles_write_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.setattr("snlp_lab.params.repo_root", lambda: tmp_path)
     assert output_dirs("long", log=lambda *_: None) == (tmp_path / "figures/long", tmp_path / "reports/long")
+    assert output_dirs("long-x0ve", log=lambda *_: None) == (tmp_path / "figures/long-x0ve", tmp_path / "reports/long-x0ve")
     assert output_dirs("cpu", log=lambda *_: None) == (tmp_path / "figures", tmp_path / "reports")
 
 
@@ -126,3 +127,28 @@ def test_speed_picks_are_the_fastest_as_measured_and_are_timed_again():
     none = E.speed_picks(d.assign(change=9.0))
     assert none.empty and {"pick", "picked_of"} <= set(none.columns)
     assert "nothing to time again" in E.retimed_reading(E.retimed(none, None), "model")
+
+
+def test_long_x0ve_trains_the_x0ve_comparison_of_long_three_times_longer():
+    """long-x0ve is long's x0ve comparison at its first context, every option but the steps the same:
+    its curves say how long that comparison takes to flatten."""
+    L, X = E.PROFILES["long"], E.PROFILES["long-x0ve"]
+    assert X.steps == 3 * L.steps and X.eval_every * 12 == X.steps and len(X.seeds) >= 3
+    assert E.regularization_jobs(X) == [("x0ve", reg, s, X.seq_len) for reg in ("none", "idn") for s in X.seeds]
+    for _, reg, seed, T in E.regularization_jobs(X):
+        assert E.train_options(X, "x0ve", reg, seed, T) == {**E.train_options(L, "x0ve", reg, seed, T),
+                                                             "steps": X.steps, "eval_every": X.eval_every}
+
+
+def test_a_profile_may_run_some_notebooks_only(tmp_path):
+    """make figures runs a profile's own notebooks (`Profile.notebooks`), in the order of all; --only
+    names one of them or fails before anything runs, naming the valid ones."""
+    from snlp_lab import figures
+    every = [p.stem for p in figures.notebooks()]
+    assert every[0] == "regularization" and len(every) == len(figures.ORDER)
+    assert [p.stem for p in figures.notebooks("cpu")] == every
+    assert [p.stem for p in figures.notebooks("long-x0ve")] == ["regularization"]
+    assert all(set(P.notebooks) <= set(every) for P in E.PROFILES.values())  # no typo drops a notebook
+    with pytest.raises(ValueError, match="unknown notebook.*'decode' for profile long-x0ve; valid: regularization$"):
+        figures.run_all("long-x0ve", fig_dir=tmp_path, report_dir=tmp_path, only=["decode"])
+    assert not any(tmp_path.iterdir())  # nothing ran, no ledger written
