@@ -25,7 +25,7 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/long, reports/long for long), else a scratch folder
+fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/P, reports/P for P = long, long-x0ve), else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
 
 # %%
