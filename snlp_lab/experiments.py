@@ -15,7 +15,7 @@ import multiprocessing
 import platform
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
@@ -205,16 +205,6 @@ PROFILES: dict[str, Profile] = {
                     stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=600, training=PAPER_TRAINING,
                     eval_every=300, contexts=(256,), context_variants=("x0ve",), train_workers=2,
                     decode=_cpu_plain_decode(("baseline", "idn", "idn-all", "fwd", "idn+fwd", "fwd-chunks"))),
-    # long's x0ve comparison at T = 128 trained 3x longer again, until its curves flatten (7200 steps,
-    # validation every 600): `long` still fell 2-11% before the warm-down, and all of long's comparisons at
-    # 7200 steps take ~19 h of single-core compute (3x long's 6.2 h; ~9.5 h on 2 cores). Cut variants, not
-    # steps: x0ve alone at one context, three seeds, the regularization study alone (nb/regularization),
-    # ~2 h on 2 cores; writes figures/long-x0ve and reports/long-x0ve.
-    "long-x0ve": Profile("long-x0ve", {"x0ve": _cpu_variants(n_embd=64, n_head=2, n_kv_head=2,
-                                                             regs=("none", "idn"))["x0ve"]},
-                         steps=7200, batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1,
-                         n_par_set=(6, 12), stride=1, eval_batches=16, eval_batch_size=8, training=PAPER_TRAINING,
-                         eval_every=600, train_workers=2, notebooks=("regularization",)),
     "paper": Profile("paper", {"plain": Variant("0.5b-plain", label="0.5B w/o x0ve"),
                                "x0ve": Variant("0.5b", label="0.5B"),
                                "mhc": Variant("0.5b-mhc", regs=("none", "hcn"), label="0.5B-mHC")},
@@ -228,6 +218,15 @@ PROFILES: dict[str, Profile] = {
                      speedup=SpeedupStudy("0.5b-plain", seq_lens=(128, 2048), decode_tokens=32, repeats=10,
                                           big_repeats=10, warmup=2)),
 }
+
+# long's x0ve comparison at T = 128 trained 3x longer again, to see where its curves flatten (7200 steps,
+# validation every 600): `long` still fell 2-11% before the warm-down, and all of long's comparisons at
+# 7200 steps take ~19 h of single-core compute (3x long's 6.2 h; ~9.5 h on 2 cores). Cut variants, not
+# steps: x0ve alone at one context, three seeds, the regularization study alone (nb/regularization), ~2 h of
+# training on 2 cores; writes figures/long-x0ve and reports/long-x0ve.
+PROFILES["long-x0ve"] = replace(
+    PROFILES["long"], name="long-x0ve", variants={"x0ve": PROFILES["long"].variants["x0ve"]}, steps=7200,
+    eval_every=600, finetune_steps=0, contexts=(), context_variants=(), decode=None, notebooks=("regularization",))
 
 
 def get_profile(name: str) -> Profile:

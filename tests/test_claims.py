@@ -369,6 +369,6 @@ def test_cli_bad_folder_is_one_error_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: report folder") and len(err.strip().splitlines()) == 1
     assert C.main(["--report-dir", str(tmp_path), "--profile", "huge"]) == 2
-    assert "valid profiles: smoke, cpu, long, long-x0ve, paper" in capsys.readouterr().err
+    assert "valid profiles: smoke, cpu, long, paper, long-x0ve" in capsys.readouterr().err
     assert C.main(["--report-dir"]) == 2
     assert capsys.readouterr().err.startswith("error: argument --report-dir: expected one argument")
