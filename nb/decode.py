@@ -38,11 +38,12 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-from snlp_lab import experiments as E
-from snlp_lab.config import get_config
-from snlp_lab.params import as_list, check_choice, output_dirs
-from snlp_lab.report import add_reading, save_figure, save_table
-from snlp_lab.snlp_config import parse_config
+from snlp_lab.lab import experiments as E
+from snlp_lab.models.config import get_config
+from snlp_lab.core.checks import as_list, check_choice
+from snlp_lab.lab.outputs import output_dirs
+from snlp_lab.lab.report import add_reading, save_figure, save_table
+from snlp_lab.solvers.grammar import parse_config
 
 P = E.get_profile(profile)
 custom = recipes is not None or configs is not None or decoders is not None  # make figures' run: the defaults

@@ -37,10 +37,11 @@ import pandas as pd
 import seaborn as sns
 from tqdm.auto import tqdm
 
-from snlp_lab import experiments as E
-from snlp_lab.params import check_int, output_dirs
-from snlp_lab.analysis import layer_spectra
-from snlp_lab.report import add_reading, save_figure, save_table
+from snlp_lab.lab import experiments as E
+from snlp_lab.core.checks import check_int
+from snlp_lab.lab.outputs import output_dirs
+from snlp_lab.measurement.analysis import layer_spectra
+from snlp_lab.lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
 # only make figures' own run (the defaults) writes the committed results

@@ -48,12 +48,13 @@ import pandas as pd
 import seaborn as sns
 from tqdm.auto import tqdm
 
-from snlp_lab import experiments as E
-from snlp_lab.params import check_path, output_dirs
-from snlp_lab.checkpoint import load_checkpoint
+from snlp_lab.lab import experiments as E
+from snlp_lab.core.checks import check_path
+from snlp_lab.lab.outputs import output_dirs
+from snlp_lab.models.checkpoint import load_checkpoint
 from snlp_lab.data import prepare_data
-from snlp_lab.hf import hf_config, load_hf
-from snlp_lab.report import add_reading, save_figure, save_table
+from snlp_lab.models.hf import hf_config, load_hf
+from snlp_lab.lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
 # only make figures' own run (the defaults) writes the committed results; a model of the user's own does not

@@ -36,9 +36,9 @@ import pandas as pd
 import seaborn as sns
 from tqdm.auto import tqdm
 
-from snlp_lab import experiments as E
-from snlp_lab.params import output_dirs
-from snlp_lab.report import add_reading, save_figure, save_table
+from snlp_lab.lab import experiments as E
+from snlp_lab.lab.outputs import output_dirs
+from snlp_lab.lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)

@@ -46,12 +46,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from snlp_lab import experiments as E
-from snlp_lab.params import as_list, check_float, check_int, output_dirs
-from snlp_lab.report import add_reading, save_figure, save_table
-from snlp_lab.config import get_config
-from snlp_lab.snlp_config import parse_config
-from snlp_lab.speculative import measure, retime_fastest
+from snlp_lab.lab import experiments as E
+from snlp_lab.core.checks import as_list, check_float, check_int
+from snlp_lab.lab.outputs import output_dirs
+from snlp_lab.lab.report import add_reading, save_figure, save_table
+from snlp_lab.models.config import get_config
+from snlp_lab.solvers.grammar import parse_config
+from snlp_lab.lab.speculative_study import measure, retime_fastest
 
 P = E.get_profile(profile)
 # only make figures' own run (the defaults) writes the committed results

@@ -45,10 +45,12 @@ report_dir = None  # relative paths are relative to the repository root
 # %%
 import torch
 
-from snlp_lab import bench, limits, report
-from snlp_lab import experiments as E
-from snlp_lab.decode import compile_options
-from snlp_lab.params import output_dirs
+from snlp_lab.measurement import bench
+from snlp_lab.measurement import limits
+from snlp_lab.lab import report
+from snlp_lab.lab import experiments as E
+from snlp_lab.decoding.decoder import compile_options
+from snlp_lab.lab.outputs import output_dirs
 
 P = E.get_profile(profile)
 if compile:

@@ -7,38 +7,46 @@
     model = snlp_lab.trained_model("cpu-plain", steps=300, reg="idn")               # cached training
     model = snlp_lab.load_nanochat("base_checkpoints/d32")                          # a nanochat checkpoint
     model = snlp_lab.load_hf("~/models/Qwen2.5-0.5B")    # a local Hugging Face folder as a layer stack
+
+The package's layers, each importing only from those before it: core, data, models, solvers, decoding and
+training, measurement, lab (docs/design.md). The modules beside this file are the `python -m` commands.
 """
-from .config import PRESETS, GPTConfig, get_config
-from .build import build_model
-from .model import GPT
-from .snlp_config import SURROGATES, SNLPConfig, methods, parse_config, register_surrogate
-from .solver import NonFiniteError, SolveResult, solve
-from .mhc import MHCGPT  # also registers the "hcn" surrogate
-from .decode import Decoder, generate
-from .speculative import SpeculativeStats, speculative_generate
+import sys
+import types
+
+from .models.config import PRESETS, GPTConfig, get_config
+from .models.build import build_model
+from .models.model import GPT
+from .models.mhc import MHCGPT
+from .models.checkpoint import load_checkpoint, save_checkpoint
+from .models.nanochat import load_nanochat
+from .models.hf import HFModel, load_hf
+from .solvers.grammar import SNLPConfig, parse_config
+from .solvers.surrogates import SURROGATES, NonFiniteError, methods, register_surrogate
+from .solvers.solver import SolveResult, solve
+from .solvers.ppl import evaluate_ppl
+from .solvers import diagnostics, jacobian
+from .models import mhc
+from .decoding.decoder import Decoder, generate
+from .decoding.speculative import SpeculativeStats, speculative_generate
 from .data import prepare_data
-from .checkpoint import load_checkpoint, save_checkpoint
-from .nanochat import load_nanochat
-from .hf import HFModel, load_hf
-from . import diagnostics, jacobian, mhc
-
-# Modules that are also commands (`python -m snlp_lab.train`, `... .evaluate`) load on first use: imported
-# here, `python -m` would find them loaded already and run a second copy (runpy warns). `train` stays the
-# module (snlp_lab.train.train is the function).
-_ON_USE = {"TrainConfig": "train", "trained_model": "train", "evaluate_ppl": "evaluate",
-           "train": "train", "evaluate": "evaluate"}
-
-
-def __getattr__(name: str):
-    if name in _ON_USE:
-        import importlib
-        module = importlib.import_module(f".{_ON_USE[name]}", __name__)
-        return module if name == _ON_USE[name] else getattr(module, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
+from .training.train import TrainConfig, trained_model
 
 __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model", "SURROGATES", "NonFiniteError",
-           "SolveResult", "SNLPConfig", "parse_config", "methods", "register_surrogate", "solve", "Decoder", "generate", "speculative_generate",
-           "SpeculativeStats", "prepare_data", "evaluate_ppl", "load_checkpoint", "save_checkpoint", "load_nanochat",
-           "HFModel", "load_hf", "TrainConfig", "trained_model",
+           "SolveResult", "SNLPConfig", "parse_config", "methods", "register_surrogate", "solve", "Decoder", "generate",
+           "speculative_generate", "SpeculativeStats", "prepare_data", "evaluate_ppl", "load_checkpoint",
+           "save_checkpoint", "load_nanochat", "HFModel", "load_hf", "TrainConfig", "trained_model",
            "diagnostics", "jacobian", "mhc"]
+
+
+class _Package(types.ModuleType):
+    """Importing a command module (`snlp_lab.generate`, ...) sets it as an attribute of the package; a
+    name of the public API must stay what `__all__` says (`snlp_lab.generate` is the function)."""
+
+    def __setattr__(self, name, value):
+        if name in __all__ and isinstance(value, types.ModuleType) and name in self.__dict__:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

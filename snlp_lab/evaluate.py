@@ -1,67 +1,75 @@
-"""Validation perplexity of the sequential forward or of any SNLP solver configuration.
+"""`python -m snlp_lab.evaluate`: validation perplexity of a model, sequential and under SNLP
+configurations. Bad input is one `error: ...` line on stderr and exit status 2.
 
-    ppl = evaluate_ppl(model, ds.val, seq_len=256, batch_size=8)                            # sequential
-    ppl = evaluate_ppl(model, ds.val, 256, 8, method="idn", iters=1, n_par=12, init="h0")  # SNLP
-    method, kw = parse_snlp_spec("idn:K=1:n=12:h0")   # the command line's "--eval-snlp" form
-
-    python -m snlp_lab.evaluate --checkpoint RUN --configs sequential idn:K=1:n=8   # see snlp_lab.cli
+    python -m snlp_lab.evaluate --checkpoint RUN --configs sequential idn:K=1:n=8 idn:K=2:n=8:2xF4
 """
 from __future__ import annotations
 
-import math
+import sys
+import time
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+import pandas as pd
 
-from .data import val_batches
-from .snlp_config import parse_config
-from .solver import solve
-
-
-@torch.no_grad()
-def evaluate_ppl(model, val_tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None,
-                 method: str = "sequential", **solve_kwargs) -> float:
-    """exp(mean next-token cross-entropy) over the fixed validation stream (`data.val_batches`).
-
-    method: "sequential" or any solver method, with `solve_kwargs` (iters, n_par, init, kappa, ...)
-    passed to `snlp_lab.solve`. Every target token counts once, also in a smaller last batch.
-    val_tokens: the validation split as a 1-D array of token ids (`data.prepare_data(...).val`), cut
-    into consecutive windows of seq_len inputs (targets one token later), batch_size at a time, at most
-    max_batches batches (`data.val_batches`).
-    """
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for x, y in val_batches(val_tokens, seq_len, batch_size, max_batches, device=device):
-        logits = solve(model, x, method=method, **solve_kwargs).logits
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: CE in fp32
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
-        total += float(ce)  # python float (double) accumulation over batches
-        count += y.numel()
-    return math.exp(total / count)
+from .core.cli import ArgumentParser, run_command
+from .data import encode_split
+from .models.config import resolve_device
+from .models.loader import load_for_text
+from .solvers.grammar import parse_config
+from .solvers.ppl import evaluate_ppl, evaluated_tokens
+from .solvers.surrogates import NonFiniteError
 
 
-def evaluated_tokens(n_tokens: int, seq_len: int, batch_size: int, max_batches: int | None = None) -> int:
-    """How many target tokens `evaluate_ppl` scores on a validation stream of n_tokens tokens."""
-    windows = (n_tokens - 1) // seq_len
-    if max_batches is not None:
-        windows = min(windows, max_batches * batch_size)
-    return windows * seq_len
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m snlp_lab.evaluate",
+                       description="Validation perplexity of a trained model, sequential and under SNLP configurations.")
+    p.add_argument("--checkpoint", required=True, help="run folder written by snlp_lab.train")
+    p.add_argument("--configs", nargs="+", default=["sequential"],
+                   help="configurations (snlp_lab.snlp_config grammar), e.g. sequential idn:K=1:n=8 idn:K=2:n=8:2xF4:fwd")
+    p.add_argument("--data", default=None,
+                   help="corpus whose validation split is evaluated, encoded with the run's tokenizer "
+                        "(default: the run's training data)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the run's training seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-batches", type=int, default=None, help="default: the whole validation split")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    return p
 
 
-def parse_snlp_spec(spec: str) -> tuple[str, dict]:
-    """"idn:K=1:n=12:h0" -> ("idn", solve keyword arguments), in the configuration grammar of
-    `snlp_lab.snlp_config`."""
-    c = parse_config(spec)
-    return c.method, c.solve_kwargs()
+def _evaluate(argv) -> int:
+    a = build_parser().parse_args(argv)
+    device = resolve_device(a.device)
+    model, tok, meta = load_for_text(a.checkpoint, device)
+    configs = [parse_config(c) for c in a.configs]
+    for c in configs:  # every configuration checked before the first is evaluated
+        c.check(model.n_layer)
+        c.solve_kwargs()
+    tc = meta.get("train_config") or {}
+    data = a.data or tc.get("data")
+    if data is None:
+        raise ValueError(f"checkpoint {a.checkpoint} records no training data; pass --data")
+    seq_len = a.seq_len if a.seq_len is not None else tc.get("seq_len") or model.config.sequence_len
+    if not 1 <= seq_len <= model.config.sequence_len or a.batch_size < 1 or (a.max_batches is not None and a.max_batches < 1):
+        raise ValueError(f"need 1 <= --seq-len <= {model.config.sequence_len} (sequence_len), --batch-size >= 1 and "
+                         f"--max-batches >= 1; got {seq_len}, {a.batch_size}, {a.max_batches}")
+    val = encode_split(data, tok, "val")
+    tokens = evaluated_tokens(len(val), seq_len, a.batch_size, a.max_batches)
+    rows = []
+    for c in configs:
+        t0 = time.perf_counter()
+        try:
+            ppl = f"{evaluate_ppl(model, val, seq_len, a.batch_size, a.max_batches, method=c.method, **c.solve_kwargs()):.4f}"
+        except NonFiniteError:
+            ppl = "non-finite"
+        rows.append({"config": c.text, "ppl": ppl, "tokens": tokens, "seconds": round(time.perf_counter() - t0, 2)})
+    print(f"checkpoint {a.checkpoint}: validation split of {data} ({len(val):,} tokens with the run's tokenizer), "
+          f"windows of {seq_len} tokens, batches of {a.batch_size}, device {device}")
+    print(pd.DataFrame(rows).to_markdown(index=False))
+    return 0
 
 
-def parse_snlp_specs(text: str) -> list[tuple[str, str, dict]]:
-    """A comma-separated list of specs -> [(spec, method, kwargs)]; "" -> []."""
-    return [(s.strip(), *parse_snlp_spec(s)) for s in text.split(",") if s.strip()]
+def main(argv=None) -> int:
+    return run_command(_evaluate, argv)
 
 
 if __name__ == "__main__":
-    import sys
-    from .cli import evaluate_main
-    sys.exit(evaluate_main())
+    sys.exit(main())

@@ -1,90 +1,19 @@
-"""`make figures`: run every notebook in nb/ with papermill for a profile.
-
-Each notebook takes the papermill parameters `profile`, `fig_dir` and `report_dir`; it writes its
-figures (PNG + PDF) to fig_dir and its tables (CSV + Markdown) to report_dir. The executed copy of
-each notebook is saved to report_dir too. Without --out, profiles cpu and paper write the committed
-figures/ and reports/, long and long-x0ve subfolders of their own, any other profile a scratch folder
-(`snlp_lab.params.output_dirs`).
-
-A profile may run some of the notebooks only (`Profile.notebooks`); the ledger's other claims then say
-which table is missing.
-
-After the notebooks the claims ledger (`snlp_lab.claims`) is rewritten from the tables in report_dir:
-claims.md, linked from the index. A partial run (--only) rewrites it too, as the ledger is a function of
-the tables alone and takes seconds; it then reads the new tables beside those of the last full run, and
-it lists each table it read with its write time, so that a mixed ledger shows it.
-
-    python -m snlp_lab.figures --profile cpu            # the default, ~60 min on 2 cores
-    python -m snlp_lab.figures --profile smoke --out /tmp/x   # what the tests run
-"""
+"""`python -m snlp_lab.figures` (`make figures`): run every notebook for a profile (the library:
+`snlp_lab.lab.figures`)."""
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
-from .claims import write_ledger
-from .experiments import PROFILES
-from .params import ArgumentParser, output_dirs, run_command
-from .report import write_index, write_run_times
-
-ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup", "speculative", "decode")
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def notebooks(profile: str | None = None, nb_dir: Path = ROOT / "nb") -> list[Path]:
-    """The notebooks to run, in dependency order (models trained by one are reused by the next): all of
-    them, or those a profile names (`Profile.notebooks`, e.g. long-x0ve: the regularization study)."""
-    found = {p.stem: p for p in nb_dir.glob("*.ipynb")}
-    every = [found[n] for n in ORDER if n in found] + sorted(p for n, p in found.items() if n not in ORDER)
-    own = PROFILES[profile].notebooks if profile is not None else ()
-    return [p for p in every if p.stem in own] if own else every
-
-
-def sync(nb_dir: Path = ROOT / "nb") -> None:
-    """Bring every jupytext pair (.py:percent <-> .ipynb) up to date; the newer file wins."""
-    from jupytext.cli import jupytext as jupytext_cli
-    pairs = sorted(nb_dir.glob("*.py"))
-    if pairs:
-        jupytext_cli(["--sync", "--quiet", *map(str, pairs)])
-
-
-def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path | None = None,
-            only: list[str] | None = None, log=print) -> dict[str, float]:
-    """Execute the notebooks; returns the wall time of each, in seconds."""
-    import papermill as pm
-
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
-    names = [nb.stem for nb in notebooks(profile)]
-    unknown = [n for n in only or () if n not in names]
-    if unknown:  # a typo would otherwise run nothing and still rewrite the ledger and the index
-        raise ValueError(f"unknown notebook(s) {', '.join(map(repr, unknown))} for profile {profile}; valid: "
-                         f"{', '.join(names)}")
-    fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, log=log)
-    sync()
-    times = {}
-    for nb in notebooks(profile):
-        if only and nb.stem not in only:
-            continue
-        t0 = time.perf_counter()
-        log(f"[figures] {nb.stem} (profile={profile})")
-        pm.execute_notebook(str(nb), str(report_dir / nb.name), cwd=str(nb.parent), kernel_name="python3",
-                            parameters=dict(profile=profile, fig_dir=str(fig_dir), report_dir=str(report_dir)),
-                            progress_bar=False)
-        times[nb.stem] = time.perf_counter() - t0
-        log(f"[figures] {nb.stem} done in {times[nb.stem]:.0f}s")
-    if not only:  # a partial run keeps the times of the last full one
-        write_run_times(report_dir, profile, times)
-    claims = write_ledger(report_dir, fig_dir, profile, log=log)
-    write_index(report_dir, fig_dir)
-    log(f"[figures] wrote {fig_dir} and {report_dir} (index: {report_dir / 'README.md'}, claims: {claims})")
-    return times
+from .core.cli import ArgumentParser, run_command
+from .lab.experiments import PROFILES
+from .lab.figures import ORDER, run_all
+from .lab import figures as _lib
 
 
 def _main(argv) -> int:
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=_lib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu", choices=list(PROFILES))
     ap.add_argument("--out", type=Path, default=None, help="write figures/ and reports/ under this folder")
     ap.add_argument("--only", nargs="*", help=f"run only these notebooks (by name: {', '.join(ORDER)})")

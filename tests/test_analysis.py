@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 import torch
 
-from snlp_lab import experiments as E
-from snlp_lab.analysis import convergence_curve, finite_termination, layer_spectra, surrogate_operator
-from snlp_lab import jacobian as jac
+from snlp_lab.lab import experiments as E
+from snlp_lab.measurement.analysis import convergence_curve, finite_termination, layer_spectra, surrogate_operator
+from snlp_lab.solvers import jacobian as jac
 
 
 def test_convergence_curve_ends_exact(tiny, idx):
@@ -21,7 +21,7 @@ def test_convergence_curve_ends_exact(tiny, idx):
 def test_an_overflowed_iterate_is_infinitely_far(tiny, idx, monkeypatch):
     """A float32 solve whose iterate overflows gives NaN through inf - inf: the curve says inf, so that
     tables and the claims ledger see a diverged solve rather than a missing value."""
-    import snlp_lab.analysis as A
+    import snlp_lab.measurement.analysis as A
     real = A.solve
 
     def overflowing(model, x, method="sequential", **kw):

@@ -7,7 +7,8 @@ import re
 import pandas as pd
 import pytest
 
-from snlp_lab import claims as C
+from snlp_lab.lab import claims as C
+import snlp_lab.claims as claims_cmd
 
 S = C.Setting("a test", 4, 32, 10, 1000, "toy text", "cpu", finetune_steps=3)
 T975 = {2: 4.302652729749464, 4: 2.7764451051977987}  # Student-t 97.5% quantiles by degrees of freedom
@@ -365,10 +366,10 @@ def test_write_ledger_links_its_evidence(tmp_path, capsys):
 
 
 def test_cli_bad_folder_is_one_error_line(tmp_path, capsys):
-    assert C.main(["--report-dir", str(tmp_path / "none")]) == 2
+    assert claims_cmd.main(["--report-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: report folder") and len(err.strip().splitlines()) == 1
-    assert C.main(["--report-dir", str(tmp_path), "--profile", "huge"]) == 2
+    assert claims_cmd.main(["--report-dir", str(tmp_path), "--profile", "huge"]) == 2
     assert "valid profiles: smoke, cpu, long, paper, long-x0ve" in capsys.readouterr().err
-    assert C.main(["--report-dir"]) == 2
+    assert claims_cmd.main(["--report-dir"]) == 2
     assert capsys.readouterr().err.startswith("error: argument --report-dir: expected one argument")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from snlp_lab import paths
+from snlp_lab.core import paths
 from snlp_lab.data import (BOS, VAL_PERCENT, Corpus, Dataset, Tokenizer, TokenStream, load_corpus,
                            prepare_data, val_batches)
 

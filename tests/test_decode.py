@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from snlp_lab import solve
-from snlp_lab.decode import Decoder, generate
-from snlp_lab.fusion import ChunkStack
-from snlp_lab.snlp_config import parse_chunks
+from snlp_lab.decoding.decoder import Decoder, generate
+from snlp_lab.models.fusion import ChunkStack
+from snlp_lab.solvers.grammar import parse_chunks
 
 PROMPT_LEN, NEW = 5, 6
 

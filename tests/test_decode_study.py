@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import snlp_lab
-from snlp_lab import experiments as E
-from snlp_lab import train as T
-from snlp_lab.config import get_config
-from snlp_lab.snlp_config import parse_config
+from snlp_lab.lab import experiments as E
+from snlp_lab.training import train as T
+from snlp_lab.models.config import get_config
+from snlp_lab.solvers.grammar import parse_config
 
 
 def test_every_profile_recipe_is_a_valid_training_run():
@@ -33,7 +33,7 @@ def test_every_profile_recipe_is_a_valid_training_run():
 
 def test_recipes_hold_what_they_say():
     r = E.decode_recipes(12)
-    assert r["idn"].options == dict(reg="idn", lam=0.1, n_par_set=(4, 8, 12), stride=2)  # issue 14's twin
+    assert r["idn"].options == dict(reg="idn", lam=0.1, n_par_set=(4, 8, 12), stride=2)  # the regularization study's IDN
     assert r["idn-all"].options["n_par_set"] == (12,)
     assert r["fwd"].options == dict(objective="snlp-forward", method="idn", iters=1, n_par=12)
     assert r["idn+fwd"].init_from == "idn" and r["idn+fwd"].options == r["fwd"].options

@@ -6,13 +6,18 @@ import pytest
 import torch
 
 import snlp_lab
-from snlp_lab.snlp_config import parse_config
-from snlp_lab import bench, jacobian, params, report
-from snlp_lab.checkpoint import load_checkpoint, save_checkpoint
-from snlp_lab.decode import Decoder, generate
-from snlp_lab.experiments import PROFILES
-from snlp_lab.paths import repo_root
-from snlp_lab.solver import NonFiniteError
+from snlp_lab.solvers.grammar import parse_config
+from snlp_lab.measurement import bench
+from snlp_lab.solvers import jacobian
+from snlp_lab.core import checks as params
+from snlp_lab.lab import outputs
+import snlp_lab.bench as bench_cmd
+from snlp_lab.lab import report
+from snlp_lab.models.checkpoint import load_checkpoint, save_checkpoint
+from snlp_lab.decoding.decoder import Decoder, generate
+from snlp_lab.lab.experiments import PROFILES
+from snlp_lab.core.paths import repo_root
+from snlp_lab.solvers.solver import NonFiniteError
 
 ROOT = repo_root()
 
@@ -59,13 +64,13 @@ def test_output_dirs(tmp_path, monkeypatch):
     monkeypatch.setenv("SNLP_CACHE", str(tmp_path / "cache"))
     quiet = lambda s: None
     # only the make-figures profiles write the committed folders by default
-    assert params.output_dirs("cpu", log=quiet) == ((ROOT / "figures").resolve(), (ROOT / "reports").resolve())
-    fig, rep = params.output_dirs("smoke", log=quiet)
+    assert outputs.output_dirs("cpu", log=quiet) == ((ROOT / "figures").resolve(), (ROOT / "reports").resolve())
+    fig, rep = outputs.output_dirs("smoke", log=quiet)
     assert fig == (tmp_path / "cache/scratch/smoke/figures").resolve() and rep.parent == fig.parent
-    assert params.output_dirs("cpu", scratch=True, log=quiet)[0].is_relative_to(tmp_path)
+    assert outputs.output_dirs("cpu", scratch=True, log=quiet)[0].is_relative_to(tmp_path)
     # relative paths are taken from the repository root, whatever the working directory
     monkeypatch.chdir(tmp_path)
-    fig, rep = params.output_dirs("smoke", "out/f", str(tmp_path / "r"), log=quiet)
+    fig, rep = outputs.output_dirs("smoke", "out/f", str(tmp_path / "r"), log=quiet)
     assert fig == (ROOT / "out/f").resolve() and rep == tmp_path / "r"
     fig.rmdir(), fig.parent.rmdir()
 
@@ -135,7 +140,7 @@ def test_bad_notebook_parameters_fail_in_the_first_cell(tmp_path):
     (["--model", "tiny", "--seq-lens", "8", "--decode-tokens", "2", "--compile", "fast"], "valid modes: default")]
     + ([] if torch.cuda.is_available() else [(["--model", "tiny", "--device", "cuda"], "sees no GPU")]))
 def test_bench_cli_errors_are_one_line(argv, msg, capsys):
-    assert bench.main(argv) == 2
+    assert bench_cmd.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
 
@@ -161,7 +166,7 @@ def test_every_command_prints_one_error_line(module, argv, msg, capsys):
 def test_devices_are_checked_against_the_gpus_torch_sees(monkeypatch):
     """cuda:N names one of the GPUs torch sees; a malformed or missing index is a ValueError (one error
     line in every command), not torch's RuntimeError at the first tensor moved there."""
-    from snlp_lab.config import resolve_device
+    from snlp_lab.models.config import resolve_device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
@@ -170,7 +175,7 @@ def test_devices_are_checked_against_the_gpus_torch_sees(monkeypatch):
         with pytest.raises(ValueError, match="torch sees 2 GPU"):
             resolve_device(bad)
     # train takes cuda:N as the other commands do, except under torchrun, which places each process itself
-    from snlp_lab.train import TrainConfig, resolve
+    from snlp_lab.training.train import TrainConfig, resolve
     assert resolve(TrainConfig(model="tiny", device="cuda:1")).device == "cuda:1"
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="torchrun puts each process on cuda:LOCAL_RANK"):
@@ -183,7 +188,7 @@ def test_bench_defaults_fit_the_model(model, capsys):
     L = snlp_lab.get_config(model).n_layer
     for c in s["configs"]:
         parse_config(c).check(L)
-    assert bench.main(["--model", model, "--repeats", "1", "--warmup", "0", "--seq-lens", "8",
+    assert bench_cmd.main(["--model", model, "--repeats", "1", "--warmup", "0", "--seq-lens", "8",
                        "--decode-tokens", "2", "--configs", *s["configs"][:3]]) == 0
     assert "sequential" in capsys.readouterr().out
 

@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
-from snlp_lab import experiments as E
-from snlp_lab.params import output_dirs
-from snlp_lab.train import _cached_config
+from snlp_lab.lab import experiments as E
+from snlp_lab.lab.outputs import output_dirs
+from snlp_lab.training.train import _cached_config
 
 SMOKE = E.PROFILES["smoke"]
 
@@ -90,7 +90,7 @@ def test_training_curve_reads_the_learning_rate_of_each_evaluation(tmp_path, mon
 
 
 def test_long_profiles_write_their_own_folders(tmp_path, monkeypatch):
-    monkeypatch.setattr("snlp_lab.params.repo_root", lambda: tmp_path)
+    monkeypatch.setattr("snlp_lab.lab.outputs.repo_root", lambda: tmp_path)
     assert output_dirs("long", log=lambda *_: None) == (tmp_path / "figures/long", tmp_path / "reports/long")
     assert output_dirs("long-x0ve", log=lambda *_: None) == (tmp_path / "figures/long-x0ve", tmp_path / "reports/long-x0ve")
     assert output_dirs("cpu", log=lambda *_: None) == (tmp_path / "figures", tmp_path / "reports")
@@ -143,7 +143,7 @@ def test_long_x0ve_trains_the_x0ve_comparison_of_long_three_times_longer():
 def test_a_profile_may_run_some_notebooks_only(tmp_path):
     """make figures runs a profile's own notebooks (`Profile.notebooks`), in the order of all; --only
     names one of them or fails before anything runs, naming the valid ones."""
-    from snlp_lab import figures
+    from snlp_lab.lab import figures
     every = [p.stem for p in figures.notebooks()]
     assert every[0] == "regularization" and len(every) == len(figures.ORDER)
     assert [p.stem for p in figures.notebooks("cpu")] == every

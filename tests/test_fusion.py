@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from snlp_lab import solve
-from snlp_lab.fusion import ChunkStack, check_chunkable, fused_weights
-from snlp_lab.snlp_config import parse_chunks
-from snlp_lab.model import attn_branch, mlp_branch, rms_norm
+from snlp_lab.models.fusion import ChunkStack, check_chunkable, fused_weights
+from snlp_lab.solvers.grammar import parse_chunks
+from snlp_lab.models.model import attn_branch, mlp_branch, rms_norm
 
 
 def fused_chunk_by_layers(model, layers, h, ctx):

@@ -6,8 +6,10 @@ import pandas as pd
 import pytest
 import torch
 
-from snlp_lab.snlp_config import parse_config
-from snlp_lab import bench, gpu_check
+from snlp_lab.solvers.grammar import parse_config
+from snlp_lab.measurement import bench
+from snlp_lab.lab import gpu_check
+import snlp_lab.gpu_check as gpu_check_cmd
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +77,7 @@ def test_redraw_of_a_check_without_costs(smoke, tmp_path):
 def test_without_gpu_the_cli_says_so(capsys):
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert gpu_check.main([]) == 2
+    assert gpu_check_cmd.main([]) == 2
     assert capsys.readouterr().err.startswith("error: no CUDA device")
 
 
@@ -86,7 +88,7 @@ def test_graphs_refuse_host_side_surrogates(tiny):
 
 
 def test_a_smoke_run_never_writes_the_committed_results():
-    from snlp_lab.paths import cache_dir, repo_root
+    from snlp_lab.core.paths import cache_dir, repo_root
     assert gpu_check.default_out() == repo_root() / "reports" / "gpu"
     smoke = gpu_check.default_out(smoke=True)
     assert smoke.is_relative_to(cache_dir() / "scratch") and not smoke.is_relative_to(repo_root() / "reports")

@@ -10,10 +10,10 @@ import transformers as tf
 
 import snlp_lab
 from snlp_lab import solve
-from snlp_lab.bench import default_configs, run_bench
+from snlp_lab.measurement.bench import default_configs, run_bench
 from snlp_lab.data import PretrainedTokenizer, load_corpus, prepare_data
-from snlp_lab.decode import Decoder, generate
-from snlp_lab.hf import SUPPORTED, load_hf
+from snlp_lab.decoding.decoder import Decoder, generate
+from snlp_lab.models.hf import SUPPORTED, load_hf
 from test_decode import idn_decode_without_cache  # the decoder's procedure written plainly, no cache
 
 L, WINDOW, VOCAB = 4, 5, 320  # sequences in the tests are longer than the sliding window
@@ -223,7 +223,7 @@ def test_a_tokenizer_without_bos_starts_documents_with_eos(tmp_path, text):
 
 # ------------------------------------------------------------------------------------------ fine-tuning
 def test_fine_tuning_with_the_regularizer_loads_back_and_resumes(llama, text, tmp_path):
-    from snlp_lab import train as T
+    from snlp_lab.training import train as T
     base = dict(init_from_hf=str(llama), data=str(text), seq_len=16, batch_size=4, steps=4, reg="idn", lam=1.0,
                 n_par_set=(2, 4), warmup_frac=0.0, eval_batches=2, eval_snlp=f"idn:K=1:n={L}", progress=False)
     full = T.train(T.TrainConfig(**base, out=str(tmp_path / "full")))
@@ -263,12 +263,12 @@ def test_fine_tuning_with_the_regularizer_loads_back_and_resumes(llama, text, tm
 
 
 def test_fine_tuning_cli_errors(llama, text, capsys):
-    from snlp_lab import train as T
-    assert T.main(["--init-from-hf", str(llama), "--data", str(text), "--override", "n_layer=2"]) == 2
+    import snlp_lab.train as train_cmd
+    assert train_cmd.main(["--init-from-hf", str(llama), "--data", str(text), "--override", "n_layer=2"]) == 2
     assert "keeps its config" in capsys.readouterr().err
-    assert T.main(["--init-from-hf", str(llama), "--data", str(text), "--vocab-size", "300"]) == 2
+    assert train_cmd.main(["--init-from-hf", str(llama), "--data", str(text), "--vocab-size", "300"]) == 2
     assert "leave --vocab-size out" in capsys.readouterr().err
-    assert T.main(["--init-from-hf", "/nonexistent", "--data", str(text)]) == 2
+    assert train_cmd.main(["--init-from-hf", "/nonexistent", "--data", str(text)]) == 2
     assert "not a Hugging Face model folder" in capsys.readouterr().err
 
 
@@ -308,7 +308,7 @@ def test_pretrained_notebook_with_an_off_the_shelf_model(llama, tmp_path, monkey
     """nb/pretrained with `-p hf_model PATH`: one-step SNLP on the folder's model next to our models."""
     import pandas as pd
     import papermill as pm
-    from snlp_lab.figures import ROOT
+    from snlp_lab.lab.figures import ROOT
     monkeypatch.setenv("SNLP_CACHE", str(tmp_path / "cache"))  # the toy models stay out of the user's cache
     nb = ROOT / "nb" / "pretrained.ipynb"
     pm.execute_notebook(str(nb), str(tmp_path / "out.ipynb"), cwd=str(nb.parent), kernel_name="python3",

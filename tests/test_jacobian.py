@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from snlp_lab import diagnostics as dg
-from snlp_lab import jacobian as jac
+from snlp_lab.solvers import diagnostics as dg
+from snlp_lab.solvers import jacobian as jac
 from snlp_lab import solve
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import snlp_lab
-from snlp_lab.limits import Cost, decode_cost, evaluations, floor_seconds, measure_limits, prefill_cost
+from snlp_lab.measurement.limits import Cost, decode_cost, evaluations, floor_seconds, measure_limits, prefill_cost
 
 # The tiny preset: L = 4 layers of width D = 32, 4 query heads and 2 key/value heads of head_dim 8, vocab 64,
 # windows SSSL with the short one 4 (max distance i - j), value embeddings (gate 12 -> 2) on layers 1 and 3.

@@ -4,11 +4,11 @@ import torch
 import torch.nn.functional as F
 
 import snlp_lab
-from snlp_lab import jacobian as jac
+from snlp_lab.solvers import jacobian as jac
 from snlp_lab import solve
-from snlp_lab.diagnostics import compare, layer_errors
-from snlp_lab.mhc import MHCGPT, SINKHORN_ITERS, sinkhorn
-from snlp_lab.model import GPT, attn_branch, mlp_branch, rms_norm
+from snlp_lab.solvers.diagnostics import compare, layer_errors
+from snlp_lab.models.mhc import MHCGPT, SINKHORN_ITERS, sinkhorn
+from snlp_lab.models.model import GPT, attn_branch, mlp_branch, rms_norm
 
 from conftest import randomize
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import snlp_lab
-from snlp_lab.model import rms_norm
+from snlp_lab.models.model import rms_norm
 
 
 def reference_forward(model, idx):
@@ -137,7 +137,7 @@ def test_loss_and_gradients_flow(tiny, idx):
 def test_window_masks_need_no_host_copy():
     """Masks read the windows from a buffer on the model's device (a host-to-device copy is not allowed
     while a CUDA graph is captured); the buffer is not part of the checkpoint."""
-    from snlp_lab.model import attention_mask
+    from snlp_lab.models.model import attention_mask
     m = snlp_lab.build_model("tiny").double()
     assert m.windows_dev.dtype == torch.long and "windows_dev" not in m.state_dict()
     W = m.stacked_weights(0, m.n_layer)

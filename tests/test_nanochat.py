@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 
 import snlp_lab
 from snlp_lab import solve
-from snlp_lab.checkpoint import load_checkpoint
-from snlp_lab.decode import Decoder
-from snlp_lab.nanochat import load_nanochat
+from snlp_lab.models.checkpoint import load_checkpoint
+from snlp_lab.decoding.decoder import Decoder
+from snlp_lab.models.nanochat import load_nanochat, nanochat_config
 
 FIXTURES = Path(__file__).parent / "fixtures" / "nanochat"
 STREAMS = 4
@@ -102,7 +102,7 @@ def test_windows_honoured_in_every_path():
         T0 = 140  # the prompt; then tokens one by one, past the window
         steps = [dec.prefill(idx[:, :T0])[:, -1]] + [dec.step(idx[:, t]) for t in range(T0, idx.shape[1] - 1)]
         assert rel(torch.stack(steps, 1), seq.logits[:, T0 - 1:-1]) < 1e-6
-        full = snlp_lab.nanochat.nanochat_config(
+        full = nanochat_config(
             {**dict(sequence_len=256, vocab_size=256, n_layer=4, n_head=4, n_kv_head=2, n_embd=32),
              "window_pattern": "L"})
         m_full = snlp_lab.build_model(full).double()
@@ -164,21 +164,22 @@ def test_steps_and_tokenizer(tmp_path):
 
 
 def test_commands_take_a_nanochat_folder(tmp_path, capsys):
-    from snlp_lab import cli
-    from snlp_lab.decode import generate
+    from snlp_lab.evaluate import main as evaluate_main
+    from snlp_lab.generate import main as generate_main
+    from snlp_lab.decoding.decoder import generate
     d = copy_fixture(tmp_path)
-    assert cli.generate_main(["--checkpoint", str(d), "--prompt", "ab", "--max-new-tokens", "4"]) == 2
+    assert generate_main(["--checkpoint", str(d), "--prompt", "ab", "--max-new-tokens", "4"]) == 2
     assert "without its tokenizer" in capsys.readouterr().err
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "tokenizer.pkl").write_bytes(pickle.dumps(ByteEncoding()))
-    assert cli.generate_main(["--checkpoint", str(d), "--prompt", "ab", "--max-new-tokens", "4"]) == 0
+    assert generate_main(["--checkpoint", str(d), "--prompt", "ab", "--max-new-tokens", "4"]) == 0
     model = load_nanochat(d)
     want = generate(model, torch.tensor([[255, 97, 98]]), 4, method="sequential")
     assert capsys.readouterr().out.strip() == model.tokenizer.decode(want[0, 1:]).strip()
     (tmp_path / "text").mkdir()
     (tmp_path / "text" / "a.txt").write_text("def f(x):\n    return x + 1\n" * 40)
     (tmp_path / "text" / "b.txt").write_text("class A:\n    pass\n" * 40)
-    assert cli.evaluate_main(["--checkpoint", str(d), "--configs", "sequential", "idn:K=6:n=6", "--data",
+    assert evaluate_main(["--checkpoint", str(d), "--configs", "sequential", "idn:K=6:n=6", "--data",
                               str(tmp_path / "text"), "--seq-len", "16", "--batch-size", "2"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| sequential") or line.startswith("| idn")]

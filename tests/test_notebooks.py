@@ -7,9 +7,9 @@ import re
 import pandas as pd
 import pytest
 
-from snlp_lab import figures
-from snlp_lab.experiments import PROFILES
-from snlp_lab.report import read_readings
+from snlp_lab.lab import figures
+from snlp_lab.lab.experiments import PROFILES
+from snlp_lab.lab.report import read_readings
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_speedup_report_states_the_limits(smoke_run):
 
 def test_g_picks_are_timed_again(smoke_run):
     """frontier_confirm and decode_confirm: each pick is the fastest of its kind as measured, timed again."""
-    from snlp_lab import experiments as E
+    from snlp_lab.lab import experiments as E
     out, _ = smoke_run
     f = pd.read_csv(out / "reports" / "frontier_all.csv")
     f = f[(f.config != "sequential") & ~f.model_name.str.endswith("/none")].assign(change=lambda d: d["ppl_change_%"])
@@ -122,7 +122,7 @@ def test_claims_ledger_has_every_claim(smoke_run):
 
 def test_decode_study_covers_every_recipe(smoke_run):
     out, _ = smoke_run
-    from snlp_lab.experiments import PROFILES
+    from snlp_lab.lab.experiments import PROFILES
     D = PROFILES["smoke"].decode
     df = pd.read_csv(out / "reports" / "decode.csv")
     assert set(df.recipe) == set(D.recipes) and set(df.config) == set(D.configs)
@@ -165,8 +165,8 @@ def settings_only(monkeypatch):
     restores the torch threads a settings cell sets."""
     import torch
 
-    from snlp_lab import bench
-    from snlp_lab import experiments as E
+    from snlp_lab.measurement import bench
+    from snlp_lab.lab import experiments as E
 
     def refuse(*args, **kwargs):
         raise AssertionError("the settings cell loads data or a model")
@@ -199,9 +199,10 @@ def test_a_hand_picked_parameter_keeps_the_committed_results(tmp_path, monkeypat
     reports: any other value of any parameter sends the run to the scratch folder. (Notebooks once
     counted only some of their parameters: another variant's results, or timings with other threads,
     overwrote the committed ones.)"""
-    from snlp_lab import hf, params
-    from snlp_lab.build import build_model
-    from snlp_lab.checkpoint import save_checkpoint
+    from snlp_lab.models import hf
+    from snlp_lab.lab import outputs as params
+    from snlp_lab.models.build import build_model
+    from snlp_lab.models.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     save_checkpoint(run, build_model("tiny"), step=1, train_config={"model": "tiny"})

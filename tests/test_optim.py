@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from snlp_lab.optim import POLAR_EXPRESS_COEFFS, NanochatMuon, polar_express
+from snlp_lab.training.optim import POLAR_EXPRESS_COEFFS, NanochatMuon, polar_express
 
 SHAPES = [(64, 16), (16, 64), (48, 40), (40, 48), (32, 32)]  # tall, wide, nearly square, square
 

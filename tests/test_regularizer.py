@@ -1,19 +1,15 @@
 """The SNLP-aware regularizer against a direct computation from `solve(..., iters=1, init="h0")`."""
-import importlib.util
 
 import pytest
 import torch
 
 import snlp_lab
 from snlp_lab import solve
-from snlp_lab.jacobian import jvp
-from snlp_lab.regularizer import check_n_par_set, parallel_positions, snlp_regularizer
-from snlp_lab.solver import SURROGATES
+from snlp_lab.solvers.jacobian import jvp
+from snlp_lab.training.regularizer import check_n_par_set, parallel_positions, snlp_regularizer
+from snlp_lab.solvers.solver import SURROGATES
 
 from conftest import randomize
-
-if importlib.util.find_spec("snlp_lab.mhc") is not None:
-    import snlp_lab.mhc  # noqa: F401  (registers "hcn")
 
 
 def direct(model, idx, n_par_set, method, stride, seed=0, rule="strided", per_stream=False):

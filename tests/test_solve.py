@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import snlp_lab
-from snlp_lab import NonFiniteError, solve
-from snlp_lab.diagnostics import layer_errors
+from snlp_lab import NonFiniteError
+from snlp_lab import solve
+from snlp_lab.solvers.diagnostics import layer_errors
 
 PARALLEL_METHODS = [m for m in snlp_lab.methods() if m not in ("sequential", "hcn")]
 VARIANTS = [(m, {}) for m in PARALLEL_METHODS if m != "newton"] + [

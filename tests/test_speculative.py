@@ -12,14 +12,15 @@ import pytest
 import torch
 
 import snlp_lab
-from snlp_lab.checkpoint import TOKENIZER_JSON, load_checkpoint, load_tokenizer
-from snlp_lab.cli import evaluate_main, generate_main
+from snlp_lab.models.checkpoint import TOKENIZER_JSON, load_checkpoint, load_tokenizer
+from snlp_lab.evaluate import main as evaluate_main
+from snlp_lab.generate import main as generate_main
 from snlp_lab.data import encode_split
-from snlp_lab.decode import Decoder, generate
-from snlp_lab.evaluate import evaluate_ppl
-from snlp_lab.speculative import (SpeculativeStats, measure, next_token_probs, predicted_speedup, retime_fastest,
-                                  speculative_generate, verify)
-from snlp_lab.train import TrainConfig, train
+from snlp_lab.decoding.decoder import Decoder, generate
+from snlp_lab.solvers.ppl import evaluate_ppl
+from snlp_lab.decoding.speculative import SpeculativeStats, next_token_probs, predicted_speedup, speculative_generate, verify
+from snlp_lab.lab.speculative_study import measure, retime_fastest
+from snlp_lab.training.train import TrainConfig, train
 
 from conftest import randomize
 

@@ -1,6 +1,5 @@
 """Training, checkpoints, evaluation and the cached runs, on a tiny model and a tiny text corpus."""
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -15,19 +14,18 @@ import torch.nn.functional as F
 
 import snlp_lab
 from snlp_lab import solve
-from snlp_lab import train as T
-from snlp_lab.checkpoint import load_checkpoint, read_checkpoint
+from snlp_lab.training import train as T
+import snlp_lab.train as train_cmd
+from snlp_lab.models.checkpoint import load_checkpoint
+from snlp_lab.models.run_folder import read_checkpoint
 from snlp_lab.data import TokenStream, prepare_data, val_batches
-from snlp_lab.experiments import PROFILES
-from snlp_lab.evaluate import evaluate_ppl, parse_snlp_spec
-from snlp_lab.optim import NanochatMuon
-from snlp_lab.paths import cache_dir
-from snlp_lab.regularizer import snlp_regularizer
-from snlp_lab.solver import SURROGATES
-from snlp_lab.train import TrainConfig, train, trained_model
-
-if importlib.util.find_spec("snlp_lab.mhc") is not None:
-    import snlp_lab.mhc  # noqa: F401  (registers "hcn")
+from snlp_lab.lab.experiments import PROFILES
+from snlp_lab.solvers.ppl import evaluate_ppl, parse_snlp_spec
+from snlp_lab.training.optim import NanochatMuon
+from snlp_lab.core.paths import cache_dir
+from snlp_lab.training.regularizer import snlp_regularizer
+from snlp_lab.solvers.solver import SURROGATES
+from snlp_lab.training.train import TrainConfig, train, trained_model
 
 WORDS = ("def return import class self lambda while for in range print value key list dict tuple "
          "if else elif try except with as pass yield").split()
@@ -191,7 +189,7 @@ def test_readme_paper_runs_resolve():
     assert len(commands) == 9
     for cmd in commands:
         args = [a for c in cmd for a in (P if c == "$P" else [c])]
-        cfg = T.resolve(T.config_from_args(args))
+        cfg = T.resolve(train_cmd.config_from_args(args))
         assert cfg.recipe == "paper" and round(cfg.lr_warmup_frac * cfg.steps) == 40, cmd
         assert cfg.batch_size == (1024 if cfg.model == "3b" else 512), cmd
 
@@ -253,7 +251,7 @@ def test_paper_options_refused_where_they_do_nothing(corpus, tmp_path, capsys):
                        (["--recipe", "paper", "--weight-decay", "-1"], "weight_decay must be a finite number"),
                        (["--recipe", "paper", "--seq-len", "24"], "pass --batch-size"),
                        (["--reg", "idn", "--reg-shared-probe"], "use it with --reg diagn")]:
-        assert T.main(base + extra) == 2, extra
+        assert train_cmd.main(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
 
@@ -265,7 +263,7 @@ def test_shared_probe_reaches_the_regularizer(tiny, idx, monkeypatch):
         cfg = T.resolve(TrainConfig(model="tiny", reg="diagn", n_par_set=(2,), reg_shared_probe=shared))
         T.SNLPLoss(tiny, cfg)(idx[:, :-1], idx[:, 1:], 1.0, 0)
     assert seen == [False, True]
-    assert T.config_from_args(["--reg", "diagn", "--reg-shared-probe"]).reg_shared_probe
+    assert train_cmd.config_from_args(["--reg", "diagn", "--reg-shared-probe"]).reg_shared_probe
 
 
 def test_paper_regularizer_options_reach_the_loss(tiny, idx, monkeypatch):
@@ -423,7 +421,7 @@ def test_snlp_forward_objective_on_fused_chunks(corpus, tmp_path):
                     (dict(objective="snlp-forward", chunks="2x2"), "CxFM")]:
         with pytest.raises(ValueError, match=msg):
             train(cfg_for(corpus, tmp_path, "bad", **kw))
-    assert T.main(["--chunks", "2xF2", "--model", "tiny", "--data", str(corpus)]) == 2
+    assert train_cmd.main(["--chunks", "2xF2", "--model", "tiny", "--data", str(corpus)]) == 2
 
 
 def test_resume_equals_uninterrupted(corpus, tmp_path):
@@ -518,19 +516,19 @@ def test_hcn_on_a_model_without_streams():
 
 
 def test_cli_parser_maps_one_to_one(capsys):
-    parser = T.build_parser()
+    parser = train_cmd.build_parser()
     dests = {a.dest for a in parser._actions if a.dest != "help"}
     assert dests == {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = T.config_from_args(["--model", "tiny", "--reg", "idn", "--n-par-set", "2,4", "--detach-target",
+    cfg = train_cmd.config_from_args(["--model", "tiny", "--reg", "idn", "--n-par-set", "2,4", "--detach-target",
                               "--override", "n_layer=3", "--override", "x0ve=false", "--no-progress"])
     assert (cfg.model, cfg.reg, cfg.n_par_set, cfg.detach_target, cfg.override, cfg.progress) == (
         "tiny", "idn", (2, 4), True, ("n_layer=3", "x0ve=false"), False)
     assert T.model_config(cfg).n_layer == 3 and not T.model_config(cfg).x0ve
-    cfg = T.config_from_args(["--reg", "jacobi", "--reg-positions", "paper", "--reg-per-stream", "--recipe", "paper",
+    cfg = train_cmd.config_from_args(["--reg", "jacobi", "--reg-positions", "paper", "--reg-per-stream", "--recipe", "paper",
                               "--lr-final-frac", "0.05", "--reg-fd-eps", "0.01"])
     assert (cfg.reg_positions, cfg.reg_per_stream, cfg.recipe, cfg.lr_final_frac, cfg.reg_fd_eps) == (
         "paper", True, "paper", 0.05, 0.01)
-    assert T.main(["--model", "tiny", "--vocab-size", "300", "--reg", "idn", "--lam", "-1"]) == 2
+    assert train_cmd.main(["--model", "tiny", "--vocab-size", "300", "--reg", "idn", "--lam", "-1"]) == 2
     assert "lam" in capsys.readouterr().err
 
 
@@ -592,7 +590,7 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
                        (["--init-from", str(tmp_path / "nowhere")], "no checkpoint at"),
                        (["--matrix-lr", "inf"], "matrix_lr must be a finite number"),
                        (["--lam", "nan"], "lam must be a finite number")]:
-        assert T.main(base + extra) == 2, extra
+        assert train_cmd.main(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("error: ") and msg in err and err.count("\n") == 1, err
 
@@ -606,7 +604,7 @@ def test_cli_modules_run_without_runpy_warning(module):
 
 
 def test_bench_names_a_checkpoint_by_its_run(corpus, tmp_path):
-    from snlp_lab import bench
+    from snlp_lab.measurement import bench
     res = train(cfg_for(corpus, tmp_path, steps=2))
     s = bench.settings(checkpoint=str(res.run_dir), device="cpu", study=PROFILES["smoke"].speedup)
     assert s["name"] == "tiny (trained, step 2)" and s["model"] is None

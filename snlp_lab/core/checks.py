@@ -1,32 +1,18 @@
-"""Checking a notebook's papermill parameters in its first cell, and where its outputs go.
+"""Checking parameters: the values of notebook parameters, command options and function arguments.
 
 papermill passes `-p name value` as a string or number, so a list parameter can arrive as a single
 value (`-p configs idn:K=1:n=4`, `-p seq_lens 16`) or as a list written as a string
 (`-p seq_lens "[16, 32]"`); `-y "seq_lens: [16, 32]"` passes a real list. `as_list` takes all three.
 Every other check raises a `ValueError` that names the parameter and what it accepts, so a bad value
 fails in the first cell, before any model is trained.
-
-Outputs (`output_dirs`): relative paths are relative to the repository root, whatever the kernel's
-working directory (JupyterLab runs in nb/, papermill where it is called). Without paths, only the
-profiles that `make figures` runs write into the committed figures/ and reports/ (profile long:
-figures/long/ and reports/long/); other runs (smoke,
-or any run with a checkpoint or hand-picked settings) write to a scratch folder, so that a try-out
-never overwrites the committed results.
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import math
-import sys
 from pathlib import Path
 
-from .paths import cache_dir, repo_root
-
-# the profiles whose outputs are committed, and where: (figures, tables) relative to the repository root
-MAKE_FIGURES_PROFILES = {"cpu": ("figures", "reports"), "paper": ("figures", "reports"),
-                         "long": ("figures/long", "reports/long"),
-                         "long-x0ve": ("figures/long-x0ve", "reports/long-x0ve")}
+from .paths import repo_root
 
 
 def _yaml_hint(name: str) -> str:
@@ -68,24 +54,6 @@ def as_list(name: str, value, item_type: type = str, allow_none: bool = False) -
     if not out:
         raise ValueError(f"parameter {name} is an empty list; give {_yaml_hint(name)}")
     return out
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose bad input is a ValueError, which every command prints as one `error: ...` line
-    (exit status 2), with no usage block. --help still prints the help and exits 0."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
-def run_command(main, argv=None) -> int:
-    """main(argv), with a ValueError (bad options, files or data) printed as one `error: ...` line on
-    stderr and exit status 2: a message, not a traceback."""
-    try:
-        return main(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 def check_int(name: str, value, minimum: int | None = 1, allow_none: bool = False) -> int | None:
@@ -133,21 +101,3 @@ def check_path(name: str, value, allow_empty: bool = True) -> Path | None:
     raise ValueError(f"parameter {name}: {value!r} does not exist")
 
 
-def output_dirs(profile: str, fig_dir=None, report_dir=None, scratch: bool = False, log=print) -> tuple[Path, Path]:
-    """(figure folder, table folder) of a notebook run; see the module docstring. scratch=True sends a
-    make-figures profile to the scratch folder too (a run with hand-picked settings). Prints the result."""
-    root = repo_root()
-    if fig_dir is None and report_dir is None and (profile not in MAKE_FIGURES_PROFILES or scratch or root is None):
-        base = cache_dir() / "scratch" / profile
-        dirs = base / "figures", base / "reports"
-    else:
-        def resolve(p, default):
-            p = Path(p).expanduser() if p is not None else default
-            return p if p.is_absolute() else (root or Path.cwd()) / p
-        figs, tables = MAKE_FIGURES_PROFILES.get(profile, ("figures", "reports"))
-        dirs = resolve(fig_dir, Path(figs)), resolve(report_dir, Path(tables))
-    dirs = tuple(d.resolve() for d in dirs)
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-    log(f"[outputs] figures -> {dirs[0]}\n[outputs] tables  -> {dirs[1]}")
-    return dirs

@@ -18,7 +18,7 @@ from pathlib import Path
 
 def repo_root() -> Path | None:
     """The source checkout this package lives in, or None when it is installed elsewhere."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     return root if (root / "pyproject.toml").is_file() else None
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import diagnostics as dg
-from . import jacobian as jac
-from .solver import SURROGATES, solve
+from ..solvers import diagnostics as dg
+from ..solvers import jacobian as jac
+from ..solvers.solver import SURROGATES, solve
 
 # A rise of PPL smaller than this (relative) from one iteration count to the next is rounding, not a worse
 # iterate: near convergence float32 evaluations of the same windows differ by about 5e-7.

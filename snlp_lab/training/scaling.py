@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .build import build_model
-from .config import GPTConfig
+from ..models.build import build_model
+from ..models.config import GPTConfig
 
 B_REF = 2 ** 19  # tokens; nanochat: the optimal batch of its depth-12 reference model
 BATCH_EXPONENT = 0.383  # B_opt ∝ D^0.383 (Power Lines)

@@ -76,7 +76,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .paths import cache_dir
+from ..core.paths import cache_dir
 
 VAL_PERCENT = 5  # crc32(key) % 100 < VAL_PERCENT -> validation
 BOS = "<|bos|>"

@@ -14,7 +14,7 @@ MHC_MAPS = ("softmax", "sigmoid")
 
 @dataclass(frozen=True)
 class GPTConfig:
-    """A nanochat GPT (DESIGN §2). Field names are nanochat's (`nanochat/gpt.py` GPTConfig) where it has
+    """A nanochat GPT (docs/design.md §2). Field names are nanochat's (`nanochat/gpt.py` GPTConfig) where it has
     the option; the defaults are the architecture the paper trained (nanochat-snlp)."""
     sequence_len: int = 256
     vocab_size: int = 4096
@@ -112,7 +112,7 @@ def _cpu(**kw) -> GPTConfig:
 
 
 PRESETS: dict[str, GPTConfig] = {
-    # Paper-scale models (DESIGN §2).
+    # Paper-scale models (docs/design.md §2).
     "0.5b": _paper(n_embd=640, n_head=5, n_kv_head=5, x0ve=True),  # "Nanochat-0.5B" (d32s): --aspect-ratio=20
     "0.5b-plain": _paper(n_embd=640, n_head=5, n_kv_head=5),  # "w/o x0ve": --no-x0-resid --no-ve
     # "0.5B-mHC": --use-mhc --mhc-num-streams=4 (base_train forces --no-x0-resid; VE kept; Sinkhorn 10 at 0.05)

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from .snlp_config import SNLPConfig, parse_config
+from ..solvers.grammar import SNLPConfig, parse_config
 from .timing import median_seconds
 
 

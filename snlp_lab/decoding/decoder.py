@@ -25,10 +25,10 @@ import functools
 
 import torch
 
-from .fusion import ChunkStack, check_chunkable, fusable
-from .model import attention_mask, block_apply, capturing, check_token_ids
-from .snlp_config import SNLPConfig
-from .solver import SURROGATES, NonFiniteError, backout_state, head_logits, iterate
+from ..models.fusion import ChunkStack, check_chunkable, fusable
+from ..models.model import attention_mask, block_apply, capturing, check_token_ids
+from ..solvers.grammar import SNLPConfig
+from ..solvers.solver import SURROGATES, NonFiniteError, backout_state, head_logits, iterate
 
 
 

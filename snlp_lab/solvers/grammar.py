@@ -23,26 +23,10 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from .surrogates import methods
+
 INITS = ("h0", "fwd")  # initial guesses of a full-sequence solve
 DECODE_INITS = INITS + ("warm",)  # ... and of KV-cached decoding
-
-# ------------------------------------------------------------------------------------------ surrogates
-SURROGATES: dict[str, type] = {}  # name -> Surrogate class
-
-
-def register_surrogate(name: str):
-    """Class decorator: make a surrogate available as `solve(..., method=name)` and in configurations."""
-    def deco(cls):
-        SURROGATES[name] = cls
-        cls.name = name
-        return cls
-    return deco
-
-
-def methods() -> tuple[str, ...]:
-    """"sequential" and every registered surrogate."""
-    return ("sequential",) + tuple(SURROGATES)
-
 
 # ------------------------------------------------------------------------------------------ chunks
 _CHUNKS = re.compile(r"(\d+)xF(\d+)")

@@ -1,4 +1,4 @@
-"""Off-the-shelf decoders from a local Hugging Face folder, as layer stacks (DESIGN §2, "Off-the-shelf models").
+"""Off-the-shelf decoders from a local Hugging Face folder, as layer stacks (docs/design.md §2, "Off-the-shelf models").
 
     model = snlp_lab.load_hf("~/models/Qwen2.5-0.5B")            # any folder AutoModelForCausalLM loads
     res = snlp_lab.solve(model, idx, method="idn", iters=1, n_par=12)
@@ -41,6 +41,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .model import check_token_ids, param_key
+from .run_folder import has_checkpoint, hf_weights_folder
 
 MIN_TRANSFORMERS = "5.4"  # from 5.4 on every supported family's quirks live in its modules (Gemma's
 # embedding scale moved into its embedding module then); tested with 5.4.0 and 5.24.0
@@ -347,7 +348,6 @@ def load_hf(path: str | os.PathLike, dtype=None) -> HFModel:
     """
     import transformers
     from packaging.version import Version
-    from .checkpoint import has_checkpoint, hf_weights_folder
     if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
         raise ValueError(f"snlp_lab.hf needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}")
     dt = resolve_dtype(dtype)

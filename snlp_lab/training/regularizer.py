@@ -1,4 +1,4 @@
-"""SNLP-aware regularization (DESIGN §1): teach the layers to be solvable in parallel.
+"""SNLP-aware regularization (docs/design.md §1): teach the layers to be solvable in parallel.
 
     R = Σ_{N∈𝒩} Σ_{j∈P_s(N)} mean_{b,t} ‖ĥ_{S+j} − h^seq_{S+j}‖₂ / max(‖h^seq_{S+j}‖₂, 1e-6),   S = L − N
 
@@ -30,7 +30,7 @@ from typing import Sequence
 
 import torch
 
-from .solver import SURROGATES
+from ..solvers.solver import SURROGATES
 
 EPS = 1e-6  # floor of the target norm, so a vanishing state cannot blow the ratio up
 

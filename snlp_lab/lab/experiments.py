@@ -1,11 +1,11 @@
 """Experiment profiles shared by the notebooks: which models, how long they train, how much they are
-evaluated. `smoke` is what the test suite runs (seconds), `cpu` is the default `make figures`
-(59 min on 2 cores, 38 of them the regularization study's 20 training runs), `long` what did not fit
+evaluated. `smoke` is what the test suite runs (seconds), `cpu` is the default `make figures` (its time
+is in reports/run_times.json, most of it the regularization study's training runs), `long` what did not fit
 that (the same comparisons, mHC at three seeds, 2400 steps: hours), `paper` the paper's sizes on a GPU.
 
 Every notebook starts with `P = experiments.get_profile(profile)`; trained models come from
 `experiments.trained(P, variant, reg, seed)`, which trains once and reuses the cached run after.
-The decode study (`nb/decode`, issue 14's CPU decode goal) trains its own model, `P.decode`, once per
+The decode study (`nb/decode`, the CPU decode goal `GOAL_SPEEDUP`) trains its own model, `P.decode`, once per
 training recipe (`decode_recipes`, `recipe_model`).
 """
 from __future__ import annotations
@@ -21,14 +21,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .data import prepare_data, val_batches
-from .evaluate import evaluate_ppl
-from .bench import SpeedupStudy, run_bench
-from .checkpoint import is_finished
-from .config import get_config
-from .params import check_choice
-from .snlp_config import parse_chunks, parse_config
-from .train import PAPER_LRS, trained_model, trained_run_dir
+from ..data import prepare_data, val_batches
+from ..solvers.ppl import evaluate_ppl
+from ..measurement.bench import SpeedupStudy, run_bench
+from ..models.run_folder import is_finished
+from ..models.config import get_config
+from ..core.checks import check_choice
+from ..solvers.grammar import parse_chunks, parse_config
+from ..training.train import PAPER_LRS, trained_model, trained_run_dir
 
 
 @dataclass(frozen=True)
@@ -145,8 +145,8 @@ def _cpu_variants(regs: tuple = ("none", "idn", "diagn"), mhc_seeds: tuple | Non
 PAPER_TRAINING = dict(recipe="paper", **PAPER_LRS)
 
 
-# The configurations that decode fast on the 12-layer cpu-plain (issue 14: idn:K=1:n=12 2.49x, K=2 1.55x;
-# K=1 over the last 8 or 10 layers; fused chunks with K = 1 or 2), h0 unless fwd is named.
+# The configurations that decode fastest on the 12-layer cpu-plain (reports/decode.md): K=1 or 2 over the
+# last 12, 10 or 8 layers, and fused chunks with K = 1 or 2; h0 unless fwd is named.
 DECODE_CONFIGS = ("sequential", "idn:K=1:n=12", "idn:K=1:n=12:fwd", "idn:K=2:n=12", "idn:K=1:n=10", "idn:K=1:n=8",
                   "idn:K=1:n=12:1xF12", "idn:K=1:n=12:2xF6", "idn:K=2:n=12:2xF6", "idn:K=1:n=12:2xF6:fwd",
                   "idn:K=1:n=12:3xF4", "idn:K=2:n=12:3xF4", "idn:K=1:n=12:4xF3", "idn:K=2:n=12:4xF3",
@@ -154,7 +154,7 @@ DECODE_CONFIGS = ("sequential", "idn:K=1:n=12", "idn:K=1:n=12:fwd", "idn:K=2:n=1
 
 
 def _cpu_plain_decode(recipes: tuple) -> DecodeStudy:
-    # issue 14's model: the cpu-plain preset at full size (12 x 128), 300 steps
+    # the cpu-plain preset at full size (12 x 128), 300 steps
     return DecodeStudy("cpu-plain", steps=300, batch_size=4, seq_len=128, vocab_size=4096, recipes=recipes,
                        configs=DECODE_CONFIGS, eval_batches=8)
 
@@ -166,7 +166,7 @@ PROFILES: dict[str, Profile] = {
                                               regs=("none", "hcn"), label="tiny mHC")},
                      steps=6, batch_size=4, seq_len=32, vocab_size=512, seeds=(0,), lam=0.1, n_par_set=(2, 4),
                      stride=1, eval_batches=2, eval_batch_size=2, finetune_steps=3, bench_repeats=2,
-                     data=str(Path(__file__).resolve().parent),  # this package's own source: tiny, fast
+                     data=str(Path(__file__).resolve().parents[1]),  # this package's own source: tiny, fast
                      threads=1,  # toy matrices: threads only add synchronisation
                      training=PAPER_TRAINING, eval_every=2, contexts=(64,), context_variants=("x0ve",),
                      train_workers=2,  # the code path of the cpu profile's parallel training
@@ -180,26 +180,22 @@ PROFILES: dict[str, Profile] = {
                                                   repeats=1),
                      speedup=SpeedupStudy(seq_lens=(16,), decode_tokens=4, repeats=1, big_repeats=1, warmup=0,
                                           gpu=dict(seq_lens=(16,), decode_tokens=4, repeats=1, warmup=0))),
-    # 64-wide versions of the 12-layer CPU presets, trained 4x longer than the first version (600 steps,
-    # validation every 75 for the curves), three seeds; x0ve also at 256-token contexts, where its windows
-    # of 64 cover a quarter of the context as the paper's v2 windows of 512 do at 2048 (512 tokens took
-    # twice as long again). Cut variants, not steps, to fit the hour: DiagN is left to the long profile, and
-    # mHC trains at seed 0 only (its HCN runs cost 0.88 s a step, twice an IDN run; with seeds 1 and 2 the
-    # profile took 72 minutes, without them 59; the paper gives no mHC baseline to compare with). Two
-    # training processes at once (`train_all`).
+    # 64-wide versions of the 12-layer CPU presets (600 steps, validation every 75 for the curves), three
+    # seeds; x0ve also at 256-token contexts, where its windows of 64 cover a quarter of the context as the
+    # paper's v2 windows of 512 do at 2048. Cut variants, not steps, to fit the hour: DiagN is left to the
+    # paper profile, and mHC trains at seed 0 only (an HCN step costs about twice an IDN step, and the paper
+    # gives no mHC baseline to compare with). Two training processes at once (`train_all`); the time of each
+    # notebook is in reports/run_times.json.
     "cpu": Profile("cpu", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2, regs=("none", "idn"), mhc_seeds=(0,)),
                    steps=600, batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12),
                    stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=150, training=PAPER_TRAINING,
                    eval_every=75, contexts=(256,), context_variants=("x0ve",), train_workers=2,
-                   # three recipes fit the study's ~15 minutes (all six: papermill ... -p recipes all, ~45 minutes)
+                   # three of the six recipes, to fit the hour (all six: papermill ... -p recipes all)
                    decode=_cpu_plain_decode(("baseline", "idn-all", "fwd"))),
     # What did not fit the hour: the cpu profile's central comparisons trained 4x longer, mHC at three seeds
-    # too. Final PPL is 42-53% below that of 600 steps, but the curves have not flattened: over steps
-    # 1500-1800, before the warm-down, the means over seeds still fell 2-11% (reports/long/regularization.md).
-    # A seed-0 probe of x0ve at 7200 steps levelled off at the peak rate only from step ~3600 (within 1.3%
-    # to 4800, though -4.2% by the table's rule), and the regularizer's cost in sequential PPL fell from +26%
-    # (2400 steps) to +5.5% there. 6.2 hours of training on 2 cores (an interrupted run resumes where it
-    # stopped); writes figures/long and reports/long. DiagN is in the paper profile.
+    # too; whether their curves flattened is in reports/long/regularization.md, the training time in
+    # reports/long/regularization_runs.csv (hours on 2 cores; an interrupted run resumes where it stopped).
+    # Writes figures/long and reports/long. DiagN is in the paper profile.
     "long": Profile("long", _cpu_variants(n_embd=64, n_head=2, n_kv_head=2, regs=("none", "idn")), steps=2400,
                     batch_size=8, seq_len=128, vocab_size=2048, seeds=(0, 1, 2), lam=0.1, n_par_set=(6, 12),
                     stride=1, eval_batches=16, eval_batch_size=8, finetune_steps=600, training=PAPER_TRAINING,
@@ -220,10 +216,10 @@ PROFILES: dict[str, Profile] = {
 }
 
 # long's x0ve comparison at T = 128 trained 3x longer again, to see where its curves flatten (7200 steps,
-# validation every 600): `long` still fell 2-11% before the warm-down, and all of long's comparisons at
-# 7200 steps take ~19 h of single-core compute (3x long's 6.2 h; ~9.5 h on 2 cores). Cut variants, not
-# steps: x0ve alone at one context, three seeds, the regularization study alone (nb/regularization), ~2 h of
-# training on 2 cores; writes figures/long-x0ve and reports/long-x0ve.
+# validation every 600), as long's curves were still falling before the warm-down. All of long's comparisons
+# at 7200 steps would take three times long's training; so cut variants, not steps: x0ve alone at one
+# context, three seeds, the regularization study alone (nb/regularization). Writes figures/long-x0ve and
+# reports/long-x0ve.
 PROFILES["long-x0ve"] = replace(
     PROFILES["long"], name="long-x0ve", variants={"x0ve": PROFILES["long"].variants["x0ve"]}, steps=7200,
     eval_every=600, finetune_steps=0, contexts=(), context_variants=(), decode=None, notebooks=("regularization",))
@@ -239,7 +235,7 @@ def get_profile(name: str) -> Profile:
     return P
 
 
-# Paper reference numbers (arXiv 2605.17842 v1, DESIGN §4): sequential PPL without / with the regularizer.
+# Paper reference numbers (arXiv 2605.17842 v1, docs/design.md §4): sequential PPL without / with the regularizer.
 PAPER_TABLE_B = {
     "x0ve": {"model": "0.5B", "reg": "idn", "base": 69.54, "reg_ppl": 53.25},
     "plain": {"model": "0.5B w/o x0ve", "reg": "idn", "base": 84.74, "reg_ppl": 79.96},
@@ -498,7 +494,7 @@ def retimed_reading(again: pd.DataFrame, model_column: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------ decode study
-GOAL_SPEEDUP, GOAL_PPL_CHANGE = 2.0, 5.0  # issue 14: >= 2x decode tokens/s at <= +5% validation PPL
+GOAL_SPEEDUP, GOAL_PPL_CHANGE = 2.0, 5.0  # the decode goal: >= 2x decode tokens/s at <= +5% validation PPL
 
 
 @dataclass(frozen=True)
@@ -514,7 +510,7 @@ class Recipe:
 def decode_recipes(L: int) -> dict[str, Recipe]:
     """The training recipes of the decode study for a model of depth L (the 12-layer values in brackets):
     - baseline: cross-entropy only;
-    - idn: the IDN regularizer of issue 14's twin, λ = 0.1, 𝒩 = {L/3, 2L/3, L} ({4, 8, 12}), stride 2;
+    - idn: the IDN regularizer of the regularization study, λ = 0.1, 𝒩 = {L/3, 2L/3, L} ({4, 8, 12}), stride 2;
     - idn-all: a stronger IDN regularizer on the one set the fast configurations use, λ = 0.5, 𝒩 = {L},
       every layer compared;
     - fwd: the SNLP-forward objective, trained from scratch on the output of one IDN iteration over all

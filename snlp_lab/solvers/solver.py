@@ -25,137 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .fusion import chunk_stack
-from .jacobian import JAC_PRODUCTS, hutchinson_diag, hutchinson_probe
-from .snlp_config import SURROGATES, SNLPConfig, parse_chunks, register_surrogate
+from ..models.fusion import chunk_stack
+from .grammar import SNLPConfig, parse_chunks
+from .surrogates import SURROGATES, NonFiniteError, Surrogate
 
-
-
-class NonFiniteError(FloatingPointError):
-    """A solve produced inf or NaN; raised rather than returning a silently broken trace."""
-
-
-# ------------------------------------------------------------------------------------------ surrogates
-class Surrogate:
-    """A_l for the parallel layers start..stop-1. Subclasses define `matvec` or override `scan`.
-
-    `update(X, F)` is called once per iteration with the current inputs X[j] = h_{start+j-1}^k and the
-    layer outputs F[j] = Φ_{start+j}(X[j]), so iterate-dependent surrogates can re-estimate themselves.
-    """
-
-    def __init__(self, model, start: int, stop: int, ctx, **opts):
-        self.model, self.start, self.stop, self.ctx = model, start, stop, ctx
-
-    def update(self, X: torch.Tensor, F: torch.Tensor) -> None:
-        pass
-
-    def matvec(self, j: int, d: torch.Tensor) -> torch.Tensor:
-        """A_{start+j} d."""
-        raise NotImplementedError
-
-    def scan(self, r: torch.Tensor) -> torch.Tensor:
-        """Solve d_j = r_j + A_{start+j} d_{j-1}, d_{-1} = 0, along the leading axis of r."""
-        d = [r[0]]
-        for j in range(1, r.shape[0]):
-            d.append(r[j] + self.matvec(j, d[-1]))
-        return torch.stack(d)
-
-
-@register_surrogate("jacobi")
-class Jacobi(Surrogate):
-    """A = 0: plain Picard/Jacobi iteration (a shifted forward; unstable on trained models)."""
-
-    def scan(self, r):
-        return r
-
-
-@register_surrogate("idn")
-class IdentityNewton(Surrogate):
-    """A = (1 - κ) I. With κ = 0 the scan is a prefix sum over depth."""
-
-    def __init__(self, model, start, stop, ctx, kappa: float = 0.0, **opts):
-        super().__init__(model, start, stop, ctx)
-        if not 0.0 <= kappa <= 1.0:
-            raise ValueError(f"kappa (IDN damping) must lie in [0, 1], got {kappa}")
-        self.a = 1.0 - kappa
-
-    def matvec(self, j, d):
-        return self.a * d
-
-    def scan(self, r):
-        return torch.cumsum(r, dim=0) if self.a == 1.0 else super().scan(r)
-
-
-@register_surrogate("scaled-idn")
-class ScaledIdentityNewton(Surrogate):
-    """A_l = λ_l I, the layer's residual lambda (nanochat resid_lambdas): exact when the branch is flat."""
-
-    def __init__(self, model, start, stop, ctx, **opts):
-        super().__init__(model, start, stop, ctx)
-        self.lam = [model.resid_scale(l) for l in range(start, stop)]
-
-    def matvec(self, j, d):
-        return self.lam[j] * d
-
-
-@register_surrogate("diagn")
-class DiagonalNewton(Surrogate):
-    """A_l = diag(J_l) at the current iterate, Hutchinson estimate mean_z z ⊙ (J_l z), Rademacher z.
-
-    All N layers' JVPs are one batched forward-mode call of `layers`. With fd_eps > 0 the products are
-    the paper's finite differences instead (nanochat-snlp's `--diag-newton-jvp=fd`, used by its DiagN
-    regularizer with ε = 0.01): z ⊙ (Φ(h + εz) − Φ(h)) / ε in at least float32, clamped to ±FD_CLAMP, without
-    gradient (one batched forward of `layers`). Each probe z is drawn per layer, or with
-    shared_probe=True once for all N layers (the paper's DiagN regularizer draws one z of h_S's shape).
-    """
-    FD_CLAMP = 2.0
-
-    def __init__(self, model, start, stop, ctx, probes: int = 1, generator=None, fd_eps: float = 0.0,
-                 shared_probe: bool = False, **opts):
-        super().__init__(model, start, stop, ctx)
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
-        if not (math.isfinite(fd_eps) and fd_eps >= 0):
-            raise ValueError(f"fd_eps must be a finite number >= 0 (0: exact JVPs), got {fd_eps}")
-        self.probes, self.generator, self.fd_eps, self.shared = probes, generator, fd_eps, shared_probe
-
-    def update(self, X, F):
-        f = lambda H: self.model.layers(self.start, self.stop, H, self.ctx)
-        if self.fd_eps == 0:
-            self.diag = hutchinson_diag(f, X, self.probes, self.generator, self.shared)
-            return
-        dtype = torch.promote_types(X.dtype, torch.float32)  # bf16 differences in fp32, as the paper
-        with torch.no_grad():
-            acc = torch.zeros_like(X, dtype=dtype)
-            for _ in range(self.probes):
-                z = hutchinson_probe(X, self.generator, self.shared)
-                acc += z * (f(X + self.fd_eps * z).to(dtype) - F.to(dtype)) / self.fd_eps
-            self.diag = (acc / self.probes).clamp(-self.FD_CLAMP, self.FD_CLAMP).to(X.dtype)
-
-    def matvec(self, j, d):
-        return self.diag[j] * d
-
-
-@register_surrogate("newton")
-class ExactNewton(Surrogate):
-    """A_l = J_l exactly (DEER): each scan step is a Jacobian-vector product at the current iterate.
-
-    `jac` picks how J v is formed: "jvp" (forward mode), "vjp" (reverse mode, J v as the VJP of the
-    linear map u -> J^T u) or "fd" (central finite differences). Costs more than the sequential forward.
-    """
-
-    def __init__(self, model, start, stop, ctx, jac: str = "jvp", **opts):
-        super().__init__(model, start, stop, ctx)
-        if jac not in JAC_PRODUCTS:
-            raise ValueError(f"unknown jac {jac!r}; valid: {', '.join(JAC_PRODUCTS)}")
-        self.product = JAC_PRODUCTS[jac]
-
-    def update(self, X, F):
-        self.X = X
-
-    def matvec(self, j, d):
-        f = lambda h: self.model.layer(self.start + j, h, self.ctx)
-        return self.product(f, self.X[j], d)
 
 
 # ------------------------------------------------------------------------------------------ solver
@@ -256,7 +129,7 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
     sequence_len. Returns a `SolveResult` (trace [L+1, B, T, D], or [L+1, B, T, n, D] on mHC; logits
     [B, T, V]). Raises ValueError naming the valid values for a bad option or input, and
     `NonFiniteError` when check_finite is set and an iteration overflows to inf or NaN.
-    Source: DESIGN §1 (the paper's structured Newton iteration).
+    Source: docs/design.md §1 (the paper's structured Newton iteration).
     """
     L = model.n_layer
     if chunks is not None:

@@ -33,11 +33,11 @@ from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
 from .build import build_model
+from .hf import load_hf
 from .nanochat import is_nanochat_checkpoint, load_nanochat
+from .run_folder import CHECKPOINT_JSON, FORMAT_VERSION, _json_path, read_checkpoint
 
-CHECKPOINT_JSON = "checkpoint.json"
 TOKENIZER_JSON = "tokenizer.json"  # written by snlp_lab.train beside the checkpoint
-FORMAT_VERSION = 1
 
 
 def _atomic(path: Path, write) -> None:
@@ -108,31 +108,6 @@ def save_checkpoint(run_dir: str | os.PathLike, model, step: int, train_config: 
 
 
 # ------------------------------------------------------------------------------------------ load
-def _json_path(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path / CHECKPOINT_JSON if path.is_dir() else path
-
-
-def has_checkpoint(path: str | os.PathLike) -> bool:
-    return _json_path(path).is_file()
-
-
-def is_finished(path: str | os.PathLike) -> bool:
-    """Whether the run folder holds the checkpoint of a finished training run."""
-    return has_checkpoint(path) and bool(read_checkpoint(path).get("finished"))
-
-
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """The checkpoint's JSON (a run folder or the JSON file itself)."""
-    p = _json_path(path)
-    if not p.is_file():
-        raise ValueError(f"no checkpoint at {path} (expected {p}); train a model into this folder first")
-    meta = json.loads(p.read_text())
-    if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {p} has format {meta.get('format')}, this code reads {FORMAT_VERSION}")
-    return meta
-
-
 def config_mismatch(saved: dict, cfg: GPTConfig) -> dict:
     """{field: (saved value, model value)} for every config field that differs."""
     mine = dataclasses.asdict(cfg)
@@ -182,7 +157,6 @@ def load_checkpoint(path: str | os.PathLike, model=None, device: str | torch.dev
     meta = read_checkpoint(path)
     weights = checkpoint_weights(path, meta)
     if weights.is_dir():  # a transformers model's folder (snlp_lab.hf)
-        from .hf import load_hf
         saved = load_hf(weights, dtype="auto")
         if model is None:
             return saved.to(device)
@@ -194,17 +168,6 @@ def load_checkpoint(path: str | os.PathLike, model=None, device: str | torch.dev
     state = saved.state_dict() if weights.is_dir() else load_file(str(weights), device=str(dev))
     target.load_state_dict(state)
     return model
-
-
-def hf_weights_folder(path: str | os.PathLike) -> Path:
-    """The Hugging Face folder holding the weights of a run folder's checkpoint (a fine-tuned
-    transformers model); ValueError for a checkpoint of one of our GPTs."""
-    meta = read_checkpoint(path)
-    folder = _json_path(path).parent / meta["files"]["model"]
-    if not folder.is_dir():
-        raise ValueError(f"the checkpoint in {path} holds one of snlp_lab's own models, not a Hugging Face "
-                         f"model; load it with snlp_lab.load_checkpoint")
-    return folder
 
 
 def load_optim_state(path: str | os.PathLike, device: str | torch.device = "cpu"):
@@ -224,14 +187,14 @@ def load_tokenizer(path: str | os.PathLike):
     source and vocabulary size: the same corpus gives the same tokenizer); the data key recorded at
     training must match, otherwise the corpus changed since and a ValueError says so.
     """
-    from .data import Tokenizer, prepare_data  # tokenizers are needed only here
+    from ..data import Tokenizer, prepare_data  # tokenizers are needed only here
     folder = _json_path(path).parent
     if (folder / TOKENIZER_JSON).is_file():
         return Tokenizer.load(folder / TOKENIZER_JSON)
     meta = read_checkpoint(path)
     tc = meta.get("train_config") or {}
     if tc.get("init_from_hf"):  # a fine-tuned transformers model reads text with its own tokenizer
-        from .data import PretrainedTokenizer
+        from ..data import PretrainedTokenizer
         return PretrainedTokenizer(tc["init_from_hf"])
     if "data" not in tc or "data" not in meta:
         raise ValueError(f"run {path} holds no {TOKENIZER_JSON} and records no training data to rebuild it from")

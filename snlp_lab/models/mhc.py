@@ -34,7 +34,6 @@ import torch.nn as nn
 
 from .fusion import fused_value_embeddings, fused_weights
 from .model import GPT, attn_branch, mlp_branch, param_key, per_unit, rms_norm, stacked_linear
-from .solver import Surrogate, register_surrogate
 
 SINKHORN_ITERS = 20  # the mHC paper's t_max (the models take theirs from the config)
 RES_DIAG_INIT = 5.0  # sigmoid maps: H^res logits/τ start as 5·I: H^res ≈ 0.98 I, off-diagonals ≈ 0.007
@@ -314,25 +313,3 @@ class MHCChunkStack:
         if "lam" in self.W:
             return self.W["lam"][c]
         return torch.ones((), dtype=self.W["q"].dtype, device=self.W["q"].device)
-
-
-@register_surrogate("hcn")
-class HCNewton(Surrogate):
-    """A_l = H^res_mlp,l · H^res_attn,l ⊗ I_D (mHC models): the correction is a scan of n×n matrices over
-    depth. Exact Newton when every branch is flat (e.g. zero output projections) and mixing is static.
-    Dynamic mixing: the matrices at the current iterate, re-evaluated every iteration."""
-
-    def __init__(self, model, start, stop, ctx, **opts):
-        super().__init__(model, start, stop, ctx)
-        if getattr(model, "res_matrices", None) is None:
-            raise ValueError("method 'hcn' (HC Newton) needs an mHC model with residual streams "
-                             "(n_streams > 1, e.g. preset 'cpu-mhc'); use 'idn' on plain models")
-        self.dynamic = model.config.mhc_dynamic
-        self.M = None if self.dynamic else model.res_matrices(start, stop)
-
-    def update(self, X, F):
-        if self.dynamic:
-            self.M = self.model.res_matrices(self.start, self.stop, X, self.ctx)
-
-    def matvec(self, j, d):
-        return stream_mix(self.M[j], d)

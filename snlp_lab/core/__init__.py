@@ -1,0 +1,1 @@
+"""Bottom layer, imports nothing else of snlp_lab: the cache folder, parameter checks and command-line plumbing."""

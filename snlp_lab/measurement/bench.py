@@ -1,0 +1,547 @@
+"""Wall-clock benchmark: the sequential forward against SNLP configurations on the same model, same run.
+
+Two measurements per configuration and sequence length T (batch B = 1 by default):
+  - prefill: one forward over T tokens (filling the KV cache), median milliseconds;
+  - decode: the last `decode_tokens` tokens of a T-token sequence, one token at a time against the
+    KV cache (after an untimed sequential prefill of the first T - decode_tokens), tokens per second.
+Every number is a median over `repeats` runs after `warmup` runs. Speedups are ratios of medians
+taken in the same run; *_speedup_lo is the speedup the run's own noise still supports, from the
+paired rounds (`snlp_lab.timing.speedup_lower_bound`: the lower end of a distribution-free 95%
+interval, one-sided 97.5% from 6 repeats on, 97% at 5). The sequential baseline and every SNLP
+configuration go through the same `Decoder` (same weight layout, same cache, same kernels, optionally
+the same torch.compile'd block), so a speedup is never against a handicapped baseline.
+
+Configurations are strings of `snlp_lab.snlp_config` (`sequential`, `idn:K=2:n=24:4xF6:h0`, ...).
+"warm" is a decoding init (the previous token's states), so its prefill starts from h0.
+
+`bound` is the critical-path speedup if every batched call cost as much as one layer:
+L / (S + K) for S sequential layers and K iterations (each iteration one batched call, per layer or
+chunked), L / (S + K + 1) with init fwd (its extra batched call). A CPU is compute-bound: a batched
+call of N layers costs about N layers, so SNLP, which evaluates the parallel layers K times, is slower
+unless per-call overhead dominates (small models, single-token decode).
+
+Memory: peak allocated CUDA memory, or on CPU the process's peak resident set (model included).
+Without a checkpoint the weights are random: nanochat's zero-initialised output projections are
+replaced by small random ones (the same FLOPs; `top1` then compares against a random model only).
+
+    python -m snlp_lab.bench --model cpu --configs sequential idn:K=1:n=12 idn:K=2:n=12:4xF3 --seq-lens 128
+    python -m snlp_lab.bench --model 0.5b --configs sequential idn:K=2:n=24:4xF6:h0 --csv out.csv
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import ctypes
+import gc
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ..models.config import resolve_device
+from ..core.checks import as_list, check_choice, check_int, check_path
+from ..decoding.decoder import GRAPHABLE, Decoder, compile_options
+from ..models.fusion import clear_fused_cache, fusable
+from ..models.build import build_model
+from ..models.model import GPT
+from ..solvers.grammar import SNLPConfig, parse_config
+from ..solvers.solver import NonFiniteError
+from .limits import decode_cost, floor_seconds, measure_limits, prefill_cost
+from .timing import count_ops, medians, round_seconds, speedup_lower_bound
+
+COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method", "K", "n_par", "chunks", "init",
+           "S", "units", "T", "bound", "prefill_ms", "prefill_speedup", "prefill_speedup_lo", "decode_tokens",
+           "decode_tok_s", "decode_speedup", "decode_speedup_lo", "top1", "peak_mem_mb", "prefill_MB_tok",
+           "prefill_MFLOP_tok", "decode_MB_tok", "decode_MFLOP_tok", "decode_calls", "decode_aten_ops"]
+GRAPH_COLUMNS = ["prefill_graph_ms", "prefill_graph_speedup", "decode_graph_tok_s", "decode_graph_speedup", "graph_err"]
+# with machine limits: a pass's floor (`snlp_lab.limits`) and the measured time over it (x_floor); with
+# graphs too, the graphed time over the same floor
+FLOOR_COLUMNS = ["prefill_floor_ms", "prefill_x_floor", "decode_floor_ms", "decode_x_floor"]
+GRAPH_FLOOR_COLUMNS = ["prefill_graph_x_floor", "decode_graph_x_floor"]
+
+
+def default_configs(L: int, mhc: bool = False, fusion: bool = True) -> list[str]:
+    """The configurations benchmarked by default for a model of depth L: the paper's (docs/design.md §4) at
+    depth 32, their analogues at other depths; on mHC models (no fusion) per-layer IDN and HCN; on
+    models without fusion (transformers models, `snlp_lab.hf`) per-layer IDN over half and all layers."""
+    if not fusion and not mhc:
+        h = max(1, L // 2)
+        return ["sequential", f"idn:K=1:n={h}", f"idn:K=2:n={h}", f"idn:K=1:n={L}", f"idn:K=1:n={h}:warm"]
+    if mhc:
+        n = 20 if L >= 32 else L
+        return ["sequential", f"idn:K=1:n={n}", f"idn:K=2:n={n}", f"hcn:K=2:n={n}", f"hcn:K=4:n={n}:h0",
+                f"hcn:K=1:n={n}:warm"]
+    if L >= 24:
+        n = 24 if L >= 32 else 4 * (3 * L // 16)  # three quarters of the depth, in 4 chunks
+        return ["sequential", f"idn:K=2:n={n}", f"idn:K=2:n={n}:4xF{n // 4}:h0", f"idn:K=2:n={n}:{n // 2}xF2:h0",
+                f"idn:K=1:n=12:2xF6:fwd", "idn:K=1:n=12:1xF12:h0", f"idn:K=1:n={n}:4xF{n // 4}:warm"]
+    if L >= 12:
+        return ["sequential", "idn:K=1:n=12", "idn:K=2:n=12", "idn:K=2:n=12:4xF3", "idn:K=1:n=12:2xF6",
+                "idn:K=1:n=12:1xF12", "idn:K=1:n=12:4xF3:warm"]
+    half = L - L % 2
+    return ["sequential", f"idn:K=1:n={L}", f"idn:K=2:n={half}:2xF{half // 2}", f"idn:K=1:n={L}:1xF{L}",
+            f"idn:K=1:n={L}:warm"]
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedupStudy:
+    """The speedup benchmark's defaults for a profile (nb/speedup; `settings` fills the parameters left
+    unset from it): the model timed when none is given, and per device the prefill lengths T, the
+    KV-cached decode steps, the repeats (medians) and the warm-up runs before them. The defaults are the
+    cpu profile's: T = 128 and a 16-token decode on a CPU, T = 128 and 2048 on a GPU."""
+    model: str = "cpu"  # preset timed when neither a model nor a checkpoint is given
+    seq_lens: tuple = (128,)  # on a CPU
+    decode_tokens: int = 16
+    repeats: int = 15
+    big_repeats: int = 5  # on a CPU, for models 512 wide or more (a repeat takes seconds)
+    warmup: int = 1
+    gpu: dict = dataclasses.field(  # the same four on a GPU, where the timings are shorter
+        default_factory=lambda: dict(seq_lens=(128, 2048), decode_tokens=32, repeats=10, warmup=2))
+
+    def defaults(self, device: torch.device, width: int) -> dict:
+        """seq_lens (a list), decode_tokens, repeats and warmup for a model `width` wide on `device`."""
+        if device.type != "cpu":
+            d = dict(self.gpu)
+        else:
+            d = dict(seq_lens=self.seq_lens, decode_tokens=self.decode_tokens, warmup=self.warmup,
+                     repeats=self.big_repeats if width >= 512 else self.repeats)
+        return {**d, "seq_lens": list(d["seq_lens"])}
+
+
+def settings(model: str | None = None, device: str = "auto", study: SpeedupStudy | None = None, seq_lens=None,
+             configs=None, repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None,
+             threads: int | None = None, checkpoint: str | None = None) -> dict:
+    """Check the benchmark's parameters (notebook or command line) and fill the ones left as None from
+    `study` (a profile's `SpeedupStudy`, `snlp_lab.experiments.Profile.speedup`; None: the cpu
+    profile's), the model and the device. Lengths longer than the model's context are dropped from the
+    defaults; configurations default to `default_configs` of the model's depth. Raises ValueError
+    naming the valid values.
+
+    model: a preset name (default: the study's), a transformers folder, or None with a checkpoint,
+    whose saved config and name are used (`name` in the result: the trained run's preset, e.g.
+    "cpu-plain (trained)"). List parameters take a single value or a list (`params.as_list`).
+    threads: CPU threads, 1 by default on a CPU: the ratios compare like with like either way, and a
+    single thread never waits for a descheduled one on a machine shared with other jobs (with 2
+    threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them)."""
+    from ..models.config import PRESETS
+    study = study or SpeedupStudy()
+    dev = resolve_device(device)
+    checkpoint = check_path("checkpoint", checkpoint)
+    if checkpoint is not None:
+        from ..models.checkpoint import saved_config
+        from ..models.run_folder import read_checkpoint
+        meta = read_checkpoint(checkpoint)
+        cfg = saved_config(meta)
+        trained_as = (meta.get("train_config") or {}).get("model", "model")
+        if model is not None and model != trained_as:
+            raise ValueError(f"model {model!r} does not match the checkpoint, trained as {trained_as!r}; "
+                             f"leave model unset with a checkpoint")
+        name = f"{trained_as} (trained, step {meta['step']})"
+    else:
+        model = model or study.model
+        if model not in PRESETS and os.path.isdir(os.path.expanduser(str(model))):  # a transformers folder
+            from ..models.hf import HFConfig, hf_config
+            cfg, name = HFConfig.from_hf(hf_config(model)), Path(model).name
+        else:
+            check_choice("model", model, PRESETS)
+            cfg, name = PRESETS[model], model
+    mhc = getattr(cfg, "n_streams", 1) > 1
+    fusion = not hasattr(cfg, "model_type")  # fused chunks: our GPT only (snlp_lab.fusion.fusable)
+    d = study.defaults(dev, cfg.n_embd)
+    d["seq_lens"] = [T for T in d["seq_lens"] if T <= cfg.sequence_len] or [cfg.sequence_len]
+    d["decode_tokens"] = min(d["decode_tokens"], min(d["seq_lens"]) - 1)
+    if seq_lens is not None:
+        d["seq_lens"] = [check_int("seq_lens", T) for T in as_list("seq_lens", seq_lens, int)]
+    for k, v, lo in (("decode_tokens", decode_tokens, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
+        if v is not None:
+            d[k] = check_int(k, v, lo)
+    for T in d["seq_lens"]:
+        if not d["decode_tokens"] < T <= cfg.sequence_len:
+            raise ValueError(f"sequence length {T} must lie in {d['decode_tokens'] + 1}..{cfg.sequence_len} "
+                             f"(more than decode_tokens={d['decode_tokens']}, at most the sequence_len of model {name!r})")
+    configs = as_list("configs", configs) if configs is not None else default_configs(cfg.n_layer, mhc, fusion)
+    for c in configs:
+        c = parse_config(c)
+        c.check(cfg.n_layer)
+        if mhc and c.chunks:
+            raise ValueError(f"configuration {c.text!r}: chunks (layer fusion) are not supported on mHC model "
+                             f"{name!r}; valid: per-layer configurations such as 'hcn:K=2:n={cfg.n_layer}'")
+    if threads is None:
+        threads = 1 if dev.type == "cpu" else None
+    else:
+        threads = check_int("threads", threads)
+    return dict(model=None if checkpoint is not None else model, name=name, checkpoint=checkpoint,
+                device=str(dev), configs=configs, threads=threads, **d)
+
+
+# ------------------------------------------------------------------------------------------ memory
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:  # Linux: writing 5 to clear_refs resets the process's peak resident set (VmHWM)
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+
+
+def _peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+)", f.read())[1]) / 2**10
+    except (OSError, TypeError):
+        return float("nan")
+
+
+# ------------------------------------------------------------------------------------------ models
+@torch.no_grad()
+def perturb_(model: GPT, scale: float = 0.3, seed: int = 0) -> GPT:
+    """Small random output projections and value-embedding gates in place of nanochat's zeros, so that
+    no layer is the identity and every gate reads its input; x0 lambdas spread around their init."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith(("c_proj.weight", "ve_gate.weight")):
+            p.copy_(torch.randn(p.shape, generator=g) * scale / p.shape[-1] ** 0.5)
+        elif name.endswith(("resid_lambdas", "x0_lambdas")):
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(model, weights description) from a preset name, a local Hugging Face folder (`snlp_lab.hf`) or
+    a model, optionally loading a checkpoint."""
+    from ..models.config import PRESETS
+    if isinstance(model, str) and model not in PRESETS and checkpoint is None:
+        if not os.path.isdir(os.path.expanduser(model)):
+            raise ValueError(f"unknown model {model!r}; valid: a preset ({', '.join(PRESETS)}) or a local "
+                             f"Hugging Face model folder")
+        from ..models.hf import load_hf
+        return load_hf(model, dtype=dtype).to(device), f"Hugging Face folder {model}"
+    if checkpoint is not None:
+        from ..models.checkpoint import load_checkpoint
+        m, weights = load_checkpoint(checkpoint), f"checkpoint {checkpoint}"
+    elif isinstance(model, torch.nn.Module):
+        m, weights = model, "as given"
+        p = next(m.parameters())
+        same_device = p.device.type == device.type and device.index in (None, p.device.index)
+        if not same_device or p.dtype != dtype:  # convert a copy: the caller's model stays as it is
+            m = copy.deepcopy(m)
+    else:
+        torch.manual_seed(seed)
+        m, weights = perturb_(build_model(model), seed=seed), "random (perturbed output projections)"
+    return m.to(device=device, dtype=dtype), weights
+
+
+# ------------------------------------------------------------------------------------------ the benchmark
+def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: int = 32,
+              repeats: int = 5, warmup: int = 1, device: str = "auto", dtype: torch.dtype | None = None,
+              compile: bool | str | dict | list = False, checkpoint: str | None = None, batch: int = 1, seed: int = 0,
+              threads: int | None = None, graphs: bool = False, name: str | None = None, limits: dict | bool | None = None,
+              log=None) -> pd.DataFrame:
+    """Time the sequential forward and every configuration; one row per (configuration, T).
+
+    model: preset name, GPTConfig or a GPT (name: what the table calls it); configs: configuration
+    strings (default: `default_configs` of the model; the sequential baseline is added first when
+    missing); dtype: default bf16 on CUDA, fp32 on CPU; compile: torch.compile the block function of
+    every decoder (True or a mode such as "reduce-overhead"), or a list of such settings (e.g.
+    [False, True]): every configuration is then timed under each, all in one interleaved timing, one
+    row per (configuration, T, setting), and every speedup divides by the fastest sequential decoder
+    of the run (per pass: prefill and decode each by its own fastest); threads: CPU threads for
+    the run (torch.set_num_threads; on a machine shared with other jobs, 1 thread avoids the waits of
+    multi-threaded kernels for a descheduled thread, which swamp small kernels); graphs: also time every
+    configuration replayed from captured CUDA graphs (`GRAPH_COLUMNS`, see `graphed_runs`; on a CPU
+    the same functions run uncaptured, so the path stays tested); limits: the machine limits that set
+    each pass's floor (`FLOOR_COLUMNS`), a dict of `snlp_lab.limits.measure_limits` or True to measure
+    them here (on the run's device, in its dtype, with its threads, copying a working set the size of
+    what a sequential decode step reads); None: no floors.
+    Every row carries what its passes must read and compute per token (MB and MFLOP, `snlp_lab.limits`):
+    prefill over T tokens, and a decode step averaged over the decoded positions; and what one eager
+    decode step issues, `decode_calls` (torch calls from Python) and `decode_aten_ops` (`_step_ops`). compile: as `Decoder`'s. The DataFrame's
+    `attrs["notes"]` says where the weights come from, how memory was measured and the limits used
+    (also in `attrs["limits"]`).
+    """
+    dev = resolve_device(device)
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    if repeats < 1 or warmup < 0 or batch < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
+    modes = list(compile) if isinstance(compile, (list, tuple)) else [compile]
+    if not modes:
+        raise ValueError("compile: need at least one setting")
+    for mode in modes:  # a bad mode fails now: a configuration that fails to compile later runs eagerly
+        if mode:
+            compile_options(mode)
+    m, weights = load_model(model, checkpoint, dev, dtype, seed)
+    if limits is True:  # the copy's working set (source + destination): what a sequential decode step reads
+        limits = measure_limits(dev, dtype, copy_mb=decode_cost(m, "sequential", 0).bytes / 2**21)
+    L, ctx_len = m.n_layer, m.config.sequence_len
+    if configs is None:
+        configs = default_configs(L, getattr(m.config, "n_streams", 1) > 1, fusable(m))
+    cfgs = [parse_config(c) for c in configs]
+    is_base = [c.method == "sequential" and c.chunks is None for c in cfgs]
+    base = cfgs.pop(is_base.index(True)) if any(is_base) else parse_config("sequential")
+    cfgs.insert(0, base)  # the baseline comes first: every speedup divides by it
+    for T in seq_lens:
+        if not decode_tokens < T <= ctx_len:
+            raise ValueError(f"sequence length {T} must lie in {decode_tokens + 1}..{ctx_len} "
+                             f"(more than decode_tokens={decode_tokens}, at most the model's sequence_len)")
+    for c in cfgs:  # fail before any timing on a configuration the model cannot run
+        Decoder(m, **c.decoder_kwargs())
+    log = log or (lambda s: None)
+    name = name or (model if isinstance(model, str) else type(model).__name__)
+    gen = torch.Generator().manual_seed(seed)
+    # a decoder: (configuration, index of its compile setting); settings may be dicts, so not keys themselves
+    decoders = [(c, i) for c in cfgs for i in range(len(modes))]
+    key = lambda c, i: (c.text, i)
+    rows = []
+    used, fallback = {}, {}  # per decoder: the compile setting it runs with, and why it fell back
+    with torch.inference_mode():
+        for T in seq_lens:
+            idx = torch.randint(0, m.config.vocab_size, (batch, T), generator=gen).to(dev)
+            # untimed pass per decoder, alone in memory: peak memory and the prefill logits (with
+            # compile, this pass compiles; a configuration that fails to compile runs eagerly, and its
+            # rows say so in the `compile` column)
+            peak, logits, ops = {}, {}, {}
+            for c, i in decoders:
+                k = key(c, i)
+                _release(dev, m)
+                _reset_peak(dev)
+                try:
+                    logits[k] = _untimed_pass(m, c, idx, decode_tokens, dev, used.get(k, modes[i]))
+                except Exception as e:  # noqa: BLE001 - any compiler error; eager below re-raises real ones
+                    if not used.get(k, modes[i]):
+                        raise
+                    used[k] = False
+                    fallback[k] = f"eager (compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0]})"
+                    log(f"[bench] {c.text}: {fallback[k]}")
+                    logits[k] = _untimed_pass(m, c, idx, decode_tokens, dev, False)
+                peak[k] = _peak_mb(dev)
+                if c.text not in ops:  # what an eager step issues: the same under every setting
+                    ops[c.text] = _step_ops(m, c, idx, decode_tokens)
+            _release(dev, m)
+            fns, graph_err = {}, {}
+            for c, i in decoders:
+                for kind, fn in _runs(m, c, idx, decode_tokens, dev, used.get(key(c, i), modes[i])).items():
+                    fns[(*key(c, i), kind)] = fn
+            if graphs:  # a captured graph replays the eager kernels: once per configuration
+                for c in cfgs:
+                    g = graphed_runs(m, c, idx, decode_tokens, dev)
+                    fns[(c.text, "graph", "prefill")], fns[(c.text, "graph", "decode")] = g["prefill"], g["decode"]
+                    out, ref = g["prefill"]().float(), logits[key(c, 0)].float()  # a replay computes what the eager prefill computed
+                    graph_err[c.text] = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
+            times = round_seconds(fns, repeats, warmup, dev)
+            med = medians(times)
+            # the baseline of each pass: the fastest sequential decoder of the run
+            fastest = {kind: min(((base.text, i, kind) for i in range(len(modes))), key=med.get)
+                       for kind in ("prefill", "decode")}
+            fastest.update({g: (base.text, "graph", g.split("_")[0]) for g in ("prefill_graph", "decode_graph")})
+            low = lambda k, kind: speedup_lower_bound(times[fastest[kind]], times[(*k, kind)])
+            for c, i in decoders:
+                k = key(c, i)
+                S, units = c.layout(L)
+                pre, dec = med[(*k, "prefill")], med[(*k, "decode")]
+                rows.append(dict(
+                    model=name, weights=weights, device=str(dev), dtype=str(dtype).removeprefix("torch."),
+                    compile=fallback.get(k, str(modes[i])), config=c.text, method=c.method,
+                    K=c.iters if c.method != "sequential" else 0, n_par=L - S, chunks=c.chunks or "",
+                    init=c.init if c.method != "sequential" else "", S=S, units=units, T=T, bound=c.bound(L),
+                    prefill_ms=1e3 * pre, prefill_speedup=med[fastest["prefill"]] / pre,
+                    prefill_speedup_lo=low(k, "prefill"), decode_tokens=decode_tokens, decode_tok_s=decode_tokens / dec,
+                    decode_speedup=med[fastest["decode"]] / dec, decode_speedup_lo=low(k, "decode"),
+                    top1=float((logits[k].argmax(-1) == logits[key(base, 0)].argmax(-1)).float().mean()),
+                    peak_mem_mb=peak[k], decode_calls=ops[c.text]["python"],
+                    decode_aten_ops=ops[c.text]["aten"], **_limit_columns(m, c, T, decode_tokens, batch, limits)))
+                if graphs:
+                    pre_g, dec_g = med[(c.text, "graph", "prefill")], med[(c.text, "graph", "decode")]
+                    rows[-1].update(prefill_graph_ms=1e3 * pre_g,
+                                    prefill_graph_speedup=med[fastest["prefill_graph"]] / pre_g,
+                                    decode_graph_tok_s=decode_tokens / dec_g,
+                                    decode_graph_speedup=med[fastest["decode_graph"]] / dec_g,
+                                    graph_err=graph_err[c.text])
+                r = rows[-1]
+                log(f"[bench] T={T} {c.text} (compile={r['compile']}): prefill {r['prefill_ms']:.1f} ms "
+                    f"(x{r['prefill_speedup']:.2f}), decode {r['decode_tok_s']:.1f} tok/s "
+                    f"(x{r['decode_speedup']:.2f}), bound {r['bound']:.2f}")
+            del fns
+            _release(dev, m)
+    df = pd.DataFrame(rows, columns=COLUMNS + (FLOOR_COLUMNS if limits else []) + (GRAPH_COLUMNS if graphs else [])
+                      + (GRAPH_FLOOR_COLUMNS if graphs and limits else []))
+    if limits:
+        with_x_floor(df)
+    df.attrs["notes"] = notes(weights, dev, graphs, limits)
+    df.attrs["limits"] = limits or None
+    c = m.config
+    df.attrs["size"] = (f"{L} layers x {c.n_embd} wide, {c.n_head} heads, "
+                        f"{sum(p.numel() for p in m.parameters()) / 1e6:.1f}M parameters")
+    return df
+
+
+def _release(dev: torch.device, m) -> None:
+    """Free what earlier configurations left (their fused weights, caches), so that the next peak
+    counts the model and one configuration only."""
+    clear_fused_cache(m)
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    else:
+        try:  # give freed heap memory back to the OS, so that the resident set is what is in use
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _limit_columns(m, c: SNLPConfig, T: int, decode_tokens: int, batch: int, limits: dict | None) -> dict:
+    """MB and MFLOP per token of the prefill of T tokens and of the decode steps at positions
+    T - decode_tokens..T - 1 (their mean); with limits, the prefill's floor and the mean floor of a step."""
+    pre = prefill_cost(m, prefill_config(c), T, batch)
+    steps = [decode_cost(m, c, p, batch) for p in range(T - decode_tokens, T)]
+    out = dict(prefill_MB_tok=pre.bytes / (batch * T) / 1e6, prefill_MFLOP_tok=pre.flops / (batch * T) / 1e6,
+               decode_MB_tok=sum(s.bytes for s in steps) / len(steps) / batch / 1e6,
+               decode_MFLOP_tok=sum(s.flops for s in steps) / len(steps) / batch / 1e6)
+    if limits:
+        out.update(prefill_floor_ms=1e3 * floor_seconds(pre, limits),
+                   decode_floor_ms=1e3 * sum(floor_seconds(s, limits) for s in steps) / len(steps))
+    return out
+
+
+def with_x_floor(df: pd.DataFrame) -> pd.DataFrame:
+    """Set the x_floor columns of a bench table with floors, in place: measured time over the floor, per
+    pass (prefill) and per step (decode), eager and, where timed, graphed. Returns df."""
+    df["prefill_x_floor"] = df["prefill_ms"] / df["prefill_floor_ms"]
+    df["decode_x_floor"] = 1e3 / df["decode_tok_s"] / df["decode_floor_ms"]
+    if "prefill_graph_ms" in df:
+        df["prefill_graph_x_floor"] = df["prefill_graph_ms"] / df["prefill_floor_ms"]
+        df["decode_graph_x_floor"] = 1e3 / df["decode_graph_tok_s"] / df["decode_floor_ms"]
+    return df
+
+
+def prefill_config(c: SNLPConfig) -> SNLPConfig:
+    """The configuration a prefill runs: "warm" has no previous token there, so it starts from h0."""
+    return c if c.init != "warm" else dataclasses.replace(c, init="h0")
+
+
+def _untimed_pass(m, c: SNLPConfig, idx, decode_tokens, dev, compile) -> torch.Tensor:
+    """Both runs of a configuration once (compiling them with compile): the prefill logits, checked."""
+    runs = _runs(m, c, idx, decode_tokens, dev, compile)
+    logits = runs["prefill"]()
+    if not bool(torch.isfinite(logits).all()):  # never time a broken result
+        raise NonFiniteError(f"configuration {c.text!r} gives non-finite logits at T={idx.shape[1]}")
+    runs["decode"]()
+    return logits
+
+
+def _step_ops(m, c: SNLPConfig, idx, decode_tokens) -> dict:
+    """What one eager decode step issues (`timing.count_ops`), at the first decoded position: on a CPU a
+    small step pays a fixed cost per operator. One step, not the whole decode: every step does the same."""
+    P = idx.shape[1] - decode_tokens
+    dec = Decoder(m, **c.decoder_kwargs(), max_len=idx.shape[1], check_finite=False)
+    dec.prefill(idx[:, :P])
+    return count_ops(lambda: dec.step(idx[:, P]))
+
+
+def _runs(m, c: SNLPConfig, idx, decode_tokens, dev, compile) -> dict:
+    """The two timed functions of a configuration on one sequence, with their decoders made:
+    "prefill" (the whole sequence at once; "warm" has no previous token there, so it starts from h0)
+    and "decode" (the last decode_tokens tokens one at a time after an untimed sequential prefill)."""
+    T, P = idx.shape[1], idx.shape[1] - decode_tokens
+    pre = Decoder(m, **prefill_config(c).decoder_kwargs(), max_len=T, compile=compile, check_finite=False)
+    dec = Decoder(m, **c.decoder_kwargs(), max_len=T, compile=compile, check_finite=False)
+    dec.prefill(idx[:, :P])
+    snap = dec.snapshot()
+
+    def decode():
+        dec.restore(snap)
+        for i in range(P, T):
+            dec.step(idx[:, i])
+
+    return {"prefill": lambda: pre.prefill(idx, parallel=True), "decode": decode}
+
+
+def graphed_runs(m, c: SNLPConfig, idx, decode_tokens, dev) -> dict:
+    """The functions of `_runs`, captured as CUDA graphs and returned as their replays: "prefill" (one
+    graph of the whole parallel prefill; it returns the captured logits) and "decode" (one graph of the
+    decode_tokens steps, each at its own position, after an untimed eager prefill). Replays skip Python and the
+    per-kernel launch cost, as a latency-minded user would run both the baseline and SNLP.
+
+    On a CPU nothing is captured: the functions run as they are (the same code path, so the capture
+    set-up stays tested without a GPU)."""
+    if c.method not in GRAPHABLE:
+        raise ValueError(f"configuration {c.text!r} cannot be captured as a CUDA graph (its surrogate draws "
+                         f"probes on the host or reads values back); methods that can: {', '.join(GRAPHABLE)}")
+    T, P = idx.shape[1], idx.shape[1] - decode_tokens
+    pre = Decoder(m, **prefill_config(c).decoder_kwargs(), max_len=T, check_finite=False)
+    dec = Decoder(m, **c.decoder_kwargs(), max_len=T, check_finite=False)
+    dec.prefill(idx[:, :P])
+    snap = dec.snapshot()
+    steps = [(lambda i=i: dec.step(idx[:, i])) for i in range(P, T)]
+    if dev.type != "cuda":
+        def decode():
+            dec.restore(snap)
+            for s in steps:
+                s()
+        return {"prefill": lambda: pre.prefill(idx, parallel=True), "decode": decode}
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
+        for _ in range(2):
+            pre.prefill(idx, parallel=True)
+            dec.restore(snap)
+            for s in steps:
+                s()
+    torch.cuda.current_stream(dev).wait_stream(side)
+    g_pre = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_pre):
+        out = pre.prefill(idx, parallel=True)
+    # the whole decode (one step per position, each attending to a longer cache) as one graph
+    g_dec = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g_dec):
+        dec.restore(snap)
+        for s in steps:
+            s()
+    return {"prefill": _Replay(g_pre, out, pre), "decode": _Replay(g_dec, None, dec)}
+
+
+class _Replay:
+    """Replays a captured CUDA graph and returns its output. It holds what the graph reads and writes
+    outside its own memory pool (the decoder with its KV cache): were that freed, the graph would keep
+    writing into memory that something else then uses."""
+
+    def __init__(self, graph, out, *keep):
+        self.graph, self.out, self.keep = graph, out, keep
+
+    def __call__(self):
+        self.graph.replay()
+        return self.out
+
+
+def notes(weights: str, dev: torch.device, graphs: bool = False, limits: dict | None = None) -> list[str]:
+    out = [f"weights: {weights}" + ("; timing does not depend on the weights, top1 compares with a random "
+                                    "model only" if weights.startswith("random") else ""),
+           "speedup = sequential median / configuration median, same run; *_speedup_lo: the speedup the run's "
+           "noise still supports (timing.speedup_lower_bound: one-sided 97.5% from 6 repeats, 97% at 5); "
+           "bound = L / (S + K) (+1 call for init fwd)",
+           "peak_mem_mb: " + ("peak allocated CUDA memory" if dev.type == "cuda"
+                              else "peak resident set of the process (model weights included)"),
+           f"device: {dev}, torch {torch.__version__}, {torch.get_num_threads()} CPU threads"]
+    if graphs:
+        out.append("*_graph_*: replays of captured CUDA graphs (prefill: one graph; decode: one graph of "
+                   "all decoded positions), baseline and SNLP alike; graph_err = max |graphed - eager| / max |eager| of the "
+                   "prefill logits" + ("" if dev.type == "cuda" else "; on a CPU nothing is captured "
+                                       "(the same functions run eagerly)"))
+    out.append("*_MB_tok, *_MFLOP_tok: what a pass must read and compute per token (snlp_lab.limits: weights "
+               "once per layer evaluation, the KV cache, embedding rows, the head; activations and elementwise "
+               "work not counted); decode: the mean of the timed steps")
+    if limits:
+        out.append("*_floor_ms = max(bytes / copy bandwidth, FLOPs / matrix-product rate) of a pass (decode: a "
+                   "step), on the machine limits measured in the run; x_floor = measured time / floor")
+    return out
