@@ -36,13 +36,14 @@ import torch
 from tqdm.auto import tqdm
 
 from snlp_lab.lab import experiments as E
+from snlp_lab.lab.profiles import get_profile
 from snlp_lab.lab.outputs import output_dirs
 from snlp_lab import solve
 from snlp_lab.measurement.analysis import convergence_curve, finite_termination, ppl_monotone
 from snlp_lab.solvers.diagnostics import perplexity
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 
-P = E.get_profile(profile)
+P = get_profile(profile)
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
 METHODS = ["jacobi", "idn", "scaled-idn", "diagn", "newton"]
 

@@ -18,15 +18,15 @@
 #
 # Goal: some SNLP configuration decodes at >= 2x the tokens/s of the best sequential decoder, at
 # <= +5% validation PPL. One model (the profile's decode study: `cpu-plain` at full size for the cpu
-# profile) is trained with each recipe (`snlp_lab.experiments.decode_recipes`: the regularizer's λ,
+# profile) is trained with each recipe (`snlp_lab.lab.experiments.decode_recipes`: the regularizer's λ,
 # 𝒩 and stride, the SNLP-forward objective from scratch or as a fine-tune, and chunk-aware training on
 # fused chunks). Every recipe's model gets a validation PPL under each configuration that decodes fast.
 # Decode speed hardly depends on the weights, so it is measured once, on the baseline model, against
 # the best sequential decoder of the same run (the best of eager and compiled decoding, per `decoders`).
 
 # %% tags=["parameters"]
-profile = "cpu"  # smoke | cpu | long | paper (snlp_lab.experiments.PROFILES)
-recipes = None  # recipe names (one or a list), or "all"; None: the profile's (experiments.PROFILES[...].decode)
+profile = "cpu"  # smoke | cpu | long | paper (snlp_lab.lab.profiles.PROFILES)
+recipes = None  # recipe names (one or a list), or "all"; None: the profile's (profiles.PROFILES[...].decode)
 configs = None  # configuration strings (one or a list); None: the profile's
 decoders = None  # "eager" and/or "compiled" (a list): decode speed is the best of them, per configuration; None: the profile's
 fig_dir = None  # None: figures/ and reports/ for a make-figures run, else a scratch folder
@@ -39,18 +39,19 @@ import seaborn as sns
 import torch
 
 from snlp_lab.lab import experiments as E
+from snlp_lab.lab.profiles import CLOSE_PPL_PCT, EQUAL_PPL_PCT, PROFILES, get_profile
 from snlp_lab.models.config import get_config
 from snlp_lab.core.checks import as_list, check_choice
 from snlp_lab.lab.outputs import output_dirs
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 from snlp_lab.solvers.grammar import parse_config
 
-P = E.get_profile(profile)
+P = get_profile(profile)
 custom = recipes is not None or configs is not None or decoders is not None  # make figures' run: the defaults
 D = P.decode
 if D is None:
     raise ValueError(f"profile {profile!r} has no decode study; valid profiles: "
-                     f"{', '.join(k for k, v in E.PROFILES.items() if v.decode)}")
+                     f"{', '.join(k for k, v in PROFILES.items() if v.decode)}")
 L = get_config(D.preset, **D.overrides).n_layer
 recipes = list(E.decode_recipes(L)) if recipes == "all" else \
     as_list("recipes", recipes if recipes is not None else list(D.recipes))
@@ -122,7 +123,7 @@ again = E.retimed(E.speed_picks(candidates), decode_speedup).rename(columns={"ch
 again = again[["pick", "picked_of", "recipe", "config", "ppl_change_max_%", "explored_speedup", "speedup", "speedup_lo"]]
 save_table(again, "decode_confirm", report_dir, "The fastest decoders at equal and close PPL, timed again",
            {**meta, "picked": f"recipes other than the baseline; fused: the fastest fused (CxFM, M >= 2) at <= "
-                              f"+{E.EQUAL_PPL_PCT:g}% PPL, close: the fastest at <= +{E.CLOSE_PPL_PCT:g}%, of "
+                              f"+{EQUAL_PPL_PCT:g}% PPL, close: the fastest at <= +{CLOSE_PPL_PCT:g}%, of "
                               f"picked_of rows of decode.csv (explored_speedup)",
             "timing": meta["timing"].replace("speedups against", "each pick against sequential alone; speedups against")})
 add_reading(report_dir, "decode", "decode_confirm", E.retimed_reading(again, "recipe"))

@@ -36,11 +36,12 @@ import seaborn as sns
 from tqdm.auto import tqdm
 
 from snlp_lab.lab import experiments as E
+from snlp_lab.lab.profiles import CLOSE_PPL_PCT, EQUAL_PPL_PCT, get_profile
 from snlp_lab.lab.outputs import output_dirs
 from snlp_lab.measurement.bench import run_bench
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 
-P = E.get_profile(profile)
+P = get_profile(profile)
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
 
 # %%
@@ -98,7 +99,7 @@ again = E.retimed(E.speed_picks(candidates), prefill_speedup)
 again = again[["pick", "picked_of", "model_name", "config", "ppl_change_%", "explored_speedup", "speedup", "speedup_lo"]]
 save_table(again, "frontier_confirm", report_dir, "The fastest configurations at equal and close PPL, timed again",
            {**P.describe(), "picked": f"regularized models; fused: the fastest fused (CxFM, M >= 2) at <= "
-                                      f"+{E.EQUAL_PPL_PCT:g}% PPL, close: the fastest at <= +{E.CLOSE_PPL_PCT:g}%, of "
+                                      f"+{EQUAL_PPL_PCT:g}% PPL, close: the fastest at <= +{CLOSE_PPL_PCT:g}%, of "
                                       f"picked_of configurations of frontier_all.csv (explored_speedup)",
             "timing": f"each pick against sequential alone, prefill B=1, T={P.seq_len}, median of {P.bench_repeats} "
                       f"runs after warm-up"})

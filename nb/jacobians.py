@@ -38,12 +38,13 @@ import seaborn as sns
 from tqdm.auto import tqdm
 
 from snlp_lab.lab import experiments as E
+from snlp_lab.lab.profiles import get_profile
 from snlp_lab.core.checks import check_int
 from snlp_lab.lab.outputs import output_dirs
 from snlp_lab.measurement.analysis import layer_spectra
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 
-P = E.get_profile(profile)
+P = get_profile(profile)
 # only make figures' own run (the defaults) writes the committed results
 custom = probes is not None or power_iters is not None
 probes = check_int("probes", probes if probes is not None else 8)

@@ -49,18 +49,19 @@ import seaborn as sns
 from tqdm.auto import tqdm
 
 from snlp_lab.lab import experiments as E
-from snlp_lab.core.checks import check_path
+from snlp_lab.lab.profiles import get_profile
+from snlp_lab.core.checks import check_choice, check_path
 from snlp_lab.lab.outputs import output_dirs
 from snlp_lab.models.checkpoint import load_checkpoint
 from snlp_lab.data import prepare_data
 from snlp_lab.models.hf import hf_config, load_hf
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 
-P = E.get_profile(profile)
+P = get_profile(profile)
 # only make figures' own run (the defaults) writes the committed results; a model of the user's own does not
 custom = bool(variant or checkpoint or hf_model)
 variant = variant or "plain"
-E.check_choice("variant", variant, [v for v, var in P.variants.items() if "idn" in var.regs])
+check_choice("variant", variant, [v for v, var in P.variants.items() if "idn" in var.regs])
 checkpoint = check_path("checkpoint", checkpoint)  # loaded now: a bad path fails before any training
 given = load_checkpoint(checkpoint).eval().requires_grad_(False) if checkpoint else None
 if hf_model:

@@ -37,10 +37,12 @@ import seaborn as sns
 from tqdm.auto import tqdm
 
 from snlp_lab.lab import experiments as E
+from snlp_lab.lab.claims import PAPER_TABLE_B
+from snlp_lab.lab.profiles import get_profile
 from snlp_lab.lab.outputs import output_dirs
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 
-P = E.get_profile(profile)
+P = get_profile(profile)
 fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
 
 # %%
@@ -74,8 +76,8 @@ agg["seq_change_halfway_%"] = [100 * (half[v, r, T] / half[v, "none", T] - 1)
                                for v, r, T in zip(agg.variant, agg.reg, agg.seq_len)]
 for col in ("before_warmdown_%", "last_quarter_%"):
     agg[col] = [summary[col][v, r, T] for v, r, T in zip(agg.variant, agg.reg, agg.seq_len)]
-paper = {v: 100 * (r["reg_ppl"] / r["base"] - 1) for v, r in E.PAPER_TABLE_B.items() if r["base"]}
-agg["paper_change_%"] = [paper.get(v, float("nan")) if reg == E.PAPER_TABLE_B[v]["reg"] and T == P.seq_len
+paper = {v: 100 * (r["reg_ppl"] / r["base"] - 1) for v, r in PAPER_TABLE_B.items() if r["base"]}
+agg["paper_change_%"] = [paper.get(v, float("nan")) if reg == PAPER_TABLE_B[v]["reg"] and T == P.seq_len
                          else float("nan") for v, reg, T in zip(agg.variant, agg.reg, agg.seq_len)]  # v1: 128 tokens
 dash = lambda fmt: lambda x: "—" if pd.isna(x) else fmt.format(x)  # NaN: nothing to report (see columns)
 table = agg.drop(columns=["paper_change_%"]).assign(**{

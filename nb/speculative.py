@@ -47,21 +47,22 @@ import pandas as pd
 import torch
 
 from snlp_lab.lab import experiments as E
-from snlp_lab.core.checks import as_list, check_float, check_int
+from snlp_lab.lab.profiles import get_profile
+from snlp_lab.core.checks import as_list, check_choice, check_float, check_int
 from snlp_lab.lab.outputs import output_dirs
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 from snlp_lab.models.config import get_config
 from snlp_lab.solvers.grammar import parse_config
 from snlp_lab.lab.speculative_study import measure, retime_fastest
 
-P = E.get_profile(profile)
+P = get_profile(profile)
 # only make figures' own run (the defaults) writes the committed results
 custom = any(v is not None for v in (variant, reg, drafts, blocks, temperatures, n_prompts, prompt_len,
                                      max_new_tokens, repeats, threads))
 variant = variant or "plain"
-E.check_choice("variant", variant, P.variants)
+check_choice("variant", variant, P.variants)
 reg = reg or P.variants[variant].reg
-E.check_choice("reg", reg, P.variants[variant].regs)
+check_choice("reg", reg, P.variants[variant].regs)
 D = dataclasses.asdict(P.speculative)  # the profile's study, then what was given
 given = dict(n_prompts=n_prompts, prompt_len=prompt_len, max_new_tokens=max_new_tokens, repeats=repeats)
 D.update({k: check_int(k, v) for k, v in given.items() if v is not None})

@@ -38,7 +38,7 @@ repeats = None
 decode_tokens = None
 compile = False  # torch.compile the block function for the baseline and SNLP alike
 threads = None  # CPU threads; None: 1 on a CPU (steady on a shared machine), torch's default on a GPU
-profile = "cpu"  # smoke | cpu | long | paper (snlp_lab.experiments.PROFILES)
+profile = "cpu"  # smoke | cpu | long | paper (snlp_lab.lab.profiles.PROFILES)
 fig_dir = None  # None: figures/ and reports/ for a make-figures run, else a scratch folder
 report_dir = None  # relative paths are relative to the repository root
 
@@ -48,11 +48,11 @@ import torch
 from snlp_lab.measurement import bench
 from snlp_lab.measurement import limits
 from snlp_lab.lab import report
-from snlp_lab.lab import experiments as E
+from snlp_lab.lab.profiles import get_profile
 from snlp_lab.decoding.decoder import compile_options
 from snlp_lab.lab.outputs import output_dirs
 
-P = E.get_profile(profile)
+P = get_profile(profile)
 if compile:
     compile_options(compile)  # a mode torch.compile lacks fails here
 S = bench.settings(model, device, P.speedup, seq_lens, configs, repeats, decode_tokens, threads=threads,

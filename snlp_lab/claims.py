@@ -1,5 +1,6 @@
-"""`python -m snlp_lab.claims`: rewrite the claims ledger from the tables of a report folder (the library:
-`snlp_lab.lab.claims`)."""
+"""`python -m snlp_lab.claims`: the claims ledger of a report folder's tables, written into another folder (the
+library: `snlp_lab.lab.claims`). By default it reads the repository's reports/ and writes a new scratch
+folder, so that the committed ledger changes only with `make figures`."""
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,9 @@ from pathlib import Path
 
 from .core.cli import ArgumentParser, run_command
 from .core.paths import repo_root
-from .lab.claims import write_ledger
+from .lab.claims import check_inputs, write_ledger
 from .lab import claims as _lib
+from .lab.outputs import scratch_dir
 
 
 def main(argv=None) -> int:
@@ -20,7 +22,11 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     ap = ArgumentParser(description=_lib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--report-dir", type=Path, default=(repo_root() or Path.cwd()) / "reports")
+    ap.add_argument("--report-dir", type=Path, default=(repo_root() or Path.cwd()) / "reports",
+                    help="the folder whose tables are read; default: the repository's reports/")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="where claims.md and claims.csv are written (created if missing); default: a new scratch "
+                         "folder, <cache>/scratch/<time>-claims")
     ap.add_argument("--fig-dir", type=Path, default=None, help="default: figures/ beside the report folder")
     ap.add_argument("--profile", default=None,
                     help="the profile the tables come from; default: the last make-figures run's, else cpu")
@@ -29,7 +35,9 @@ def _main(argv=None) -> int:
     if profile is None:
         times = a.report_dir / "run_times.json"
         profile = json.loads(times.read_text())["profile"] if times.exists() else "cpu"
-    write_ledger(a.report_dir, a.fig_dir, profile)
+    check_inputs(a.report_dir, profile)  # before a scratch folder is made for nothing
+    out = a.out if a.out is not None else scratch_dir("claims")
+    write_ledger(a.report_dir, a.fig_dir, profile, out_dir=out)
     return 0
 
 

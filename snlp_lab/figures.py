@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .core.cli import ArgumentParser, run_command
-from .lab.experiments import PROFILES
+from .lab.profiles import PROFILES
 from .lab.figures import ORDER, run_all
 from .lab import figures as _lib
 

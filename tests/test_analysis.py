@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from snlp_lab.lab import experiments as E
+from snlp_lab.lab.profiles import PROFILES, get_profile
 from snlp_lab.measurement.analysis import convergence_curve, finite_termination, layer_spectra, surrogate_operator
 from snlp_lab.solvers import jacobian as jac
 
@@ -70,12 +71,12 @@ def test_surrogate_operator_matches_definition(tiny, idx):
 
 
 def test_profiles_and_choices():
-    assert set(E.PROFILES) == {"smoke", "cpu", "long", "long-x0ve", "paper"}
+    assert set(PROFILES) == {"smoke", "cpu", "long", "long-x0ve", "paper"}
     with pytest.raises(ValueError, match="valid profiles: smoke, cpu, long, paper, long-x0ve"):
-        E.get_profile("gpu")
+        get_profile("gpu")
     with pytest.raises(ValueError, match="valid variants: plain, x0ve, mhc"):
-        E.train_options(E.get_profile("cpu"), "d20")
-    P = E.get_profile("cpu")
+        E.train_options(get_profile("cpu"), "d20")
+    P = get_profile("cpu")
     assert P.variants["mhc"].reg == "hcn" and P.variants["plain"].reg == "idn"
     assert max(P.n_par_set) <= 12 and len(P.seeds) >= 3
 

@@ -124,7 +124,7 @@ def test_every_profile_has_its_speedup_defaults(profile):
     """Each profile's benchmark defaults live in the profile (`Profile.speedup`), not in a table of
     profile names inside bench: smoke takes seconds, cpu and long time T = 128 on a CPU and T = 128 and
     2048 on a GPU, paper the 0.5B model at T = 128 and 2048 on either."""
-    from snlp_lab.lab.experiments import PROFILES
+    from snlp_lab.lab.profiles import PROFILES
     study = PROFILES[profile].speedup
     want = {"smoke": ([16], 4, 1, 0), "paper": ([128, 2048], 32, 10, 2)}.get(profile, ([128], 16, 15, 1))
     s = bench.settings(device="cpu", study=study)

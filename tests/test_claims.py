@@ -1,14 +1,19 @@
 """The claims ledger on hand-written tables: for every claim a case that holds, one that does not and one
 with missing data, with the numbers it must report; the statistics against their formulas; the writer
-and its command line."""
+and its command line, which never writes the committed reports/; and the ledger's imports, which hold no
+training code."""
 import math
 import re
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from snlp_lab.lab import claims as C
 import snlp_lab.claims as claims_cmd
+from test_layout import GRAPH
+
+ROOT = Path(__file__).resolve().parents[1]
 
 S = C.Setting("a test", 4, 32, 10, 1000, "toy text", "cpu", finetune_steps=3)
 T975 = {2: 4.302652729749464, 4: 2.7764451051977987}  # Student-t 97.5% quantiles by degrees of freedom
@@ -71,6 +76,23 @@ def test_relative_change_is_welch_over_the_baseline_mean():
     assert (e.lo, e.hi) == pytest.approx((-10 - half, -10 + half), rel=1e-9)
     assert e.below(0) and not e.above(0)
     assert not C.diff_ci([1.0], [2.0, 3.0]).has_interval
+
+
+def test_last_quarter_change():
+    c = pd.DataFrame({"step": [100, 200, 300, 400], "val_ppl": [80.0, 60.0, 50.0, 45.0]})
+    assert C.last_quarter_change(c) == pytest.approx(100 * (45 / 50 - 1))  # step 300 -> 400
+    assert pd.isna(C.last_quarter_change(c.iloc[-1:]))  # one evaluation: no change to report
+
+
+def test_before_warmdown_change_leaves_the_warm_down_out():
+    # 800 steps, warm-down from step 640: the eighth before it is step 500 -> 600, 60 -> 57
+    c = pd.DataFrame({"step": [100, 200, 300, 400, 500, 600, 700, 800],
+                      "val_ppl": [90.0, 75.0, 66.0, 62.0, 60.0, 57.0, 45.0, 40.0],
+                      "lr_mult": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.7, 0.01]})
+    assert C.before_warmdown_change(c) == pytest.approx(100 * (57 / 60 - 1))
+    assert C.last_quarter_change(c) == pytest.approx(100 * (40 / 57 - 1))  # 600 -> 800, warm-down included
+    assert pd.isna(C.before_warmdown_change(c.drop(columns="lr_mult")))  # a table without the column
+    assert pd.isna(C.before_warmdown_change(c.assign(lr_mult=[0.5] * 7 + [0.1])))  # never at the peak rate
 
 
 # ------------------------------------------------------------------------------------------ (a)
@@ -365,7 +387,8 @@ def test_write_ledger_links_its_evidence(tmp_path, capsys):
     assert "our long-x0ve profile: 12 layers x 64 wide, 7200 steps" in text
 
 
-def test_cli_bad_folder_is_one_error_line(tmp_path, capsys):
+def test_cli_bad_folder_is_one_error_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SNLP_CACHE", str(tmp_path / "cache"))
     assert claims_cmd.main(["--report-dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: report folder") and len(err.strip().splitlines()) == 1
@@ -373,3 +396,56 @@ def test_cli_bad_folder_is_one_error_line(tmp_path, capsys):
     assert "valid profiles: smoke, cpu, long, paper, long-x0ve" in capsys.readouterr().err
     assert claims_cmd.main(["--report-dir"]) == 2
     assert capsys.readouterr().err.startswith("error: argument --report-dir: expected one argument")
+    assert not (tmp_path / "cache" / "scratch").exists()  # bad input makes no scratch folder
+
+
+def test_write_ledger_may_write_beside_the_tables_it_reads(tmp_path):
+    """out_dir: the ledger goes there, its links lead back to the report and figure folders."""
+    reports, figs, out = tmp_path / "reports", tmp_path / "figures", tmp_path / "elsewhere" / "ledger"
+    reports.mkdir(), figs.mkdir()
+    curves(0.5).to_csv(reports / "convergence_curves.csv", index=False)
+    (figs / "convergence_error.png").write_bytes(b"png")
+    path = C.write_ledger(reports, figs, "smoke", out_dir=out, log=lambda *_: None)
+    assert path == out / "claims.md" and (out / "claims.csv").exists()
+    assert sorted(p.name for p in reports.iterdir()) == ["convergence_curves.csv"]  # nothing written there
+    text = path.read_text()
+    assert "[convergence_curves](../../reports/convergence_curves.csv)" in text
+    assert "[convergence_error.png](../../figures/convergence_error.png)" in text
+    assert f"from the tables in `{reports.resolve()}`, profile `smoke`" in text
+
+
+def test_cli_writes_a_scratch_folder_and_leaves_reports_alone(tmp_path, monkeypatch, capsys):
+    """Without --out the command reads the repository's reports/ and writes a new scratch folder; the
+    committed ledger is not touched (make figures rewrites it)."""
+    monkeypatch.setenv("SNLP_CACHE", str(tmp_path))
+    reports = ROOT / "reports"
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in reports.rglob("*") if p.is_file()}
+    assert claims_cmd.main([]) == 0
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in reports.rglob("*") if p.is_file()} == before
+    (scratch,) = (tmp_path / "scratch").iterdir()
+    assert scratch.name.endswith("-claims") and {p.name for p in scratch.iterdir()} == {"claims.md", "claims.csv"}
+    assert f"[claims] wrote {scratch / 'claims.md'}" in capsys.readouterr().out
+    text = (scratch / "claims.md").read_text()
+    assert f"from the tables in `{reports.resolve()}`, profile `cpu`" in text and "**" in text
+    # --out names the folder (the same ledger, its links relative to there); a second run without it gets
+    # a folder of its own
+    assert claims_cmd.main(["--out", str(tmp_path / "mine")]) == 0
+    assert (tmp_path / "mine" / "claims.csv").read_text() == (scratch / "claims.csv").read_text()
+    assert claims_cmd.main([]) == 0 and len(list((tmp_path / "scratch").iterdir())) == 2
+
+
+# ------------------------------------------------------------------------------------------ imports
+def test_the_ledger_imports_no_training_code():
+    """The ledger reads tables: nothing it imports, directly or not, is in snlp_lab.training (static
+    import graph of tests/test_layout.py, imports inside functions included)."""
+    mine = [m for m in GRAPH if m == "snlp_lab.lab.claims" or m.startswith("snlp_lab.lab.claims.")]
+    assert {"snlp_lab.lab.claims.paper", "snlp_lab.lab.claims.stats", "snlp_lab.lab.claims.rules",
+            "snlp_lab.lab.claims.ledger"} <= set(mine)
+    seen, todo = set(mine), list(mine)
+    while todo:
+        for m in GRAPH[todo.pop()] - seen:
+            seen.add(m)
+            todo.append(m)
+    assert "snlp_lab.lab.profiles" in seen  # the graph does follow the ledger's imports
+    assert sorted(m for m in seen if m.startswith("snlp_lab.training")) == []
+    assert "snlp_lab.lab.experiments" not in seen  # which trains

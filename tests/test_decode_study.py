@@ -9,13 +9,14 @@ import torch
 
 import snlp_lab
 from snlp_lab.lab import experiments as E
+from snlp_lab.lab.profiles import PROFILES, get_profile
 from snlp_lab.training import train as T
 from snlp_lab.models.config import get_config
 from snlp_lab.solvers.grammar import parse_config
 
 
 def test_every_profile_recipe_is_a_valid_training_run():
-    for P in E.PROFILES.values():
+    for P in PROFILES.values():
         D = P.decode
         if D is None:
             continue
@@ -41,7 +42,7 @@ def test_recipes_hold_what_they_say():
 
 
 def test_a_fine_tune_starts_from_its_parent_run(monkeypatch):
-    P = E.get_profile("smoke")
+    P = get_profile("smoke")
     trained = []
     monkeypatch.setattr(E, "recipe_model", lambda P, name: trained.append(name))
     opts = E._recipe_options(P, "idn+fwd")

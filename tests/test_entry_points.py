@@ -15,7 +15,7 @@ import snlp_lab.bench as bench_cmd
 from snlp_lab.lab import report
 from snlp_lab.models.checkpoint import load_checkpoint, save_checkpoint
 from snlp_lab.decoding.decoder import Decoder, generate
-from snlp_lab.lab.experiments import PROFILES
+from snlp_lab.lab.profiles import PROFILES
 from snlp_lab.core.paths import repo_root
 from snlp_lab.solvers.solver import NonFiniteError
 

@@ -1,16 +1,23 @@
-"""The experiment profiles' training helpers: other context lengths, parallel training, training curves."""
+"""The experiment profiles' training helpers: other context lengths, parallel training, training curves, and
+the options every profile hands to training (their config hashes name the cached runs)."""
 import dataclasses
+import hashlib
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 
+import snlp_lab
 from snlp_lab.lab import experiments as E
 from snlp_lab.lab.outputs import output_dirs
-from snlp_lab.training.train import _cached_config
+from snlp_lab.lab.profiles import PAPER_TRAINING, PROFILES, is_fused
+from snlp_lab.models.config import get_config
+from snlp_lab.training.train import PAPER_LRS, _cached_config, trained_run_dir
 
-SMOKE = E.PROFILES["smoke"]
+SMOKE = PROFILES["smoke"]
+FIXTURES = Path(__file__).parent / "fixtures"
 
 
 def test_another_context_trains_on_as_many_tokens_per_step():
@@ -25,7 +32,7 @@ def test_another_context_trains_on_as_many_tokens_per_step():
 
 @pytest.mark.parametrize("name", ["cpu", "long"])
 def test_every_regularization_job_resolves(name):
-    P = E.PROFILES[name]
+    P = PROFILES[name]
     jobs = E.regularization_jobs(P)
     assert len(jobs) == len(set(jobs)) and {T for *_, T in jobs} == {P.seq_len, *P.contexts}
     for v, reg, seed, T in jobs:
@@ -37,11 +44,11 @@ def test_every_regularization_job_resolves(name):
 
 
 def test_a_variant_may_train_at_fewer_seeds():
-    P = E.PROFILES["cpu"]  # mHC at seed 0 only: its seeds 1 and 2 did not fit the hour
+    P = PROFILES["cpu"]  # mHC at seed 0 only: its seeds 1 and 2 did not fit the hour
     jobs = E.regularization_jobs(P)
     assert {s for v, _, s, _ in jobs if v == "mhc"} == {0} and {s for v, _, s, _ in jobs if v == "x0ve"} == {0, 1, 2}
     assert len(jobs) == 2 * 3 + 2 * 3 + 2 * 1 + 2 * 3  # plain, x0ve, mhc at T=128; x0ve at T=256
-    assert P.describe()["seeds"] == "[0, 1, 2] (mhc: [0])" and E.PROFILES["long"].describe()["seeds"] == [0, 1, 2]
+    assert P.describe()["seeds"] == "[0, 1, 2] (mhc: [0])" and PROFILES["long"].describe()["seeds"] == [0, 1, 2]
 
 
 def test_parallel_training_equals_training_here(tmp_path, monkeypatch):
@@ -61,23 +68,6 @@ def test_parallel_training_equals_training_here(tmp_path, monkeypatch):
     for j, c in zip(jobs, curves):
         assert list(c.step) == [1, 2, 3]
         assert c.val_ppl.iloc[-1] == pytest.approx(E.ppl(P, E.trained(P, *j), ds, seq_len=j[3]), rel=1e-6)
-
-
-def test_last_quarter_change():
-    c = pd.DataFrame({"step": [100, 200, 300, 400], "val_ppl": [80.0, 60.0, 50.0, 45.0]})
-    assert E.last_quarter_change(c) == pytest.approx(100 * (45 / 50 - 1))  # step 300 -> 400
-    assert pd.isna(E.last_quarter_change(c.iloc[-1:]))  # one evaluation: no change to report
-
-
-def test_before_warmdown_change_leaves_the_warm_down_out():
-    # 800 steps, warm-down from step 640: the eighth before it is step 500 -> 600, 60 -> 57
-    c = pd.DataFrame({"step": [100, 200, 300, 400, 500, 600, 700, 800],
-                      "val_ppl": [90.0, 75.0, 66.0, 62.0, 60.0, 57.0, 45.0, 40.0],
-                      "lr_mult": [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.7, 0.01]})
-    assert E.before_warmdown_change(c) == pytest.approx(100 * (57 / 60 - 1))
-    assert E.last_quarter_change(c) == pytest.approx(100 * (40 / 57 - 1))  # 600 -> 800, warm-down included
-    assert pd.isna(E.before_warmdown_change(c.drop(columns="lr_mult")))  # a table without the column
-    assert pd.isna(E.before_warmdown_change(c.assign(lr_mult=[0.5] * 7 + [0.1])))  # never at the peak rate
 
 
 def test_training_curve_reads_the_learning_rate_of_each_evaluation(tmp_path, monkeypatch):
@@ -117,7 +107,7 @@ def test_speed_picks_are_the_fastest_as_measured_and_are_timed_again():
     p = E.speed_picks(d)
     assert list(zip(p.pick, p.config, p.picked_of)) == [("fused", "idn:K=1:n=4:2xF2:h0", 2), ("close", "idn:K=2:n=4:2xF2", 4)]
     assert list(p.index) == [10, 13]
-    assert E.is_fused("idn:K=1:n=4:2xF2") and not E.is_fused("idn:K=1:n=4:4xF1") and not E.is_fused("idn:K=1:n=4")
+    assert is_fused("idn:K=1:n=4:2xF2") and not is_fused("idn:K=1:n=4:4xF1") and not is_fused("idn:K=1:n=4")
     calls = []
     r = E.retimed(pd.concat([p, p.iloc[:1].assign(pick="again")]), lambda row: calls.append(row.config) or (1.1, 0.9))
     assert calls == ["idn:K=1:n=4:2xF2:h0", "idn:K=2:n=4:2xF2"]  # a row picked twice is timed once
@@ -132,7 +122,7 @@ def test_speed_picks_are_the_fastest_as_measured_and_are_timed_again():
 def test_long_x0ve_trains_the_x0ve_comparison_of_long_three_times_longer():
     """long-x0ve is long's x0ve comparison at its first context, every option but the steps the same:
     its curves say how long that comparison takes to flatten."""
-    L, X = E.PROFILES["long"], E.PROFILES["long-x0ve"]
+    L, X = PROFILES["long"], PROFILES["long-x0ve"]
     assert X.steps == 3 * L.steps and X.eval_every * 12 == X.steps and len(X.seeds) >= 3
     assert E.regularization_jobs(X) == [("x0ve", reg, s, X.seq_len) for reg in ("none", "idn") for s in X.seeds]
     for _, reg, seed, T in E.regularization_jobs(X):
@@ -148,7 +138,73 @@ def test_a_profile_may_run_some_notebooks_only(tmp_path):
     assert every[0] == "regularization" and len(every) == len(figures.ORDER)
     assert [p.stem for p in figures.notebooks("cpu")] == every
     assert [p.stem for p in figures.notebooks("long-x0ve")] == ["regularization"]
-    assert all(set(P.notebooks) <= set(every) for P in E.PROFILES.values())  # no typo drops a notebook
+    assert all(set(P.notebooks) <= set(every) for P in PROFILES.values())  # no typo drops a notebook
     with pytest.raises(ValueError, match="unknown notebook.*'decode' for profile long-x0ve; valid: regularization$"):
         figures.run_all("long-x0ve", fig_dir=tmp_path, report_dir=tmp_path, only=["decode"])
     assert not any(tmp_path.iterdir())  # nothing ran, no ledger written
+
+
+def run_names(P, monkeypatch) -> dict:
+    """job -> "<run folder name> options:<digest>" of every model the profile trains: the regularization
+    study's jobs, the single-seed studies' models (seq_len None) and the decode study's recipes. The run
+    folder is <preset>-<config hash> (`train.config_hash` of the options), the digest that of all the
+    options (run options such as eval_every included). Not hashed, hence set aside: the device (the paper
+    profile's cuda is not needed to name its runs) and the smoke profile's corpus, this package's own
+    folder, which depends on the checkout. A recipe that fine-tunes another (idn+fwd) names its start by
+    run folder; its own hash needs that checkpoint, so its options alone are compared."""
+    monkeypatch.setattr(E, "recipe_model", lambda P, name: None)  # the fine-tune's start: named, not trained
+    package = str(Path(snlp_lab.__file__).resolve().parent)
+    P = dataclasses.replace(P, device="cpu")
+    out = {}
+
+    def add(key, opts):
+        opts = {**opts, "data": "<package>" if opts["data"] == package else opts["data"]}
+        name = "(fine-tune)"
+        if "init_from" in opts:
+            opts["init_from"] = Path(opts["init_from"]).name
+        else:
+            name = trained_run_dir(**opts).name
+        digest = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        out[key] = f"{name} options:{digest}"
+
+    jobs = set(E.regularization_jobs(P)) | {(v, r, P.seeds[0], None) for v, r in E.model_pairs(P)}
+    for j in jobs:
+        add("/".join(map(str, j)), E.train_options(P, *j))
+    if P.decode is not None:
+        for r in E.decode_recipes(get_config(P.decode.preset, **P.decode.overrides).n_layer):
+            add(f"recipe:{r}", E._recipe_options(P, r))
+    return out
+
+
+@pytest.mark.parametrize("name", list(PROFILES))
+def test_every_profile_hands_training_the_options_it_always_did(name, monkeypatch, tmp_path):
+    """The options of every profile's runs, and so the names of their cached runs, are those pinned in
+    fixtures/profile_runs.json (written before the profiles left the training code): a change here would
+    retrain every cached model, so it must be a decision, made by updating that file."""
+    monkeypatch.setenv("SNLP_CACHE", str(tmp_path))
+    pinned = json.loads((FIXTURES / "profile_runs.json").read_text())[name]
+    assert PROFILES[name].device == pinned.pop("device")
+    assert run_names(PROFILES[name], monkeypatch) == pinned
+    assert not (tmp_path / "runs").exists()  # named, nothing trained
+
+
+def test_the_profiles_learning_rates_are_the_paper_recipes():
+    """The profiles write out recipe paper's learning rates (at nanochat's reference batch) to need no
+    training code; they must be the training code's own."""
+    assert PAPER_TRAINING == dict(recipe="paper", **PAPER_LRS)
+    assert all(P.training == PAPER_TRAINING for n, P in PROFILES.items() if n != "paper")
+
+
+def test_experiments_is_the_home_of_every_name_used_from_it():
+    """Notebooks and tests use `E.x` (experiments) only for what experiments defines: the profiles, the
+    ledger's thresholds and statistics come from their own modules, not through it."""
+    import ast
+    root = Path(__file__).resolve().parents[1]
+    tree = ast.parse((root / "snlp_lab" / "lab" / "experiments.py").read_text())
+    defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for x in n.targets for t in ast.walk(x)
+                if isinstance(t, ast.Name)}
+    for path in sorted(root.glob("nb/*.py")) + sorted(root.glob("tests/*.py")):
+        used = {n.attr for n in ast.walk(ast.parse(path.read_text()))
+                if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "E"}
+        assert used <= defined, f"{path.name} uses E.{', E.'.join(sorted(used - defined))}"

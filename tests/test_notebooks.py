@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from snlp_lab.lab import figures
-from snlp_lab.lab.experiments import PROFILES
+from snlp_lab.lab.profiles import PROFILES
 from snlp_lab.lab.report import read_readings
 
 
@@ -122,7 +122,7 @@ def test_claims_ledger_has_every_claim(smoke_run):
 
 def test_decode_study_covers_every_recipe(smoke_run):
     out, _ = smoke_run
-    from snlp_lab.lab.experiments import PROFILES
+    from snlp_lab.lab.profiles import PROFILES
     D = PROFILES["smoke"].decode
     df = pd.read_csv(out / "reports" / "decode.csv")
     assert set(df.recipe) == set(D.recipes) and set(df.config) == set(D.configs)

@@ -19,7 +19,7 @@ import snlp_lab.train as train_cmd
 from snlp_lab.models.checkpoint import load_checkpoint
 from snlp_lab.models.run_folder import read_checkpoint
 from snlp_lab.data import TokenStream, prepare_data, val_batches
-from snlp_lab.lab.experiments import PROFILES
+from snlp_lab.lab.profiles import PROFILES
 from snlp_lab.solvers.ppl import evaluate_ppl, parse_snlp_spec
 from snlp_lab.training.optim import NanochatMuon
 from snlp_lab.core.paths import cache_dir

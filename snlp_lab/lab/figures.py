@@ -9,10 +9,10 @@ figures/ and reports/, long and long-x0ve subfolders of their own, any other pro
 A profile may run some of the notebooks only (`Profile.notebooks`); the ledger's other claims then say
 which table is missing.
 
-After the notebooks the claims ledger (`snlp_lab.claims`) is rewritten from the tables in report_dir:
-claims.md, linked from the index. A partial run (--only) rewrites it too, as the ledger is a function of
-the tables alone and takes seconds; it then reads the new tables beside those of the last full run, and
-it lists each table it read with its write time, so that a mixed ledger shows it.
+After the notebooks the claims ledger (`snlp_lab.lab.claims`) is rewritten from the tables in report_dir
+into report_dir: claims.md, linked from the index. A partial run (--only) rewrites it too, as the ledger
+is a function of the tables alone and takes seconds; it then reads the new tables beside those of the last
+full run, and it lists each table it read with its write time, so that a mixed ledger shows it.
 
     python -m snlp_lab.figures --profile cpu            # the default (about an hour on 2 cores)
     python -m snlp_lab.figures --profile smoke --out /tmp/x   # what the tests run
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .claims import write_ledger
-from .experiments import PROFILES
+from .profiles import PROFILES
 from .outputs import output_dirs
 from .report import write_index, write_run_times
 
@@ -75,7 +75,7 @@ def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path 
         log(f"[figures] {nb.stem} done in {times[nb.stem]:.0f}s")
     if not only:  # a partial run keeps the times of the last full one
         write_run_times(report_dir, profile, times)
-    claims = write_ledger(report_dir, fig_dir, profile, log=log)
+    claims = write_ledger(report_dir, fig_dir, profile, log=log, out_dir=report_dir)
     write_index(report_dir, fig_dir)
     log(f"[figures] wrote {fig_dir} and {report_dir} (index: {report_dir / 'README.md'}, claims: {claims})")
     return times

@@ -116,7 +116,7 @@ def settings(model: str | None = None, device: str = "auto", study: SpeedupStudy
              configs=None, repeats: int | None = None, decode_tokens: int | None = None, warmup: int | None = None,
              threads: int | None = None, checkpoint: str | None = None) -> dict:
     """Check the benchmark's parameters (notebook or command line) and fill the ones left as None from
-    `study` (a profile's `SpeedupStudy`, `snlp_lab.experiments.Profile.speedup`; None: the cpu
+    `study` (a profile's `SpeedupStudy`, `snlp_lab.lab.profiles.Profile.speedup`; None: the cpu
     profile's), the model and the device. Lengths longer than the model's context are dropped from the
     defaults; configurations default to `default_configs` of the model's depth. Raises ValueError
     naming the valid values.

@@ -1,193 +1,46 @@
-"""The claims ledger: each claim of the paper (arXiv 2605.17842; claims (a)-(h), docs/design.md §4) tested on the tables
-that the notebooks wrote, with a verdict from a stated rule.
+"""The claims of the paper (arXiv 2605.17842, docs/design.md §4: claims (a)-(h)) as functions of the
+notebooks' tables, each with the rule that gives its verdict.
 
-    python -m snlp_lab.claims                     # rewrite reports/claims.md from the tables in reports/
-    python -m snlp_lab.claims --report-dir DIR --fig-dir DIR --profile smoke
+A claim function takes the tables (`t`: file stem -> DataFrame, `ledger.read_tables`) and our setting
+(`paper.Setting`) and returns a `Claim`: the claim in our words, our measurement, the paper's number, a
+verdict (`VERDICTS`) with the rule that gave it, a sentence on how and why our number differs from the
+paper's, and the tables and figures behind it. A missing table or column, or too few rows, gives "not
+testable here" with the reason (`need`, `Untestable`); never a NaN. `claim` registers each function in
+`LEDGER`, in the order (a) to (h).
 
-`make figures` writes it after the notebooks (`snlp_lab.figures`). Nothing here is a result: every
-number comes from a CSV table in the report folder (`read_tables`: file stem -> DataFrame), the paper's
-numbers from docs/design.md §4 (`PAPER_V1`, `experiments.PAPER_TABLE_B`), and our setting from the profile
-(`Setting`). Each claim function takes the tables and our setting and returns a `Claim`: the claim in our
-words, our measurement, the paper's number, a verdict (`VERDICTS`) with the rule that gave it, a
-sentence on how and why our number differs from the paper's, and the tables and figures behind it. A
-missing table or column, or too few rows, gives "not testable here" with the reason; never a NaN.
-
-Statistics: over seeds, a mean with its 95% Student-t interval (`mean_ci`); between two sets of models
-(regularised vs baseline), Welch's interval for the difference of means (`diff_ci`), divided by the
-baseline's mean for a relative change (the denominator's own spread is left out). With one seed there is
-no interval, and a verdict that needs one is at most "holds weakly". A speedup counts only when the
-run's own noise supports it: its lower bound from the paired timing rounds (`_faster`).
+The thresholds of the rules are below; each rule's docstring says how it uses them. A verdict that needs
+an interval over seeds is at most "holds weakly" with one seed. A speedup counts only when the run's own
+noise supports it: its lower bound from the paired timing rounds (`_faster`).
 """
 from __future__ import annotations
 
-import datetime
 import fnmatch
 import functools
-import os
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from ..measurement.analysis import PPL_RTOL, finite_termination, ppl_monotone
-from ..core.checks import check_choice
-from ..models.config import get_config
-from .experiments import (CLOSE_PPL_PCT, EQUAL_PPL_PCT, PAPER_TABLE_B, PROFILES, before_warmdown_change, is_fused, last_quarter_change)
-from ..solvers.grammar import parse_config
+from ...measurement.analysis import PPL_RTOL, finite_termination, ppl_monotone
+from ...solvers.grammar import parse_config
+from ..profiles import CLOSE_PPL_PCT, EQUAL_PPL_PCT, is_fused
+from .paper import (PAPER_TABLE_B, PAPER_V1, PAPER_V1_REG_RANGE, PAPER_V2_EQUAL, PAPER_V2_REG_WITHIN, Setting, gap,
+                    paper_v1)
+from .stats import before_warmdown_change, diff_ci, last_quarter_change, mean_ci, pct, relative_change, sign_test
 
 HOLDS, WEAK, NO, UNTESTABLE = "holds", "holds weakly", "does not hold here", "not testable here"
 VERDICTS = (HOLDS, WEAK, NO, UNTESTABLE)
-LEVEL = 0.95  # confidence level of every interval
 
 # Thresholds of the verdict rules (each rule's docstring says how it is used).
 # "close to sequential": PPL at most +CLOSE_PPL_PCT % above the model's own sequential PPL; "equal PPL":
-# at most +EQUAL_PPL_PCT % (`snlp_lab.experiments`, whose `speed_picks` picks what (g) judges)
+# at most +EQUAL_PPL_PCT % (`snlp_lab.lab.profiles`; `experiments.speed_picks` picks what (g) judges)
 FASTER = 1.1  # "faster": at least 1.1x, beyond the run-to-run spread of medians on a shared machine
 # ... and the run's own noise must support a speedup too: its lower bound from the paired rounds
-# (`snlp_lab.timing.speedup_lower_bound`, the tables' *_lo columns) above 1
+# (`measurement.timing.speedup_lower_bound`, the tables' *_lo columns) above 1
 STALL_ERR = 0.1  # Jacobi "stalls": relative error of h_L still >= 10% one iteration before finite termination
 EXACT_ERR = 1e-4  # "exact": relative error of h_L at K = n_par within float32 rounding
 P_VALUE = 0.05  # a sign test "holds" below this two-sided p-value
 FLAT_PCT = 3.0  # a comparison's curve (the mean over seeds) "has flattened": validation PPL within ±3% over the eighth before the warm-down
-
-
-# ------------------------------------------------------------------------------------------ the paper
-# docs/design.md §4, from the paper's v1 (128-token contexts, B = 1 forward, SDPA): (model, configuration,
-# PPL, change against the model's sequential PPL in %, speedup).
-PAPER_V1 = (
-    ("0.5B baseline", "12xF1-h0 K4", 62.01, -10.8, 1.11),
-    ("0.5B IDN", "12xF2-h0 K2", 53.68, +0.8, 2.37),
-    ("0.5B IDN", "2xF6-fwd K1", 44.00, -17.4, 1.37),
-    ("0.5B w/o x0ve baseline", "8xF2-fwd K2", 81.35, -4.0, 1.39),
-    ("0.5B w/o x0ve IDN", "4xF6-h0 K2", 75.09, -6.1, 2.32),
-    ("0.5B w/o x0ve IDN", "4xF4-h0 K4", 72.71, -9.1, 1.24),
-    ("0.5B-mHC HCN", "n20-HCN-h0 K4", 66.56, -1.0, 1.22),
-)
-PAPER_V1_REG_RANGE = (-23.4, -4.7)  # sequential PPL change by the regulariser, v1 (0.5B IDN ... 3B DiagN)
-PAPER_V2_REG_WITHIN = 2.4  # v2 (2048-token contexts): the change is within ±2.4%
-PAPER_V2_EQUAL = ("0.5B w/o x0ve IDN", "1xF12 n12 K1 h0", 0.0, 1.40)  # v2: 1.40x at ±0% PPL
-
-
-def _v1(model: str, config: str) -> tuple:
-    return next(r for r in PAPER_V1 if r[:2] == (model, config))
-
-
-# ------------------------------------------------------------------------------------------ our setting
-@dataclass(frozen=True)
-class Setting:
-    """What a set of numbers comes from: model size, training, data, device; the sentences that compare
-    ours with the paper's are made from two of these."""
-    name: str
-    n_layer: int
-    n_embd: int
-    steps: int
-    tokens: int  # training tokens: steps x batch x context
-    data: str
-    device: str
-    finetune_steps: int = 0
-
-    @classmethod
-    def of(cls, profile: str) -> "Setting":
-        """The setting of a profile of `snlp_lab.experiments` (its first variant's model size)."""
-        check_choice("profile", profile, PROFILES)
-        P = PROFILES[profile]
-        v = next(iter(P.variants.values()))
-        cfg = get_config(v.preset, **v.overrides)
-        data = "the Python standard library's source" if P.data == "stdlib" else f"the corpus {Path(P.data).name}"
-        return cls(f"our {profile} profile", cfg.n_layer, cfg.n_embd, P.steps, P.steps * P.batch_size * P.seq_len,
-                   data, P.device, P.finetune_steps)
-
-    def text(self) -> str:
-        return (f"{self.name}: {self.n_layer} layers x {self.n_embd} wide, {self.steps} steps, {_sci(self.tokens)} "
-                f"training tokens of {self.data}, on {self.device}")
-
-
-# The paper's 0.5B runs (README, "The paper's training runs"): depth 32, width 640, 4800 steps of 2^20 tokens.
-PAPER_SETTING = Setting("the paper's 0.5B models", 32, 640, 4800, 4800 * 2 ** 20, "nanochat's pretraining corpus", "GPU")
-
-
-def _sci(x: float) -> str:
-    """Two significant digits, exponent without '+' and leading zeros: 1.5e5."""
-    m, _, e = f"{x:.1e}".partition("e")
-    return f"{m}e{int(e)}"
-
-
-def gap(ours: Setting) -> str:
-    """Why numbers may differ: the two settings side by side, with the ratio of training tokens."""
-    return (f"It may differ through scale, training length, data and device: {ours.text()}; {PAPER_SETTING.text()} "
-            f"({_sci(PAPER_SETTING.tokens / ours.tokens)} times our training tokens).")
-
-
-# ------------------------------------------------------------------------------------------ statistics
-@dataclass(frozen=True)
-class Estimate:
-    """A mean (or difference of means) with its 95% interval; lo and hi are None without one (fewer than
-    2 seeds, or a non-finite value). n: seeds, or (n_a, n_b) for a difference."""
-    mean: float
-    lo: float | None
-    hi: float | None
-    n: int | tuple
-
-    @property
-    def has_interval(self) -> bool:
-        return self.lo is not None
-
-    def text(self, unit: str = "%", fmt: str = "+.1f") -> str:
-        n = f"n = {self.n[0]} + {self.n[1]} seeds" if isinstance(self.n, tuple) else \
-            f"n = {self.n} seed{'s' * (self.n != 1)}"
-        ci = f" [{self.lo:{fmt}}, {self.hi:{fmt}}]" if self.has_interval else ", no interval"
-        return f"{self.mean:{fmt}}{unit}{ci} ({n})"
-
-    def below(self, x: float) -> bool:
-        """The interval lies below x (False without an interval)."""
-        return self.has_interval and self.hi < x
-
-    def above(self, x: float) -> bool:
-        return self.has_interval and self.lo > x
-
-
-def mean_ci(values, level: float = LEVEL) -> Estimate:
-    """Mean of `values` (one per seed) with its Student-t interval (scipy's one-sample t)."""
-    x = np.asarray(values, dtype=float)
-    if len(x) == 0:
-        raise ValueError("mean_ci needs at least one value")
-    m = float(x.mean())
-    if len(x) < 2 or not np.isfinite(x).all():
-        return Estimate(m, None, None, len(x))
-    if x.std() == 0:  # every seed gave the same number: scipy's interval would be NaN
-        return Estimate(m, m, m, len(x))
-    ci = stats.ttest_1samp(x, 0.0).confidence_interval(level)
-    return Estimate(m, float(ci.low), float(ci.high), len(x))
-
-
-def diff_ci(a, b, level: float = LEVEL) -> Estimate:
-    """mean(a) - mean(b) with Welch's interval (scipy's two-sample t, unequal variances)."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) == 0 or len(b) == 0:
-        raise ValueError("diff_ci needs at least one value on each side")
-    d, n = float(a.mean() - b.mean()), (len(a), len(b))
-    if min(n) < 2 or not (np.isfinite(a).all() and np.isfinite(b).all()):
-        return Estimate(d, None, None, n)
-    if a.std() == 0 and b.std() == 0:
-        return Estimate(d, d, d, n)
-    ci = stats.ttest_ind(a, b, equal_var=False).confidence_interval(level)
-    return Estimate(d, float(ci.low), float(ci.high), n)
-
-
-def relative_change(a, b, level: float = LEVEL) -> Estimate:
-    """100 * (mean(a) / mean(b) - 1) in %, with Welch's interval of mean(a) - mean(b) over mean(b)."""
-    d = diff_ci(a, b, level)
-    base = float(np.mean(b))
-    pct = lambda x: None if x is None else 100 * x / base
-    return Estimate(pct(d.mean), pct(d.lo), pct(d.hi), d.n)
-
-
-def pct(x: float) -> str:
-    """A change in %, signed, one decimal (never rounded toward anything: '±0.0%' only for an exact 0)."""
-    return "±0.0%" if x == 0 else f"{x:+.1f}%"
 
 
 # ------------------------------------------------------------------------------------------ claims
@@ -325,7 +178,7 @@ def _family_k2(t: dict, model: str):
 
 
 @claim("b", "On models trained with the regulariser, one or two IDN iterations come close to the sequential PPL.",
-       f"{pct(_v1('0.5B IDN', '12xF2-h0 K2')[3])} with 2 IDN iterations (0.5B IDN, 12xF2-h0 K2, v1); "
+       f"{pct(paper_v1('0.5B IDN', '12xF2-h0 K2')[3])} with 2 IDN iterations (0.5B IDN, 12xF2-h0 K2, v1); "
        f"{pct(PAPER_V2_EQUAL[2])} with one ({PAPER_V2_EQUAL[0]}, {PAPER_V2_EQUAL[1]}, v2).",
        tables=("regularization_runs", "frontier_all", "regularization"), figures=("regularization", "frontier"))
 def claim_b(t: dict, s: Setting) -> dict:
@@ -483,7 +336,7 @@ def claim_d(t: dict, s: Setting) -> dict:
 @claim("e", "K = n_par iterations recover the sequential model exactly (finite termination); PPL does not "
             "improve monotonically with more iterations.",
        "Exact at K = n_par (docs/design.md §1); fewer iterations can beat exact: 0.5B baseline 12xF1-h0 K4 "
-       f"{pct(_v1('0.5B baseline', '12xF1-h0 K4')[3])} against its sequential PPL (v1).",
+       f"{pct(paper_v1('0.5B baseline', '12xF1-h0 K4')[3])} against its sequential PPL (v1).",
        tables=("convergence_curves", "convergence"), figures=("convergence_error", "convergence_ppl"))
 def claim_e(t: dict, s: Setting) -> dict:
     """(1) exact: the largest relative error of h_L at k = L over every model and method is <= EXACT_ERR.
@@ -515,7 +368,7 @@ def claim_e(t: dict, s: Setting) -> dict:
     differs = ""
     if len(before):
         i = drop.idxmin()
-        ref = _v1("0.5B baseline", "12xF1-h0 K4")[3]
+        ref = paper_v1("0.5B baseline", "12xF1-h0 K4")[3]
         ours += f" (lowest: {before.model[i]} {before.method[i]} K={before.k[i]}, {pct(drop[i])} against sequential)"
         differs = (f"Our lowest PPL at K < L is {pct(drop[i])} against sequential, {drop[i] - ref:+.1f} points from "
                    f"the paper's {pct(ref)}. " + gap(s))
@@ -527,8 +380,8 @@ def claim_e(t: dict, s: Setting) -> dict:
 
 
 @claim("f", "On mHC models, HCN (the residual-mixing surrogate) beats IDN.",
-       f"0.5B-mHC HCN, n20-HCN-h0 K4: {pct(_v1('0.5B-mHC HCN', 'n20-HCN-h0 K4')[3])} against sequential at "
-       f"{_v1('0.5B-mHC HCN', 'n20-HCN-h0 K4')[4]:.2f}x (v1); docs/design.md §4 has no IDN number on mHC.",
+       f"0.5B-mHC HCN, n20-HCN-h0 K4: {pct(paper_v1('0.5B-mHC HCN', 'n20-HCN-h0 K4')[3])} against sequential at "
+       f"{paper_v1('0.5B-mHC HCN', 'n20-HCN-h0 K4')[4]:.2f}x (v1); docs/design.md §4 has no IDN number on mHC.",
        tables=("frontier_all", "jacobians"), figures=("frontier", "jacobian_distance"))
 def claim_f(t: dict, s: Setting) -> dict:
     """Seed-0 mHC models (frontier_all): every HCN configuration paired with the IDN one of the same K,
@@ -551,7 +404,7 @@ def claim_f(t: dict, s: Setting) -> dict:
     ties = len(pairs) - wins - losses
     if wins + losses == 0:
         raise Untestable(f"all {ties} HCN/IDN pairs tie within {PPL_RTOL:g}")
-    pv = stats.binomtest(wins, wins + losses, 0.5).pvalue
+    pv = sign_test(wins, losses)
     ratio = float(np.median([h / i for _, _, h, i in pairs]))
     ours = (f"HCN lower PPL in {wins}, higher in {losses}, tied in {ties} of {len(pairs)} paired configurations on "
             f"{len({m for m, *_ in pairs})} mHC model(s), seed 0; sign test p = {pv:.2g}; median PPL ratio HCN/IDN {ratio:.4f}")
@@ -582,7 +435,7 @@ def _speed(r) -> str:
     return f"{r.speedup:.2f}x" + (f" (>= {r.lo:.2f}x)" if pd.notna(r.lo) else "")
 
 
-def _decode_table(t: dict):
+def decode_table(t: dict):
     """The decode study's table (configuration, decode speedup, PPL change), or None: `decode_goal*` or
     `decode` (nb/decode), rows other than sequential and other than the unregularised "baseline" recipe."""
     names = sorted(n for n in t if fnmatch.fnmatch(n, "decode_goal*")) + (["decode"] if "decode" in t else [])
@@ -626,7 +479,7 @@ def _timed_again(t: dict) -> pd.DataFrame:
 def claim_g(t: dict, s: Setting) -> dict:
     """Regularised seed-0 models: every SNLP configuration's prefill speedup over sequential and PPL change
     against the same model's sequential PPL (frontier_all), and, where the decode study ran, its KV-cached
-    decode speedups with the larger of its PPL changes (`_decode_table`). Where the notebooks timed their
+    decode speedups with the larger of its PPL changes (`decode_table`). Where the notebooks timed their
     picks again (`_timed_again`), each "best" is the fastest configuration as measured, judged on its new
     timing (`experiments.speed_picks`: the fastest of many noisy ratios overstates itself); else the
     fastest of those that count as faster, else of all. Faster: `_faster` (>= FASTER, and the run's lower
@@ -639,7 +492,7 @@ def claim_g(t: dict, s: Setting) -> dict:
     rows = [pd.DataFrame({"what": _what(f, "model_name"), "speedup": f.speedup,
                           "lo": f.get("speedup_lo", float("nan")), "change": f["ppl_change_%"],
                           "fused": f.config.map(is_fused), "pass": "prefill"})]
-    dec = _decode_table(t)
+    dec = decode_table(t)
     if dec is not None:
         rows.append(dec[1].assign(**{"pass": "decode"}))
     a = pd.concat(rows, ignore_index=True)
@@ -673,7 +526,7 @@ def claim_g(t: dict, s: Setting) -> dict:
             + (f" (decode from {dec[0]}.csv)" if dec is not None else ""))
     fused, close = judged(fused), judged(close)
     verdict = HOLDS if fused is not None and _faster(fused) else WEAK if close is not None and _faster(close) else NO
-    _, config, _, ch, sp = _v1("0.5B IDN", "12xF2-h0 K2")
+    _, config, _, ch, sp = paper_v1("0.5B IDN", "12xF2-h0 K2")
     device = str(t["frontier_all"].device.iloc[0]) if "device" in t["frontier_all"].columns else s.device
     if fused is None:
         differs = (f"No fused configuration of ours keeps PPL within +{EQUAL_PPL_PCT:g}%; the paper's has {sp:.2f}x "
@@ -733,73 +586,3 @@ def claim_h(t: dict, s: Setting) -> dict:
                         f"of the same run.",
                 rule=f"lossless: {'yes' if lossless else 'no'}; {what} {_speed(judged)} (holds: >= {FASTER:g}x with "
                      f"the run's lower bound, in brackets, > 1x; weakly: > 1x)")
-
-
-# ------------------------------------------------------------------------------------------ the ledger
-def read_tables(report_dir) -> dict[str, pd.DataFrame]:
-    """Every CSV table of a report folder, by file stem (the ledger's own excepted). Only an empty cell or
-    'nan' is a missing value: text such as 'n/a' (speculative's `identical` when sampling) stays text."""
-    return {p.stem: pd.read_csv(p, keep_default_na=False, na_values=["", "nan", "NaN"])
-            for p in sorted(Path(report_dir).glob("*.csv")) if p.stem != "claims"}
-
-
-def ledger(t: dict, setting: Setting) -> list[Claim]:
-    """Every claim of `LEDGER` on the tables `t`."""
-    return [fn(t, setting) for fn in LEDGER]
-
-
-def _links(c: Claim, report_dir: Path, fig_dir: Path) -> str:
-    out = []
-    for name in c.tables:
-        for ext in ("md", "csv"):
-            if (report_dir / f"{name}.{ext}").exists():
-                out.append(f"[{name}]({name}.{ext})")
-                break
-    for name in c.figures:
-        if (fig_dir / f"{name}.png").exists():
-            out.append(f"[{name}.png]({os.path.relpath(fig_dir / f'{name}.png', report_dir)})")
-    return ", ".join(out) or "—"
-
-
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def write_ledger(report_dir, fig_dir=None, profile: str = "cpu", log=print) -> Path:
-    """Write report_dir/claims.md (and claims.csv) from the tables in report_dir; returns the path.
-    fig_dir: where the figures are (default: figures/ beside report_dir). Raises ValueError if the text
-    would hold a NaN."""
-    report_dir = Path(report_dir)
-    fig_dir = Path(fig_dir) if fig_dir is not None else report_dir.parent / "figures"
-    if not report_dir.is_dir():
-        raise ValueError(f"report folder {report_dir} does not exist: run `make figures` first")
-    setting, own = Setting.of(profile), PROFILES[profile].notebooks
-    t = read_tables(report_dir)
-    rows = ledger(t, setting)
-    stamp = lambda n: datetime.datetime.fromtimestamp((report_dir / f"{n}.csv").stat().st_mtime).strftime("%Y-%m-%d %H:%M")
-    lines = ["# The paper's claims, tested here", "",
-             f"Written by `python -m snlp_lab.claims` (run by `make figures` after the notebooks) from the tables in "
-             f"this folder, profile `{profile}`: {setting.text()}. Each verdict comes from the rule beside it "
-             f"(`snlp_lab/claims.py`); intervals are 95% Student-t over seeds (Welch's for a difference of two sets "
-             f"of models); a speedup's bracket is the lower bound its run's noise supports (one-sided 97% or more "
-             f"with 5 timing rounds or more). Paper numbers: docs/design.md §4 (arXiv 2605.17842)."
-             + (f" This profile runs {', '.join(f'nb/{n}' for n in own)} only (`Profile.notebooks`): a claim "
-                f"whose tables come from another notebook is not testable here." if own else ""), "",
-             "| | claim | ours | paper | verdict | evidence |", "|---|---|---|---|---|---|"]
-    for c in rows:
-        lines.append("| " + " | ".join(_cell(x) for x in (
-            f"({c.key})", c.claim, c.ours, c.paper, f"**{c.verdict}**: {c.rule}", _links(c, report_dir, fig_dir))) + " |")
-    lines += ["", "## Where our numbers differ from the paper's, and why they may", ""]
-    lines += [f"- ({c.key}) {c.differs}" for c in rows if c.differs] or ["- nothing to compare"]
-    dec = _decode_table(t)
-    used = sorted({n for c in rows for n in c.tables if n in t} | ({dec[0]} if dec else set()))
-    lines += ["", "## Tables read", "", "; ".join(f"`{n}.csv` ({stamp(n)})" for n in used) or "none", ""]
-    text = "\n".join(lines)
-    if re.search(r"(?<![a-z])nan(?![a-z])", text, re.IGNORECASE):
-        raise ValueError("the claims ledger would print a NaN; a claim function let one through")
-    path = report_dir / "claims.md"
-    path.write_text(text)
-    pd.DataFrame([dict(key=c.key, claim=c.claim, ours=c.ours, paper=c.paper, verdict=c.verdict, rule=c.rule,
-                       differs=c.differs) for c in rows]).to_csv(report_dir / "claims.csv", index=False)
-    log(f"[claims] wrote {path} (+ .csv): " + ", ".join(f"({c.key}) {c.verdict}" for c in rows))
-    return path

@@ -1,0 +1,91 @@
+"""The paper's numbers that the claims ledger compares with (arXiv 2605.17842, docs/design.md §4), and the
+setting each set of numbers comes from (`Setting`: the paper's 0.5B runs, `PAPER_SETTING`, or one of our
+profiles, `Setting.of`).
+
+PPL is validation perplexity; a change is in % against a reference PPL (the same model's sequential PPL,
+or the baseline's); a speedup is a ratio of wall-clock times (sequential / SNLP).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ...core.checks import check_choice
+from ...models.config import get_config
+from ..profiles import PROFILES
+
+
+# ------------------------------------------------------------------------------------------ the paper
+# docs/design.md §4, from the paper's v1 (128-token contexts, B = 1 forward, SDPA): (model, configuration,
+# PPL, change against the model's sequential PPL in %, speedup).
+PAPER_V1 = (
+    ("0.5B baseline", "12xF1-h0 K4", 62.01, -10.8, 1.11),
+    ("0.5B IDN", "12xF2-h0 K2", 53.68, +0.8, 2.37),
+    ("0.5B IDN", "2xF6-fwd K1", 44.00, -17.4, 1.37),
+    ("0.5B w/o x0ve baseline", "8xF2-fwd K2", 81.35, -4.0, 1.39),
+    ("0.5B w/o x0ve IDN", "4xF6-h0 K2", 75.09, -6.1, 2.32),
+    ("0.5B w/o x0ve IDN", "4xF4-h0 K4", 72.71, -9.1, 1.24),
+    ("0.5B-mHC HCN", "n20-HCN-h0 K4", 66.56, -1.0, 1.22),
+)
+PAPER_V1_REG_RANGE = (-23.4, -4.7)  # sequential PPL change by the regulariser, v1 (0.5B IDN ... 3B DiagN)
+PAPER_V2_REG_WITHIN = 2.4  # v2 (2048-token contexts): the change is within ±2.4%
+PAPER_V2_EQUAL = ("0.5B w/o x0ve IDN", "1xF12 n12 K1 h0", 0.0, 1.40)  # v2: 1.40x at ±0% PPL
+
+# v1 (docs/design.md §4): sequential PPL without ("base") and with ("reg_ppl") the regulariser `reg`, by our
+# variant of the same model family; None where the paper gives no baseline.
+PAPER_TABLE_B = {
+    "x0ve": {"model": "0.5B", "reg": "idn", "base": 69.54, "reg_ppl": 53.25},
+    "plain": {"model": "0.5B w/o x0ve", "reg": "idn", "base": 84.74, "reg_ppl": 79.96},
+    "mhc": {"model": "0.5B-mHC", "reg": "hcn", "base": None, "reg_ppl": 67.23},
+}
+
+
+def paper_v1(model: str, config: str) -> tuple:
+    """The row of `PAPER_V1` of this model and configuration."""
+    return next(r for r in PAPER_V1 if r[:2] == (model, config))
+
+
+# ------------------------------------------------------------------------------------------ our setting
+@dataclass(frozen=True)
+class Setting:
+    """What a set of numbers comes from: model size, training, data, device; the sentences that compare
+    ours with the paper's are made from two of these."""
+    name: str
+    n_layer: int
+    n_embd: int
+    steps: int
+    tokens: int  # training tokens: steps x batch x context
+    data: str
+    device: str
+    finetune_steps: int = 0
+
+    @classmethod
+    def of(cls, profile: str) -> "Setting":
+        """The setting of a profile of `snlp_lab.lab.profiles` (its first variant's model size)."""
+        check_choice("profile", profile, PROFILES)
+        P = PROFILES[profile]
+        v = next(iter(P.variants.values()))
+        cfg = get_config(v.preset, **v.overrides)
+        data = "the Python standard library's source" if P.data == "stdlib" else f"the corpus {Path(P.data).name}"
+        return cls(f"our {profile} profile", cfg.n_layer, cfg.n_embd, P.steps, P.steps * P.batch_size * P.seq_len,
+                   data, P.device, P.finetune_steps)
+
+    def text(self) -> str:
+        return (f"{self.name}: {self.n_layer} layers x {self.n_embd} wide, {self.steps} steps, {_sci(self.tokens)} "
+                f"training tokens of {self.data}, on {self.device}")
+
+
+# The paper's 0.5B runs (README, "The paper's training runs"): depth 32, width 640, 4800 steps of 2^20 tokens.
+PAPER_SETTING = Setting("the paper's 0.5B models", 32, 640, 4800, 4800 * 2 ** 20, "nanochat's pretraining corpus", "GPU")
+
+
+def _sci(x: float) -> str:
+    """Two significant digits, exponent without '+' and leading zeros: 1.5e5."""
+    m, _, e = f"{x:.1e}".partition("e")
+    return f"{m}e{int(e)}"
+
+
+def gap(ours: Setting) -> str:
+    """Why numbers may differ: the two settings side by side, with the ratio of training tokens."""
+    return (f"It may differ through scale, training length, data and device: {ours.text()}; {PAPER_SETTING.text()} "
+            f"({_sci(PAPER_SETTING.tokens / ours.tokens)} times our training tokens).")
