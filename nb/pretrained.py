@@ -32,8 +32,9 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/P, reports/P for P = long, long-x0ve), else a scratch folder
+fig_dir = None  # None: a new scratch folder of this run (printed below); see publish
 report_dir = None  # relative paths are relative to the repository root
+publish = False  # True from make figures alone: write the profile's committed figures/ and reports/
 variant = None  # None: "plain"
 # a run folder or checkpoint written by snlp_lab.train; "" = none
 checkpoint = ""
@@ -57,15 +58,13 @@ from snlp_lab.models.hf import hf_config, load_hf
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 
 P = E.get_profile(profile)
-# only make figures' own run (the defaults) writes the committed results; a model of the user's own does not
-custom = bool(variant or checkpoint or hf_model)
 variant = variant or "plain"
 E.check_choice("variant", variant, [v for v, var in P.variants.items() if "idn" in var.regs])
 checkpoint = check_path("checkpoint", checkpoint)  # loaded now: a bad path fails before any training
 given = load_checkpoint(checkpoint).eval().requires_grad_(False) if checkpoint else None
 if hf_model:
     hf_config(hf_model)  # a folder that is not a supported causal LM fails here, before any training
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, publish, "pretrained")
 
 # %%
 ds = E.dataset(P)

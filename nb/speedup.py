@@ -39,8 +39,9 @@ decode_tokens = None
 compile = False  # torch.compile the block function for the baseline and SNLP alike
 threads = None  # CPU threads; None: 1 on a CPU (steady on a shared machine), torch's default on a GPU
 profile = "cpu"  # smoke | cpu | long | paper (snlp_lab.experiments.PROFILES)
-fig_dir = None  # None: figures/ and reports/ for a make-figures run, else a scratch folder
+fig_dir = None  # None: a new scratch folder of this run (printed below); see publish
 report_dir = None  # relative paths are relative to the repository root
+publish = False  # True from make figures alone: write the profile's committed figures/ and reports/
 
 # %%
 import torch
@@ -57,10 +58,7 @@ if compile:
     compile_options(compile)  # a mode torch.compile lacks fails here
 S = bench.settings(model, device, P.speedup, seq_lens, configs, repeats, decode_tokens, threads=threads,
                    checkpoint=checkpoint)
-# only make figures' own run (default settings, random weights) writes the committed results
-custom = (any(v is not None for v in (model, seq_lens, configs, checkpoint, repeats, decode_tokens, threads))
-          or compile or device != "auto")
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, publish, "speedup")
 S
 
 # %%

@@ -89,11 +89,13 @@ def test_training_curve_reads_the_learning_rate_of_each_evaluation(tmp_path, mon
     assert c.to_dict("list") == {"step": [1, 2], "val_ppl": [80.0, 70.0], "lr_mult": [1.0, 0.25]}
 
 
-def test_long_profiles_write_their_own_folders(tmp_path, monkeypatch):
+def test_long_profiles_publish_into_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.setattr("snlp_lab.lab.outputs.repo_root", lambda: tmp_path)
-    assert output_dirs("long", log=lambda *_: None) == (tmp_path / "figures/long", tmp_path / "reports/long")
-    assert output_dirs("long-x0ve", log=lambda *_: None) == (tmp_path / "figures/long-x0ve", tmp_path / "reports/long-x0ve")
-    assert output_dirs("cpu", log=lambda *_: None) == (tmp_path / "figures", tmp_path / "reports")
+    quiet = dict(log=lambda *_: None)
+    assert output_dirs("long", publish=True, **quiet) == (tmp_path / "figures/long", tmp_path / "reports/long")
+    assert output_dirs("long-x0ve", publish=True, **quiet) == (tmp_path / "figures/long-x0ve",
+                                                                 tmp_path / "reports/long-x0ve")
+    assert output_dirs("cpu", publish=True, **quiet) == (tmp_path / "figures", tmp_path / "reports")
 
 
 def test_curve_summary_averages_seeds():
