@@ -199,14 +199,17 @@ def test_a_hand_picked_parameter_keeps_the_committed_results(tmp_path, monkeypat
     reports: any other value of any parameter sends the run to the scratch folder. (Notebooks once
     counted only some of their parameters: another variant's results, or timings with other threads,
     overwrote the committed ones.)"""
-    from snlp_lab.models import hf
+    from types import SimpleNamespace
+
+    from snlp_lab.models import loader
     from snlp_lab.lab import outputs as params
     from snlp_lab.models.build import build_model
     from snlp_lab.models.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
     save_checkpoint(run, build_model("tiny"), step=1, train_config={"model": "tiny"})
-    monkeypatch.setattr(hf, "hf_config", lambda folder: None)  # stands for a transformers folder
+    # stands for a model folder with its tokenizer (nb/pretrained loads its models in the settings cell)
+    monkeypatch.setattr(loader, "load_model", lambda spec: SimpleNamespace(require_tokenizer=lambda: None))
     # a valid value other than the default, for every parameter but the profile and the output folders
     picked = dict(recipes="baseline", configs="sequential", decoders="eager", probes=4, power_iters=5,
                   variant="x0ve", checkpoint=str(run), hf_model=str(tmp_path), reg="none", drafts="idn:K=1:n=12",
