@@ -146,7 +146,7 @@ def test_a_notebook_run_by_hand_leaves_the_committed_results_alone(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the bench CLI
 @pytest.mark.parametrize("argv, msg", [
-    (["--model", "1b"], "valid models: 0.5b"), (["--model", "tiny", "--configs", "idn:n=9"], "n_par must be an integer in 1..4"),
+    (["--model", "1b"], "unknown model '1b'"), (["--model", "tiny", "--configs", "idn:n=9"], "n_par must be an integer in 1..4"),
     (["--model", "tiny", "--configs", "foo:K=1"], "unknown method 'foo'"),
     (["--model", "tiny", "--configs", "idn:2x3"], "cannot read"), (["--model", "tiny", "--seq-lens", "0"], "must be >= 1"),
     (["--model", "tiny", "--repeats", "0"], "repeats must be >= 1"),

@@ -313,7 +313,7 @@ def test_evaluate_command(run, capsys):
 
 
 @pytest.mark.parametrize("main,args,msg", [
-    (generate_main, ["--checkpoint", "/nonexistent", "--prompt", "x", "--max-new-tokens", "2"], "no checkpoint at"),
+    (generate_main, ["--checkpoint", "/nonexistent", "--prompt", "x", "--max-new-tokens", "2"], "/nonexistent does not exist"),
     (generate_main, ["--prompt", "x", "--max-new-tokens", "2"], "--checkpoint"),
     (generate_main, ["RUN", "--prompt", "x", "--max-new-tokens", "2", "--config", "idn:n=99"], "1..4"),
     (generate_main, ["RUN", "--prompt", "x", "--max-new-tokens", "99"], "sequence_len"),

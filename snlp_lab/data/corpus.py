@@ -575,11 +575,13 @@ def _encoded_chunks(corpus: Corpus, split: str, tokenizer: Tokenizer) -> Iterato
 
 def encode_split(source: str | os.PathLike | Corpus, tokenizer: Tokenizer, split: str = "val") -> np.ndarray:
     """One split of a corpus (see `load_corpus`) encoded with a given tokenizer, every document BOS-first
-    as `prepare_data` does: uint16 [N], in memory, not cached. For evaluating a trained model (with its
-    own tokenizer) on any text; with the run's training corpus it gives that run's validation tokens."""
+    as `prepare_data` does: [N] of `token_dtype(tokenizer.vocab_size)` (uint16, uint32 past 65536 ids), in
+    memory, not cached. For evaluating a trained model (with its own tokenizer) on any text; with the
+    run's training corpus it gives that run's validation tokens."""
     corpus = source if isinstance(source, Corpus) else load_corpus(source)
-    chunks = [np.asarray(ids, dtype=np.uint16) for _, ids in _encoded_chunks(corpus, split, tokenizer)]
-    return np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
+    dtype = token_dtype(tokenizer.vocab_size)
+    chunks = [np.asarray(ids, dtype=dtype) for _, ids in _encoded_chunks(corpus, split, tokenizer)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype)
 
 
 def _chunks(docs: Iterator[tuple[str, str]], max_chars: int = 1 << 20,

@@ -17,7 +17,8 @@ intact. Files of older steps are removed once the new JSON is in place.
     load_checkpoint("runs/abc", model)             # into an existing model (same config or ValueError)
 
 `load_checkpoint` also reads a nanochat checkpoint folder (model_<step>.pt + meta_<step>.json, newest
-step; see `snlp_lab.nanochat`), so every `checkpoint` option takes either kind.
+step; see `snlp_lab.nanochat`) into a given model. What a model string names, for every entry point, is
+decided by `snlp_lab.models.loader.load_model`.
 """
 from __future__ import annotations
 

@@ -142,13 +142,14 @@ def convert_state_dict(state: dict, model) -> dict:
 
 
 def load_nanochat(path: str | os.PathLike, step: int | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """The model of a nanochat checkpoint folder at `step` (default: the newest), in eval mode.
 
     path: the folder with model_<step:06d>.pt and meta_<step:06d>.json. The config comes from the meta
     file (`nanochat_config`), the weights are mapped by `convert_state_dict` and cast to `dtype`.
     When nanochat's tokenizer lies beside the folder (tokenizer/tokenizer.pkl in the folder or one or
-    two levels up, as nanochat's base_dir has it) it is attached as `model.tokenizer` (else None).
+    two levels up, as nanochat's base_dir has it) it is attached as `model.tokenizer` (else None;
+    always None with tokenizer=False, which reads no tokenizer).
     Raises ValueError for a missing folder or step and for unknown, missing or mis-shaped keys.
     """
     path = Path(path)
@@ -165,7 +166,7 @@ def load_nanochat(path: str | os.PathLike, step: int | None = None, device: str 
     state = torch.load(path / f"model_{step:06d}.pt", map_location="cpu", weights_only=True)
     model = build_model(cfg).to(dtype)
     model.load_state_dict(convert_state_dict(state, model))
-    model.tokenizer = load_nanochat_tokenizer(path)
+    model.tokenizer = load_nanochat_tokenizer(path) if tokenizer else None
     return model.to(device).eval()
 
 
