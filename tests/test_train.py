@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +20,7 @@ import snlp_lab.train as train_cmd
 from snlp_lab.models.checkpoint import load_checkpoint
 from snlp_lab.models.run_folder import read_checkpoint
 from snlp_lab.data import TokenStream, prepare_data, val_batches
-from snlp_lab.lab.experiments import PROFILES
+from snlp_lab.lab.experiments import PROFILES, train_options
 from snlp_lab.solvers.ppl import evaluate_ppl, parse_snlp_spec
 from snlp_lab.training.optim import NanochatMuon
 from snlp_lab.core.paths import cache_dir
@@ -298,6 +299,28 @@ def test_later_options_keep_old_runs(corpus, tmp_path):
     assert len(hashes | {T.config_hash(cfg)}) == 5
     diagn = dataclasses.replace(cfg, reg="diagn")
     assert T.config_hash(diagn) != T.config_hash(dataclasses.replace(diagn, reg_fd_eps=0.01))
+
+
+def test_cached_run_hashes_are_stable():
+    """The run folders of cached runs, pinned: a change to how a config is resolved or hashed that moves
+    them would orphan every cached run and committed result. (A preset whose architecture changes moves
+    its runs on purpose: the hash covers the model config.)"""
+    P = PROFILES["cpu"]
+    cached = {f"{v}/{reg}": Path(T._cached_config(**train_options(P, v, reg, 0)).out).name
+              for v in ("plain", "x0ve", "mhc") for reg in ("none", "idn")}
+    assert cached == {"plain/none": "cpu-plain-c0bbfc06667b7d78", "plain/idn": "cpu-plain-81da8ebb3515370a",
+                      "x0ve/none": "cpu-e12639eb5d2982c8", "x0ve/idn": "cpu-f236368272bf9e39",
+                      "mhc/none": "cpu-mhc-7429aa3bb17ddba8", "mhc/idn": "cpu-mhc-fc037a515f1a4fb3"}
+    assert T.config_hash(TrainConfig()) == "03d258ac219cc1f5"
+    names = [T.run_dir(c).name for c in (
+        TrainConfig(model="cpu-plain", recipe="paper", steps=300),
+        TrainConfig(model="cpu-plain", recipe="paper", steps=300, batch_size=8, matrix_lr=0.01, weight_decay=0.1,
+                    lr_final_frac=0.05),
+        TrainConfig(model="cpu-plain", objective="snlp-forward", iters=2, n_par=4, init="fwd", steps=100),
+        TrainConfig(model="cpu", reg="diagn", reg_fd_eps=0.01, reg_shared_probe=True, reg_positions="paper",
+                    stride=2, n_par_set=(2, 4)))]
+    assert names == ["cpu-plain-9a7bca0ca888736b", "cpu-plain-6b2e8f8ea8fb4d34", "cpu-plain-a05c5d4f13511f05",
+                     "cpu-24dadd1673153831"]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
