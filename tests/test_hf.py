@@ -223,7 +223,7 @@ def test_a_tokenizer_without_bos_starts_documents_with_eos(tmp_path, text):
 
 # ------------------------------------------------------------------------------------------ fine-tuning
 def test_fine_tuning_with_the_regularizer_loads_back_and_resumes(llama, text, tmp_path):
-    from snlp_lab.training import train as T
+    import snlp_lab.training as T
     base = dict(init_from_hf=str(llama), data=str(text), seq_len=16, batch_size=4, steps=4, reg="idn", lam=1.0,
                 n_par_set=(2, 4), warmup_frac=0.0, eval_batches=2, eval_snlp=f"idn:K=1:n={L}", progress=False)
     full = T.train(T.TrainConfig(**base, out=str(tmp_path / "full")))
