@@ -32,7 +32,7 @@ from .models import mhc
 from .decoding.decoder import Decoder, generate
 from .decoding.speculative import SpeculativeStats, speculative_generate
 from .data import prepare_data
-from .training.train import TrainConfig, trained_model
+from .training import TrainConfig, trained_model
 
 __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model", "SURROGATES", "NonFiniteError",
            "SolveResult", "SNLPConfig", "parse_config", "methods", "register_surrogate", "solve", "Decoder", "generate",

@@ -193,7 +193,7 @@ def test_devices_are_checked_against_the_gpus_torch_sees(monkeypatch):
         with pytest.raises(ValueError, match="torch sees 2 GPU"):
             resolve_device(bad)
     # train takes cuda:N as the other commands do, except under torchrun, which places each process itself
-    from snlp_lab.training.train import TrainConfig, resolve
+    from snlp_lab.training import TrainConfig, resolve
     assert resolve(TrainConfig(model="tiny", device="cuda:1")).device == "cuda:1"
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="torchrun puts each process on cuda:LOCAL_RANK"):

@@ -8,7 +8,7 @@ import torch
 
 from snlp_lab.lab import experiments as E
 from snlp_lab.lab.outputs import output_dirs
-from snlp_lab.training.train import _cached_config
+from snlp_lab.training.runs import cached_config
 
 SMOKE = E.PROFILES["smoke"]
 
@@ -18,7 +18,7 @@ def test_another_context_trains_on_as_many_tokens_per_step():
     assert (o["batch_size"], o["seq_len"], o["sequence_len"]) == (2, 64, 64)  # 4 x 32 = 2 x 64 tokens
     assert E.train_options(SMOKE, "x0ve", "idn", 1)["batch_size"] * SMOKE.seq_len == 2 * 64
     assert "sequence_len" not in E.train_options(SMOKE, "x0ve", "idn", 1, 16)  # the preset's context holds it
-    assert _cached_config(**o).seq_len == 64  # resolves
+    assert cached_config(**o).seq_len == 64  # resolves
     with pytest.raises(ValueError, match="seq_len=48 does not divide the profile's 128 tokens per step"):
         E.train_options(SMOKE, "x0ve", "idn", 1, 48)
 
@@ -29,7 +29,7 @@ def test_every_regularization_job_resolves(name):
     jobs = E.regularization_jobs(P)
     assert len(jobs) == len(set(jobs)) and {T for *_, T in jobs} == {P.seq_len, *P.contexts}
     for v, reg, seed, T in jobs:
-        cfg = _cached_config(**E.train_options(P, v, reg, seed, T))
+        cfg = cached_config(**E.train_options(P, v, reg, seed, T))
         assert cfg.seq_len * cfg.batch_size == P.seq_len * P.batch_size and cfg.recipe == "paper"
     # every family has its baseline at every context it is trained at, over every seed
     for v, reg, seed, T in jobs:

@@ -20,7 +20,7 @@ from snlp_lab.decoding.decoder import Decoder, generate
 from snlp_lab.solvers.ppl import evaluate_ppl
 from snlp_lab.decoding.speculative import SpeculativeStats, next_token_probs, predicted_speedup, speculative_generate, verify
 from snlp_lab.lab.speculative_study import measure, retime_fastest
-from snlp_lab.training.train import TrainConfig, train
+from snlp_lab.training import TrainConfig, train
 
 from conftest import randomize
 

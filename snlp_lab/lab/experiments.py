@@ -28,7 +28,7 @@ from ..models.run_folder import is_finished
 from ..models.config import get_config
 from ..core.checks import check_choice
 from ..solvers.grammar import parse_chunks, parse_config
-from ..training.train import PAPER_LRS, trained_model, trained_run_dir
+from ..training import PAPER_LRS, trained_model, trained_run_dir
 
 
 @dataclass(frozen=True)
