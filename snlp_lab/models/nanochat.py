@@ -26,6 +26,7 @@ logits the same way).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -177,10 +178,19 @@ class NanochatTokenizer:
 
     BOS = "<|bos|>"
 
-    def __init__(self, enc):
+    def __init__(self, enc, digest: str = ""):
         self.enc = enc
         self.bos_id = enc.encode_single_token(self.BOS)
         self.vocab_size = enc.n_vocab
+        self.digest = digest  # sha256 of the pickle it came from
+
+    def pickle(self) -> bytes:
+        """The tiktoken Encoding as nanochat stores it (tokenizer/tokenizer.pkl)."""
+        return pickle.dumps(self.enc)
+
+    def fingerprint(self) -> str:
+        """Names the data cache of text it encoded (`snlp_lab.data.prepare_data`)."""
+        return self.digest or hashlib.sha256(repr(sorted(self.enc._mergeable_ranks.items())).encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
@@ -201,8 +211,8 @@ def load_nanochat_tokenizer(path: str | os.PathLike):
         pkl = folder / "tokenizer" / "tokenizer.pkl"
         if pkl.is_file():
             try:
-                with open(pkl, "rb") as f:
-                    return NanochatTokenizer(pickle.load(f))
+                blob = pkl.read_bytes()
+                return NanochatTokenizer(pickle.loads(blob), hashlib.sha256(blob).hexdigest())
             except ModuleNotFoundError as e:
                 raise ValueError(f"nanochat's tokenizer {pkl} needs the package {e.name!r}: "
                                  f"pip install {e.name}") from None

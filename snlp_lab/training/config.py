@@ -33,6 +33,8 @@ from ..core.cli import comma_ints, option
 from ..models.checkpoint import checkpoint_weights
 from ..models.config import GPTConfig, get_config, resolve_device
 from ..models.hf import HFConfig, hf_config
+from ..models.loader import model_info
+from ..models.run_folder import hf_weights_folder
 from ..solvers.grammar import INITS, SNLPConfig, parse_chunks, parse_config
 from ..solvers.solver import SURROGATES
 from .regularizer import POSITIONS, check_n_par_set
@@ -206,7 +208,36 @@ def model_config(cfg: TrainConfig) -> GPTConfig | HFConfig:
     over = parse_overrides(cfg.override)
     if cfg.vocab_size is not None:
         over["vocab_size"] = cfg.vocab_size
+    if cfg.init_from is not None:  # a run or nanochat folder (`start_from`): its own model
+        saved = model_info(cfg.init_from).config
+        default_model = TrainConfig.__dataclass_fields__["model"].default
+        if (cfg.model != default_model or over) and get_config(cfg.model, **over) != saved:
+            raise ValueError(f"--init-from {cfg.init_from} holds a model of another config than --model "
+                             f"{cfg.model}{' with the overrides' if over else ''}; leave --model, --override and "
+                             f"--vocab-size out: the folder's own config is trained")
+        return saved
     return get_config(cfg.model, **over)
+
+
+def start_from(cfg: TrainConfig) -> TrainConfig:
+    """--init-from through the one loader (`snlp_lab.models.loader`): a run folder or a nanochat folder
+    stays init_from (its model and tokenizer start the run); a Hugging Face folder, or a run that
+    fine-tuned one, is --init-from-hf. Raises ValueError for a preset or a path that names no model."""
+    if cfg.init_from is None:
+        return cfg
+    if cfg.init_from_hf is not None:
+        raise ValueError("give one of --init-from (a model folder) and --init-from-hf (a Hugging Face folder)")
+    info = model_info(cfg.init_from)
+    if info.kind == "preset":
+        raise ValueError(f"--init-from takes a model folder (a run, nanochat or Hugging Face folder); "
+                         f"{cfg.init_from!r} is a preset: train it from scratch with --model {cfg.init_from}")
+    if info.kind == "hf":
+        return dataclasses.replace(cfg, init_from=None, init_from_hf=cfg.init_from)
+    if info.kind == "run" and isinstance(info.config, HFConfig):
+        return dataclasses.replace(cfg, init_from=None, init_from_hf=str(hf_weights_folder(cfg.init_from)))
+    if info.kind == "run":
+        checkpoint_weights(cfg.init_from)  # an incomplete run fails here, before any data is read
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------ resolve
@@ -215,6 +246,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     batch_size, the learning rates, weight_decay, n_par_set, n_par and vocab_size set; override sorted;
     init_from_hf an absolute path (and model "hf"). Resolving a resolved config gives it back.
     Raises ValueError with what to change; reads no data (a checkpoint's or HF folder's config only)."""
+    cfg = start_from(cfg)
     mcfg = model_config(cfg)
     L = mcfg.n_layer
     npset = cfg.n_par_set
@@ -289,8 +321,6 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     resolve_device(cfg.device)  # unknown names, or a GPU torch does not see, fail here
     if cfg.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"torchrun puts each process on cuda:LOCAL_RANK; use --device cuda, not {cfg.device!r}")
-    if cfg.init_from is not None:  # a missing or incomplete checkpoint fails here, before any data is read
-        checkpoint_weights(cfg.init_from)
     if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
         raise ValueError(f"stop_at must be in 1..steps={cfg.steps}, got {cfg.stop_at}")
     return cfg

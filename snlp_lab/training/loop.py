@@ -33,9 +33,10 @@ from tqdm import tqdm
 
 from ..data import TokenStream, prepare_data
 from ..models.build import build_model
-from ..models.checkpoint import TOKENIZER_JSON, load_checkpoint, load_optim_state, save_checkpoint, set_rng_state
+from ..models.checkpoint import load_checkpoint, load_optim_state, save_checkpoint, save_tokenizer, set_rng_state
 from ..models.config import resolve_device
 from ..models.hf import load_hf
+from ..models.loader import load_model
 from ..models.run_folder import has_checkpoint, is_finished, read_checkpoint
 from ..solvers.ppl import evaluate_ppl, parse_snlp_specs
 from ..solvers.solver import SURROGATES, NonFiniteError
@@ -103,12 +104,16 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
         print(f"[train] recipe paper: batch {cfg.batch_size} x {cfg.seq_len} = {cfg.batch_size * cfg.seq_len:,} tokens, "
               + ", ".join(f"{k} {getattr(cfg, k):.6g}" for k in (*PAPER_LRS, "weight_decay")), flush=True)
     torch.manual_seed(cfg.seed)
+    tokenizer = cfg.init_from_hf  # the data is read with the starting model's tokenizer, if there is one
     if cfg.init_from_hf is not None:  # fine-tuning in float32; autocast gives bf16 compute on a GPU
         model = load_hf(cfg.init_from_hf, dtype=torch.float32).train().to(device)
+    elif cfg.init_from is not None:  # a run or nanochat folder, through the one loader
+        start = load_model(cfg.init_from, device)
+        model, tokenizer = start.model.train(), start.require_tokenizer()
     else:
         model = build_model(model_config(cfg)).to(device)
     _check_surrogates(model, cfg)
-    ds = _load_data(cfg, d)
+    ds = _load_data(cfg, d, tokenizer)
     if cfg.batch_size % d.world:
         raise ValueError(f"batch_size={cfg.batch_size} must be divisible by the number of processes {d.world}")
     if cfg.device_batch_size and (cfg.batch_size // d.world) % cfg.device_batch_size:
@@ -116,8 +121,6 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
                          f"not a multiple of device_batch_size={cfg.device_batch_size}")
     stream = TokenStream(ds.train, cfg.batch_size // d.world, cfg.seq_len, seed=cfg.seed, rank=d.rank,
                          world_size=d.world, device=device)
-    if cfg.init_from is not None and ckpt is None:
-        load_checkpoint(cfg.init_from, model)
     opts = build_optimizers(model, cfg)
     mult = lambda s: lr_multiplier(s, cfg.steps, cfg.lr_warmup_frac, cfg.lr_warmdown_frac, cfg.lr_final_frac)
     scheds = [torch.optim.lr_scheduler.LambdaLR(o, mult) for o in opts]
@@ -129,7 +132,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
         if cfg.init_from_hf is None:  # the run reads and writes text without data settings
-            ds.tokenizer.save(out / TOKENIZER_JSON)  # (a transformers model's tokenizer stays in its folder)
+            save_tokenizer(out, ds.tokenizer)
 
     net = SNLPLoss(model, cfg)
     if d.world > 1:
@@ -276,12 +279,13 @@ def _read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
     return [m for m in lines if max_step is None or m["step"] <= max_step]
 
 
-def _load_data(cfg: TrainConfig, d: _Dist):
-    """Prepare the dataset (rank 0 first: it builds the cache the others read) and check its size."""
+def _load_data(cfg: TrainConfig, d: _Dist, tokenizer=None):
+    """Prepare the dataset (rank 0 first: it builds the cache the others read) and check its size.
+    tokenizer: the starting model's (a Hugging Face folder, or a tokenizer object); None trains a BPE."""
     if not d.main:
         d.barrier()
     ds = prepare_data(cfg.data, vocab_size=cfg.vocab_size, progress=cfg.progress if d.main else False,
-                      tokenizer=cfg.init_from_hf)
+                      tokenizer=tokenizer)
     if d.main:
         d.barrier()
     need = cfg.batch_size * cfg.seq_len + 1
