@@ -20,17 +20,20 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# --publish: only this target writes the committed figures/ and reports/ (any other run: a scratch folder)
 figures: $(STAMP)
-	$(PY) -m snlp_lab.figures --profile $(PROFILE)
+	$(PY) -m snlp_lab.figures --profile $(PROFILE) --publish
 
 # The GPU check runs with whatever Python has CUDA torch: .venv when it exists (see the README's GPU
-# route), else python3 (a GPU machine's own). It installs nothing. SMOKE=1: the CPU code path at toy size.
+# route), else python3 (a GPU machine's own). It installs nothing. It writes the committed reports/gpu;
+# SMOKE=1: the CPU code path at toy size, into a scratch folder.
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
-	PYTHONPATH=. $(GPU_PY) -m snlp_lab.gpu_check $(if $(SMOKE),--smoke)
+	PYTHONPATH=. $(GPU_PY) -m snlp_lab.gpu_check $(if $(SMOKE),--smoke,--out reports/gpu)
 
+# Jupyter refuses to run as root unless told to (containers often run as root).
 lab: $(STAMP)
-	$(VENV)/bin/jupyter lab nb/
+	$(VENV)/bin/jupyter lab nb/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 clean-cache:
 	rm -rf .cache

@@ -25,8 +25,9 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/P, reports/P for P = long, long-x0ve), else a scratch folder
+fig_dir = None  # None: a new scratch folder of this run (printed below); see publish
 report_dir = None  # relative paths are relative to the repository root
+publish = False  # True from make figures alone: write the profile's committed figures/ and reports/
 
 # %%
 import matplotlib.pyplot as plt
@@ -44,7 +45,7 @@ from snlp_lab.solvers.diagnostics import perplexity
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 
 P = get_profile(profile)
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, publish, "convergence")
 METHODS = ["jacobi", "idn", "scaled-idn", "diagn", "newton"]
 
 # %%

@@ -29,8 +29,9 @@ profile = "cpu"  # smoke | cpu | long | paper (snlp_lab.lab.profiles.PROFILES)
 recipes = None  # recipe names (one or a list), or "all"; None: the profile's (profiles.PROFILES[...].decode)
 configs = None  # configuration strings (one or a list); None: the profile's
 decoders = None  # "eager" and/or "compiled" (a list): decode speed is the best of them, per configuration; None: the profile's
-fig_dir = None  # None: figures/ and reports/ for a make-figures run, else a scratch folder
+fig_dir = None  # None: a new scratch folder of this run (printed below); see publish
 report_dir = None  # relative paths are relative to the repository root
+publish = False  # True from make figures alone: write the profile's committed figures/ and reports/
 
 # %%
 import matplotlib.pyplot as plt
@@ -47,7 +48,6 @@ from snlp_lab.lab.report import add_reading, save_figure, save_table
 from snlp_lab.solvers.grammar import parse_config
 
 P = get_profile(profile)
-custom = recipes is not None or configs is not None or decoders is not None  # make figures' run: the defaults
 D = P.decode
 if D is None:
     raise ValueError(f"profile {profile!r} has no decode study; valid profiles: "
@@ -65,7 +65,7 @@ for c in configs:
 decoders = as_list("decoders", decoders if decoders is not None else list(D.decoders))
 for d in decoders:
     check_choice("decoder", d, ("eager", "compiled"))
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, publish, "decode")
 
 # %%
 ds = E.decode_dataset(P)

@@ -25,8 +25,9 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/P, reports/P for P = long, long-x0ve), else a scratch folder
+fig_dir = None  # None: a new scratch folder of this run (printed below); see publish
 report_dir = None  # relative paths are relative to the repository root
+publish = False  # True from make figures alone: write the profile's committed figures/ and reports/
 probes = None  # Rademacher probes per layer; None: 8
 power_iters = None  # None: 20
 
@@ -45,11 +46,9 @@ from snlp_lab.measurement.analysis import layer_spectra
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 
 P = get_profile(profile)
-# only make figures' own run (the defaults) writes the committed results
-custom = probes is not None or power_iters is not None
 probes = check_int("probes", probes if probes is not None else 8)
 power_iters = check_int("power_iters", power_iters if power_iters is not None else 20)
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, publish, "jacobians")
 
 # %%
 ds = E.dataset(P)

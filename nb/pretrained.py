@@ -23,25 +23,28 @@
 # profile (trained without the regularizer), on any checkpoint given by path and on an off-the-shelf
 # model from a local Hugging Face folder (`-p hf_model PATH`: Llama, Mistral, Qwen2/3, Gemma 1/2/3,
 # run by transformers' own layers); (2) the baseline fine-tuned with the IDN regularizer for a few
-# steps, against the model regularized from scratch. Nothing is downloaded: `checkpoint` takes a local
-# checkpoint written by `snlp_lab.train`, `hf_model` a folder written by `save_pretrained`.
+# steps, against the model regularized from scratch. Nothing is downloaded: `checkpoint` takes a run
+# folder written by `snlp_lab.train`, a nanochat checkpoint folder or a Hugging Face folder, `hf_model`
+# a folder written by `save_pretrained` (either loads with `snlp_lab.load_model`).
 #
-# The off-the-shelf model reads the profile's corpus through its own tokenizer, so its PPL is on other
-# tokens than our models'; what compares across models is the change against each model's own
-# sequential PPL.
+# A given model reads the profile's corpus through its own tokenizer (a folder without one is refused
+# before any training), so its PPL may be on other tokens than our models'; what compares across models
+# is the change against each model's own sequential PPL.
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/P, reports/P for P = long, long-x0ve), else a scratch folder
+fig_dir = None  # None: a new scratch folder of this run (printed below); see publish
 report_dir = None  # relative paths are relative to the repository root
+publish = False  # True from make figures alone: write the profile's committed figures/ and reports/
 variant = None  # None: "plain"
-# a run folder or checkpoint written by snlp_lab.train; "" = none
+# a run folder of snlp_lab.train, a nanochat checkpoint folder or a Hugging Face folder; "" = none
 checkpoint = ""
-# a local Hugging Face causal-LM folder (snlp_lab.load_hf); "" = none
+# a local Hugging Face causal-LM folder (snlp_lab.load_model); "" = none
 hf_model = ""
 
 # %%
 from pathlib import Path
+from types import SimpleNamespace
 
 import matplotlib.pyplot as plt
 import pandas as pd
@@ -50,23 +53,22 @@ from tqdm.auto import tqdm
 
 from snlp_lab.lab import experiments as E
 from snlp_lab.lab.profiles import get_profile
-from snlp_lab.core.checks import check_choice, check_path
+from snlp_lab.core.checks import check_choice
 from snlp_lab.lab.outputs import output_dirs
-from snlp_lab.models.checkpoint import load_checkpoint
-from snlp_lab.data import prepare_data
-from snlp_lab.models.hf import hf_config, load_hf
+from snlp_lab.data import encode_split
+from snlp_lab.models.loader import load_model, resolve_spec
 from snlp_lab.lab.report import add_reading, save_figure, save_table
 
 P = get_profile(profile)
-# only make figures' own run (the defaults) writes the committed results; a model of the user's own does not
-custom = bool(variant or checkpoint or hf_model)
 variant = variant or "plain"
 check_choice("variant", variant, [v for v, var in P.variants.items() if "idn" in var.regs])
-checkpoint = check_path("checkpoint", checkpoint)  # loaded now: a bad path fails before any training
-given = load_checkpoint(checkpoint).eval().requires_grad_(False) if checkpoint else None
-if hf_model:
-    hf_config(hf_model)  # a folder that is not a supported causal LM fails here, before any training
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
+# the given models, loaded now: a bad folder, or one without a tokenizer, fails before any training
+given = {}
+for label, spec in (("checkpoint", resolve_spec(checkpoint)), ("off-the-shelf", resolve_spec(hf_model))):
+    if spec is not None:
+        given[f"{label} {Path(spec).name}"] = g = load_model(spec)
+        g.require_tokenizer()  # it reads the corpus with its own tokenizer
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, publish, "pretrained")
 
 # %%
 ds = E.dataset(P)
@@ -76,13 +78,9 @@ models = {"baseline (no reg)": E.trained(P, variant, "none", seed),
                                                 init_from=str(E.run_folder(P, variant, "none", seed))),
           "IDN from scratch": E.trained(P, variant, "idn", seed)}
 data = {name: ds for name in models}  # the corpus in each model's tokens
-if given is not None:
-    models[f"checkpoint {checkpoint.name}"] = given
-    data[f"checkpoint {checkpoint.name}"] = ds
-if hf_model:
-    name = f"off-the-shelf {Path(hf_model).name}"
-    models[name] = load_hf(hf_model).requires_grad_(False)
-    data[name] = prepare_data(P.data, tokenizer=hf_model)
+for name, g in given.items():  # the corpus in the model's own tokens
+    models[name] = g.model.requires_grad_(False)
+    data[name] = SimpleNamespace(val=encode_split(P.data, g.tokenizer, "val"))
 
 rows = []
 for name, model in tqdm(models.items(), desc="models"):
@@ -105,8 +103,8 @@ ax.set(ylabel="PPL change vs own sequential (%)", xlabel="IDN iterations K", ysc
 save_figure(fig, "pretrained", fig_dir)
 save_table(res, "pretrained", report_dir, "SNLP on unregularized models and after fine-tuning with the regularizer",
            {**P.describe(variant), "fine-tuning": f"{P.finetune_steps} steps with the IDN regularizer from the baseline",
-            **({"off-the-shelf": f"{hf_model}, float32, the corpus in its own tokenizer's tokens (its PPL is "
-                                 f"on other tokens than our models'; compare the changes)"} if hf_model else {}),
+            **{name: f"{g.source} ({g.kind} folder), float32, the corpus in its own tokenizer's tokens (its PPL "
+                     f"may be on other tokens than our models'; compare the changes)" for name, g in given.items()},
             "paper": "off-the-shelf models never faster at useful PPL; fine-tuning TinyLlama did not fix it"})
 res
 

@@ -25,8 +25,9 @@
 
 # %% tags=["parameters"]
 profile = "cpu"
-fig_dir = None  # None: figures/ and reports/ (cpu, paper; figures/P, reports/P for P = long, long-x0ve), else a scratch folder
+fig_dir = None  # None: a new scratch folder of this run (printed below); see publish
 report_dir = None  # relative paths are relative to the repository root
+publish = False  # True from make figures alone: write the profile's committed figures/ and reports/
 variant = None  # None: "plain"
 reg = None  # None: the variant's main regularizer (IDN; HCN on mHC)
 drafts = None  # drafter configurations; None: one IDN iteration over all layers, and over the last half
@@ -56,9 +57,6 @@ from snlp_lab.solvers.grammar import parse_config
 from snlp_lab.lab.speculative_study import measure, retime_fastest
 
 P = get_profile(profile)
-# only make figures' own run (the defaults) writes the committed results
-custom = any(v is not None for v in (variant, reg, drafts, blocks, temperatures, n_prompts, prompt_len,
-                                     max_new_tokens, repeats, threads))
 variant = variant or "plain"
 check_choice("variant", variant, P.variants)
 reg = reg or P.variants[variant].reg
@@ -73,7 +71,7 @@ if drafts is not None:
     drafts = as_list("drafts", drafts)
     for d in drafts:  # a configuration the model cannot run fails here, before any training
         parse_config(d).check(get_config(P.variants[variant].preset, **P.variants[variant].overrides).n_layer)
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, publish, "speculative")
 if P.device == "cpu":
     torch.set_num_threads(check_int("threads", threads) if threads is not None else 1)
 

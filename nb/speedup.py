@@ -29,18 +29,19 @@
 # fixed cost per operator, which is where SNLP's decode speedup comes from there.
 
 # %% tags=["parameters"]
-model = None  # preset name; None: the profile's (cpu; 0.5b-plain in paper) or the checkpoint's
+model = None  # preset name (random weights) or a model folder; None: the profile's (cpu; 0.5b-plain in paper) or the checkpoint's
 device = "auto"  # "auto" picks CUDA when present
 seq_lens = None  # prefill lengths T (one value or a list); decode covers the last decode_tokens tokens of T
 configs = None  # configuration strings (one or a list); None: snlp_lab.bench.default_configs(depth)
-checkpoint = None  # a trained run folder; None: random weights (timing does not depend on them)
+checkpoint = None  # a run folder of snlp_lab.train, a nanochat or a Hugging Face folder; None: random weights (timing does not depend on them)
 repeats = None
 decode_tokens = None
 compile = False  # torch.compile the block function for the baseline and SNLP alike
 threads = None  # CPU threads; None: 1 on a CPU (steady on a shared machine), torch's default on a GPU
 profile = "cpu"  # smoke | cpu | long | paper (snlp_lab.lab.profiles.PROFILES)
-fig_dir = None  # None: figures/ and reports/ for a make-figures run, else a scratch folder
+fig_dir = None  # None: a new scratch folder of this run (printed below); see publish
 report_dir = None  # relative paths are relative to the repository root
+publish = False  # True from make figures alone: write the profile's committed figures/ and reports/
 
 # %%
 import torch
@@ -57,10 +58,7 @@ if compile:
     compile_options(compile)  # a mode torch.compile lacks fails here
 S = bench.settings(model, device, P.speedup, seq_lens, configs, repeats, decode_tokens, threads=threads,
                    checkpoint=checkpoint)
-# only make figures' own run (default settings, random weights) writes the committed results
-custom = (any(v is not None for v in (model, seq_lens, configs, checkpoint, repeats, decode_tokens, threads))
-          or compile or device != "auto")
-fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, scratch=custom)
+fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, publish, "speedup")
 S
 
 # %%
@@ -95,7 +93,7 @@ report.add_reading(report_dir, "speedup", name,
                    f"x{best_p.bound:.2f}); best decode x{best_d.decode_speedup:.2f} (>= x{best_d.decode_speedup_lo:.2f}; "
                    f"{best_d.config}); a sequential decode step reads {seq.decode_MB_tok:.3g} MB (T={seq['T']}) and "
                    f"takes {seq.decode_x_floor:.1f}x its floor of {seq.decode_floor_ms:.3g} ms, {best_d.config} "
-                   f"{best_d.decode_x_floor:.1f}x its own; {'random' if checkpoint is None else 'trained'} weights"
+                   f"{best_d.decode_x_floor:.1f}x its own; {'random' if df['weights'][0].startswith('random') else 'trained'} weights"
                    + ("; on a CPU a batched call of N layers costs about N layers of arithmetic, so a speedup "
                       "here comes from issuing fewer operations (per-op overhead, large for a small model), "
                       "not from parallel arithmetic" if df["device"][0] == "cpu" else ""))

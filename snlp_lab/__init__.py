@@ -7,6 +7,7 @@
     model = snlp_lab.trained_model("cpu-plain", steps=300, reg="idn")               # cached training
     model = snlp_lab.load_nanochat("base_checkpoints/d32")                          # a nanochat checkpoint
     model = snlp_lab.load_hf("~/models/Qwen2.5-0.5B")    # a local Hugging Face folder as a layer stack
+    m = snlp_lab.load_model("runs/abc")   # any of these (preset, run, nanochat or HF folder): m.model, m.tokenizer
 
 The package's layers, each importing only from those before it: core, data, models, solvers, decoding and
 training, measurement, lab (docs/design.md). The modules beside this file are the `python -m` commands.
@@ -21,6 +22,7 @@ from .models.mhc import MHCGPT
 from .models.checkpoint import load_checkpoint, save_checkpoint
 from .models.nanochat import load_nanochat
 from .models.hf import HFModel, load_hf
+from .models.loader import LoadedModel, load_model
 from .solvers.grammar import SNLPConfig, parse_config
 from .solvers.surrogates import SURROGATES, NonFiniteError, methods, register_surrogate
 from .solvers.solver import SolveResult, solve
@@ -30,13 +32,13 @@ from .models import mhc
 from .decoding.decoder import Decoder, generate
 from .decoding.speculative import SpeculativeStats, speculative_generate
 from .data import prepare_data
-from .training.train import TrainConfig, trained_model
+from .training import TrainConfig, trained_model
 
 __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model", "SURROGATES", "NonFiniteError",
            "SolveResult", "SNLPConfig", "parse_config", "methods", "register_surrogate", "solve", "Decoder", "generate",
            "speculative_generate", "SpeculativeStats", "prepare_data", "evaluate_ppl", "load_checkpoint",
-           "save_checkpoint", "load_nanochat", "HFModel", "load_hf", "TrainConfig", "trained_model",
-           "diagnostics", "jacobian", "mhc"]
+           "save_checkpoint", "load_nanochat", "HFModel", "load_hf", "load_model", "LoadedModel", "TrainConfig",
+           "trained_model", "diagnostics", "jacobian", "mhc"]
 
 
 class _Package(types.ModuleType):

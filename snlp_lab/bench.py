@@ -23,7 +23,9 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m snlp_lab.bench", description=_lib.__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="preset name (snlp_lab.PRESETS), or a local Hugging Face folder; default cpu, or the checkpoint's")
+    ap.add_argument("--model", default=None,
+                    help="preset name (snlp_lab.PRESETS; random weights), or a run, nanochat or local Hugging Face "
+                         "folder (snlp_lab.load_model); default cpu, or the checkpoint's")
     ap.add_argument("--configs", nargs="+", default=None, help="default: the model's (default_configs)")
     ap.add_argument("--seq-lens", nargs="+", type=int, default=None,
                     help="default: 128 (and 2048 on a GPU), at most the model's context")
@@ -34,7 +36,9 @@ def _main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     ap.add_argument("--compile", nargs="?", const=True, default=False,
                     help="torch.compile the block function (optionally a mode, e.g. reduce-overhead)")
-    ap.add_argument("--checkpoint", default=None, help="a trained run folder (default: random weights)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="a run folder of snlp_lab.train, a nanochat checkpoint folder or a local Hugging Face "
+                         "folder whose weights are timed (default: random weights)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on a CPU)")

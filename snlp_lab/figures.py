@@ -15,11 +15,14 @@ from .lab import figures as _lib
 def _main(argv) -> int:
     ap = ArgumentParser(description=_lib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="cpu", choices=list(PROFILES))
-    ap.add_argument("--out", type=Path, default=None, help="write figures/ and reports/ under this folder")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="write figures/ and reports/ under this folder (default: a new scratch folder of this run)")
+    ap.add_argument("--publish", action="store_true",
+                    help="write the profile's committed figures/ and reports/ (what `make figures` does)")
     ap.add_argument("--only", nargs="*", help=f"run only these notebooks (by name: {', '.join(ORDER)})")
     a = ap.parse_args(argv)
     dirs = {} if a.out is None else dict(fig_dir=a.out / "figures", report_dir=a.out / "reports")
-    times = run_all(a.profile, only=a.only, **dirs)
+    times = run_all(a.profile, only=a.only, publish=a.publish, **dirs)
     print(f"[figures] {len(times)} notebooks in {sum(times.values()):.0f}s")
     return 0
 

@@ -3,6 +3,9 @@ self-speculative decoding (KV-cached). Bad input is one `error: ...` line on std
 
     python -m snlp_lab.generate --checkpoint RUN --prompt "def f(x):" --max-new-tokens 32
     python -m snlp_lab.generate --checkpoint RUN --prompt "import" --max-new-tokens 64 --config idn:K=1:n=8 --speculative 4
+
+--checkpoint takes a run folder of snlp_lab.train, a nanochat checkpoint folder or a local Hugging Face
+folder (`snlp_lab.load_model`); the prompt is encoded and the output decoded with the model's own tokenizer.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from .core.cli import ArgumentParser, run_command
 from .decoding.decoder import generate
 from .decoding.speculative import DEFAULT_DRAFT, decode_kwargs, speculative_generate
 from .models.config import resolve_device
-from .models.loader import load_for_text
+from .models.loader import load_model
 from .solvers.grammar import parse_config
 
 
@@ -22,7 +25,9 @@ def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m snlp_lab.generate",
                        description="Continue a text prompt with a trained model: sequential, SNLP or "
                                    "self-speculative decoding (KV-cached).")
-    p.add_argument("--checkpoint", required=True, help="run folder written by snlp_lab.train")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run folder of snlp_lab.train, a nanochat checkpoint folder or a local Hugging Face folder "
+                        "(its own tokenizer reads the prompt)")
     p.add_argument("--prompt", required=True, help="the text to continue (encoded BOS first, like training documents)")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--config", default=None,
@@ -40,7 +45,9 @@ def build_parser() -> ArgumentParser:
 def _generate(argv) -> int:
     a = build_parser().parse_args(argv)
     device = resolve_device(a.device)
-    model, tok, _ = load_for_text(a.checkpoint, device)
+    loaded = load_model(a.checkpoint, device)
+    tok = loaded.require_tokenizer()
+    model = loaded.model.requires_grad_(False)
     idx = torch.tensor([[tok.bos_id] + tok.encode(a.prompt)], device=device)
     if idx.shape[1] + a.max_new_tokens - 1 > model.config.sequence_len:  # the last token is never fed
         raise ValueError(f"the prompt ({idx.shape[1]} tokens with BOS) and --max-new-tokens {a.max_new_tokens} "

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .core.cli import ArgumentParser, run_command
-from .lab.gpu_check import default_out, redraw, run
+from .lab.gpu_check import redraw, run
 from .lab import gpu_check as _lib
 
 
@@ -20,13 +20,15 @@ def _main(argv=None) -> int:
     ap = ArgumentParser(description=_lib.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="the same code path on the CPU at toy sizes")
     ap.add_argument("--out", type=Path, default=None,
-                    help="output folder (default: reports/gpu in the repository; with --smoke the cache's scratch/gpu-smoke)")
+                    help="output folder (default: a new scratch folder of this run; make gpu-check names reports/gpu)")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     ap.add_argument("--redraw", action="store_true",
                     help="only rewrite the tables, figures and README of the check in --out from its JSON")
     a = ap.parse_args(argv)
     if a.redraw:
-        out = a.out or default_out()
+        if a.out is None:
+            raise ValueError("--redraw needs --out, the folder of an earlier check (e.g. reports/gpu)")
+        out = a.out
         print(redraw(out).to_markdown(index=False, floatfmt=".2f"))
         return 0
     res = run(a.smoke, a.out, a.device)

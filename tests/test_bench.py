@@ -70,7 +70,7 @@ def test_table(table):
 def test_costs_and_floors(table):
     """Each row's bytes and FLOPs per token are its passes' (`snlp_lab.limits`), its floors those of the
     given limits, and x_floor the measured time over the floor."""
-    m = bench.load_model("tiny", None, torch.device("cpu"), torch.float32)[0]
+    m = bench.bench_model("tiny", None, torch.device("cpu"), torch.float32)[0]
     assert table.attrs["limits"] == LIMITS
     for r in table.itertuples():
         c = bench.prefill_config(parse_config(r.config))
@@ -111,7 +111,7 @@ def test_settings():
     assert s["seq_lens"] == [128] and s["decode_tokens"] == 16 and s["threads"] == 1 and "idn:K=2:n=24:4xF6:h0" in s["configs"]
     assert s["repeats"] == 5 and bench.settings("cpu", device="cpu")["repeats"] == 15  # fewer for the 512-wide model
     assert bench.settings("cpu", device="cpu", repeats=2, seq_lens=[64])["repeats"] == 2
-    for kw, msg in [(dict(model="1b"), "valid models: "),
+    for kw, msg in [(dict(model="1b"), "unknown model '1b': .*valid: a preset"),
                     (dict(model="cpu", configs=["idn:n=24"]), r"n_par must be an integer in 1\.\.12"),
                     (dict(model="cpu", seq_lens=[512]), "at most the sequence_len of model 'cpu'"), (dict(device="tpu"), "valid: auto"),
                     (dict(model="cpu-mhc", configs=["idn:n=12:2xF6"]), "not supported on mHC")]:

@@ -10,7 +10,7 @@ import torch
 import snlp_lab
 from snlp_lab.lab import experiments as E
 from snlp_lab.lab.profiles import PROFILES, get_profile
-from snlp_lab.training import train as T
+import snlp_lab.training as T
 from snlp_lab.models.config import get_config
 from snlp_lab.solvers.grammar import parse_config
 

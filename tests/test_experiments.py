@@ -14,7 +14,8 @@ from snlp_lab.lab import experiments as E
 from snlp_lab.lab.outputs import output_dirs
 from snlp_lab.lab.profiles import PAPER_TRAINING, PROFILES, is_fused
 from snlp_lab.models.config import get_config
-from snlp_lab.training.train import PAPER_LRS, _cached_config, trained_run_dir
+from snlp_lab.training import PAPER_LRS, trained_run_dir
+from snlp_lab.training.runs import cached_config
 
 SMOKE = PROFILES["smoke"]
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -25,7 +26,7 @@ def test_another_context_trains_on_as_many_tokens_per_step():
     assert (o["batch_size"], o["seq_len"], o["sequence_len"]) == (2, 64, 64)  # 4 x 32 = 2 x 64 tokens
     assert E.train_options(SMOKE, "x0ve", "idn", 1)["batch_size"] * SMOKE.seq_len == 2 * 64
     assert "sequence_len" not in E.train_options(SMOKE, "x0ve", "idn", 1, 16)  # the preset's context holds it
-    assert _cached_config(**o).seq_len == 64  # resolves
+    assert cached_config(**o).seq_len == 64  # resolves
     with pytest.raises(ValueError, match="seq_len=48 does not divide the profile's 128 tokens per step"):
         E.train_options(SMOKE, "x0ve", "idn", 1, 48)
 
@@ -36,7 +37,7 @@ def test_every_regularization_job_resolves(name):
     jobs = E.regularization_jobs(P)
     assert len(jobs) == len(set(jobs)) and {T for *_, T in jobs} == {P.seq_len, *P.contexts}
     for v, reg, seed, T in jobs:
-        cfg = _cached_config(**E.train_options(P, v, reg, seed, T))
+        cfg = cached_config(**E.train_options(P, v, reg, seed, T))
         assert cfg.seq_len * cfg.batch_size == P.seq_len * P.batch_size and cfg.recipe == "paper"
     # every family has its baseline at every context it is trained at, over every seed
     for v, reg, seed, T in jobs:
@@ -79,11 +80,13 @@ def test_training_curve_reads_the_learning_rate_of_each_evaluation(tmp_path, mon
     assert c.to_dict("list") == {"step": [1, 2], "val_ppl": [80.0, 70.0], "lr_mult": [1.0, 0.25]}
 
 
-def test_long_profiles_write_their_own_folders(tmp_path, monkeypatch):
+def test_long_profiles_publish_into_their_own_folders(tmp_path, monkeypatch):
     monkeypatch.setattr("snlp_lab.lab.outputs.repo_root", lambda: tmp_path)
-    assert output_dirs("long", log=lambda *_: None) == (tmp_path / "figures/long", tmp_path / "reports/long")
-    assert output_dirs("long-x0ve", log=lambda *_: None) == (tmp_path / "figures/long-x0ve", tmp_path / "reports/long-x0ve")
-    assert output_dirs("cpu", log=lambda *_: None) == (tmp_path / "figures", tmp_path / "reports")
+    quiet = dict(log=lambda *_: None)
+    assert output_dirs("long", publish=True, **quiet) == (tmp_path / "figures/long", tmp_path / "reports/long")
+    assert output_dirs("long-x0ve", publish=True, **quiet) == (tmp_path / "figures/long-x0ve",
+                                                                 tmp_path / "reports/long-x0ve")
+    assert output_dirs("cpu", publish=True, **quiet) == (tmp_path / "figures", tmp_path / "reports")
 
 
 def test_curve_summary_averages_seeds():

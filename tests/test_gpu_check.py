@@ -87,8 +87,10 @@ def test_graphs_refuse_host_side_surrogates(tiny):
         bench.graphed_runs(tiny, parse_config("diagn:K=1:n=4"), idx, 2, torch.device("cpu"))
 
 
-def test_a_smoke_run_never_writes_the_committed_results():
-    from snlp_lab.core.paths import cache_dir, repo_root
-    assert gpu_check.default_out() == repo_root() / "reports" / "gpu"
-    smoke = gpu_check.default_out(smoke=True)
-    assert smoke.is_relative_to(cache_dir() / "scratch") and not smoke.is_relative_to(repo_root() / "reports")
+def test_only_make_gpu_check_writes_the_committed_results(tmp_path, monkeypatch):
+    """Without --out a check writes a new scratch folder of its own; the Makefile names reports/gpu."""
+    from snlp_lab.core.paths import repo_root
+    monkeypatch.setenv("SNLP_CACHE", str(tmp_path))
+    first, second = gpu_check.default_out(), gpu_check.default_out(smoke=True)
+    assert first != second and all(p.is_relative_to(tmp_path / "scratch") for p in (first, second))
+    assert "--out reports/gpu" in (repo_root() / "Makefile").read_text()

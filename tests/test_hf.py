@@ -223,7 +223,7 @@ def test_a_tokenizer_without_bos_starts_documents_with_eos(tmp_path, text):
 
 # ------------------------------------------------------------------------------------------ fine-tuning
 def test_fine_tuning_with_the_regularizer_loads_back_and_resumes(llama, text, tmp_path):
-    from snlp_lab.training import train as T
+    import snlp_lab.training as T
     base = dict(init_from_hf=str(llama), data=str(text), seq_len=16, batch_size=4, steps=4, reg="idn", lam=1.0,
                 n_par_set=(2, 4), warmup_frac=0.0, eval_batches=2, eval_snlp=f"idn:K=1:n={L}", progress=False)
     full = T.train(T.TrainConfig(**base, out=str(tmp_path / "full")))
@@ -322,7 +322,7 @@ def test_pretrained_notebook_with_an_off_the_shelf_model(llama, tmp_path, monkey
     # change depends on the smoke corpus, which is the package's own source, so no more is asserted)
     assert abs(ours.loc[f"idn K=1 n={L} h0", "ppl_change_%"]) > 1e-3
     assert f"off-the-shelf {llama.name})" in (tmp_path / "rep" / "readings.jsonl").read_text()
-    with pytest.raises(pm.PapermillExecutionError, match="not a Hugging Face model folder") as err:
+    with pytest.raises(pm.PapermillExecutionError, match="nothing does not exist; valid: a preset") as err:
         pm.execute_notebook(str(nb), str(tmp_path / "bad.ipynb"), cwd=str(nb.parent), kernel_name="python3",
                             parameters=dict(profile="smoke", fig_dir=str(tmp_path), report_dir=str(tmp_path),
                                             hf_model=str(tmp_path / "nothing")), progress_bar=False)

@@ -190,49 +190,47 @@ def test_every_notebook_settles_its_settings_for_every_profile(profile, tmp_path
         exec(params, ns)
         ns.update(profile=profile, fig_dir=str(tmp_path / "figures"), report_dir=str(tmp_path / "reports"))
         exec(settle, ns)  # raises on a setting the profile lacks
-        # the defaults are make figures' own run, whose outputs are the committed ones
-        assert not ns.get("custom", False), f"{path.name}: its default parameters count as a custom run"
 
 
-def test_a_hand_picked_parameter_keeps_the_committed_results(tmp_path, monkeypatch, settings_only):
-    """Only make figures' own run (every parameter at its default) writes the committed figures and
-    reports: any other value of any parameter sends the run to the scratch folder. (Notebooks once
-    counted only some of their parameters: another variant's results, or timings with other threads,
-    overwrote the committed ones.)"""
-    from snlp_lab.models import hf
-    from snlp_lab.lab import outputs as params
-    from snlp_lab.models.build import build_model
-    from snlp_lab.models.checkpoint import save_checkpoint
+def test_only_publish_writes_the_committed_results(tmp_path, monkeypatch, settings_only):
+    """Every notebook's settings cell asks output_dirs for its folders with its `publish` parameter, which
+    make figures alone sets: a run with the defaults writes a scratch folder of its own."""
+    from snlp_lab.lab import outputs
 
-    run = tmp_path / "run"
-    save_checkpoint(run, build_model("tiny"), step=1, train_config={"model": "tiny"})
-    monkeypatch.setattr(hf, "hf_config", lambda folder: None)  # stands for a transformers folder
-    # a valid value other than the default, for every parameter but the profile and the output folders
-    picked = dict(recipes="baseline", configs="sequential", decoders="eager", probes=4, power_iters=5,
-                  variant="x0ve", checkpoint=str(run), hf_model=str(tmp_path), reg="none", drafts="idn:K=1:n=12",
-                  blocks=2, temperatures=0.0, n_prompts=1, prompt_len=8, max_new_tokens=4, repeats=1, threads=1,
-                  model="cpu", device="cpu", seq_lens=64, decode_tokens=4, compile=True)
-    to_scratch = []  # the `scratch` of each output_dirs call
+    calls = []
 
-    def output_dirs(profile, fig_dir=None, report_dir=None, scratch=False, log=print):
-        to_scratch.append(scratch)
+    def output_dirs(profile, fig_dir=None, report_dir=None, publish=False, name="run", log=print):
+        calls.append((profile, fig_dir, report_dir, publish, name))
         return tmp_path, tmp_path
 
-    monkeypatch.setattr(params, "output_dirs", output_dirs)
-    checked = 0
+    monkeypatch.setattr(outputs, "output_dirs", output_dirs)
     for path in figures.notebooks():
         source, settle = settings_cells(path)
-        defaults = {}
-        exec(source, defaults)
-        names = [k for k in defaults if not k.startswith("__") and k not in ("profile", "fig_dir", "report_dir")]
-        for name in [None] + names:
-            ns = {}
-            exec(source, ns)
-            ns["profile"] = "cpu"
-            if name is not None:
-                assert name in picked, f"{path.name}: give parameter {name!r} a hand-picked value in this test"
-                ns[name] = picked[name]
-            exec(settle, ns)
-            assert to_scratch.pop() == (name is not None), f"{path.name}, {name}: wrong output folder"
-            checked += name is not None
-    assert checked >= 20
+        ns = {}
+        exec(source, ns)
+        assert ns["publish"] is False and ns["fig_dir"] is None and ns["report_dir"] is None, path.name
+        exec(settle, ns)
+        assert calls.pop() == ("cpu", None, None, False, path.stem), path.name
+        ns["publish"] = True
+        exec(settle, ns)
+        assert calls.pop()[3] is True, path.name
+
+
+@pytest.mark.parametrize("nb, bad, msg", [
+    ("jacobians", dict(power_iters=0), "power_iters must be >= 1"),
+    ("jacobians", dict(probes=2.5), "probes must be an integer"),
+    ("pretrained", dict(checkpoint="/nonexistent"), "does not exist"),
+    ("speedup", dict(seq_lens={"a": 1}), "-y"),
+    ("speedup", dict(compile="fast"), "valid modes: default"),
+    # these two once failed only after training, inside the decoding
+    ("speculative", dict(temperatures=-1), "temperatures must be a finite number in"),
+    ("speculative", dict(drafts="idn:n=9"), "n_par must be an integer in 1..4")])
+def test_bad_notebook_parameters_fail_in_the_settings_cell(nb, bad, msg, tmp_path, settings_only):
+    """The cell after the parameters rejects a bad value before any data or model is loaded (that this
+    cell is the first code cell to run is test_bad_parameters_fail_in_the_first_cell's)."""
+    source, settle = settings_cells(figures.ROOT / "nb" / f"{nb}.ipynb")
+    ns = {}
+    exec(source, ns)
+    ns.update(profile="smoke", fig_dir=str(tmp_path), report_dir=str(tmp_path), **bad)
+    with pytest.raises(ValueError, match=msg):
+        exec(settle, ns)

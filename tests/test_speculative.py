@@ -20,7 +20,7 @@ from snlp_lab.decoding.decoder import Decoder, generate
 from snlp_lab.solvers.ppl import evaluate_ppl
 from snlp_lab.decoding.speculative import SpeculativeStats, next_token_probs, predicted_speedup, speculative_generate, verify
 from snlp_lab.lab.speculative_study import measure, retime_fastest
-from snlp_lab.training.train import TrainConfig, train
+from snlp_lab.training import TrainConfig, train
 
 from conftest import randomize
 
@@ -313,7 +313,7 @@ def test_evaluate_command(run, capsys):
 
 
 @pytest.mark.parametrize("main,args,msg", [
-    (generate_main, ["--checkpoint", "/nonexistent", "--prompt", "x", "--max-new-tokens", "2"], "no checkpoint at"),
+    (generate_main, ["--checkpoint", "/nonexistent", "--prompt", "x", "--max-new-tokens", "2"], "/nonexistent does not exist"),
     (generate_main, ["--prompt", "x", "--max-new-tokens", "2"], "--checkpoint"),
     (generate_main, ["RUN", "--prompt", "x", "--max-new-tokens", "2", "--config", "idn:n=99"], "1..4"),
     (generate_main, ["RUN", "--prompt", "x", "--max-new-tokens", "99"], "sequence_len"),

@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,19 +14,24 @@ import torch
 import torch.nn.functional as F
 
 import snlp_lab
+from snlp_lab.core import cli
 from snlp_lab import solve
-from snlp_lab.training import train as T
 import snlp_lab.train as train_cmd
-from snlp_lab.models.checkpoint import load_checkpoint
+from snlp_lab.models.checkpoint import load_checkpoint, load_optim_state
 from snlp_lab.models.run_folder import read_checkpoint
 from snlp_lab.data import TokenStream, prepare_data, val_batches
 from snlp_lab.lab.profiles import PROFILES
+from snlp_lab.lab.experiments import train_options
 from snlp_lab.solvers.ppl import evaluate_ppl, parse_snlp_spec
-from snlp_lab.training.optim import NanochatMuon
+from snlp_lab.training import loop, runs, schedules
+from snlp_lab.training import loss as loss_module
+from snlp_lab.training.config import LATER_DEFAULTS, RUN_FIELDS, model_config, resolve
+from snlp_lab.training.loss import SNLPLoss
+from snlp_lab.training.optim import NanochatMuon, build_optimizers
 from snlp_lab.core.paths import cache_dir
 from snlp_lab.training.regularizer import snlp_regularizer
 from snlp_lab.solvers.solver import SURROGATES
-from snlp_lab.training.train import TrainConfig, train, trained_model
+from snlp_lab.training import TrainConfig, train, trained_model
 
 WORDS = ("def return import class self lambda while for in range print value key list dict tuple "
          "if else elif try except with as pass yield").split()
@@ -78,10 +84,10 @@ def train_lines(res_or_dir):
 
 # ------------------------------------------------------------------------------------------ schedules
 def test_schedules():
-    mult = [T.lr_multiplier(s, 10, 0.2, 0.3) for s in range(10)]
+    mult = [schedules.lr_multiplier(s, 10, 0.2, 0.3) for s in range(10)]
     assert mult == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 3 / 3, 2 / 3, 1 / 3])
-    assert [T.reg_weight(s, 10, 0.2) for s in (0, 1, 2, 5)] == [0.0, 0.5, 1.0, 1.0]
-    assert T.reg_weight(0, 10, 0.0) == 1.0
+    assert [schedules.reg_weight(s, 10, 0.2) for s in (0, 1, 2, 5)] == [0.0, 0.5, 1.0, 1.0]
+    assert schedules.reg_weight(0, 10, 0.0) == 1.0
 
 
 def test_optimizer_split():
@@ -90,7 +96,7 @@ def test_optimizer_split():
         if over.get("n_streams") and "hcn" not in SURROGATES:
             continue
         m = snlp_lab.build_model("tiny", **over)
-        muon, adamw = T.build_optimizers(m, T.resolve(TrainConfig(model="tiny")))  # learning rates filled in
+        muon, adamw = build_optimizers(m, resolve(TrainConfig(model="tiny")))  # learning rates filled in
         muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
         adam_ids = {id(p) for g in adamw.param_groups for p in g["params"]}
         blocks = {id(mod.weight) for mod in m.blocks.modules() if isinstance(mod, torch.nn.Linear)}
@@ -106,19 +112,19 @@ def test_optimizer_split():
 
 def test_schedule_final_lr_frac():
     """nanochat's warm-down ends at final_lr_frac of the lr, linearly: progress + (1 − progress)·final."""
-    mult = [T.lr_multiplier(s, 10, 0.0, 0.4, 0.05) for s in range(10)]
+    mult = [schedules.lr_multiplier(s, 10, 0.0, 0.4, 0.05) for s in range(10)]
     assert mult == pytest.approx([1] * 7 + [0.05 + 0.95 * k / 4 for k in (3, 2, 1)])
 
 
 def test_paper_muon_momentum_schedule(corpus, tmp_path):
     """nanochat: 0.85 -> 0.97 over 400 steps, 0.97, then -> 0.90 over the warm-down; a run with recipe
     "paper" steps Muon with it (its momentum after the last step is the schedule's)."""
-    m = [T.paper_muon_momentum(s, 1000, 0.5) for s in (0, 200, 400, 499, 500, 750, 999)]
+    m = [schedules.paper_muon_momentum(s, 1000, 0.5) for s in (0, 200, 400, 499, 500, 750, 999)]
     assert m == pytest.approx([0.85, 0.91, 0.97, 0.97, 0.97, 0.935, 0.97 - 0.07 * 499 / 500])
     res = train(cfg_for(corpus, tmp_path, steps=3, recipe="paper", lr_warmdown_frac=0.5))
-    muon = T.build_optimizers(res.model, T.resolve(cfg_for(corpus, tmp_path, steps=3, recipe="paper")))[0]
-    muon.load_state_dict(T.load_optim_state(res.run_dir, "cpu")["optimizers"][0])
-    assert muon.param_groups[0]["momentum"] == pytest.approx(T.paper_muon_momentum(2, 3, 0.5))
+    muon = build_optimizers(res.model, resolve(cfg_for(corpus, tmp_path, steps=3, recipe="paper")))[0]
+    muon.load_state_dict(load_optim_state(res.run_dir, "cpu")["optimizers"][0])
+    assert muon.param_groups[0]["momentum"] == pytest.approx(schedules.paper_muon_momentum(2, 3, 0.5))
 
 
 def test_paper_recipe_adamw_groups():
@@ -126,11 +132,11 @@ def test_paper_recipe_adamw_groups():
     recipe "snlp" keeps its five groups (checkpointed optimizer states still load)."""
     over = {"n_streams": 2} if "hcn" in SURROGATES else {}
     m = snlp_lab.build_model("tiny", **over)
-    cfg = T.resolve(TrainConfig(model="tiny"))
-    _, adamw = T.build_optimizers(m, cfg)
+    cfg = resolve(TrainConfig(model="tiny"))
+    _, adamw = build_optimizers(m, cfg)
     assert [g["name"] for g in adamw.param_groups] == ["embed", "head", "scalar", "resid", "smear"]
     assert {g["betas"] for g in adamw.param_groups} == {(0.8, 0.95)} and {g["weight_decay"] for g in adamw.param_groups} == {0}
-    muon, adamw = T.build_optimizers(m, dataclasses.replace(cfg, recipe="paper"))
+    muon, adamw = build_optimizers(m, dataclasses.replace(cfg, recipe="paper"))
     g = {g["name"]: g for g in adamw.param_groups}
     scale = (32 / 768) ** -0.5
     want = {"embed": (0.2 * scale, (0.8, 0.995), 0.001), "value_embeds": (0.1 * scale, (0.8, 0.995), 0.01),
@@ -161,43 +167,38 @@ def test_paper_scaling_by_hand():
         D, D_ref = int(12 * P), 12 * P_ref
         assert 2 ** round(math.log2(2 ** 19 * (D / D_ref) ** 0.383)) == batch_tokens
         scale = (batch_tokens / 2 ** 19) ** 0.5
-        cfg = T.resolve(TrainConfig(model=preset, recipe="paper", steps=4800))
+        cfg = resolve(TrainConfig(model=preset, recipe="paper", steps=4800))
         assert (cfg.batch_size, cfg.seq_len) == (batch_tokens // 2048, 2048)
         for k, ref in [("matrix_lr", 0.02), ("embedding_lr", 0.3), ("unembedding_lr", 0.008), ("scalar_lr", 0.5)]:
             assert getattr(cfg, k) == pytest.approx(ref * scale, rel=1e-12), k
         assert cfg.weight_decay == pytest.approx(0.28 * scale * D_ref / D, rel=1e-12)
-    assert cfg.matrix_lr == pytest.approx(0.04) and T.resolve(cfg) == cfg  # 3b: B = 2^21; resolving again
+    assert cfg.matrix_lr == pytest.approx(0.04) and resolve(cfg) == cfg  # 3b: B = 2^21; resolving again
     # a given batch (here 2^18 tokens) scales the lrs and λ in the same way; given values are kept
-    cfg = T.resolve(TrainConfig(model="0.5b", recipe="paper", batch_size=128, scalar_lr=0.1, weight_decay=0.2))
+    cfg = resolve(TrainConfig(model="0.5b", recipe="paper", batch_size=128, scalar_lr=0.1, weight_decay=0.2))
     assert cfg.matrix_lr == pytest.approx(0.02 * 0.5 ** 0.5) and (cfg.scalar_lr, cfg.weight_decay) == (0.1, 0.2)
-    snlp = T.resolve(TrainConfig(model="0.5b"))  # recipe "snlp" keeps its defaults
+    snlp = resolve(TrainConfig(model="0.5b"))  # recipe "snlp" keeps its defaults
     assert (snlp.batch_size, snlp.matrix_lr, snlp.embedding_lr, snlp.weight_decay) == (16, 0.02, 0.2, 0.0)
 
 
-def test_readme_paper_runs_resolve():
-    """Every command of the README's table of the paper's runs parses and resolves (nothing is trained):
-    the baseline part, then the regularized run that extends it ("..."), with $P as the README sets it."""
+def test_documented_paper_runs_resolve():
+    """Every command of docs/training.md's block of the paper's runs parses and resolves (nothing is
+    trained), with $P as the block sets it."""
     from pathlib import Path
-    text = (Path(__file__).parents[1] / "README.md").read_text()
-    P = re.search(r'`P="([^"]+)"`', text).group(1).split()
-    table = text[text.index("| run | command |"):].split("\n\n")[0]
-    commands = []
-    for row in table.splitlines()[2:]:
-        cells = re.findall(r"`([^`]+)`", row.split("|")[2])
-        commands.append(cells[0].split())
-        commands += [cells[0].split() + c.split()[1:] for c in cells[1:]]  # "... extra" extends the first
+    text = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    P = re.search(r'^P="([^"]+)"$', text, re.M).group(1).split()
+    commands = [line.split()[1:] for line in text.splitlines() if line.startswith("$T --model")]
     assert len(commands) == 9
     for cmd in commands:
         args = [a for c in cmd for a in (P if c == "$P" else [c])]
-        cfg = T.resolve(train_cmd.config_from_args(args))
+        cfg = resolve(train_cmd.config_from_args(args))
         assert cfg.recipe == "paper" and round(cfg.lr_warmup_frac * cfg.steps) == 40, cmd
         assert cfg.batch_size == (1024 if cfg.model == "3b" else 512), cmd
 
 
 def test_paper_weight_decay_schedule():
     """nanochat's get_weight_decay: the peak at step 0, half of it at mid-training, 0 at the end."""
-    assert [T.paper_weight_decay(s, 100, 0.04) for s in (0, 50, 100)] == pytest.approx([0.04, 0.02, 0.0])
-    assert T.paper_weight_decay(25, 100, 1.0) == pytest.approx((1 + 2 ** -0.5) / 2)
+    assert [schedules.paper_weight_decay(s, 100, 0.04) for s in (0, 50, 100)] == pytest.approx([0.04, 0.02, 0.0])
+    assert schedules.paper_weight_decay(25, 100, 1.0) == pytest.approx((1 + 2 ** -0.5) / 2)
 
 
 def test_paper_recipe_trains(corpus, tmp_path):
@@ -207,12 +208,12 @@ def test_paper_recipe_trains(corpus, tmp_path):
     res = train(cfg_for(corpus, tmp_path, steps=12, recipe="paper", batch_size=8, lr_warmdown_frac=0.0))
     losses = res.losses
     assert all(math.isfinite(v) for v in losses) and np.mean(losses[-3:]) < losses[0] - 0.1, losses
-    cfg = T.resolve(cfg_for(corpus, tmp_path, steps=12, recipe="paper", batch_size=8))
+    cfg = resolve(cfg_for(corpus, tmp_path, steps=12, recipe="paper", batch_size=8))
     assert cfg.weight_decay > 0 and cfg.matrix_lr == pytest.approx(0.02 * (8 * 32 / 2 ** 19) ** 0.5)
-    muon, _ = T.build_optimizers(res.model, cfg)
+    muon, _ = build_optimizers(res.model, cfg)
     assert isinstance(muon, NanochatMuon)
-    muon.load_state_dict(T.load_optim_state(res.run_dir, "cpu")["optimizers"][0])
-    assert muon.param_groups[0]["weight_decay"] == pytest.approx(T.paper_weight_decay(11, 12, cfg.weight_decay))
+    muon.load_state_dict(load_optim_state(res.run_dir, "cpu")["optimizers"][0])
+    assert muon.param_groups[0]["weight_decay"] == pytest.approx(schedules.paper_weight_decay(11, 12, cfg.weight_decay))
     assert all("second_moment" in st for st in muon.state.values())
 
 
@@ -221,7 +222,7 @@ def test_gradient_accumulation_equals_one_batch(corpus, tmp_path, monkeypatch):
     PPL equal the whole batch's at once, to float32 rounding (recipe paper and the IDN regularizer: both
     optimizers and the regularizer's mean). Compared at the first step: Muon's orthogonalisation maps
     rounding-level directions of a gradient to unit scale, so later steps drift apart by more."""
-    grads, build = [], T.build_optimizers
+    grads, build = [], build_optimizers
 
     def build_and_capture(model, cfg):
         opts = build(model, cfg)
@@ -229,7 +230,7 @@ def test_gradient_accumulation_equals_one_batch(corpus, tmp_path, monkeypatch):
             {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         return opts
 
-    monkeypatch.setattr(T, "build_optimizers", build_and_capture)
+    monkeypatch.setattr(loop, "build_optimizers", build_and_capture)
     kw = dict(steps=1, recipe="paper", batch_size=8, reg="idn", lam=0.5, n_par_set=(2, 4))
     one = train(cfg_for(corpus, tmp_path, "one", **kw))
     parts = train(cfg_for(corpus, tmp_path, "parts", device_batch_size=2, **kw))
@@ -257,11 +258,11 @@ def test_paper_options_refused_where_they_do_nothing(corpus, tmp_path, capsys):
 
 
 def test_shared_probe_reaches_the_regularizer(tiny, idx, monkeypatch):
-    seen, orig = [], T.snlp_regularizer
-    monkeypatch.setattr(T, "snlp_regularizer", lambda *a, **kw: seen.append(kw["shared_probe"]) or orig(*a, **kw))
+    seen, orig = [], snlp_regularizer
+    monkeypatch.setattr(loss_module, "snlp_regularizer", lambda *a, **kw: seen.append(kw["shared_probe"]) or orig(*a, **kw))
     for shared in (False, True):
-        cfg = T.resolve(TrainConfig(model="tiny", reg="diagn", n_par_set=(2,), reg_shared_probe=shared))
-        T.SNLPLoss(tiny, cfg)(idx[:, :-1], idx[:, 1:], 1.0, 0)
+        cfg = resolve(TrainConfig(model="tiny", reg="diagn", n_par_set=(2,), reg_shared_probe=shared))
+        SNLPLoss(tiny, cfg)(idx[:, :-1], idx[:, 1:], 1.0, 0)
     assert seen == [False, True]
     assert train_cmd.config_from_args(["--reg", "diagn", "--reg-shared-probe"]).reg_shared_probe
 
@@ -269,8 +270,8 @@ def test_shared_probe_reaches_the_regularizer(tiny, idx, monkeypatch):
 def test_paper_regularizer_options_reach_the_loss(tiny, idx, monkeypatch):
     """--reg jacobi --reg-positions paper --stride 0 (the paper's default IDN term): the loss's R is
     mean_{b,t} ‖Φ_L(h_S) − h_L‖ / ‖h_L‖ summed over N; --reg-per-stream reaches the regularizer too."""
-    cfg = T.resolve(TrainConfig(model="tiny", reg="jacobi", n_par_set=(2, 3), reg_positions="paper", lam=0.5))
-    loss, ce, reg = T.SNLPLoss(tiny, cfg)(idx[:, :-1], idx[:, 1:], 1.0, 0)
+    cfg = resolve(TrainConfig(model="tiny", reg="jacobi", n_par_set=(2, 3), reg_positions="paper", lam=0.5))
+    loss, ce, reg = SNLPLoss(tiny, cfg)(idx[:, :-1], idx[:, 1:], 1.0, 0)
     trace = solve(tiny, idx[:, :-1], method="sequential").trace
     _, ctx = tiny.embed(idx[:, :-1])
     L = tiny.n_layer
@@ -278,26 +279,48 @@ def test_paper_regularizer_options_reach_the_loss(tiny, idx, monkeypatch):
     want = sum(rel(tiny.layer(L - 1, trace[L - N], ctx), trace[L]) for N in (2, 3))
     assert reg.item() > 1e-3 and reg.item() == pytest.approx(want.item(), rel=1e-10)
     assert loss.item() == pytest.approx(ce.item() + 0.5 * reg.item(), rel=1e-12)
-    seen, orig = [], T.snlp_regularizer
-    monkeypatch.setattr(T, "snlp_regularizer", lambda *a, **kw: seen.append((*a[7:9], kw["fd_eps"])) or orig(*a, **kw))
-    T.SNLPLoss(tiny, dataclasses.replace(cfg, reg_per_stream=True))(idx[:, :-1], idx[:, 1:], 1.0, 0)
-    T.SNLPLoss(tiny, T.resolve(dataclasses.replace(cfg, reg="diagn", reg_fd_eps=0.01)))(idx[:, :-1], idx[:, 1:], 1.0, 0)
+    seen, orig = [], snlp_regularizer
+    monkeypatch.setattr(loss_module, "snlp_regularizer", lambda *a, **kw: seen.append((*a[7:9], kw["fd_eps"])) or orig(*a, **kw))
+    SNLPLoss(tiny, dataclasses.replace(cfg, reg_per_stream=True))(idx[:, :-1], idx[:, 1:], 1.0, 0)
+    SNLPLoss(tiny, resolve(dataclasses.replace(cfg, reg="diagn", reg_fd_eps=0.01)))(idx[:, :-1], idx[:, 1:], 1.0, 0)
     assert seen == [("paper", True, 0.0), ("paper", False, 0.01)]
     with pytest.raises(ValueError, match="--reg diagn"):
-        T.resolve(dataclasses.replace(cfg, reg_fd_eps=0.01))
+        resolve(dataclasses.replace(cfg, reg_fd_eps=0.01))
 
 
 def test_later_options_keep_old_runs(corpus, tmp_path):
     """Options added later, at their defaults, neither change the run folder's hash nor block resuming
     a checkpoint saved without them; set otherwise they make a new run."""
-    cfg = T.resolve(TrainConfig(model="tiny"))
-    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in T.LATER_DEFAULTS}
-    assert T._comparable(old) == T._comparable(dataclasses.asdict(cfg))
-    hashes = {T.config_hash(dataclasses.replace(cfg, **{k: v})) for k, v in
+    cfg = resolve(TrainConfig(model="tiny"))
+    old = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in LATER_DEFAULTS}
+    assert runs.comparable(old) == runs.comparable(dataclasses.asdict(cfg))
+    hashes = {runs.config_hash(dataclasses.replace(cfg, **{k: v})) for k, v in
               [("recipe", "paper"), ("reg_positions", "paper"), ("reg_per_stream", True), ("lr_final_frac", 0.05)]}
-    assert len(hashes | {T.config_hash(cfg)}) == 5
+    assert len(hashes | {runs.config_hash(cfg)}) == 5
     diagn = dataclasses.replace(cfg, reg="diagn")
-    assert T.config_hash(diagn) != T.config_hash(dataclasses.replace(diagn, reg_fd_eps=0.01))
+    assert runs.config_hash(diagn) != runs.config_hash(dataclasses.replace(diagn, reg_fd_eps=0.01))
+
+
+def test_cached_run_hashes_are_stable():
+    """The run folders of cached runs, pinned: a change to how a config is resolved or hashed that moves
+    them would orphan every cached run and committed result. (A preset whose architecture changes moves
+    its runs on purpose: the hash covers the model config.)"""
+    P = PROFILES["cpu"]
+    cached = {f"{v}/{reg}": Path(runs.cached_config(**train_options(P, v, reg, 0)).out).name
+              for v in ("plain", "x0ve", "mhc") for reg in ("none", "idn")}
+    assert cached == {"plain/none": "cpu-plain-c0bbfc06667b7d78", "plain/idn": "cpu-plain-81da8ebb3515370a",
+                      "x0ve/none": "cpu-e12639eb5d2982c8", "x0ve/idn": "cpu-f236368272bf9e39",
+                      "mhc/none": "cpu-mhc-7429aa3bb17ddba8", "mhc/idn": "cpu-mhc-fc037a515f1a4fb3"}
+    assert runs.config_hash(TrainConfig()) == "03d258ac219cc1f5"
+    names = [runs.run_dir(c).name for c in (
+        TrainConfig(model="cpu-plain", recipe="paper", steps=300),
+        TrainConfig(model="cpu-plain", recipe="paper", steps=300, batch_size=8, matrix_lr=0.01, weight_decay=0.1,
+                    lr_final_frac=0.05),
+        TrainConfig(model="cpu-plain", objective="snlp-forward", iters=2, n_par=4, init="fwd", steps=100),
+        TrainConfig(model="cpu", reg="diagn", reg_fd_eps=0.01, reg_shared_probe=True, reg_positions="paper",
+                    stride=2, n_par_set=(2, 4)))]
+    assert names == ["cpu-plain-9a7bca0ca888736b", "cpu-plain-6b2e8f8ea8fb4d34", "cpu-plain-a05c5d4f13511f05",
+                     "cpu-24dadd1673153831"]
 
 
 # ------------------------------------------------------------------------------------------ evaluation
@@ -415,7 +438,7 @@ def test_snlp_forward_objective_on_fused_chunks(corpus, tmp_path):
     ce = lambda **kw: F.cross_entropy(solve(m1, x, method="idn", iters=1, **kw).logits.flatten(0, 1), y.flatten())
     assert ft.losses[0] == pytest.approx(ce(n_par=2, chunks="1xF2").item(), rel=1e-6)
     assert abs(ft.losses[0] - ce(n_par=2).item()) > 1e-4  # the fused chunk is another function
-    assert T.resolve(cfg_for(corpus, tmp_path, objective="snlp-forward", chunks="2xF2")).n_par == 4
+    assert resolve(cfg_for(corpus, tmp_path, objective="snlp-forward", chunks="2xF2")).n_par == 4
     for kw, msg in [(dict(chunks="2xF2"), "snlp-forward"),
                     (dict(objective="snlp-forward", chunks="2xF2", n_par=3), "C·M must equal n_par"),
                     (dict(objective="snlp-forward", chunks="2x2"), "CxFM")]:
@@ -462,20 +485,44 @@ def test_checkpoint_load_and_mismatch(corpus, tmp_path):
 def test_trained_model_is_cached(corpus, tmp_path, monkeypatch):
     kw = dict(data=str(corpus), vocab_size=300, seq_len=32, batch_size=4, progress=False)
     m1 = trained_model("tiny", steps=3, reg="idn", n_par_set=(2,), **kw)
-    folder = T.trained_run_dir("tiny", steps=3, reg="idn", n_par_set=(2,), **kw)
+    folder = runs.trained_run_dir("tiny", steps=3, reg="idn", n_par_set=(2,), **kw)
     assert read_checkpoint(folder)["finished"] and folder.parent == cache_dir() / "runs"
     calls = []
-    monkeypatch.setattr(T, "train", lambda cfg: calls.append(cfg))
+    monkeypatch.setattr(loop, "train", lambda cfg, resolved=False: calls.append(cfg))
     m2 = trained_model("tiny", steps=3, reg="idn", n_par_set=(2,), eval_every=1, **kw)  # eval: same run
     assert calls == [] and all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
     cfg = lambda **o: TrainConfig(model="tiny", steps=3, reg="idn", n_par_set=(2,), **{**kw, **o})
-    assert T.run_dir(cfg()) != T.run_dir(cfg(lam=0.2)) != T.run_dir(cfg(override=("n_layer=3",)))
-    assert T.run_dir(cfg()) == T.run_dir(cfg(vocab_size=300, device="cpu", out="x"))
+    assert runs.run_dir(cfg()) != runs.run_dir(cfg(lam=0.2)) != runs.run_dir(cfg(override=("n_layer=3",)))
+    assert runs.run_dir(cfg()) == runs.run_dir(cfg(vocab_size=300, device="cpu", out="x"))
     with pytest.raises(ValueError, match="unknown option"):
         trained_model("tiny", steps=3, n_layers=3, **kw)
     # init is the SNLP forward's initial guess (a training option), not the model's init scheme
-    cached = T._cached_config("tiny", 3, "none", 0.1, 0, objective="snlp-forward", init="fwd", **kw)
+    cached = runs.cached_config("tiny", 3, "none", 0.1, 0, objective="snlp-forward", init="fwd", **kw)
     assert cached.init == "fwd" and cached.override == ("vocab_size=300",)  # vocab_size: both, as before
+
+
+def test_trained_model_resolves_its_config_once(corpus, monkeypatch):
+    """trained_model resolves the config once and passes that one on, to the hash, the run folder and
+    the training, whether it trains the run or finds it cached."""
+    calls = []
+    for module in (runs, loop):
+        monkeypatch.setattr(module, "resolve", lambda cfg, orig=module.resolve: calls.append(cfg) or orig(cfg))
+    kw = dict(data=str(corpus), vocab_size=300, seq_len=32, batch_size=4, progress=False)
+    trained_model("tiny", steps=2, **kw)  # trains it
+    assert len(calls) == 1
+    trained_model("tiny", steps=2, **kw)  # finds it
+    assert len(calls) == 2
+
+
+def test_resolving_a_resolved_config_changes_nothing():
+    """The hash of a config and of its resolved form agree (`resolved=True` skips resolving again)."""
+    for cfg in (TrainConfig(model="tiny"), TrainConfig(model="tiny", recipe="paper", reg="idn"),
+                TrainConfig(model="tiny", objective="snlp-forward", chunks="2xF2", override=("x0ve=false",)),
+                TrainConfig(model="tiny", reg="diagn", reg_fd_eps=0.01, n_par_set=(2,), vocab_size=300)):
+        r = resolve(cfg)
+        assert resolve(r) == r
+        assert runs.config_hash(r, resolved=True) == runs.config_hash(cfg) == runs.config_hash(r)
+        assert runs.run_dir(r, resolved=True) == runs.run_dir(cfg)
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -516,20 +563,78 @@ def test_hcn_on_a_model_without_streams():
 
 
 def test_cli_parser_maps_one_to_one(capsys):
+    """Every TrainConfig field not declared API_ONLY has exactly one flag, --name-with-dashes, defaulting
+    to the field's default, and every flag sets a field; the parsed values reach the config."""
     parser = train_cmd.build_parser()
-    dests = {a.dest for a in parser._actions if a.dest != "help"}
-    assert dests == {f.name for f in dataclasses.fields(TrainConfig)}
+    actions = [a for a in parser._actions if a.dest != "help"]
+    fields = dataclasses.fields(TrainConfig)
+    api_only = {f.name for f in fields if f.metadata[cli.CLI] is None}
+    assert sorted(a.dest for a in actions) == sorted(f.name for f in fields if f.name not in api_only)
+    for a in actions:
+        assert a.option_strings[0] == cli.flag(a.dest) and a.help, a.dest
+        assert a.option_strings[1:] in ([], ["--no-" + a.dest.replace("_", "-")]), a.option_strings
+    assert train_cmd.config_from_args([]) == TrainConfig()  # every default is the field's
     cfg = train_cmd.config_from_args(["--model", "tiny", "--reg", "idn", "--n-par-set", "2,4", "--detach-target",
                               "--override", "n_layer=3", "--override", "x0ve=false", "--no-progress"])
     assert (cfg.model, cfg.reg, cfg.n_par_set, cfg.detach_target, cfg.override, cfg.progress) == (
         "tiny", "idn", (2, 4), True, ("n_layer=3", "x0ve=false"), False)
-    assert T.model_config(cfg).n_layer == 3 and not T.model_config(cfg).x0ve
+    assert model_config(cfg).n_layer == 3 and not model_config(cfg).x0ve
     cfg = train_cmd.config_from_args(["--reg", "jacobi", "--reg-positions", "paper", "--reg-per-stream", "--recipe", "paper",
-                              "--lr-final-frac", "0.05", "--reg-fd-eps", "0.01"])
+                              "--lr-final-frac", "0.05", "--reg-fd-eps", "0.01", "--steps", "7", "--lam", "0.5",
+                              "--batch-size", "8", "--progress", "--chunks", "2xF2"])
     assert (cfg.reg_positions, cfg.reg_per_stream, cfg.recipe, cfg.lr_final_frac, cfg.reg_fd_eps) == (
         "paper", True, "paper", 0.05, 0.01)
+    assert (cfg.steps, cfg.lam, cfg.batch_size, cfg.progress, cfg.chunks) == (7, 0.5, 8, True, "2xF2")
     assert train_cmd.main(["--model", "tiny", "--vocab-size", "300", "--reg", "idn", "--lam", "-1"]) == 2
     assert "lam" in capsys.readouterr().err
+    for bad, msg in [(["--recipe", "fast"], "invalid choice"), (["--steps", "x"], "invalid int"),
+                     (["--n-par-set", "8,a"], "comma-separated integers"), (["--no-resume"], "unrecognized")]:
+        with pytest.raises(ValueError, match=msg):
+            train_cmd.config_from_args(bad)
+
+
+def test_dataclass_options_are_declared_once():
+    """core.cli builds a parser from a dataclass's field declarations: flags from the annotations
+    (switches, --x/--no-x, repeatable tuples, int and float), metadata where they do not say enough;
+    API_ONLY fields get no flag, and a field with no declaration at all is an error."""
+    @dataclasses.dataclass
+    class Opts:
+        size: int = dataclasses.field(default=3, metadata=cli.option("size"))
+        rate: float | None = dataclasses.field(default=None, metadata=cli.option("rate"))
+        name: str = dataclasses.field(default="a", metadata=cli.option("name", choices=("a", "b")))
+        tags: tuple[str, ...] = dataclasses.field(default=(), metadata=cli.option("tag, repeatable"))
+        ns: tuple[int, ...] | None = dataclasses.field(default=None, metadata=cli.option("ns", type=cli.comma_ints))
+        fast: bool = dataclasses.field(default=False, metadata=cli.option("switch"))
+        show: bool | None = dataclasses.field(default=None, metadata=cli.option("three-way"))
+        hook: object = dataclasses.field(default=None, metadata=cli.API_ONLY)
+
+    p = cli.ArgumentParser()
+    cli.add_dataclass_options(p, Opts)
+    parse = lambda *argv: cli.dataclass_from_args(Opts, p.parse_args(list(argv)))
+    assert parse() == Opts()
+    assert parse("--size", "4", "--rate", "0.5", "--name", "b", "--tags", "x", "--tags", "y", "--ns", "1,2",
+                 "--fast", "--no-show") == Opts(4, 0.5, "b", ("x", "y"), (1, 2), True, False)
+    with pytest.raises(ValueError, match="unrecognized arguments: --hook"):
+        p.parse_args(["--hook", "1"])
+
+    @dataclasses.dataclass
+    class Undeclared:
+        size: int = 3
+
+    with pytest.raises(TypeError, match="Undeclared.size declares no command-line option"):
+        cli.add_dataclass_options(cli.ArgumentParser(), Undeclared)
+    with pytest.raises(TypeError, match="option\\(\\) takes"):
+        cli.option("size", default=3)
+
+
+def test_run_identity_is_declared_on_the_fields():
+    """RUN_FIELDS and LATER_DEFAULTS come from the fields' declarations: the bookkeeping options and
+    the options added after runs were cached, at the values that leave them out of the hash."""
+    assert set(RUN_FIELDS) == {"out", "resume", "eval_every", "eval_batches", "eval_snlp", "save_every", "stop_at",
+                               "device", "progress", "device_batch_size"}
+    assert LATER_DEFAULTS == {"reg_positions": "strided", "reg_per_stream": False, "reg_fd_eps": 0.0,
+                              "recipe": "snlp", "lr_final_frac": 0.0, "weight_decay": 0.0,
+                              "target_param_data_ratio": 12.0, "reg_shared_probe": False, "chunks": None}
 
 
 # ------------------------------------------------------------------------------------------ torchrun
@@ -587,7 +692,7 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
     base = ["--model", "tiny", "--data", str(corpus), "--vocab-size", "300", "--seq-len", "32", "--steps", "2",
             "--out", str(tmp_path / "cli"), "--no-progress"]
     for extra, msg in [(["--init-from", str(res.run_dir)], "weights file"),
-                       (["--init-from", str(tmp_path / "nowhere")], "no checkpoint at"),
+                       (["--init-from", str(tmp_path / "nowhere")], "nowhere does not exist; valid: a preset"),
                        (["--matrix-lr", "inf"], "matrix_lr must be a finite number"),
                        (["--lam", "nan"], "lam must be a finite number")]:
         assert train_cmd.main(base + extra) == 2, extra

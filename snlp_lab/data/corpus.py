@@ -358,6 +358,10 @@ class Tokenizer:
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
         return self.hf.decode(ids, skip_special_tokens=skip_bos)
 
+    def fingerprint(self) -> str:
+        """A hash of the tokenizer's JSON: names the data cache of text it encoded."""
+        return hashlib.sha256(self.hf.to_str().encode()).hexdigest()
+
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as one JSON file (atomically)."""
         _atomic_write_text(Path(path), self.hf.to_str())
@@ -463,20 +467,24 @@ class Dataset:
 def prepare_data(source: str | os.PathLike | Corpus = "stdlib", vocab_size: int = 4096,
                  max_train_bytes: int = DEFAULT_MAX_TRAIN_BYTES,
                  cache: str | os.PathLike | None = None, progress: bool | None = None,
-                 tokenizer: str | os.PathLike | None = None) -> Dataset:
+                 tokenizer=None) -> Dataset:
     """Load a corpus, train (or reuse) its tokenizer and tokenize it (or reuse the token arrays).
 
     source: see `load_corpus`, or a Corpus. vocab_size: BPE vocabulary, BOS included (<= 65536).
     max_train_bytes: size of the training-text sample the BPE is learned from.
     cache: folder holding the `<key>/` dataset folders; default `cache_dir()/"data"`.
     progress: show progress bars and messages; None = only on a terminal.
-    tokenizer: a local Hugging Face model folder whose tokenizer to use (`PretrainedTokenizer`)
-    instead of training a BPE; vocab_size and max_train_bytes are then ignored.
+    tokenizer: instead of training a BPE, a local Hugging Face model folder whose tokenizer to use
+    (`PretrainedTokenizer`), or a model's own tokenizer object (`encode`, `bos_id`, `vocab_size` and
+    `fingerprint()`, e.g. a run's `Tokenizer` or nanochat's); vocab_size and max_train_bytes are then ignored.
     """
     if tokenizer is None:
         _check_vocab_size(vocab_size)
     corpus = source if isinstance(source, Corpus) else load_corpus(source)
-    pretrained = None if tokenizer is None else PretrainedTokenizer(tokenizer)
+    if tokenizer is None or not isinstance(tokenizer, (str, os.PathLike)):
+        pretrained = tokenizer
+    else:
+        pretrained = PretrainedTokenizer(tokenizer)
     if pretrained is None:
         key = _cache_key(corpus.meta, vocab_size, max_train_bytes)
     else:
@@ -510,7 +518,7 @@ def prepare_data(source: str | os.PathLike | Corpus = "stdlib", vocab_size: int 
         "format": FORMAT_VERSION, "key": path.name, "corpus": corpus.meta,
         "vocab_size": tokenizer.vocab_size, "vocab_size_requested": vocab_size,
         "bos_id": tokenizer.bos_id, "max_train_bytes": max_train_bytes,
-        "tokenizer_train_bytes": sample_bytes, "pretrained_tokenizer": pretrained and pretrained.path,
+        "tokenizer_train_bytes": sample_bytes, "pretrained_tokenizer": pretrained and getattr(pretrained, "path", pretrained.fingerprint()),
         "train_docs": counts["train"][0], "val_docs": counts["val"][0],
         "train_tokens": counts["train"][1], "val_tokens": counts["val"][1],
     }
@@ -575,11 +583,13 @@ def _encoded_chunks(corpus: Corpus, split: str, tokenizer: Tokenizer) -> Iterato
 
 def encode_split(source: str | os.PathLike | Corpus, tokenizer: Tokenizer, split: str = "val") -> np.ndarray:
     """One split of a corpus (see `load_corpus`) encoded with a given tokenizer, every document BOS-first
-    as `prepare_data` does: uint16 [N], in memory, not cached. For evaluating a trained model (with its
-    own tokenizer) on any text; with the run's training corpus it gives that run's validation tokens."""
+    as `prepare_data` does: [N] of `token_dtype(tokenizer.vocab_size)` (uint16, uint32 past 65536 ids), in
+    memory, not cached. For evaluating a trained model (with its own tokenizer) on any text; with the
+    run's training corpus it gives that run's validation tokens."""
     corpus = source if isinstance(source, Corpus) else load_corpus(source)
-    chunks = [np.asarray(ids, dtype=np.uint16) for _, ids in _encoded_chunks(corpus, split, tokenizer)]
-    return np.concatenate(chunks) if chunks else np.zeros(0, np.uint16)
+    dtype = token_dtype(tokenizer.vocab_size)
+    chunks = [np.asarray(ids, dtype=dtype) for _, ids in _encoded_chunks(corpus, split, tokenizer)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype)
 
 
 def _chunks(docs: Iterator[tuple[str, str]], max_chars: int = 1 << 20,

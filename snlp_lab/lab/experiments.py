@@ -3,7 +3,7 @@
 
 Every notebook starts with `P = profiles.get_profile(profile)`; trained models come from
 `experiments.trained(P, variant, reg, seed)`, which trains once and reuses the cached run after
-(`training.train.trained_model`: cache_dir()/runs/<preset>-<config hash>, the hash of the options
+(`snlp_lab.training.trained_model`: cache_dir()/runs/<preset>-<config hash>, the hash of the options
 `train_options` builds). The decode study (`nb/decode`, the CPU decode goal `GOAL_SPEEDUP`) trains its own
 model, `P.decode`, once per training recipe (`decode_recipes`, `recipe_model`).
 """
@@ -26,7 +26,7 @@ from ..models.config import get_config
 from ..models.run_folder import is_finished
 from ..solvers.grammar import parse_config
 from ..solvers.ppl import evaluate_ppl
-from ..training.train import trained_model, trained_run_dir
+from ..training import trained_model, trained_run_dir
 from .claims.stats import before_warmdown_change, last_quarter_change
 from .profiles import CLOSE_PPL_PCT, EQUAL_PPL_PCT, Profile, is_fused
 

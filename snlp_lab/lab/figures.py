@@ -1,10 +1,10 @@
 """`make figures`: run every notebook in nb/ with papermill for a profile.
 
-Each notebook takes the papermill parameters `profile`, `fig_dir` and `report_dir`; it writes its
-figures (PNG + PDF) to fig_dir and its tables (CSV + Markdown) to report_dir. The executed copy of
-each notebook is saved to report_dir too. Without --out, profiles cpu and paper write the committed
-figures/ and reports/, long and long-x0ve subfolders of their own, any other profile a scratch folder
-(`snlp_lab.params.output_dirs`).
+Each notebook takes the papermill parameters `profile`, `fig_dir`, `report_dir` and `publish`; it
+writes its figures (PNG + PDF) to fig_dir and its tables (CSV + Markdown) to report_dir. The executed
+copy of each notebook is saved to report_dir too. With --publish (`make figures` passes it), profiles
+cpu and paper write the committed figures/ and reports/, long and long-x0ve subfolders of their own;
+without it, --out or a new scratch folder of this run (`snlp_lab.lab.outputs`).
 
 A profile may run some of the notebooks only (`Profile.notebooks`); the ledger's other claims then say
 which table is missing.
@@ -14,7 +14,8 @@ into report_dir: claims.md, linked from the index. A partial run (--only) rewrit
 is a function of the tables alone and takes seconds; it then reads the new tables beside those of the last
 full run, and it lists each table it read with its write time, so that a mixed ledger shows it.
 
-    python -m snlp_lab.figures --profile cpu            # the default (about an hour on 2 cores)
+    python -m snlp_lab.figures --profile cpu --publish  # make figures (about an hour on 2 cores)
+    python -m snlp_lab.figures --profile cpu            # the same run into a scratch folder
     python -m snlp_lab.figures --profile smoke --out /tmp/x   # what the tests run
 """
 from __future__ import annotations
@@ -49,8 +50,10 @@ def sync(nb_dir: Path = ROOT / "nb") -> None:
 
 
 def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path | None = None,
-            only: list[str] | None = None, log=print) -> dict[str, float]:
-    """Execute the notebooks; returns the wall time of each, in seconds."""
+            only: list[str] | None = None, publish: bool = False, log=print) -> dict[str, float]:
+    """Execute the notebooks; returns the wall time of each, in seconds. Outputs go where
+    `snlp_lab.lab.outputs.output_dirs` says: publish=True (make figures) the profile's committed folders,
+    else fig_dir/report_dir, else a new scratch folder of this run."""
     import papermill as pm
 
     if profile not in PROFILES:
@@ -60,7 +63,7 @@ def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path 
     if unknown:  # a typo would otherwise run nothing and still rewrite the ledger and the index
         raise ValueError(f"unknown notebook(s) {', '.join(map(repr, unknown))} for profile {profile}; valid: "
                          f"{', '.join(names)}")
-    fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, log=log)
+    fig_dir, report_dir = output_dirs(profile, fig_dir, report_dir, publish, "figures", log=log)
     sync()
     times = {}
     for nb in notebooks(profile):
@@ -69,7 +72,8 @@ def run_all(profile: str = "cpu", fig_dir: Path | None = None, report_dir: Path 
         t0 = time.perf_counter()
         log(f"[figures] {nb.stem} (profile={profile})")
         pm.execute_notebook(str(nb), str(report_dir / nb.name), cwd=str(nb.parent), kernel_name="python3",
-                            parameters=dict(profile=profile, fig_dir=str(fig_dir), report_dir=str(report_dir)),
+                            parameters=dict(profile=profile, fig_dir=str(fig_dir), report_dir=str(report_dir),
+                                            publish=publish),
                             progress_bar=False)
         times[nb.stem] = time.perf_counter() - t0
         log(f"[figures] {nb.stem} done in {times[nb.stem]:.0f}s")

@@ -1,6 +1,7 @@
 """`make gpu-check`: verify and time SNLP on a GPU in one prepared run of a few minutes.
 
-    python -m snlp_lab.gpu_check                  # the first CUDA device; writes reports/gpu/
+    python -m snlp_lab.gpu_check --out reports/gpu  # the first CUDA device (what make gpu-check runs)
+    python -m snlp_lab.gpu_check                  # the same into a new scratch folder of this run
     python -m snlp_lab.gpu_check --smoke          # the same code path on the CPU at toy sizes (in `make test`)
 
 It needs torch, pandas, matplotlib and tabulate only (no notebook tooling), so it runs on a GPU
@@ -38,7 +39,8 @@ from ..models.config import get_config
 from ..measurement.limits import describe, measure_limits
 from ..decoding.decoder import Decoder
 from ..models.build import build_model
-from ..core.paths import cache_dir, repo_root
+from ..core.paths import repo_root
+from .outputs import scratch_dir
 from ..solvers.grammar import parse_config
 from ..training.regularizer import snlp_regularizer
 from ..solvers.solver import solve
@@ -290,9 +292,9 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
 
 # ------------------------------------------------------------------------------------------ main
 def default_out(smoke: bool = False) -> Path:
-    """Where a check writes without --out: reports/gpu in the repository (the committed GPU results),
-    or for a smoke run the cache's scratch/gpu-smoke, so that a CPU toy run never overwrites them."""
-    return cache_dir() / "scratch" / "gpu-smoke" if smoke else (repo_root() or Path.cwd()) / "reports" / "gpu"
+    """Where a check writes without --out: a new scratch folder of this run (`snlp_lab.lab.outputs`).
+    The committed GPU results, reports/gpu, are written by `make gpu-check` alone, which names them."""
+    return scratch_dir("gpu-smoke" if smoke else "gpu-check")
 
 
 def run(smoke: bool = False, out: Path | None = None, device: str | None = None, log=print) -> dict:

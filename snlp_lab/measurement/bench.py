@@ -35,16 +35,16 @@ import ctypes
 import gc
 import os
 import re
-from pathlib import Path
 
 import pandas as pd
 import torch
 
 from ..models.config import resolve_device
-from ..core.checks import as_list, check_choice, check_int, check_path
+from ..core.checks import as_list, check_int
 from ..decoding.decoder import GRAPHABLE, Decoder, compile_options
 from ..models.fusion import clear_fused_cache, fusable
 from ..models.build import build_model
+from ..models.loader import load_model, model_info, model_kind, resolve_spec
 from ..models.model import GPT
 from ..solvers.grammar import SNLPConfig, parse_config
 from ..solvers.solver import NonFiniteError
@@ -121,34 +121,32 @@ def settings(model: str | None = None, device: str = "auto", study: SpeedupStudy
     defaults; configurations default to `default_configs` of the model's depth. Raises ValueError
     naming the valid values.
 
-    model: a preset name (default: the study's), a transformers folder, or None with a checkpoint,
-    whose saved config and name are used (`name` in the result: the trained run's preset, e.g.
-    "cpu-plain (trained)"). List parameters take a single value or a list (`params.as_list`).
+    model: what `snlp_lab.load_model` takes (default: the study's preset): a preset name, timed with
+    random weights, or a run, nanochat or Hugging Face folder; checkpoint: a run, nanochat or Hugging
+    Face folder, whose weights are timed (with model unset, or the preset a run was trained as). The
+    config and name come from the folder's JSON files, no weights are read (`loader.model_info`; `name`
+    in the result: e.g. "cpu-plain (trained, step 300)", "d32 (nanochat, step 5000)"). List parameters
+    take a single value or a list (`params.as_list`).
     threads: CPU threads, 1 by default on a CPU: the ratios compare like with like either way, and a
     single thread never waits for a descheduled one on a machine shared with other jobs (with 2
     threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them)."""
-    from ..models.config import PRESETS
     study = study or SpeedupStudy()
     dev = resolve_device(device)
-    checkpoint = check_path("checkpoint", checkpoint)
-    if checkpoint is not None:
-        from ..models.checkpoint import saved_config
-        from ..models.run_folder import read_checkpoint
-        meta = read_checkpoint(checkpoint)
-        cfg = saved_config(meta)
-        trained_as = (meta.get("train_config") or {}).get("model", "model")
+    if checkpoint not in (None, ""):
+        checkpoint = resolve_spec(checkpoint)
+        info = model_info(checkpoint)
+        if info.kind == "preset":
+            raise ValueError(f"checkpoint {checkpoint!r} names a preset, not a folder; pass it as model "
+                             f"(random weights) or give a run, nanochat or Hugging Face folder")
+        trained_as = (info.meta.get("train_config") or {}).get("model")
         if model is not None and model != trained_as:
-            raise ValueError(f"model {model!r} does not match the checkpoint, trained as {trained_as!r}; "
-                             f"leave model unset with a checkpoint")
-        name = f"{trained_as} (trained, step {meta['step']})"
+            raise ValueError(f"model {model!r} does not match the checkpoint, "
+                             + (f"trained as {trained_as!r}; " if trained_as else f"a {info.kind} folder; ")
+                             + "leave model unset with a checkpoint")
     else:
-        model = model or study.model
-        if model not in PRESETS and os.path.isdir(os.path.expanduser(str(model))):  # a transformers folder
-            from ..models.hf import HFConfig, hf_config
-            cfg, name = HFConfig.from_hf(hf_config(model)), Path(model).name
-        else:
-            check_choice("model", model, PRESETS)
-            cfg, name = PRESETS[model], model
+        checkpoint, model = None, resolve_spec(model or study.model)
+        info = model_info(model)
+    cfg, name = info.config, info.name
     mhc = getattr(cfg, "n_streams", 1) > 1
     fusion = not hasattr(cfg, "model_type")  # fused chunks: our GPT only (snlp_lab.fusion.fusable)
     d = study.defaults(dev, cfg.n_embd)
@@ -214,29 +212,32 @@ def perturb_(model: GPT, scale: float = 0.3, seed: int = 0) -> GPT:
     return model
 
 
-def load_model(model, checkpoint: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
-    """(model, weights description) from a preset name, a local Hugging Face folder (`snlp_lab.hf`) or
-    a model, optionally loading a checkpoint."""
-    from ..models.config import PRESETS
-    if isinstance(model, str) and model not in PRESETS and checkpoint is None:
-        if not os.path.isdir(os.path.expanduser(model)):
-            raise ValueError(f"unknown model {model!r}; valid: a preset ({', '.join(PRESETS)}) or a local "
-                             f"Hugging Face model folder")
-        from ..models.hf import load_hf
-        return load_hf(model, dtype=dtype).to(device), f"Hugging Face folder {model}"
-    if checkpoint is not None:
-        from ..models.checkpoint import load_checkpoint
-        m, weights = load_checkpoint(checkpoint), f"checkpoint {checkpoint}"
-    elif isinstance(model, torch.nn.Module):
+def bench_model(model, checkpoint: str | None, device: torch.device, dtype: torch.dtype, seed: int = 0):
+    """(model, weights description) of a benchmark run: `checkpoint` (a run, nanochat or Hugging Face
+    folder) or `model` loaded by `snlp_lab.load_model` (a preset gets random weights from `seed`,
+    perturbed by `perturb_`), or a GPTConfig (random weights likewise) or a model as given (a copy when
+    it must change device or dtype), on `device` in `dtype`."""
+    if checkpoint is None and isinstance(model, torch.nn.Module):
         m, weights = model, "as given"
         p = next(m.parameters())
         same_device = p.device.type == device.type and device.index in (None, p.device.index)
         if not same_device or p.dtype != dtype:  # convert a copy: the caller's model stays as it is
             m = copy.deepcopy(m)
-    else:
+        return m.to(device=device, dtype=dtype), weights
+    if checkpoint is None and not isinstance(model, (str, os.PathLike)):  # a config
         torch.manual_seed(seed)
-        m, weights = perturb_(build_model(model), seed=seed), "random (perturbed output projections)"
-    return m.to(device=device, dtype=dtype), weights
+        m = perturb_(build_model(model), seed=seed)
+        return m.to(device=device, dtype=dtype), "random (perturbed output projections)"
+    spec = checkpoint if checkpoint is not None else model
+    if checkpoint is not None and model_kind(checkpoint)[0] == "preset":
+        raise ValueError(f"checkpoint {checkpoint!r} names a preset, not a folder; pass it as model")
+    if model_kind(spec)[0] == "preset":  # random weights, made in float32 as any preset's
+        torch.manual_seed(seed)
+        m = perturb_(load_model(spec).model, seed=seed)
+        return m.to(device=device, dtype=dtype), "random (perturbed output projections)"
+    loaded = load_model(spec, device, dtype)
+    what = {"run": "checkpoint", "nanochat": "nanochat checkpoint", "hf": "Hugging Face folder"}[loaded.kind]
+    return loaded.model, f"{what} {spec}"
 
 
 # ------------------------------------------------------------------------------------------ the benchmark
@@ -247,7 +248,9 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
               log=None) -> pd.DataFrame:
     """Time the sequential forward and every configuration; one row per (configuration, T).
 
-    model: preset name, GPTConfig or a GPT (name: what the table calls it); configs: configuration
+    model: what `snlp_lab.load_model` takes (a preset, timed with random weights; a run, nanochat or
+    Hugging Face folder), a GPTConfig or a model (name: what the table calls it); checkpoint: a run,
+    nanochat or Hugging Face folder whose weights are timed (`bench_model`); configs: configuration
     strings (default: `default_configs` of the model; the sequential baseline is added first when
     missing); dtype: default bf16 on CUDA, fp32 on CPU; compile: torch.compile the block function of
     every decoder (True or a mode such as "reduce-overhead"), or a list of such settings (e.g.
@@ -281,7 +284,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     for mode in modes:  # a bad mode fails now: a configuration that fails to compile later runs eagerly
         if mode:
             compile_options(mode)
-    m, weights = load_model(model, checkpoint, dev, dtype, seed)
+    m, weights = bench_model(model, checkpoint, dev, dtype, seed)
     if limits is True:  # the copy's working set (source + destination): what a sequential decode step reads
         limits = measure_limits(dev, dtype, copy_mb=decode_cost(m, "sequential", 0).bytes / 2**21)
     L, ctx_len = m.n_layer, m.config.sequence_len

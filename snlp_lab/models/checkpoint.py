@@ -17,7 +17,8 @@ intact. Files of older steps are removed once the new JSON is in place.
     load_checkpoint("runs/abc", model)             # into an existing model (same config or ValueError)
 
 `load_checkpoint` also reads a nanochat checkpoint folder (model_<step>.pt + meta_<step>.json, newest
-step; see `snlp_lab.nanochat`), so every `checkpoint` option takes either kind.
+step; see `snlp_lab.nanochat`) into a given model. What a model string names, for every entry point, is
+decided by `snlp_lab.models.loader.load_model`.
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig
 from .build import build_model
 from .hf import load_hf
-from .nanochat import is_nanochat_checkpoint, load_nanochat
+from .nanochat import NanochatTokenizer, is_nanochat_checkpoint, load_nanochat, load_nanochat_tokenizer
 from .run_folder import CHECKPOINT_JSON, FORMAT_VERSION, _json_path, read_checkpoint
 
 TOKENIZER_JSON = "tokenizer.json"  # written by snlp_lab.train beside the checkpoint
@@ -179,9 +180,21 @@ def load_optim_state(path: str | os.PathLike, device: str | torch.device = "cpu"
     return torch.load(_json_path(path).parent / name, map_location=device, weights_only=True)
 
 
+def save_tokenizer(run_dir: str | os.PathLike, tokenizer) -> None:
+    """Keep a run's tokenizer beside its checkpoint, so that the run reads and writes text without data
+    settings: our BPE (`snlp_lab.data.Tokenizer`) as tokenizer.json, nanochat's where nanochat keeps it
+    (tokenizer/tokenizer.pkl). A transformers model's tokenizer stays in its own folder."""
+    run_dir = Path(run_dir)
+    if isinstance(tokenizer, NanochatTokenizer):
+        _atomic(run_dir / "tokenizer", lambda p: (p.mkdir(), (p / "tokenizer.pkl").write_bytes(tokenizer.pickle())))
+    elif hasattr(tokenizer, "save"):
+        tokenizer.save(run_dir / TOKENIZER_JSON)
+
+
 def load_tokenizer(path: str | os.PathLike):
-    """The tokenizer a run was trained with (`snlp_lab.data.Tokenizer`): the run folder's tokenizer.json,
-    or for a fine-tuned transformers model (`--init-from-hf`) that model's own tokenizer.
+    """The tokenizer a run was trained with: the run folder's tokenizer.json (`snlp_lab.data.Tokenizer`),
+    nanochat's tokenizer/tokenizer.pkl for a run that fine-tuned a nanochat model, or for a fine-tuned
+    transformers model (`--init-from-hf`) that model's own tokenizer.
 
     A run written before runs carried their tokenizer is rebuilt from its training settings (data
     source and vocabulary size: the same corpus gives the same tokenizer); the data key recorded at
@@ -191,6 +204,8 @@ def load_tokenizer(path: str | os.PathLike):
     folder = _json_path(path).parent
     if (folder / TOKENIZER_JSON).is_file():
         return Tokenizer.load(folder / TOKENIZER_JSON)
+    if (folder / "tokenizer" / "tokenizer.pkl").is_file():
+        return load_nanochat_tokenizer(folder)
     meta = read_checkpoint(path)
     tc = meta.get("train_config") or {}
     if tc.get("init_from_hf"):  # a fine-tuned transformers model reads text with its own tokenizer

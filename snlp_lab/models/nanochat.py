@@ -26,6 +26,7 @@ logits the same way).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -142,13 +143,14 @@ def convert_state_dict(state: dict, model) -> dict:
 
 
 def load_nanochat(path: str | os.PathLike, step: int | None = None, device: str | torch.device = "cpu",
-                  dtype: torch.dtype = torch.float32):
+                  dtype: torch.dtype = torch.float32, tokenizer: bool = True):
     """The model of a nanochat checkpoint folder at `step` (default: the newest), in eval mode.
 
     path: the folder with model_<step:06d>.pt and meta_<step:06d>.json. The config comes from the meta
     file (`nanochat_config`), the weights are mapped by `convert_state_dict` and cast to `dtype`.
     When nanochat's tokenizer lies beside the folder (tokenizer/tokenizer.pkl in the folder or one or
-    two levels up, as nanochat's base_dir has it) it is attached as `model.tokenizer` (else None).
+    two levels up, as nanochat's base_dir has it) it is attached as `model.tokenizer` (else None;
+    always None with tokenizer=False, which reads no tokenizer).
     Raises ValueError for a missing folder or step and for unknown, missing or mis-shaped keys.
     """
     path = Path(path)
@@ -165,7 +167,7 @@ def load_nanochat(path: str | os.PathLike, step: int | None = None, device: str 
     state = torch.load(path / f"model_{step:06d}.pt", map_location="cpu", weights_only=True)
     model = build_model(cfg).to(dtype)
     model.load_state_dict(convert_state_dict(state, model))
-    model.tokenizer = load_nanochat_tokenizer(path)
+    model.tokenizer = load_nanochat_tokenizer(path) if tokenizer else None
     return model.to(device).eval()
 
 
@@ -176,10 +178,19 @@ class NanochatTokenizer:
 
     BOS = "<|bos|>"
 
-    def __init__(self, enc):
+    def __init__(self, enc, digest: str = ""):
         self.enc = enc
         self.bos_id = enc.encode_single_token(self.BOS)
         self.vocab_size = enc.n_vocab
+        self.digest = digest  # sha256 of the pickle it came from
+
+    def pickle(self) -> bytes:
+        """The tiktoken Encoding as nanochat stores it (tokenizer/tokenizer.pkl)."""
+        return pickle.dumps(self.enc)
+
+    def fingerprint(self) -> str:
+        """Names the data cache of text it encoded (`snlp_lab.data.prepare_data`)."""
+        return self.digest or hashlib.sha256(repr(sorted(self.enc._mergeable_ranks.items())).encode()).hexdigest()
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
@@ -200,8 +211,8 @@ def load_nanochat_tokenizer(path: str | os.PathLike):
         pkl = folder / "tokenizer" / "tokenizer.pkl"
         if pkl.is_file():
             try:
-                with open(pkl, "rb") as f:
-                    return NanochatTokenizer(pickle.load(f))
+                blob = pkl.read_bytes()
+                return NanochatTokenizer(pickle.loads(blob), hashlib.sha256(blob).hexdigest())
             except ModuleNotFoundError as e:
                 raise ValueError(f"nanochat's tokenizer {pkl} needs the package {e.name!r}: "
                                  f"pip install {e.name}") from None

@@ -1,4 +1,5 @@
-"""nanochat's Muon, the variant the paper trained its blocks' matrices with (`--recipe paper` of
+"""A run's optimizers (`build_optimizers`, nanochat's split: Muon for the blocks' matrices, AdamW for the
+rest) and nanochat's Muon, the variant the paper trained its blocks' matrices with (`--recipe paper` of
 `python -m snlp_lab.train`).
 
 Source: nanochat-snlp's `nanochat/optim.py` (`muon_step_fused`, `MuonAdamW._step_muon`), the optimizer
@@ -26,7 +27,13 @@ same numbers as one matrix at a time (every operation above acts on each matrix 
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+import torch.nn as nn
+
+if TYPE_CHECKING:  # annotations only: NanochatMuon stays importable on its own
+    from .config import TrainConfig
 
 # nanochat/optim.py `polar_express_coeffs`: (a, b, c) of each step, computed for 5 iterations with
 # safety factor 2e-2 and cushion 2 (arXiv 2505.16932)
@@ -140,3 +147,64 @@ class NanochatMuon(torch.optim.Optimizer):
         torch._foreach_copy_(ps, list(W.unbind(0)))
         torch._foreach_copy_([self.state[p]["momentum_buffer"] for p in ps], list(M.unbind(0)))
         torch._foreach_copy_([self.state[p]["second_moment"] for p in ps], list(V.unbind(0)))
+
+
+# ------------------------------------------------------------------------------------------ a run's optimizers
+ADAMW_BETAS, ADAMW_EPS = (0.8, 0.95), 1e-10  # nanochat
+SMEAR_LR = 0.2  # nanochat: smear gate, smear and backout lambdas (not scaled with the width)
+SMEAR_PARAMS = ("smear_gate.weight", "smear_lambda", "backout_lambda")
+MUON_MOMENTUM = 0.95  # recipe "paper" schedules it per step (`schedules.paper_muon_momentum`)
+MUON_BETA2 = 0.9  # recipe "paper": NanochatMuon's second moment (nanochat-snlp setup_optimizer)
+# recipe "paper": nanochat-snlp's setup_optimizer (nanochat/gpt.py), (betas, weight decay) per AdamW
+# group; there value embeddings get half the embedding lr and mHC mixing a fixed lr
+PAPER_ADAMW = {"embed": ((0.8, 0.995), 0.001), "value_embeds": ((0.8, 0.995), 0.01), "head": ((0.8, 0.96), 0.01),
+               "scalar": ((0.8, 0.95), 0.0), "x0": ((0.96, 0.95), 0.0), "mhc": ((0.9, 0.999), 0.0),
+               "resid": ((0.8, 0.95), 0.05), "smear": ((0.8, 0.95), 0.0)}
+PAPER_MHC_LR = 0.01
+
+
+def build_optimizers(model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+    """[Muon for the blocks' nn.Linear weights, AdamW for the rest], nanochat's split (nanochat's
+    `setup_optimizer` in nanochat/gpt.py); cfg is resolved (`config.resolve`: every lr set).
+
+    AdamW groups (named by their "name"): embed, value_embeds, head, scalar, x0, resid, smear, mhc; the
+    embedding and head learning rates scale with (n_embd/768)^-0.5, resid lambdas get scalar_lr/100 and
+    the smear parameters SMEAR_LR. Recipe "snlp": torch.optim.Muon without weight decay; AdamW keeps value
+    embeddings with the token embedding and x0 lambdas and mHC mixing with the scalars (one betas, no weight
+    decay). Recipe "paper": NanochatMuon with cfg.weight_decay; AdamW gives each its own group, set as
+    PAPER_ADAMW."""
+    matrices = {id(m.weight) for m in model.blocks.modules() if isinstance(m, nn.Linear)}
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    paper = cfg.recipe == "paper"
+    muon, groups = [], {k: [] for k in PAPER_ADAMW}
+    for name, p in model.named_parameters():
+        if id(p) in matrices:
+            muon.append(p)
+        elif id(p) in embeddings:
+            groups["value_embeds" if paper and name.startswith("value_embeds.") else "embed"].append(p)
+        elif p is model.lm_head.weight:
+            groups["head"].append(p)
+        elif name == "resid_lambdas":
+            groups["resid"].append(p)
+        elif name in SMEAR_PARAMS:
+            groups["smear"].append(p)
+        elif paper and name == "x0_lambdas":
+            groups["x0"].append(p)
+        elif paper and name.startswith("mix."):
+            groups["mhc"].append(p)
+        else:  # (recipe "snlp": x0 lambdas, mHC mixing) anything a model variant adds
+            groups["scalar"].append(p)
+    scale = (model.config.n_embd / 768) ** -0.5
+    lrs = {"embed": cfg.embedding_lr * scale, "value_embeds": cfg.embedding_lr * scale * 0.5,
+           "head": cfg.unembedding_lr * scale, "scalar": cfg.scalar_lr, "x0": cfg.scalar_lr,
+           "resid": cfg.scalar_lr * 0.01, "smear": SMEAR_LR, "mhc": PAPER_MHC_LR}
+    adam_groups = [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]
+    if paper:
+        for g in adam_groups:
+            g["betas"], g["weight_decay"] = PAPER_ADAMW[g["name"]]
+        matrix_opt = NanochatMuon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, beta2=MUON_BETA2,
+                                  weight_decay=cfg.weight_decay)
+    else:
+        matrix_opt = torch.optim.Muon(muon, lr=cfg.matrix_lr, momentum=MUON_MOMENTUM, weight_decay=0.0,
+                                      adjust_lr_fn="original")
+    return [matrix_opt, torch.optim.AdamW(adam_groups, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=0.0)]
