@@ -76,7 +76,7 @@ def write_ledger(report_dir, fig_dir=None, profile: str = "cpu", log=print, out_
              "Written by `python -m snlp_lab.claims` (run by `make figures` after the notebooks) from the tables in "
              + ("this folder" if here else f"`{report_dir.resolve()}`")
              + f", profile `{profile}`: {setting.text()}. Each verdict comes from the rule beside it "
-             f"(`snlp_lab/claims.py`); intervals are 95% Student-t over seeds (Welch's for a difference of two sets "
+             f"(`snlp_lab/lab/claims/rules.py`); intervals are 95% Student-t over seeds (Welch's for a difference of two sets "
              f"of models); a speedup's bracket is the lower bound its run's noise supports (one-sided 97% or more "
              f"with 5 timing rounds or more). Paper numbers: docs/design.md §4 (arXiv 2605.17842)."
              + (f" This profile runs {', '.join(f'nb/{n}' for n in own)} only (`Profile.notebooks`): a claim "
