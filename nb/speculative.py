@@ -18,7 +18,7 @@
 # # Self-speculative decoding: SNLP drafts, the sequential model verifies
 #
 # An SNLP decoder proposes B tokens, one sequential pass over the block verifies them, and the output is
-# exactly sequential decoding's (greedy) or follows its distribution (sampling; `snlp_lab.speculative`).
+# exactly sequential decoding's (greedy) or follows its distribution (sampling; `snlp_lab.decoding.speculative`).
 # On the profile's regularized model: the acceptance rate α and the wall-clock speedup over sequential
 # KV-cached decoding against the block size B and the temperature, beside the prediction
 # ((1 − α^{B+1})/(1 − α)) / (B/s + 1) with α and the drafter's speedup s measured in the same run.

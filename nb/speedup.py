@@ -21,7 +21,7 @@
 # `bound` is the critical-path speedup L / (S + K). Parameters left as `None` are chosen for the
 # profile and device (on a CPU: T = 128 and a 16-token decode).
 #
-# Physical limits (`snlp_lab.limits`): every row says what its pass must read and compute per token
+# Physical limits (`snlp_lab.measurement.limits`): every row says what its pass must read and compute per token
 # (`*_MB_tok`, `*_MFLOP_tok`), the machine's copy bandwidth and matrix-product rate are measured on the
 # same device with the same threads, and `*_floor_ms` = max(bytes / bandwidth, FLOPs / rate) is the
 # pass's floor; `*_x_floor` = measured time / floor says how far sequential and SNLP are from it.

@@ -29,7 +29,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--checkpoint", required=True,
                    help="a run folder of snlp_lab.train, a nanochat checkpoint folder or a local Hugging Face folder")
     p.add_argument("--configs", nargs="+", default=["sequential"],
-                   help="configurations (snlp_lab.snlp_config grammar), e.g. sequential idn:K=1:n=8 idn:K=2:n=8:2xF4:fwd")
+                   help="configurations (snlp_lab.solvers.grammar grammar), e.g. sequential idn:K=1:n=8 idn:K=2:n=8:2xF4:fwd")
     p.add_argument("--data", default=None,
                    help="corpus whose validation split is evaluated, encoded with the model's own tokenizer "
                         "(default: a run's training data)")

@@ -31,7 +31,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompt", required=True, help="the text to continue (encoded BOS first, like training documents)")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--config", default=None,
-                   help="SNLP configuration (snlp_lab.snlp_config grammar, e.g. idn:K=1:n=8); with --speculative, the "
+                   help="SNLP configuration (snlp_lab.solvers.grammar grammar, e.g. idn:K=1:n=8); with --speculative, the "
                         f"drafter's (default {DEFAULT_DRAFT}); without it, the decoder's (default sequential)")
     p.add_argument("--speculative", type=int, default=None, metavar="B",
                    help="self-speculative decoding with B draft tokens per round: the output is the sequential "

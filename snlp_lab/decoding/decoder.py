@@ -104,7 +104,7 @@ class StaticSlot:
 
 class ModelLayers:
     """Layers start..stop-1 of any layer stack whose `layers` take `past` and `return_kv` (the mHC
-    model, a transformers model of `snlp_lab.hf`), one unit per layer, indexed from 0 like a
+    model, a transformers model of `snlp_lab.models.hf`), one unit per layer, indexed from 0 like a
     `ChunkStack`. The model reads its own weights on every call; `ChunkStack` (used for the plain GPT)
     resolves them once."""
 
@@ -335,7 +335,7 @@ class Decoder:
 
     # ------------------------------------------------------------------------------------------ split steps
     # A step is the S prefix layers (`prefix_states`) then the parallel units (`feed_states`). Self-speculative
-    # decoding (snlp_lab.speculative) calls the two halves itself: its verifier reuses the drafter's prefix
+    # decoding (snlp_lab.decoding.speculative) calls the two halves itself: its verifier reuses the drafter's prefix
     # states, which are those of the sequential model.
     def start(self, batch: int, device) -> None:
         """Begin a new, empty sequence of `batch` rows (what `prefill` does before its first token)."""

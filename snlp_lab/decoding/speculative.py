@@ -139,7 +139,7 @@ def speculative_generate(model, idx: torch.Tensor, max_new_tokens: int, draft: s
                          seed: int = 0) -> tuple[torch.Tensor, SpeculativeStats]:
     """Prompt idx [1, T] followed by max_new_tokens tokens: ([1, T + max_new_tokens], SpeculativeStats).
 
-    draft: the drafter's configuration (`snlp_lab.snlp_config` grammar, e.g. "idn:K=2:n=12:4xF3:warm");
+    draft: the drafter's configuration (`snlp_lab.solvers.grammar` grammar, e.g. "idn:K=2:n=12:4xF3:warm");
     block: draft tokens per round (B); temperature 0 is greedy, > 0 samples (top_k: only the k most
     likely tokens) with a generator seeded by `seed` (same seed, same tokens). The tokens are those of
     sequential decoding (greedy) or follow its distribution (sampling), whatever the drafter.

@@ -155,12 +155,12 @@ def model_pairs(P: Profile) -> list[tuple[str, str]]:
 
 
 def ppl_grid(P: Profile, model, ds, configs) -> list[float]:
-    """Validation PPL of `model` under each configuration string (`snlp_lab.snlp_config` grammar)."""
+    """Validation PPL of `model` under each configuration string (`snlp_lab.solvers.grammar` grammar)."""
     return [ppl(P, model, ds, c.method, **c.solve_kwargs()) for c in map(parse_config, configs)]
 
 
 def frontier_configs(L: int, mhc: bool = False) -> list[str]:
-    """The speed–quality grid (configuration strings of `snlp_lab.snlp_config`): n_par in {L/2, 3L/4, L},
+    """The speed–quality grid (configuration strings of `snlp_lab.solvers.grammar`): n_par in {L/2, 3L/4, L},
     K in {1, 2, 4}, init h0/fwd, per layer (IDN, and HCN on mHC models); and, without mHC, every fused
     chunking CxFM (M > 1) of n_par in {L/2, L} with K in {1, 2} from h0 (K = 1 also from fwd)."""
     ns = sorted({max(1, L // 2), max(1, 3 * L // 4), L})

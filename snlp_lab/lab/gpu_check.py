@@ -12,7 +12,7 @@ machine's own Python with `PYTHONPATH=.` from the repository root. Four parts, e
     on the same weights (relative error max|x - ref| / max|ref| < 1e-4), and under bf16 autocast
     (< 3e-2). Nothing may be non-finite.
 (b) machine limits: device-to-device copy bandwidth and the bf16 matrix-product rate, measured
-    (`snlp_lab.limits`); with what each pass must read and compute they give its floor.
+    (`snlp_lab.measurement.limits`); with what each pass must read and compute they give its floor.
 (c) speed: the paper's configurations (docs/design.md §4) on `0.5b-plain` and `0.5b`, B = 1, T = 128 and 2048,
     bf16, random weights (timing does not depend on them): eager prefill and KV-cached decode, and the
     same replayed from captured CUDA graphs, baseline and SNLP alike (`snlp_lab.bench`). CUDA events,
@@ -221,7 +221,7 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
                       dict(device=where, thresholds=f"float32 < {TOL_FP32:g}, bf16 autocast < {TOL_BF16:g} "
                            "(max |x - ref| / max |ref|)", models="tiny (x0ve, GQA) and tiny mHC (2 streams), "
                            "random non-trivial weights"), floatfmt=".2e")
-    present = lambda cols: [c for c in cols if c in speed]  # a check older than snlp_lab.limits lacks some
+    present = lambda cols: [c for c in cols if c in speed]  # a check older than snlp_lab.measurement.limits lacks some
     report.save_table(speed[present(SPEED_COLS)], "speed", out, "Speed: sequential vs SNLP, B = 1, bf16",
                       dict(device=where, limits=describe(limits), notes="; ".join(speed.attrs["notes"])),
                       floatfmt=".4g")
@@ -270,7 +270,7 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
              "[table](correctness.md)", "", "## Machine limits", "",
              f"Measured: {describe(limits)}. In the speed table, `*_MB_tok` and `*_MFLOP_tok` are what a pass "
              "must read and compute per token (weights once per layer evaluation, the KV cache, embedding rows, "
-             "the head; `snlp_lab.limits` says what is left out), `*_floor_ms` = max(bytes / bandwidth, FLOPs / "
+             "the head; `snlp_lab.measurement.limits` says what is left out), `*_floor_ms` = max(bytes / bandwidth, FLOPs / "
              "rate) of a B = 1 pass (decode: one step, averaged over the decoded positions) and `*_x_floor` the "
              "measured time over that floor: how far sequential and SNLP are from what the machine allows.", "",
              "## Speed", "", "Speedup over the sequential forward in the same run (eager over eager, graphed over "
@@ -331,7 +331,7 @@ def redraw(out: Path) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"no finished check in {out}: {path} is missing")
     j = json.loads(path.read_text())
-    speed = bench.with_x_floor(pd.DataFrame(j["speed"]))  # checks before snlp_lab.limits did not record x_floor
+    speed = bench.with_x_floor(pd.DataFrame(j["speed"]))  # checks before snlp_lab.measurement.limits did not record x_floor
     speed.attrs["notes"] = j["notes"]
     return write_report(Path(out), j["environment"], pd.DataFrame(j["correctness"]), j["limits"], speed,
                         j["seconds"], j["smoke"])

@@ -57,7 +57,7 @@ class DecodeStudy:
     seq_len: int
     vocab_size: int
     recipes: tuple  # recipe names, "baseline" first: every ΔPPL is also taken against its sequential PPL
-    configs: tuple  # configuration strings (`snlp_lab.snlp_config`), "sequential" first
+    configs: tuple  # configuration strings (`snlp_lab.solvers.grammar`), "sequential" first
     eval_batches: int  # validation windows: eval_batches x the profile's eval_batch_size x seq_len tokens
     decode_tokens: int = 32  # timed KV-cached decode steps per repeat (after a prefill of seq_len - decode_tokens)
     overrides: dict = field(default_factory=dict)
@@ -246,6 +246,6 @@ CLOSE_PPL_PCT = 5.0  # at most +5%
 
 
 def is_fused(config: str) -> bool:
-    """Whether a configuration runs fused chunks of M >= 2 layers (CxFM, `snlp_lab.fusion`)."""
+    """Whether a configuration runs fused chunks of M >= 2 layers (CxFM, `snlp_lab.models.fusion`)."""
     c = parse_config(config)
     return bool(c.chunks) and parse_chunks(c.chunks)[1] > 1

@@ -17,9 +17,9 @@ def measure(model, prompts: list[torch.Tensor], draft: str, blocks=(1, 2, 4), te
 
     One row per (temperature, block B): the drafter's prefix layers S (shared with the verifier),
     acceptance rate α and tokens per verifier pass over all prompts (prompt i sampled with seed + i); wall time of decoding every prompt (prefill included), median of
-    `repeats` after `warmup`, the three methods interleaved (`snlp_lab.timing.round_seconds`); speedup =
+    `repeats` after `warmup`, the three methods interleaved (`snlp_lab.measurement.timing.round_seconds`); speedup =
     sequential / speculative time, speedup_lo the speedup the run's noise still supports
-    (`snlp_lab.timing.speedup_lower_bound`, from the paired rounds); drafter_speedup s = sequential /
+    (`snlp_lab.measurement.timing.speedup_lower_bound`, from the paired rounds); drafter_speedup s = sequential /
     drafter time; predicted =
     `predicted_speedup(α, B, s)`; identical: at temperature 0, whether every prompt's tokens equal
     sequential decoding's ("n/a" when sampling, where only the distribution is the same).

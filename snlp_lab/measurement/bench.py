@@ -6,12 +6,12 @@ Two measurements per configuration and sequence length T (batch B = 1 by default
     KV cache (after an untimed sequential prefill of the first T - decode_tokens), tokens per second.
 Every number is a median over `repeats` runs after `warmup` runs. Speedups are ratios of medians
 taken in the same run; *_speedup_lo is the speedup the run's own noise still supports, from the
-paired rounds (`snlp_lab.timing.speedup_lower_bound`: the lower end of a distribution-free 95%
+paired rounds (`snlp_lab.measurement.timing.speedup_lower_bound`: the lower end of a distribution-free 95%
 interval, one-sided 97.5% from 6 repeats on, 97% at 5). The sequential baseline and every SNLP
 configuration go through the same `Decoder` (same weight layout, same cache, same kernels, optionally
 the same torch.compile'd block), so a speedup is never against a handicapped baseline.
 
-Configurations are strings of `snlp_lab.snlp_config` (`sequential`, `idn:K=2:n=24:4xF6:h0`, ...).
+Configurations are strings of `snlp_lab.solvers.grammar` (`sequential`, `idn:K=2:n=24:4xF6:h0`, ...).
 "warm" is a decoding init (the previous token's states), so its prefill starts from h0.
 
 `bound` is the critical-path speedup if every batched call cost as much as one layer:
@@ -56,7 +56,7 @@ COLUMNS = ["model", "weights", "device", "dtype", "compile", "config", "method",
            "decode_tok_s", "decode_speedup", "decode_speedup_lo", "top1", "peak_mem_mb", "prefill_MB_tok",
            "prefill_MFLOP_tok", "decode_MB_tok", "decode_MFLOP_tok", "decode_calls", "decode_aten_ops"]
 GRAPH_COLUMNS = ["prefill_graph_ms", "prefill_graph_speedup", "decode_graph_tok_s", "decode_graph_speedup", "graph_err"]
-# with machine limits: a pass's floor (`snlp_lab.limits`) and the measured time over it (x_floor); with
+# with machine limits: a pass's floor (`snlp_lab.measurement.limits`) and the measured time over it (x_floor); with
 # graphs too, the graphed time over the same floor
 FLOOR_COLUMNS = ["prefill_floor_ms", "prefill_x_floor", "decode_floor_ms", "decode_x_floor"]
 GRAPH_FLOOR_COLUMNS = ["prefill_graph_x_floor", "decode_graph_x_floor"]
@@ -65,7 +65,7 @@ GRAPH_FLOOR_COLUMNS = ["prefill_graph_x_floor", "decode_graph_x_floor"]
 def default_configs(L: int, mhc: bool = False, fusion: bool = True) -> list[str]:
     """The configurations benchmarked by default for a model of depth L: the paper's (docs/design.md §4) at
     depth 32, their analogues at other depths; on mHC models (no fusion) per-layer IDN and HCN; on
-    models without fusion (transformers models, `snlp_lab.hf`) per-layer IDN over half and all layers."""
+    models without fusion (transformers models, `snlp_lab.models.hf`) per-layer IDN over half and all layers."""
     if not fusion and not mhc:
         h = max(1, L // 2)
         return ["sequential", f"idn:K=1:n={h}", f"idn:K=2:n={h}", f"idn:K=1:n={L}", f"idn:K=1:n={h}:warm"]
@@ -126,7 +126,7 @@ def settings(model: str | None = None, device: str = "auto", study: SpeedupStudy
     Face folder, whose weights are timed (with model unset, or the preset a run was trained as). The
     config and name come from the folder's JSON files, no weights are read (`loader.model_info`; `name`
     in the result: e.g. "cpu-plain (trained, step 300)", "d32 (nanochat, step 5000)"). List parameters
-    take a single value or a list (`params.as_list`).
+    take a single value or a list (`core.checks.as_list`).
     threads: CPU threads, 1 by default on a CPU: the ratios compare like with like either way, and a
     single thread never waits for a descheduled one on a machine shared with other jobs (with 2
     threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them)."""
@@ -148,7 +148,7 @@ def settings(model: str | None = None, device: str = "auto", study: SpeedupStudy
         info = model_info(model)
     cfg, name = info.config, info.name
     mhc = getattr(cfg, "n_streams", 1) > 1
-    fusion = not hasattr(cfg, "model_type")  # fused chunks: our GPT only (snlp_lab.fusion.fusable)
+    fusion = not hasattr(cfg, "model_type")  # fused chunks: our GPT only (snlp_lab.models.fusion.fusable)
     d = study.defaults(dev, cfg.n_embd)
     d["seq_lens"] = [T for T in d["seq_lens"] if T <= cfg.sequence_len] or [cfg.sequence_len]
     d["decode_tokens"] = min(d["decode_tokens"], min(d["seq_lens"]) - 1)
@@ -261,10 +261,10 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     multi-threaded kernels for a descheduled thread, which swamp small kernels); graphs: also time every
     configuration replayed from captured CUDA graphs (`GRAPH_COLUMNS`, see `graphed_runs`; on a CPU
     the same functions run uncaptured, so the path stays tested); limits: the machine limits that set
-    each pass's floor (`FLOOR_COLUMNS`), a dict of `snlp_lab.limits.measure_limits` or True to measure
+    each pass's floor (`FLOOR_COLUMNS`), a dict of `snlp_lab.measurement.limits.measure_limits` or True to measure
     them here (on the run's device, in its dtype, with its threads, copying a working set the size of
     what a sequential decode step reads); None: no floors.
-    Every row carries what its passes must read and compute per token (MB and MFLOP, `snlp_lab.limits`):
+    Every row carries what its passes must read and compute per token (MB and MFLOP, `snlp_lab.measurement.limits`):
     prefill over T tokens, and a decode step averaged over the decoded positions; and what one eager
     decode step issues, `decode_calls` (torch calls from Python) and `decode_aten_ops` (`_step_ops`). compile: as `Decoder`'s. The DataFrame's
     `attrs["notes"]` says where the weights come from, how memory was measured and the limits used
@@ -541,7 +541,7 @@ def notes(weights: str, dev: torch.device, graphs: bool = False, limits: dict | 
                    "all decoded positions), baseline and SNLP alike; graph_err = max |graphed - eager| / max |eager| of the "
                    "prefill logits" + ("" if dev.type == "cuda" else "; on a CPU nothing is captured "
                                        "(the same functions run eagerly)"))
-    out.append("*_MB_tok, *_MFLOP_tok: what a pass must read and compute per token (snlp_lab.limits: weights "
+    out.append("*_MB_tok, *_MFLOP_tok: what a pass must read and compute per token (snlp_lab.measurement.limits: weights "
                "once per layer evaluation, the KV cache, embedding rows, the head; activations and elementwise "
                "work not counted); decode: the mean of the timed steps")
     if limits:

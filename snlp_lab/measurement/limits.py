@@ -1,6 +1,6 @@
 """Physical limits: what one pass must read and compute, what the machine can do, and the floor they set.
 
-A pass of a configuration (`snlp_lab.snlp_config`) over a model is counted from the model's own
+A pass of a configuration (`snlp_lab.solvers.grammar`) over a model is counted from the model's own
 parameters, so the same code serves the nanochat GPT, its mHC form and transformers models:
 
   - FLOPs: 2 per multiply-add of every weight matrix (each 2-D parameter of a layer, the head; mHC's
@@ -83,7 +83,7 @@ def windows(model) -> list[int]:
     """Per layer: the largest distance i - j over which a query at i attends to a key at j."""
     if hasattr(model.config, "window_sizes"):  # GPTConfig: nanochat's windows, i - j <= window
         return model.config.window_sizes()
-    # transformers models (snlp_lab.hf): i - j < sliding_window where a layer has one
+    # transformers models (snlp_lab.models.hf): i - j < sliding_window where a layer has one
     return [model.config.sequence_len if w is None else w - 1 for w in model._window]
 
 
@@ -145,7 +145,7 @@ def measure_limits(device: str | torch.device = "cpu", dtype: torch.dtype | None
     sized to a model's weights, it measures the memory they stream from), in GB/s; matmul_TFLOP_s:
     the rate of a product of two matmul_n x matmul_n matrices in `dtype` (default bf16 on a GPU,
     float32 on a CPU), in TFLOP/s. Both are medians of `repeats` runs after `warmup`
-    (`snlp_lab.timing`), on random data. Defaults for the sizes: `DEFAULT_SIZES` of the device type.
+    (`snlp_lab.measurement.timing`), on random data. Defaults for the sizes: `DEFAULT_SIZES` of the device type.
     Returns those two, copy_MiB (the working set), matmul_dtype, device and threads (torch's)."""
     device = torch.device(device)
     sizes = DEFAULT_SIZES["cuda" if device.type == "cuda" else "cpu"]

@@ -1,6 +1,6 @@
 """`build_model`: a preset name or a config -> a freshly initialised model of the class it needs.
 
-It sits above both model classes (`snlp_lab.model.GPT`, `snlp_lab.mhc.MHCGPT`), so that neither imports
+It sits above both model classes (`snlp_lab.models.model.GPT`, `snlp_lab.mhc.MHCGPT`), so that neither imports
 the other to build it.
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ A run folder holds
 
     checkpoint.json            step, model config, train config, data stream position, RNG states,
                                metrics, and the names of the two files below; written last
-    model_<step>.safetensors   model weights (a transformers model, `snlp_lab.hf`: the folder hf_<step>/
+    model_<step>.safetensors   model weights (a transformers model, `snlp_lab.models.hf`: the folder hf_<step>/
                                written by its save_pretrained, which `load_hf` and transformers read)
     optim_<step>.pt            optimizer and learning-rate scheduler states
     tokenizer.json             the run's tokenizer (written by snlp_lab.train; `load_tokenizer`)
@@ -17,7 +17,7 @@ intact. Files of older steps are removed once the new JSON is in place.
     load_checkpoint("runs/abc", model)             # into an existing model (same config or ValueError)
 
 `load_checkpoint` also reads a nanochat checkpoint folder (model_<step>.pt + meta_<step>.json, newest
-step; see `snlp_lab.nanochat`) into a given model. What a model string names, for every entry point, is
+step; see `snlp_lab.models.nanochat`) into a given model. What a model string names, for every entry point, is
 decided by `snlp_lab.models.loader.load_model`.
 """
 from __future__ import annotations
@@ -157,7 +157,7 @@ def load_checkpoint(path: str | os.PathLike, model=None, device: str | torch.dev
         return model
     meta = read_checkpoint(path)
     weights = checkpoint_weights(path, meta)
-    if weights.is_dir():  # a transformers model's folder (snlp_lab.hf)
+    if weights.is_dir():  # a transformers model's folder (snlp_lab.models.hf)
         saved = load_hf(weights, dtype="auto")
         if model is None:
             return saved.to(device)

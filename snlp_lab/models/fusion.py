@@ -38,7 +38,7 @@ _HEAD_WEIGHTS = ("window", "window_dev")  # [N, H] per query head (CPU, device):
 
 def fusable(model) -> bool:
     """Whether fused chunks are defined for the model: the single-stream GPT, whose stacked weights
-    (`stacked_weights`) fusion re-arranges. mHC models and transformers models (`snlp_lab.hf`) have no
+    (`stacked_weights`) fusion re-arranges. mHC models and transformers models (`snlp_lab.models.hf`) have no
     fused form here."""
     return hasattr(model, "stacked_weights") and getattr(model.config, "n_streams", 1) == 1
 

@@ -20,10 +20,10 @@ this module only supplies what the family's model-level forward would pass them:
 structure (checked at load); what differs between them (window, rotary table) is passed in per layer.
 With `past` = cached keys/values [N, B, Hkv, Tpast, hd] the layers attend to them through a stand-in
 for transformers' `Cache` that hands them to the attention module and keeps the new tokens' keys and
-values (`return_kv`), which is what `snlp_lab.decode.Decoder` caches.
+values (`return_kv`), which is what `snlp_lab.decoding.decoder.Decoder` caches.
 
 Fusion (`CxFM` chunks) is refused on these models: it would need the families' attention re-written
-as one wide block, which is out of scope here (see `snlp_lab.fusion.check_chunkable`).
+as one wide block, which is out of scope here (see `snlp_lab.models.fusion.check_chunkable`).
 
 Families: `SUPPORTED` (tested with tiny random models of each, `tests/test_hf.py`).
 """
@@ -131,7 +131,7 @@ class HFModel(nn.Module):
                              f"attn_implementation='sdpa' or 'eager'")
         self.hf, self.path = hf, None if path is None else str(path)
         self.config = HFConfig.from_hf(c)
-        self.backout_layer = None  # no nanochat backout: head(h) alone (snlp_lab.solver.backout_state)
+        self.backout_layer = None  # no nanochat backout: head(h) alone (snlp_lab.solvers.solver.backout_state)
         base = hf.get_decoder()
         if len({str(_structure(l)) for l in base.layers}) > 1:
             raise ValueError(f"the decoder layers of this {c.model_type} model differ in structure, so they "
@@ -349,7 +349,7 @@ def load_hf(path: str | os.PathLike, dtype=None) -> HFModel:
     import transformers
     from packaging.version import Version
     if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
-        raise ValueError(f"snlp_lab.hf needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}")
+        raise ValueError(f"snlp_lab.models.hf needs transformers >= {MIN_TRANSFORMERS}, found {transformers.__version__}")
     dt = resolve_dtype(dtype)
     if has_checkpoint(path):  # a training run folder: its latest weights
         path = hf_weights_folder(path)

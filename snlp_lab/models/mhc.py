@@ -262,7 +262,7 @@ class MHCGPT(GPT):
 
 class MHCChunkStack:
     """Layers start..stop-1 of an mHC model as (stop - start) / M fused chunks (`CxFM`), a layer stack
-    for the solver like `snlp_lab.fusion.ChunkStack`, with the same fused weights (heads and hidden units
+    for the solver like `snlp_lab.models.fusion.ChunkStack`, with the same fused weights (heads and hidden units
     side by side, per-head windows, value embeddings kept, mean x0 lambdas).
 
     A fused chunk has one input per sublayer, so it reads the streams once, writes them once and mixes

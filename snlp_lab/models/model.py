@@ -141,7 +141,7 @@ def attn_branch(W: dict, a: torch.Tensor, ctx: Context, head_dim: int, ve: torch
     (W["window"] [N, Hq]: max distance i - j). Earlier tokens' keys and values come from `past` = (k, v)
     [N, B, Hkv, Tpast, hd], or from a preallocated `cache`: an object whose `attend(k, v)` takes this
     call's keys and values [N·B, Hkv, T, hd], stores them and returns (keys, values, mask or None) to
-    attend to, in `sdpa`'s layout (`snlp_lab.decode.Slot`).
+    attend to, in `sdpa`'s layout (`snlp_lab.decoding.decoder.Slot`).
     """
     N, B, T, _ = a.shape
     Hq, Hkv = W["q"].shape[1] // head_dim, W["k"].shape[1] // head_dim
@@ -185,7 +185,7 @@ def block_apply(W: dict, h: torch.Tensor, ctx: Context, head_dim: int, ve: torch
     The block is x = λh + μx0;  x' = x + attn(norm x);  out = x' + mlp(norm x').
     `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier tokens, or `cache`, a preallocated KV cache slot
     (see `attn_branch`); with `return_kv` the keys and values of these tokens are returned too.
-    Free of host reads when `cache` is a `snlp_lab.decode.StaticSlot`, so that torch.compile traces it
+    Free of host reads when `cache` is a `snlp_lab.decoding.decoder.StaticSlot`, so that torch.compile traces it
     as one graph (fullgraph=True) and a CUDA graph can capture it.
     """
     N = h.shape[0]
@@ -315,7 +315,7 @@ class GPT(nn.Module):
         h0 = x0 is the normalised embedding, smeared: for every position after the first,
         x[t] += smear_lambda·σ(smear_gate·x[t, :24])·x[t-1] (nanochat's smear). With pos > 0 the token
         before idx[:, 0] is needed: prev [B] or [B, 1] (KV-cached decoding). pos may be a 0-d tensor
-        (fixed-shape decoding, `snlp_lab.decode.StaticSlot`): no shape or host check then depends on it."""
+        (fixed-shape decoding, `snlp_lab.decoding.decoder.StaticSlot`): no shape or host check then depends on it."""
         cfg = self.config
         check_token_ids(idx, cfg.vocab_size, cfg.sequence_len, pos)
         T = idx.shape[1]

@@ -6,7 +6,7 @@
 in any order after the method, e.g. `idn:K=2:n=24:4xF6:h0`, `idn:K=1:n=12`, `scaled-idn:K=2:n=8:fwd`.
 Defaults: K = 1, n = all layers (or C·M with chunks), one unit per layer, init h0. INIT is h0, fwd or
 warm ("warm", the previous token's states, is a decoding init). `CxFM` solves C fused chunks of M layers
-(`snlp_lab.fusion`). The same strings name configurations in the benchmark, validation PPL (`evaluate`,
+(`snlp_lab.models.fusion`). The same strings name configurations in the benchmark, validation PPL (`evaluate`,
 training's `--eval-snlp`), speculative drafts and the notebooks.
 
 `SNLPConfig` holds one configuration and checks its fields when it is made; `check(n_layer)` checks what
@@ -15,7 +15,7 @@ arguments, so method, iterations, parallel layers, chunks and init are validated
 (a surrogate checks its own options: IDN's κ, DiagN's probes, exact Newton's Jacobian products).
 
 The registry of surrogates lives here too, so that the valid methods are known where they are checked:
-`snlp_lab.solver` registers the built-in ones, `snlp_lab.mhc` registers HCN.
+`snlp_lab.solvers.solver` registers the built-in ones, `snlp_lab.mhc` registers HCN.
 """
 from __future__ import annotations
 

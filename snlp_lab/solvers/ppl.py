@@ -51,7 +51,7 @@ def evaluated_tokens(n_tokens: int, seq_len: int, batch_size: int, max_batches: 
 
 def parse_snlp_spec(spec: str) -> tuple[str, dict]:
     """"idn:K=1:n=12:h0" -> ("idn", solve keyword arguments), in the configuration grammar of
-    `snlp_lab.snlp_config`."""
+    `snlp_lab.solvers.grammar`."""
     c = parse_config(spec)
     return c.method, c.solve_kwargs()
 

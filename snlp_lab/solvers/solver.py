@@ -15,7 +15,7 @@ A `layer stack` is anything with `n_layer`, `embed(idx) -> (h0, ctx)`, `layer(l,
 `layers(start, stop, H, ctx)` and `head(h)`: the GPT models here, or a toy stack in the tests. A model
 with backout (`backout_layer`) has `head(h, h_backout)`; SNLP logits use the run's own estimate of
 that intermediate state (as the paper's code does).
-With `chunks="CxFM"` the parallel units are C fused chunks of M layers (`snlp_lab.fusion.chunk_stack`)
+With `chunks="CxFM"` the parallel units are C fused chunks of M layers (`snlp_lab.models.fusion.chunk_stack`)
 instead of single layers; the iteration is the same, over C units.
 """
 from __future__ import annotations
@@ -121,7 +121,7 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
     probes for DiagN; jac: "jvp" | "vjp" | "fd" for exact Newton; tol: stop once every parallel unit's
     relative residual is below tol; seed: for random probes.
     chunks: "CxFM" solves C fused chunks of M layers (C·M = n_par; n_par defaults to C·M) as the
-    parallel units, see `snlp_lab.fusion`; the trace then holds only the chunk-boundary states after
+    parallel units, see `snlp_lab.models.fusion`; the trace then holds only the chunk-boundary states after
     h_S. With method="sequential", chunks give the fused model's sequential pass (prefix, then the
     chunks one after another); without chunks n_par is ignored by "sequential".
 

@@ -3,7 +3,7 @@
     R = Σ_{N∈𝒩} Σ_{j∈P_s(N)} mean_{b,t} ‖ĥ_{S+j} − h^seq_{S+j}‖₂ / max(‖h^seq_{S+j}‖₂, 1e-6),   S = L − N
 
 ĥ is ONE structured Newton iteration from `h0` (every parallel state starts at h_S) on the last N
-layers, with any surrogate registered in `snlp_lab.snlp_config.SURROGATES` (IDN, DiagN, HCN, ...). It re-uses
+layers, with any surrogate registered in `snlp_lab.solvers.grammar.SURROGATES` (IDN, DiagN, HCN, ...). It re-uses
 the sequential forward's states: h_S is the input and h^seq the target, so each N costs one batched
 `model.layers(S, L, ...)` call on top of the forward. Norms run over the feature axes of one position
 (the last axis, or the last two for mHC stream states [B, T, n, D]).
@@ -86,7 +86,7 @@ def snlp_regularizer(model, trace: Sequence[torch.Tensor], ctx, n_par_set: Seque
     """R above (a scalar), from the sequential forward's states `trace` = h_0..h_L (a list or a
     stacked tensor) and its Context `ctx`.
 
-    method: a surrogate name from `snlp_lab.snlp_config.SURROGATES`; stride: s of P_s(N);
+    method: a surrogate name from `snlp_lab.solvers.grammar.SURROGATES`; stride: s of P_s(N);
     detach_target: no gradient through h^seq (only ĥ is pulled towards the sequential trace);
     positions: the rule of P_s(N), "strided" or "paper"; per_stream: norms per mHC stream (above);
     generator: random probes (DiagN); surrogate_opts: passed to the surrogate (kappa, probes, fd_eps,

@@ -552,7 +552,7 @@ def claim_g(t: dict, s: Setting) -> dict:
 def claim_h(t: dict, s: Setting) -> dict:
     """speculative (seed-0 regularised model): lossless if every temperature-0 row's output equals
     sequential greedy decoding's. The speed judged: where speculative_confirm is there, the fastest
-    temperature-0 (drafter, block), timed again on its own (`speculative.retime_fastest`: free of the bias
+    temperature-0 (drafter, block), timed again on its own (`lab.speculative_study.retime_fastest`: free of the bias
     of picking the best of many noisy timings); else the fastest of those that count as faster, else of
     all. holds: lossless and that speed is faster than sequential (`_faster`: >= FASTER, and the run's
     lower bound > 1); holds weakly: lossless and above 1x only; does not hold here: not lossless, or not
