@@ -163,8 +163,8 @@ def run_names(P, monkeypatch) -> dict:
     def add(key, opts):
         opts = {**opts, "data": "<package>" if opts["data"] == package else opts["data"]}
         name = "(fine-tune)"
-        if "init_from" in opts:
-            opts["init_from"] = Path(opts["init_from"]).name
+        if "init_from" in opts:  # the start's folder name; its hash holds the corpus path where that is ours
+            opts["init_from"] = "<start>" if opts["data"] == "<package>" else Path(opts["init_from"]).name
         else:
             name = trained_run_dir(**opts).name
         digest = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode()).hexdigest()[:12]

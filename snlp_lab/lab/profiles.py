@@ -142,7 +142,7 @@ def _cpu_variants(regs: tuple = ("none", "idn", "diagn"), mhc_seeds: tuple | Non
 # groups, weight decay by nanochat's rule). Its learning rates stay at nanochat's reference batch of 2^19
 # tokens: scaled by sqrt(B / 2^19) to our 1024-token batches they would be 22x smaller (Muon 0.0009),
 # too small to learn in hundreds of steps. (torch.optim.Muon, recipe "snlp", is also much slower here: its
-# Newton-Schulz iterations run in bfloat16, which these CPUs emulate; README, "Training on a CPU".) The
+# Newton-Schulz iterations run in bfloat16, which these CPUs emulate; docs/training.md, "On a CPU".) The
 # rates are recipe paper's own at that batch, `snlp_lab.training.config.PAPER_LRS`, written out so that a profile
 # needs no training code (tests/test_experiments.py checks that they are the same).
 PAPER_TRAINING = dict(recipe="paper", matrix_lr=0.02, embedding_lr=0.3, unembedding_lr=0.008, scalar_lr=0.5)

@@ -129,7 +129,7 @@ def settings(model: str | None = None, device: str = "auto", study: SpeedupStudy
     take a single value or a list (`core.checks.as_list`).
     threads: CPU threads, 1 by default on a CPU: the ratios compare like with like either way, and a
     single thread never waits for a descheduled one on a machine shared with other jobs (with 2
-    threads on a busy 2-core machine, small kernels slowed down up to 20x and the medians with them)."""
+    threads on a busy 2-core machine, small kernels slow down by large factors, and the medians with them)."""
     study = study or SpeedupStudy()
     dev = resolve_device(device)
     if checkpoint not in (None, ""):

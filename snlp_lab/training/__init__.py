@@ -36,7 +36,7 @@ to `lr_final_frac`. Recipe "snlp" (the default) runs `torch.optim.Muon` without 
 "paper" is nanochat-snlp's, the recipe of the paper's runs: nanochat's own Muon (`optim.NanochatMuon`:
 Polar Express, second-moment normalisation, cautious weight decay decayed to 0 by a cosine) with its
 momentum schedule, the AdamW groups' settings `optim.PAPER_ADAMW`, and the batch, learning rates and
-weight decay that are not given computed by nanochat's scaling rules (`scaling`). The README maps each of
+weight decay that are not given computed by nanochat's scaling rules (`scaling`). docs/training.md maps each of
 the paper's training flags to ours.
 """
 from .config import (BATCH_SIZE, FINETUNE_LRS, LATER_DEFAULTS, NANOCHAT_LRS, OBJECTIVES, PAPER_LRS, RECIPES,

@@ -75,7 +75,7 @@ class Setting:
                 f"training tokens of {self.data}, on {self.device}")
 
 
-# The paper's 0.5B runs (README, "The paper's training runs"): depth 32, width 640, 4800 steps of 2^20 tokens.
+# The paper's 0.5B runs (docs/training.md, "The paper's runs"): depth 32, width 640, 4800 steps of 2^20 tokens.
 PAPER_SETTING = Setting("the paper's 0.5B models", 32, 640, 4800, 4800 * 2 ** 20, "nanochat's pretraining corpus", "GPU")
 
 
