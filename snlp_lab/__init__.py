@@ -17,6 +17,7 @@ import types
 
 from .models.config import PRESETS, GPTConfig, get_config
 from .models.build import build_model
+from .core.files import DamagedFileError, DiskFullError
 from .models.model import GPT
 from .models.mhc import MHCGPT
 from .models.checkpoint import load_checkpoint, save_checkpoint
@@ -38,7 +39,7 @@ __all__ = ["PRESETS", "GPTConfig", "get_config", "GPT", "MHCGPT", "build_model",
            "SolveResult", "SNLPConfig", "parse_config", "methods", "register_surrogate", "solve", "Decoder", "generate",
            "speculative_generate", "SpeculativeStats", "prepare_data", "evaluate_ppl", "load_checkpoint",
            "save_checkpoint", "load_nanochat", "HFModel", "load_hf", "load_model", "LoadedModel", "TrainConfig",
-           "trained_model", "diagnostics", "jacobian", "mhc"]
+           "trained_model", "diagnostics", "jacobian", "mhc", "DamagedFileError", "DiskFullError"]
 
 
 class _Package(types.ModuleType):

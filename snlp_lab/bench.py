@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from pathlib import Path
 
 import torch
 
+from .core.checks import check_output_file
 from .core.cli import ArgumentParser, run_command
+from .core.files import atomic_write
 from .measurement.bench import run_bench, settings
 from .measurement.limits import describe
 from .measurement import bench as _lib
@@ -50,10 +50,7 @@ def _main(argv=None) -> int:
     a = ap.parse_args(argv)
     S = settings(a.model, a.device, None, a.seq_lens, a.configs, a.repeats, a.decode_tokens, a.warmup,
                  a.threads, a.checkpoint)
-    if a.csv:  # fail now, not after the run
-        csv = Path(a.csv).expanduser()
-        if not (csv.parent.is_dir() and os.access(csv.parent, os.W_OK)) or (csv.exists() and not os.access(csv, os.W_OK)):
-            raise ValueError(f"cannot write --csv {a.csv}: its folder is missing or not writable")
+    csv = check_output_file("--csv", a.csv) if a.csv else None  # fail now, not after the run
     df = run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
                    S["device"], getattr(torch, a.dtype) if a.dtype else None, a.compile, S["checkpoint"],
                    a.batch, a.seed, S["threads"], graphs=a.graphs, name=S["name"], limits=a.limits or None,
@@ -63,9 +60,9 @@ def _main(argv=None) -> int:
         print(f"- machine limits: {describe(df.attrs['limits'])}")
     print()
     print(df.drop(columns=["model", "weights", "device", "dtype", "compile"]).to_markdown(index=False, floatfmt=".4g"))
-    if a.csv:
-        df.to_csv(a.csv, index=False)
-        print(f"wrote {a.csv}")
+    if csv:
+        atomic_write(csv, lambda p: df.to_csv(p, index=False))
+        print(f"wrote {csv}")
     return 0
 
 

@@ -4,11 +4,11 @@ folder, so that the committed ledger changes only with `make figures`."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from .core.cli import ArgumentParser, run_command
+from .core.files import read_json
 from .core.paths import repo_root
 from .lab.claims import check_inputs, write_ledger
 from .lab import claims as _lib
@@ -34,7 +34,7 @@ def _main(argv=None) -> int:
     profile = a.profile
     if profile is None:
         times = a.report_dir / "run_times.json"
-        profile = json.loads(times.read_text())["profile"] if times.exists() else "cpu"
+        profile = read_json(times, "record of notebook run times").get("profile", "cpu") if times.exists() else "cpu"
     check_inputs(a.report_dir, profile)  # before a scratch folder is made for nothing
     out = a.out if a.out is not None else scratch_dir("claims")
     write_ledger(a.report_dir, a.fig_dir, profile, out_dir=out)

@@ -9,6 +9,7 @@ folder (`snlp_lab.load_model`); the prompt is encoded and the output decoded wit
 """
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -44,6 +45,7 @@ def build_parser() -> ArgumentParser:
 
 def _generate(argv) -> int:
     a = build_parser().parse_args(argv)
+    _check_utf8("--prompt", a.prompt)
     device = resolve_device(a.device)
     loaded = load_model(a.checkpoint, device)
     tok = loaded.require_tokenizer()
@@ -66,6 +68,16 @@ def _generate(argv) -> int:
         out = generate(model, idx, a.max_new_tokens, temperature=a.temperature, seed=a.seed, **decode_kwargs(cfg))
     print(tok.decode(out[0, 1:]))  # without the leading BOS
     return 0
+
+
+def _check_utf8(name: str, text: str) -> None:
+    """A command-line text must be UTF-8: Python keeps other bytes as lone surrogates, which no
+    tokenizer encodes."""
+    try:
+        os.fsencode(text).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{name} is not UTF-8 text: byte 0x{e.object[e.start]:02x} at position {e.start} "
+                         f"({e.reason}); pass the text in UTF-8") from None
 
 
 def main(argv=None) -> int:

@@ -151,7 +151,7 @@ def test_a_notebook_run_by_hand_leaves_the_committed_results_alone(tmp_path):
     (["--model", "tiny", "--configs", "idn:2x3"], "cannot read"), (["--model", "tiny", "--seq-lens", "0"], "must be >= 1"),
     (["--model", "tiny", "--repeats", "0"], "repeats must be >= 1"),
     (["--checkpoint", "/nonexistent/run"], "does not exist"),
-    (["--model", "tiny", "--csv", "/nonexistent/dir/out.csv"], "cannot write --csv"),
+    (["--model", "tiny", "--csv", "/nonexistent/dir/out.csv"], "/nonexistent/dir does not exist"),
     (["--model", "cpu-mhc", "--configs", "idn:n=12:2xF6"], "not supported on mHC"),
     (["--model", "tiny", "--seq-lens", "abc"], "invalid"), (["--model", "tiny", "--bogus"], "unrecognized arguments"),
     # a mode torch.compile lacks: once a silent fallback to eager timings

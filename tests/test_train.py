@@ -691,7 +691,7 @@ def test_cli_errors_are_one_line(corpus, tmp_path, capsys):
         f.unlink()
     base = ["--model", "tiny", "--data", str(corpus), "--vocab-size", "300", "--seq-len", "32", "--steps", "2",
             "--out", str(tmp_path / "cli"), "--no-progress"]
-    for extra, msg in [(["--init-from", str(res.run_dir)], "weights file"),
+    for extra, msg in [(["--init-from", str(res.run_dir)], "which are missing"),
                        (["--init-from", str(tmp_path / "nowhere")], "nowhere does not exist; valid: a preset"),
                        (["--matrix-lr", "inf"], "matrix_lr must be a finite number"),
                        (["--lam", "nan"], "lam must be a finite number")]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import math
+import os
 from pathlib import Path
 
 from .paths import repo_root
@@ -99,5 +100,24 @@ def check_path(name: str, value, allow_empty: bool = True) -> Path | None:
         if cand.exists():
             return cand.resolve()
     raise ValueError(f"parameter {name}: {value!r} does not exist")
+
+
+def check_output_file(name: str, value) -> Path:
+    """A file to be written (an option such as --csv), checked before any work starts: not a folder,
+    in a folder that exists and is writable, and not a read-only file. Returns it as a Path (~ expanded).
+    Raises ValueError naming the option and the path."""
+    p = Path(str(value)).expanduser()
+    if str(value).strip() == "":
+        raise ValueError(f"{name} is empty; give a file name")
+    if p.is_dir():
+        raise ValueError(f"{name} {value} is a folder; give a file name (e.g. {p / 'results.csv'})")
+    folder = p.parent
+    if not folder.exists():
+        raise ValueError(f"{name} {value}: its folder {folder} does not exist; create it first")
+    if not folder.is_dir():
+        raise ValueError(f"{name} {value}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ValueError(f"{name} {value} cannot be written: {'it is read-only' if p.exists() else f'{folder} is not writable'}")
+    return p
 
 

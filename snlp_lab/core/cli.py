@@ -32,13 +32,28 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_command(main, argv=None) -> int:
-    """main(argv), with a ValueError (bad options, files or data) printed as one `error: ...` line on
-    stderr and exit status 2: a message, not a traceback."""
+    """main(argv), with every failure that is not a bug printed as one `error: ...` line on stderr and
+    exit status 2, a message and not a traceback:
+
+    - ValueError: bad options, values or data, and damaged files (`core.files.DamagedFileError`);
+    - FloatingPointError: a result or a training run that became inf or NaN (`NonFiniteError`);
+    - OSError: the machine's side, a full disk (`core.files.DiskFullError`), a file that cannot be
+      written, a run folder another process holds (filelock's Timeout).
+
+    Ctrl-C stops with "interrupted" and status 130, as a shell reports it."""
     try:
         return main(argv)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, FloatingPointError, OSError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (a library's message may span several)."""
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

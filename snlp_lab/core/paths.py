@@ -23,7 +23,8 @@ def repo_root() -> Path | None:
 
 
 def cache_dir() -> Path:
-    """The cache folder (see the module docstring for the rule). Created if missing."""
+    """The cache folder (see the module docstring for the rule). Created if missing. Raises ValueError
+    when it is a file or cannot be created or written."""
     env = os.environ.get("SNLP_CACHE")
     if env:
         path = Path(env).expanduser()
@@ -31,5 +32,13 @@ def cache_dir() -> Path:
         path = root / ".cache"
     else:
         path = Path.home() / ".cache" / "snlp_lab"
-    path.mkdir(parents=True, exist_ok=True)
+    where = f"SNLP_CACHE={env}" if env else f"the cache folder {path}"
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{where} is a file, not a folder; point SNLP_CACHE at a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create {where}: {e.strerror}; point SNLP_CACHE at a writable folder") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{where} is not writable; point SNLP_CACHE at a writable folder")
     return path

@@ -65,6 +65,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import sysconfig
 import zlib
@@ -76,6 +77,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..core.files import (DamagedFileError, atomic_write, atomic_write_text, first_line, read_bytes, read_json,
+                          remove_stale, removed_on_failure, temporary_name)
 from ..core.paths import cache_dir
 
 VAL_PERCENT = 5  # crc32(key) % 100 < VAL_PERCENT -> validation
@@ -364,13 +367,19 @@ class Tokenizer:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the tokenizer as one JSON file (atomically)."""
-        _atomic_write_text(Path(path), self.hf.to_str())
+        atomic_write_text(path, self.hf.to_str())
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    def load(cls, path: str | os.PathLike, remedy: str = "replace it with an intact copy") -> "Tokenizer":
+        """The tokenizer saved at `path` (`save`). DamagedFileError naming the file when it is missing,
+        not a tokenizers JSON (a truncated file) or has no BOS token."""
         from tokenizers import Tokenizer as HFTokenizer
 
-        return cls(HFTokenizer.from_file(str(path)))
+        blob = read_bytes(path, "tokenizer file", remedy)
+        try:
+            return cls(HFTokenizer.from_str(blob.decode("utf-8")))
+        except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
+            raise DamagedFileError(path, f"is not a tokenizer file of snlp_lab ({first_line(e)})", remedy) from None
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, bos_id={self.bos_id})"
@@ -495,10 +504,13 @@ def prepare_data(source: str | os.PathLike | Corpus = "stdlib", vocab_size: int 
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
 
     if meta_file.exists() and (pretrained or tok_file.exists()) and all(f.exists() for f in files.values()):
-        return Dataset(train=np.load(files["train"], mmap_mode="r"),
-                       val=np.load(files["val"], mmap_mode="r"),
-                       tokenizer=pretrained or Tokenizer.load(tok_file), meta=json.loads(meta_file.read_text()),
-                       path=path, cached=True)
+        try:
+            return Dataset(train=_load_tokens(files["train"]), val=_load_tokens(files["val"]),
+                           tokenizer=pretrained or Tokenizer.load(tok_file), meta=read_json(meta_file, "data cache meta"),
+                           path=path, cached=True)
+        except ValueError as e:  # the cache is rebuildable: a damaged entry is built again, not an error
+            print(f"[data] the cached dataset in {path} is damaged ({e}); building it again", file=sys.stderr)
+            shutil.rmtree(path, ignore_errors=True)
 
     path.mkdir(parents=True, exist_ok=True)
     if pretrained is not None:
@@ -522,10 +534,21 @@ def prepare_data(source: str | os.PathLike | Corpus = "stdlib", vocab_size: int 
         "train_docs": counts["train"][0], "val_docs": counts["val"][0],
         "train_tokens": counts["train"][1], "val_tokens": counts["val"][1],
     }
-    _atomic_write_text(meta_file, json.dumps(meta, indent=2))  # last: marks the entry complete
+    atomic_write_text(meta_file, json.dumps(meta, indent=2))  # last: marks the entry complete
     say(f"tokenized: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens in {path}")
     return Dataset(train=np.load(files["train"], mmap_mode="r"), val=np.load(files["val"], mmap_mode="r"),
                    tokenizer=tokenizer, meta=meta, path=path, cached=False)
+
+
+def _load_tokens(file: Path) -> np.ndarray:
+    """A cached token array (memory-mapped); DamagedFileError when it is not a complete 1-D .npy."""
+    try:
+        tokens = np.load(file, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise DamagedFileError(file, f"is not a complete token array ({first_line(e)})") from None
+    if tokens.ndim != 1 or tokens.dtype.kind != "u":
+        raise DamagedFileError(file, f"is not a token array: {tokens.ndim}-D {tokens.dtype}")
+    return tokens
 
 
 def _cache_key(corpus_meta: dict, vocab_size: int, max_train_bytes: int, tokenizer: str | None = None) -> str:
@@ -550,24 +573,28 @@ def _encode_split(corpus: Corpus, split: str, tokenizer: Tokenizer | PretrainedT
     Tokens are streamed to a raw temp file and then wrapped as .npy, so memory stays bounded
     by one chunk whatever the corpus size.
     """
-    raw = out.with_name(f"{out.name}.{os.getpid()}.raw")
+    raw = out.with_name(f"{out.name}.raw")  # the stream before its .npy header; removed however this ends
     dtype = token_dtype(tokenizer.vocab_size)
     n_docs = n_tokens = 0
     bar = tqdm(total=corpus.meta[f"{split}_docs"], desc=f"tokenize {split}", unit="doc",
                disable=None if progress is None else not progress)
-    with open(raw, "wb") as f:
-        for docs, ids in _encoded_chunks(corpus, split, tokenizer):
-            f.write(np.asarray(ids, dtype=dtype).tobytes())
-            n_docs, n_tokens = n_docs + docs, n_tokens + len(ids)
-            bar.update(docs)
-    bar.close()
-    tokens = np.memmap(raw, dtype=dtype, mode="r") if n_tokens else np.zeros(0, dtype)
-    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, tokens)
-    del tokens
-    os.replace(tmp, out)
-    os.remove(raw)
+    raw_tmp = temporary_name(raw)
+    remove_stale(raw)
+    with removed_on_failure(raw_tmp, raw):
+        with open(raw_tmp, "wb") as f:
+            for docs, ids in _encoded_chunks(corpus, split, tokenizer):
+                f.write(np.asarray(ids, dtype=dtype).tobytes())
+                n_docs, n_tokens = n_docs + docs, n_tokens + len(ids)
+                bar.update(docs)
+        bar.close()
+
+        def write(tmp):
+            tokens = np.memmap(raw_tmp, dtype=dtype, mode="r") if n_tokens else np.zeros(0, dtype)
+            with open(tmp, "wb") as f:
+                np.save(f, tokens)
+
+        atomic_write(out, write)
+        raw_tmp.unlink()
     return n_docs, n_tokens
 
 
@@ -604,12 +631,6 @@ def _chunks(docs: Iterator[tuple[str, str]], max_chars: int = 1 << 20,
             chunk, size = [], 0
     if chunk:
         yield chunk
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------

@@ -28,7 +28,8 @@ import torch
 from ..models.fusion import ChunkStack, check_chunkable, fusable
 from ..models.model import attention_mask, block_apply, capturing, check_token_ids
 from ..solvers.grammar import SNLPConfig
-from ..solvers.solver import SURROGATES, NonFiniteError, backout_state, head_logits, iterate
+from ..solvers.solver import SURROGATES, backout_state, head_logits, iterate
+from ..solvers.surrogates import non_finite
 
 
 
@@ -397,9 +398,8 @@ class Decoder:
         self.ids[:, p:p + T] = idx
         self.pos = p + T
         if self.check_finite and not capturing(logits) and not bool(torch.isfinite(logits).all()):
-            raise NonFiniteError(f"decoding ({self.method}, K={self.iters}, n_par={self.n_par}, chunks={self.chunks}) "
-                                 f"produced non-finite logits at positions {p}..{p + T - 1}; the weights or the "
-                                 f"input hold inf/NaN, or the iteration diverged")
+            raise non_finite(self.model, f"decoding ({self.method}, K={self.iters}, n_par={self.n_par}, "
+                                         f"chunks={self.chunks}) at positions {p}..{p + T - 1}", H)
         return logits
 
     def _at(self, p: int) -> None:

@@ -9,7 +9,6 @@ model, `P.decode`, once per training recipe (`decode_recipes`, `recipe_model`).
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.checks import check_choice
+from ..core.files import read_jsonl
 from ..data import prepare_data, val_batches
 from ..measurement.bench import run_bench
 from ..models.config import get_config
@@ -124,8 +124,7 @@ def training_curve(P: Profile, variant: str, reg: str = "none", seed: int = 0, s
     """The validation PPL of a trained run at every evaluation (columns step, val_ppl, lr_mult), from its
     metrics.jsonl: every P.eval_every steps and at the end. lr_mult: the learning-rate multiplier of the
     step just evaluated (1 at the peak rate, below it in the warm-up and the warm-down)."""
-    lines = (run_folder(P, variant, reg, seed, seq_len) / "metrics.jsonl").read_text().splitlines()
-    records = [json.loads(s) for s in lines if s.strip()]
+    records = read_jsonl(run_folder(P, variant, reg, seed, seq_len) / "metrics.jsonl", "training log")
     mult = {r["step"]: r["lr_mult"] for r in records if "lr_mult" in r}
     return pd.DataFrame([(r["step"], r["val_ppl"], mult.get(r["step"], float("nan"))) for r in records
                          if "val_ppl" in r], columns=["step", "val_ppl", "lr_mult"])
@@ -374,5 +373,4 @@ def best_tradeoffs(table: pd.DataFrame) -> pd.DataFrame:
 
 def train_seconds(run_dir) -> float:
     """Training wall time of a finished run: the sum of its logged step times (metrics.jsonl)."""
-    lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
-    return sum(json.loads(s).get("step_time", 0.0) for s in lines if s.strip())
+    return sum(r.get("step_time", 0.0) for r in read_jsonl(Path(run_dir) / "metrics.jsonl", "training log"))

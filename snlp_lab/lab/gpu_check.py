@@ -40,6 +40,7 @@ from ..measurement.limits import describe, measure_limits
 from ..decoding.decoder import Decoder
 from ..models.build import build_model
 from ..core.paths import repo_root
+from ..core.files import atomic_write_text, read_json
 from .outputs import scratch_dir
 from ..solvers.grammar import parse_config
 from ..training.regularizer import snlp_regularizer
@@ -236,7 +237,7 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
                                         "graph = CUDA-graph replays, baseline and SNLP alike")
         report.save_figure(fig, f"speedup_gpu_{preset}", out)
     summary = speed[present(SUMMARY_COLS)]
-    (out / "gpu_check.json").write_text(json.dumps(
+    atomic_write_text(out / "gpu_check.json", json.dumps(
         {"environment": env, "smoke": smoke, "seconds": seconds, "limits": limits,
          "correctness": corr.to_dict("records"), "speed": speed.to_dict("records"),
          "paper": paper.to_dict("records"), "notes": speed.attrs["notes"]}, indent=1, default=str))
@@ -286,7 +287,7 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
              "- Eager times at small T are dominated by kernel launches; the graphed columns remove most of that, "
              "for the baseline and SNLP alike, and are the numbers a latency-minded user gets.",
              "- `graph_err` says a replay computes what the eager prefill computed.", ""]
-    (out / "README.md").write_text("\n".join(lines))
+    atomic_write_text(out / "README.md", "\n".join(lines))
     return summary
 
 
@@ -330,7 +331,7 @@ def redraw(out: Path) -> pd.DataFrame:
     path = Path(out) / "gpu_check.json"
     if not path.is_file():
         raise ValueError(f"no finished check in {out}: {path} is missing")
-    j = json.loads(path.read_text())
+    j = read_json(path, "GPU check record", "run the check again")
     speed = bench.with_x_floor(pd.DataFrame(j["speed"]))  # checks before snlp_lab.measurement.limits did not record x_floor
     speed.attrs["notes"] = j["notes"]
     return write_report(Path(out), j["environment"], pd.DataFrame(j["correctness"]), j["limits"], speed,

@@ -47,7 +47,7 @@ from ..models.build import build_model
 from ..models.loader import load_model, model_info, model_kind, resolve_spec
 from ..models.model import GPT
 from ..solvers.grammar import SNLPConfig, parse_config
-from ..solvers.solver import NonFiniteError
+from ..solvers.surrogates import non_finite
 from .limits import decode_cost, floor_seconds, measure_limits, prefill_cost
 from .timing import count_ops, medians, round_seconds, speedup_lower_bound
 
@@ -438,7 +438,7 @@ def _untimed_pass(m, c: SNLPConfig, idx, decode_tokens, dev, compile) -> torch.T
     runs = _runs(m, c, idx, decode_tokens, dev, compile)
     logits = runs["prefill"]()
     if not bool(torch.isfinite(logits).all()):  # never time a broken result
-        raise NonFiniteError(f"configuration {c.text!r} gives non-finite logits at T={idx.shape[1]}")
+        raise non_finite(m, f"configuration {c.text!r} at T={idx.shape[1]}")
     runs["decode"]()
     return logits
 

@@ -30,24 +30,18 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ..core.files import (DamagedFileError, atomic_write, dataclass_from_record, first_line, read_safetensors,
+                          read_torch)
 
 from .config import GPTConfig
 from .build import build_model
 from .hf import load_hf
 from .nanochat import NanochatTokenizer, is_nanochat_checkpoint, load_nanochat, load_nanochat_tokenizer
-from .run_folder import CHECKPOINT_JSON, FORMAT_VERSION, _json_path, read_checkpoint
+from .run_folder import CHECKPOINT_JSON, FORMAT_VERSION, REMEDY, _json_path, read_checkpoint
 
 TOKENIZER_JSON = "tokenizer.json"  # written by snlp_lab.train beside the checkpoint
-
-
-def _atomic(path: Path, write) -> None:
-    """write(tmp_path), then move tmp_path onto path in one step (a file, or a folder that is new)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    if path.is_dir():  # the same step saved again
-        shutil.rmtree(path)
-    os.replace(tmp, path)
 
 
 def _unwrap(model):
@@ -84,24 +78,37 @@ def save_checkpoint(run_dir: str | os.PathLike, model, step: int, train_config: 
 
     train_config: JSON-ready dict of the training options; optim_state: anything torch.save can write
     (optimizer and scheduler state dicts); info: more JSON-ready entries (stream, metrics, finished...).
+    A save that fails (a full disk: `DiskFullError`) removes what it wrote and leaves the previous
+    checkpoint as it was.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = _unwrap(model)
-    if hasattr(model, "save_pretrained"):  # a transformers model: its own folder format
-        files = {"model": f"hf_{step:07d}"}
-        _atomic(run_dir / files["model"], model.save_pretrained)
-    else:
-        files = {"model": f"model_{step:07d}.safetensors"}
-        weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        _atomic(run_dir / files["model"], lambda p: save_file(weights, str(p), metadata={"step": str(step)}))
-    if optim_state is not None:
-        files["optimizer"] = f"optim_{step:07d}.pt"
-        _atomic(run_dir / files["optimizer"], lambda p: torch.save(optim_state, p))
-    meta = {"format": FORMAT_VERSION, "step": step, "model_config": dataclasses.asdict(model.config),
-            "train_config": train_config, "files": files, "rng": rng_state(), **info}
     path = run_dir / CHECKPOINT_JSON
-    _atomic(path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    try:  # the files of the checkpoint in place, which a failed save must leave alone
+        kept = set(read_checkpoint(run_dir)["files"].values()) if path.is_file() else set()
+    except ValueError:
+        kept = set()
+    files = {}
+    try:
+        if hasattr(model, "save_pretrained"):  # a transformers model: its own folder format
+            files["model"] = f"hf_{step:07d}"
+            atomic_write(run_dir / files["model"], model.save_pretrained)
+        else:
+            files["model"] = f"model_{step:07d}.safetensors"
+            weights = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+            atomic_write(run_dir / files["model"], lambda p: save_file(weights, str(p), metadata={"step": str(step)}))
+        if optim_state is not None:
+            files["optimizer"] = f"optim_{step:07d}.pt"
+            atomic_write(run_dir / files["optimizer"], lambda p: torch.save(optim_state, p))
+        meta = {"format": FORMAT_VERSION, "step": step, "model_config": dataclasses.asdict(model.config),
+                "train_config": train_config, "files": files, "rng": rng_state(), **info}
+        atomic_write(path, lambda p: p.write_text(json.dumps(meta, indent=1)))
+    except BaseException:  # a full disk, an interrupt: remove this step's files, which no JSON names
+        for name in set(files.values()) - kept:
+            old = run_dir / name
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+        raise
     for old in [*run_dir.glob("model_*.safetensors"), *run_dir.glob("optim_*.pt"), *run_dir.glob("hf_*")]:
         if old.name not in files.values():
             shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
@@ -115,23 +122,32 @@ def config_mismatch(saved: dict, cfg: GPTConfig) -> dict:
     return {k: (saved.get(k), mine.get(k)) for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)}
 
 
-def saved_config(meta: dict) -> GPTConfig:
-    known = {f.name for f in dataclasses.fields(GPTConfig)}
-    unknown = sorted(set(meta["model_config"]) - known)
-    if unknown:
-        raise ValueError(f"checkpoint config has fields {unknown} that this GPTConfig lacks; "
-                         f"load it with the code version that wrote it")
-    return GPTConfig(**meta["model_config"])
+def saved_config(meta: dict, path: str | os.PathLike = CHECKPOINT_JSON) -> GPTConfig:
+    """The GPTConfig a checkpoint's JSON `meta` (read from `path`) records. DamagedFileError naming the
+    file for a field this code does not know, a value of the wrong type or a config that fails its checks."""
+    return dataclass_from_record(GPTConfig, path, meta["model_config"], "run checkpoint's model config",
+                                 REMEDY)
 
 
 def checkpoint_weights(path: str | os.PathLike, meta: dict | None = None) -> Path:
     """The weights of the checkpoint at `path` (a safetensors file, or a transformers model's folder);
-    ValueError when the JSON or the weights are missing."""
+    DamagedFileError naming the JSON when the weights it names are missing."""
     meta = meta or read_checkpoint(path)
     weights = _json_path(path).parent / meta["files"]["model"]
     if not weights.exists():
-        raise ValueError(f"checkpoint {path} is incomplete: its weights file {weights} is missing")
+        raise DamagedFileError(_json_path(path), f"names the weights {weights.name}, which are missing", REMEDY)
     return weights
+
+
+def load_weights(model, state: dict, source: str | os.PathLike) -> None:
+    """model.load_state_dict(state) for weights read from file `source`; DamagedFileError naming it and
+    the keys when they do not fit the model (missing, unexpected or mis-shaped tensors)."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        lines = [l.strip() for l in str(e).splitlines()[1:] if l.strip()]
+        raise DamagedFileError(source, f"its tensors do not fit the model its config describes ("
+                                       f"{'; '.join(lines)[:300] or first_line(e)})", REMEDY) from None
 
 
 def _check_config(path, saved: dict, model) -> None:
@@ -162,22 +178,29 @@ def load_checkpoint(path: str | os.PathLike, model=None, device: str | torch.dev
         if model is None:
             return saved.to(device)
     elif model is None:
-        model = build_model(saved_config(meta)).to(device)
+        model = build_model(saved_config(meta, _json_path(path))).to(device)
     target = _unwrap(model)
     _check_config(path, meta["model_config"], target)
     dev = next(target.parameters()).device
-    state = saved.state_dict() if weights.is_dir() else load_file(str(weights), device=str(dev))
-    target.load_state_dict(state)
+    state = saved.state_dict() if weights.is_dir() else read_safetensors(weights, str(dev), remedy=REMEDY)
+    load_weights(target, state, weights)
     return model
 
 
 def load_optim_state(path: str | os.PathLike, device: str | torch.device = "cpu"):
-    """The optimizer/scheduler states saved with the checkpoint (None if none were saved)."""
+    """The optimizer/scheduler states saved with the checkpoint (None if none were saved): a dict with
+    lists "optimizers" and "schedulers" of state dicts. DamagedFileError naming the file when it is
+    missing, truncated or of another structure."""
     meta = read_checkpoint(path)
     name = meta["files"].get("optimizer")
     if name is None:
         return None
-    return torch.load(_json_path(path).parent / name, map_location=device, weights_only=True)
+    file = _json_path(path).parent / name
+    state = read_torch(file, "optimizer state", REMEDY, map_location=device)
+    for key in ("optimizers", "schedulers"):
+        if not (isinstance(state.get(key), list) and all(isinstance(s, dict) for s in state[key])):
+            raise DamagedFileError(file, f"is not a valid optimizer state: no list of state dicts {key!r}", REMEDY)
+    return state
 
 
 def save_tokenizer(run_dir: str | os.PathLike, tokenizer) -> None:
@@ -186,7 +209,7 @@ def save_tokenizer(run_dir: str | os.PathLike, tokenizer) -> None:
     (tokenizer/tokenizer.pkl). A transformers model's tokenizer stays in its own folder."""
     run_dir = Path(run_dir)
     if isinstance(tokenizer, NanochatTokenizer):
-        _atomic(run_dir / "tokenizer", lambda p: (p.mkdir(), (p / "tokenizer.pkl").write_bytes(tokenizer.pickle())))
+        atomic_write(run_dir / "tokenizer", lambda p: (p.mkdir(), (p / "tokenizer.pkl").write_bytes(tokenizer.pickle())))
     elif hasattr(tokenizer, "save"):
         tokenizer.save(run_dir / TOKENIZER_JSON)
 
@@ -202,7 +225,7 @@ def load_tokenizer(path: str | os.PathLike):
     """
     from ..data import Tokenizer, prepare_data  # tokenizers are needed only here
     folder = _json_path(path).parent
-    if (folder / TOKENIZER_JSON).is_file():
+    if (folder / TOKENIZER_JSON).exists():
         return Tokenizer.load(folder / TOKENIZER_JSON)
     if (folder / "tokenizer" / "tokenizer.pkl").is_file():
         return load_nanochat_tokenizer(folder)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ..core.files import DamagedFileError, check_safetensors, first_line
 from .model import check_token_ids, param_key
 from .run_folder import has_checkpoint, hf_weights_folder
 
@@ -297,6 +298,10 @@ class HFModel(nn.Module):
                 tok.save_pretrained(folder)
 
 
+HF_REMEDY = ("the folder is incomplete or damaged: save it again with save_pretrained, or copy it again from "
+             "where it came from")
+
+
 def _tokenizer(path):
     """The folder's tokenizer, or None when it has none."""
     from transformers import AutoTokenizer
@@ -326,8 +331,9 @@ def hf_config(path: str | os.PathLike):
                          f"written by save_pretrained")
     try:
         c = AutoConfig.from_pretrained(p, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"cannot read the config in {path}: {e}") from None
+    except Exception as e:  # transformers' errors for a damaged config.json are of many classes
+        raise DamagedFileError(p / "config.json", f"transformers cannot read this config ({first_line(e)})",
+                               HF_REMEDY) from None
     c = getattr(c, "text_config", None) if c.model_type not in SUPPORTED and hasattr(c, "text_config") else c
     if c is None or c.model_type not in SUPPORTED:
         kind = c.model_type if c is not None else "?"
@@ -354,8 +360,11 @@ def load_hf(path: str | os.PathLike, dtype=None) -> HFModel:
     if has_checkpoint(path):  # a training run folder: its latest weights
         path = hf_weights_folder(path)
     hf_config(path)
+    for f in sorted(Path(path).expanduser().glob("*.safetensors")):  # a damaged shard is named as such
+        check_safetensors(f, remedy=HF_REMEDY)
     try:
         hf = transformers.AutoModelForCausalLM.from_pretrained(Path(path).expanduser(), local_files_only=True, dtype=dt)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"transformers cannot load {path} as a causal LM: {e}") from None
+    except Exception as e:  # a truncated model.safetensors is a SafetensorError, a bad .bin a pickle error...
+        raise DamagedFileError(path, f"transformers cannot load its weights as a causal LM ({first_line(e)})",
+                               HF_REMEDY) from None
     return HFModel(hf, path).eval()

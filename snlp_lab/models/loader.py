@@ -26,7 +26,6 @@ a file, a folder of none of the kinds) is one ValueError line naming the valid k
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -36,8 +35,7 @@ from ..core.checks import check_path
 from .build import build_model
 from .checkpoint import load_checkpoint, load_tokenizer, saved_config
 from .config import PRESETS
-from .nanochat import (checkpoint_steps, is_nanochat_checkpoint, load_nanochat, load_nanochat_tokenizer,
-                       nanochat_config)
+from .nanochat import checkpoint_steps, is_nanochat_checkpoint, load_nanochat, load_nanochat_tokenizer, read_meta
 from .run_folder import CHECKPOINT_JSON, has_checkpoint, read_checkpoint
 
 KINDS = ("preset", "run", "nanochat", "hf")
@@ -120,15 +118,12 @@ def model_info(spec: str | os.PathLike) -> ModelInfo:
             from .hf import HFConfig, hf_config
             cfg = HFConfig.from_hf(hf_config(weights))
         else:
-            cfg = saved_config(meta)
+            cfg = saved_config(meta, where / CHECKPOINT_JSON)
         trained_as = (meta.get("train_config") or {}).get("model", "model")
         return ModelInfo(kind, cfg, f"{trained_as} (trained, step {meta['step']})", meta, str(spec))
     if kind == "nanochat":
         step = checkpoint_steps(where)[-1]
-        meta_file = where / f"meta_{step:06d}.json"
-        if not meta_file.is_file():
-            raise ValueError(f"{meta_file} is missing: nanochat writes the model config there")
-        cfg = nanochat_config(json.loads(meta_file.read_text())["model_config"])
+        cfg = read_meta(where / f"meta_{step:06d}.json")
         return ModelInfo(kind, cfg, f"{where.name} (nanochat, step {step})", {}, str(spec))
     from .hf import HFConfig, hf_config
     return ModelInfo(kind, HFConfig.from_hf(hf_config(where)), where.name, {}, str(spec))

@@ -27,7 +27,6 @@ logits the same way).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import pickle
 import re
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.files import DamagedFileError, field, first_line, read_bytes, read_json, read_torch
 from .config import GPTConfig
 from .build import build_model
 
@@ -54,6 +54,28 @@ def is_nanochat_checkpoint(path: str | os.PathLike) -> bool:
 def checkpoint_steps(path: str | os.PathLike) -> list[int]:
     """The steps saved in a nanochat checkpoint folder, ascending."""
     return sorted(int(m[1]) for p in Path(path).iterdir() if (m := _MODEL_FILE.fullmatch(p.name)))
+
+
+# their types in meta_<step>.json (nanochat's GPTConfig annotations)
+FIELD_TYPES = {"window_pattern": str, "no_x0_resid": bool, "no_ve": bool, "use_mhc": bool, "mhc_sinkhorn_tau": float,
+               "mtp_loss_weight": float}
+REMEDY = ("the nanochat checkpoint folder is damaged: copy the step's model_<step>.pt and meta_<step>.json "
+          "again from where nanochat saved them")
+
+
+def read_meta(meta_file: str | os.PathLike) -> GPTConfig:
+    """Our GPTConfig for a nanochat meta_<step>.json (`nanochat_config` of its model_config), checked:
+    DamagedFileError naming the file when it is missing, not JSON, or its config has a missing field,
+    a value of the wrong type or one that fails the checks."""
+    what = "nanochat meta file"
+    mc = field(meta_file, read_json(meta_file, what, REMEDY), "model_config", dict, what, REMEDY)
+    for name in mc:
+        if name in NANOCHAT_FIELDS:
+            field(meta_file, mc, name, FIELD_TYPES.get(name, int), what, REMEDY)
+    try:
+        return nanochat_config(mc)
+    except (TypeError, ValueError) as e:
+        raise DamagedFileError(meta_file, f"is not a valid {what}: {first_line(e)}", REMEDY) from None
 
 
 def nanochat_config(model_config: dict) -> GPTConfig:
@@ -160,13 +182,14 @@ def load_nanochat(path: str | os.PathLike, step: int | None = None, device: str 
     step = steps[-1] if step is None else step
     if step not in steps:
         raise ValueError(f"no step {step} in {path}; saved steps: {', '.join(map(str, steps))}")
-    meta_file = path / f"meta_{step:06d}.json"
-    if not meta_file.is_file():
-        raise ValueError(f"{meta_file} is missing: nanochat writes the model config there")
-    cfg = nanochat_config(json.loads(meta_file.read_text())["model_config"])
-    state = torch.load(path / f"model_{step:06d}.pt", map_location="cpu", weights_only=True)
+    cfg = read_meta(path / f"meta_{step:06d}.json")
+    weights = path / f"model_{step:06d}.pt"
+    state = read_torch(weights, "nanochat model file", REMEDY)
     model = build_model(cfg).to(dtype)
-    model.load_state_dict(convert_state_dict(state, model))
+    try:
+        model.load_state_dict(convert_state_dict(state, model))
+    except (ValueError, RuntimeError, AttributeError, TypeError) as e:  # keys, shapes, non-tensor values
+        raise DamagedFileError(weights, f"does not fit the config of its meta file ({first_line(e)})", REMEDY) from None
     model.tokenizer = load_nanochat_tokenizer(path) if tokenizer else None
     return model.to(device).eval()
 
@@ -210,10 +233,14 @@ def load_nanochat_tokenizer(path: str | os.PathLike):
     for folder in (path, path.parent, path.parent.parent):
         pkl = folder / "tokenizer" / "tokenizer.pkl"
         if pkl.is_file():
+            blob = read_bytes(pkl, "nanochat tokenizer")
             try:
-                blob = pkl.read_bytes()
                 return NanochatTokenizer(pickle.loads(blob), hashlib.sha256(blob).hexdigest())
             except ModuleNotFoundError as e:
                 raise ValueError(f"nanochat's tokenizer {pkl} needs the package {e.name!r}: "
                                  f"pip install {e.name}") from None
+            except Exception as e:  # a truncated pickle, or one that holds no tiktoken Encoding with <|bos|>
+                raise DamagedFileError(pkl, f"is not a nanochat tokenizer (a pickled tiktoken Encoding with "
+                                            f"{NanochatTokenizer.BOS}): {first_line(e)}",
+                                       "copy tokenizer/tokenizer.pkl again from nanochat's base folder") from None
     return None

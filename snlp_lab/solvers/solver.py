@@ -27,7 +27,7 @@ import torch
 
 from ..models.fusion import chunk_stack
 from .grammar import SNLPConfig, parse_chunks
-from .surrogates import SURROGATES, NonFiniteError, Surrogate
+from .surrogates import SURROGATES, NonFiniteError, Surrogate, non_finite  # NonFiniteError: re-exported
 
 
 
@@ -163,8 +163,7 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
     trace = torch.stack(trace)
     logits = head_logits(model, trace[-1], backout_state(model, list(trace), S, M if chunks else 1))
     if check_finite and not (torch.isfinite(trace).all() and torch.isfinite(logits).all()):
-        raise NonFiniteError(f"{method} (n_par={n_par}, chunks={chunks}, iters={iters}, init={init}) produced non-finite "
-                             f"states; pass check_finite=False to inspect them")
+        raise non_finite(model, f"{method} (n_par={n_par}, chunks={chunks}, iters={iters}, init={init})", trace)
     empty = trace.new_zeros(0, C if chunks is not None else n_par)
     return SolveResult(trace=trace, logits=logits,
                        history=torch.stack(hist) if hist else empty,

@@ -37,6 +37,22 @@ class NonFiniteError(FloatingPointError):
     """A solve produced inf or NaN; raised rather than returning a silently broken trace."""
 
 
+def non_finite(model, what: str, states: torch.Tensor | None = None) -> NonFiniteError:
+    """The error for `what` (a solve, a decoding step) whose logits or states hold inf or NaN, saying
+    where they come from: the model's own weights (a damaged or diverged checkpoint, naming the
+    tensors), the states, or only the output head."""
+    bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return NonFiniteError(f"{what} gives non-finite logits because the model's weights hold inf or NaN "
+                              f"({', '.join(bad[:3])}{more}): the checkpoint is damaged or comes from a "
+                              f"diverged run")
+    if states is not None and not bool(torch.isfinite(states).all()):
+        return NonFiniteError(f"{what} produced non-finite states (the iteration diverged, or the input "
+                              f"overflowed); pass check_finite=False to inspect them")
+    return NonFiniteError(f"{what} produced finite states but non-finite logits (the output head overflowed)")
+
+
 # ------------------------------------------------------------------------------------------ surrogates
 class Surrogate:
     """A_l for the parallel layers start..stop-1. Subclasses define `matvec` or override `scan`.

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ...core.checks import check_choice
+from ...core.files import DamagedFileError, atomic_write, atomic_write_text, first_line
 from ..profiles import PROFILES
 from .paper import Setting
 from .rules import LEDGER, Claim, decode_table
@@ -23,8 +24,15 @@ from .rules import LEDGER, Claim, decode_table
 def read_tables(report_dir) -> dict[str, pd.DataFrame]:
     """Every CSV table of a report folder, by file stem (the ledger's own excepted). Only an empty cell or
     'nan' is a missing value: text such as 'n/a' (speculative's `identical` when sampling) stays text."""
-    return {p.stem: pd.read_csv(p, keep_default_na=False, na_values=["", "nan", "NaN"])
-            for p in sorted(Path(report_dir).glob("*.csv")) if p.stem != "claims"}
+    return {p.stem: _read_csv(p) for p in sorted(Path(report_dir).glob("*.csv")) if p.stem != "claims"}
+
+
+def _read_csv(p: Path) -> pd.DataFrame:
+    try:
+        return pd.read_csv(p, keep_default_na=False, na_values=["", "nan", "NaN"])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DamagedFileError(p, f"is not a readable CSV table ({first_line(e)})",
+                               "run the notebook that writes it again") from None
 
 
 def ledger(t: dict, setting: Setting) -> list[Claim]:
@@ -95,9 +103,9 @@ def write_ledger(report_dir, fig_dir=None, profile: str = "cpu", log=print, out_
     if re.search(r"(?<![a-z])nan(?![a-z])", text, re.IGNORECASE):
         raise ValueError("the claims ledger would print a NaN; a claim function let one through")
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "claims.md"
-    path.write_text(text)
-    pd.DataFrame([dict(key=c.key, claim=c.claim, ours=c.ours, paper=c.paper, verdict=c.verdict, rule=c.rule,
-                       differs=c.differs) for c in rows]).to_csv(out_dir / "claims.csv", index=False)
+    path = atomic_write_text(out_dir / "claims.md", text)
+    table = pd.DataFrame([dict(key=c.key, claim=c.claim, ours=c.ours, paper=c.paper, verdict=c.verdict, rule=c.rule,
+                               differs=c.differs) for c in rows])
+    atomic_write(out_dir / "claims.csv", lambda p: table.to_csv(p, index=False))
     log(f"[claims] wrote {path} (+ .csv): " + ", ".join(f"({c.key}) {c.verdict}" for c in rows))
     return path
