@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .core.checks import check_output_dir
 from .core.cli import ArgumentParser, run_command
 from .core.files import read_json
 from .core.paths import repo_root
@@ -36,7 +37,7 @@ def _main(argv=None) -> int:
         times = a.report_dir / "run_times.json"
         profile = read_json(times, "record of notebook run times").get("profile", "cpu") if times.exists() else "cpu"
     check_inputs(a.report_dir, profile)  # before a scratch folder is made for nothing
-    out = a.out if a.out is not None else scratch_dir("claims")
+    out = check_output_dir("--out", a.out) if a.out is not None else scratch_dir("claims")
     write_ledger(a.report_dir, a.fig_dir, profile, out_dir=out)
     return 0
 

@@ -79,7 +79,7 @@ def decode_logits(dec, prompt, fed):
 
 @pytest.mark.parametrize("iters,n_par,chunks,init", [
     (1, 3, None, "h0"), (2, 4, None, "fwd"), (1, 3, None, "warm"), (2, 2, None, "warm"),
-    (1, 4, "2xF2", "h0"), (2, 3, "1xF3", "warm"), (1, 3, "3xF1", "fwd"), (2, 4, "2xF2", "warm"),
+    (1, 4, "2xF2", "h0"), (1, 3, "1xF3", "warm"), (1, 3, "3xF1", "fwd"), (2, 4, "2xF2", "warm"),
 ])
 def test_cached_decoding_equals_recomputation(tiny, tokens, iters, n_par, chunks, init):
     prompt, fed = tokens

@@ -58,10 +58,10 @@ def test_scalar_parameters_are_checked():
 def test_library_refuses_zero_sizes(tiny, idx):
     h, ctx = tiny.embed(idx)
     f = jacobian.layer_fn(tiny, 0, ctx)
-    with pytest.raises(ValueError, match="iters must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"iters must be an integer in 1\.\.10000"):
         jacobian.sigma_max(f, h, iters=0)
     for bad in (0, 2.5):
-        with pytest.raises(ValueError, match="probes must be an integer >= 1"):
+        with pytest.raises(ValueError, match=r"probes must be an integer in 1\.\.10000"):
             jacobian.hutchinson_diag(f, h, probes=bad)
 
 

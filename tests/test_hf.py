@@ -316,7 +316,10 @@ def test_pretrained_notebook_with_an_off_the_shelf_model(llama, tmp_path, monkey
                                         report_dir=str(tmp_path / "rep"), hf_model=str(llama)), progress_bar=False)
     df = pd.read_csv(tmp_path / "rep" / "pretrained.csv")
     ours = df[df.model == f"off-the-shelf {llama.name}"].set_index("config")
-    assert len(ours) == 7 and ours.loc["sequential", "ppl"] > 1
+    # sequential, then K = 1, 2 at n = L/2 = 2 and K = 1, 2, 4 at n = L = 4 (K <= n: K = n is exact)
+    assert list(ours.index) == ["sequential"] + [f"idn K={K} n={n} h0" for n, K in [(2, 1), (2, 2), (4, 1), (4, 2),
+                                                                                   (4, 4)]]
+    assert ours.loc["sequential", "ppl"] > 1
     assert abs(ours.loc[f"idn K={L} n={L} h0", "ppl_change_%"]) < 1e-3  # K = n_par: sequential
     # one step is not exact: its change lies above the rounding that bounds K = n_par (the size of the
     # change depends on the smoke corpus, which is the package's own source, so no more is asserted)

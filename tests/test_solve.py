@@ -119,7 +119,7 @@ def test_scaled_idn_is_idn_without_lambdas(tiny_plain, idx):
 
 
 def test_history_and_tolerance(tiny, idx):
-    res = solve(tiny, idx, method="idn", iters=10, n_par=4, tol=1e-10)
+    res = solve(tiny, idx, method="idn", iters=4, n_par=4, tol=1e-10)
     assert res.converged is True
     # iterates 0..3 are not converged; iterate 4 (= N) is exact, found by the 5th evaluation
     assert res.iters_run == 5 and res.history.shape == (5, 4)

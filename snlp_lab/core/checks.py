@@ -85,6 +85,16 @@ def check_float(name: str, value, minimum: float | None = None, maximum: float |
     return x
 
 
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes a signed 64-bit seed
+
+
+def check_seed(name: str, value) -> int:
+    """A random seed: an integer in [0, 2**63 - 1] (what torch's generators take). ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= SEED_MAX:
+        raise ValueError(f"{name} must be an integer in [0, 2**63 - 1], got {value!r}")
+    return value
+
+
 def check_choice(name: str, value, valid) -> None:
     """Fail at a notebook's first cell with the valid values, rather than deep inside a run."""
     if value not in valid:
@@ -100,6 +110,25 @@ def check_path(name: str, value, allow_empty: bool = True) -> Path | None:
         if cand.exists():
             return cand.resolve()
     raise ValueError(f"parameter {name}: {value!r} does not exist")
+
+
+def check_output_dir(name: str, value) -> Path:
+    """A folder to be written (an option such as --out), checked before any work starts: a folder or not
+    there yet, and writable, or creatable below its nearest existing parent. Returns it as a Path (~
+    expanded). Raises ValueError naming the option and the path."""
+    if value is None or str(value).strip() == "":
+        raise ValueError(f"{name} is empty; give a folder")
+    p = Path(str(value)).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{name} {value} is a file, not a folder; give a folder (e.g. {p.parent / 'run'})")
+    parent = p
+    while not parent.exists():  # the nearest existing ancestor must let us create the rest
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{name} {value}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{name} {value} cannot be written: {parent} is not writable")
+    return p
 
 
 def check_output_file(name: str, value) -> Path:

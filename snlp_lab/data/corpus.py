@@ -79,6 +79,7 @@ from tqdm import tqdm
 
 from ..core.files import (DamagedFileError, atomic_write, atomic_write_text, first_line, read_bytes, read_json,
                           remove_stale, removed_on_failure, temporary_name)
+from ..core.checks import check_int, check_seed
 from ..core.paths import cache_dir
 
 VAL_PERCENT = 5  # crc32(key) % 100 < VAL_PERCENT -> validation
@@ -637,14 +638,33 @@ def _chunks(docs: Iterator[tuple[str, str]], max_chars: int = 1 << 20,
 # Batches
 
 
-def _check_window(tokens: np.ndarray, seq_len: int) -> None:
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, not {seq_len}")
+def token_array(tokens) -> np.ndarray:
+    """A token stream as a 1-D integer numpy array: taken from a numpy array, a CPU tensor or a list of
+    ints. ValueError, naming what was given, for anything else (2-D batches, floats, other objects)."""
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    elif isinstance(tokens, (list, tuple)):
+        tokens = np.asarray(tokens)
+    if not isinstance(tokens, np.ndarray) or tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
+        what = f"{type(tokens).__name__} of shape {tokens.shape} and dtype {tokens.dtype}" \
+            if isinstance(tokens, np.ndarray) else type(tokens).__name__
+        raise ValueError(f"tokens must be a 1-D stream of integer token ids (a numpy array, tensor or list, "
+                         f"e.g. prepare_data(...).val), got a {what}")
+    return tokens
+
+
+def _check_window(tokens, seq_len: int, batch_size: int, max_batches: int | None = None) -> np.ndarray:
+    """The shared ranges of every window stream; returns the tokens as `token_array` reads them."""
+    tokens = token_array(tokens)
+    check_int("seq_len", seq_len)
+    check_int("batch_size", batch_size)
+    check_int("max_batches", max_batches, allow_none=True)
     if len(tokens) < seq_len + 1:
         raise ValueError(
             f"the corpus is smaller than one batch window: {len(tokens)} tokens, but seq_len + 1 = "
             f"{seq_len + 1} are needed (inputs plus the shifted targets); use a shorter seq_len or "
             f"a bigger corpus (more or larger files)")
+    return tokens
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int,
@@ -669,9 +689,8 @@ class TokenStream:
 
     def __init__(self, tokens: np.ndarray, batch_size: int, seq_len: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, device: str | torch.device = "cpu"):
-        _check_window(tokens, seq_len)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, not {batch_size}")
+        tokens = _check_window(tokens, seq_len, batch_size)
+        check_seed("seed", seed)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), not {rank}")
         self.tokens, self.batch_size, self.seq_len = tokens, batch_size, seq_len
@@ -716,7 +735,7 @@ def val_batches(tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: 
     (len(tokens) - 1) // T windows, grouped into batches of batch_size (the last one smaller
     unless drop_last). Stops after max_batches batches if given. Always the same batches.
     """
-    _check_window(tokens, seq_len)  # here, not at the first next(): fail where the call is
+    tokens = _check_window(tokens, seq_len, batch_size, max_batches)  # here, not at the first next()
     starts = np.arange((len(tokens) - 1) // seq_len) * seq_len
 
     def gen():

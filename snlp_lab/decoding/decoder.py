@@ -22,9 +22,11 @@ evaluation of every unit on h_S) and "warm" (the previous token's final states, 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
+from ..core.checks import check_seed
 from ..models.fusion import ChunkStack, check_chunkable, fusable
 from ..models.model import attention_mask, block_apply, capturing, check_token_ids
 from ..solvers.grammar import SNLPConfig
@@ -471,11 +473,27 @@ class Decoder:
         return H
 
 
+def check_temperature(temperature) -> float:
+    """The sampling temperature's range, for every decoder: a finite number >= 0 (0: greedy). inf would
+    be the uniform distribution, which ignores the model. ValueError otherwise."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+    return float(temperature)
+
+
+def tempered(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T in float32 with the largest logit moved to 0 first: the same softmax, but a tiny T
+    (1e-45) gives the argmax distribution instead of inf / inf = NaN."""
+    logits = logits.float()
+    return (logits - logits.amax(dim=-1, keepdim=True)) / temperature
+
+
 def sample(logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens [B, 1] from logits [B, V]: argmax at temperature 0, else softmax(logits / T) sampling."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax(tempered(logits, temperature), dim=-1)
     return torch.multinomial(probs, 1, generator=generator)
 
 
@@ -490,8 +508,10 @@ def generate(model, prompt_idx: torch.Tensor, max_new_tokens: int, method: str =
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_temperature(temperature)
+    check_seed("seed", seed)
+    if not isinstance(prompt_idx, torch.Tensor) or prompt_idx.dim() != 2 or prompt_idx.shape[1] < 1:
+        raise ValueError(f"prompt_idx must be token ids [B, T] with T >= 1, got {getattr(prompt_idx, 'shape', prompt_idx)!r}")
     T = prompt_idx.shape[1]
     if max_new_tokens == 0:
         return prompt_idx

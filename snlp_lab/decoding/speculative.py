@@ -36,14 +36,14 @@ overstates its own speedup, a fresh timing of it does not.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 
 import torch
 
+from ..core.checks import check_seed
 from ..solvers.grammar import SNLPConfig, parse_config
-from .decoder import Decoder
+from .decoder import Decoder, check_temperature, tempered
 
 DEFAULT_DRAFT = "idn:K=1:n=8"
 
@@ -82,7 +82,7 @@ class SpeculativeStats:
 def next_token_probs(logits: torch.Tensor, temperature: float, top_k: int | None = None) -> torch.Tensor:
     """The sampling distribution [..., V] of logits [..., V] at temperature > 0: softmax(logits / T)
     restricted to the top_k largest logits (all when None)."""
-    logits = logits.float() / temperature
+    logits = tempered(logits, temperature)
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -113,7 +113,7 @@ def verify(p_logits: torch.Tensor, drafts: list[int], q: list[torch.Tensor], tem
     return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))
 
 
-def _check(model, idx, max_new_tokens, block, temperature, top_k) -> None:
+def _check(model, idx, max_new_tokens, block, temperature, top_k, seed) -> None:
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.shape[1] < 1:
         raise ValueError(f"idx must be token ids [1, T] with T >= 1, got {getattr(idx, 'shape', idx)!r}")
     if idx.shape[0] != 1:
@@ -123,8 +123,8 @@ def _check(model, idx, max_new_tokens, block, temperature, top_k) -> None:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not isinstance(block, int) or block < 1:
         raise ValueError(f"block (draft tokens per round) must be an integer >= 1, got {block!r}")
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+    check_temperature(temperature)
+    check_seed("seed", seed)
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an integer >= 1, got {top_k!r}")
     n = model.config.sequence_len
@@ -145,7 +145,7 @@ def speculative_generate(model, idx: torch.Tensor, max_new_tokens: int, draft: s
     sequential decoding (greedy) or follow its distribution (sampling), whatever the drafter.
     Raises ValueError on a bad argument, a batch > 1, or a sequence longer than the model's context.
     """
-    _check(model, idx, max_new_tokens, block, temperature, top_k)
+    _check(model, idx, max_new_tokens, block, temperature, top_k, seed)
     cfg = parse_config(draft)
     cfg.check(model.n_layer)
     T = idx.shape[1]

@@ -35,10 +35,11 @@ import torch
 
 from ..measurement import bench
 from . import report
-from ..models.config import get_config
+from ..models.config import get_config, resolve_device
 from ..measurement.limits import describe, measure_limits
 from ..decoding.decoder import Decoder
 from ..models.build import build_model
+from ..core.checks import check_output_dir
 from ..core.paths import repo_root
 from ..core.files import atomic_write_text, read_json
 from .outputs import scratch_dir
@@ -300,13 +301,14 @@ def default_out(smoke: bool = False) -> Path:
 
 def run(smoke: bool = False, out: Path | None = None, device: str | None = None, log=print) -> dict:
     """Run every part; returns {"ok": all correctness cases passed, "summary": table, "out": folder}."""
-    dev = torch.device(device or ("cpu" if smoke else "cuda"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    name = device or ("cpu" if smoke else "cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("no CUDA device: torch sees no GPU (use --smoke for the CPU code path)")
+    dev = resolve_device(name)
     if dev.type == "cpu" and not smoke:
         raise ValueError("the full check needs a GPU; --smoke runs its code path on the CPU at toy sizes")
     size = SIZES["smoke" if smoke else "gpu"]
-    out = Path(out) if out is not None else default_out(smoke)
+    out = check_output_dir("out", out) if out is not None else default_out(smoke)
     env, seconds = environment(dev, size), {}
 
     def part(name, fn):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from ..core.checks import check_output_dir
 from ..core.paths import cache_dir, repo_root
 
 # the profiles whose outputs are committed, and where: (figures, tables) relative to the repository root
@@ -79,7 +80,7 @@ def output_dirs(profile: str, fig_dir=None, report_dir=None, publish: bool = Fal
             dirs = base / "figures", base / "reports"
     else:
         fig_dir, report_dir = fig_dir if fig_dir is not None else report_dir, report_dir if report_dir is not None else fig_dir
-        dirs = resolve(fig_dir), resolve(report_dir)
+        dirs = check_output_dir("fig_dir", resolve(fig_dir)), check_output_dir("report_dir", resolve(report_dir))
         if not publish and any(is_committed(d) for d in dirs):
             raise ValueError(f"{' and '.join(str(d) for d in dirs if is_committed(d))} holds the committed results, "
                              f"which only make figures writes; leave fig_dir and report_dir out (a scratch folder "

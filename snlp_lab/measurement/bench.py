@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 
 from ..models.config import resolve_device
-from ..core.checks import as_list, check_int
+from ..core.checks import as_list, check_int, check_seed
 from ..decoding.decoder import GRAPHABLE, Decoder, compile_options
 from ..models.fusion import clear_fused_cache, fusable
 from ..models.build import build_model
@@ -278,6 +278,7 @@ def run_bench(model="cpu", configs=None, seq_lens=(128, 2048), decode_tokens: in
     dtype = dtype or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     if repeats < 1 or warmup < 0 or batch < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch >= 1; got {repeats}, {warmup}, {batch}")
+    check_seed("seed", seed)
     modes = list(compile) if isinstance(compile, (list, tuple)) else [compile]
     if not modes:
         raise ValueError("compile: need at least one setting")

@@ -26,12 +26,14 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from ..core.checks import check_output_dir
 from ..core.files import (DamagedFileError, atomic_write, dataclass_from_record, first_line, read_safetensors,
                           read_torch)
 
@@ -42,6 +44,7 @@ from .nanochat import NanochatTokenizer, is_nanochat_checkpoint, load_nanochat, 
 from .run_folder import CHECKPOINT_JSON, FORMAT_VERSION, REMEDY, _json_path, read_checkpoint
 
 TOKENIZER_JSON = "tokenizer.json"  # written by snlp_lab.train beside the checkpoint
+STEP_FILE = re.compile(r"(model_\d{7}\.safetensors|optim_\d{7}\.pt|hf_\d{7})")  # one step's files
 
 
 def _unwrap(model):
@@ -81,7 +84,7 @@ def save_checkpoint(run_dir: str | os.PathLike, model, step: int, train_config: 
     A save that fails (a full disk: `DiskFullError`) removes what it wrote and leaves the previous
     checkpoint as it was.
     """
-    run_dir = Path(run_dir)
+    run_dir = check_output_dir("run_dir", run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     model = _unwrap(model)
     path = run_dir / CHECKPOINT_JSON
@@ -109,8 +112,8 @@ def save_checkpoint(run_dir: str | os.PathLike, model, step: int, train_config: 
             old = run_dir / name
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
         raise
-    for old in [*run_dir.glob("model_*.safetensors"), *run_dir.glob("optim_*.pt"), *run_dir.glob("hf_*")]:
-        if old.name not in files.values():
+    for old in run_dir.iterdir():  # earlier steps' files, by their exact names: never a user's own file
+        if STEP_FILE.fullmatch(old.name) and old.name not in files.values():
             shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     return path
 
@@ -141,7 +144,13 @@ def checkpoint_weights(path: str | os.PathLike, meta: dict | None = None) -> Pat
 
 def load_weights(model, state: dict, source: str | os.PathLike) -> None:
     """model.load_state_dict(state) for weights read from file `source`; DamagedFileError naming it and
-    the keys when they do not fit the model (missing, unexpected or mis-shaped tensors)."""
+    the keys when they do not fit the model (missing, unexpected or mis-shaped tensors, or integer
+    tensors where the model has floating-point weights, which load_state_dict would convert silently)."""
+    mine = model.state_dict()
+    ints = [k for k, v in state.items() if k in mine and mine[k].is_floating_point() and not v.is_floating_point()]
+    if ints:
+        raise DamagedFileError(source, f"its tensors {', '.join(ints[:3])} hold {state[ints[0]].dtype} values "
+                                       f"where the model has floating-point weights", REMEDY)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -34,7 +34,7 @@ import torch
 from ..core.checks import check_path
 from .build import build_model
 from .checkpoint import load_checkpoint, load_tokenizer, saved_config
-from .config import PRESETS
+from .config import PRESETS, resolve_device
 from .nanochat import checkpoint_steps, is_nanochat_checkpoint, load_nanochat, load_nanochat_tokenizer, read_meta
 from .run_folder import CHECKPOINT_JSON, has_checkpoint, read_checkpoint
 
@@ -176,10 +176,12 @@ def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     folder is read in that dtype directly. The tokenizer is loaded with the model where the folder
     has one; a failure to load it leaves `tokenizer` None with the reason in `no_tokenizer` (a model
     needs no tokenizer to be timed), and `require_tokenizer` raises it.
-    Raises ValueError (one line) for a string that names no model (`model_kind`) and for a folder whose
-    files do not load (a missing weights file, a config this code cannot read, mismatching keys)."""
+    device: a torch.device, or "auto", "cpu", "cuda" or "cuda:N" (`resolve_device`).
+    Raises ValueError (one line) for a string that names no model (`model_kind`), for a device torch
+    does not see, and for a folder whose files do not load (a missing weights file, a config this code cannot read, mismatching keys)."""
     kind, where = model_kind(spec)
     dt = _dtype(dtype)
+    device = resolve_device(device) if isinstance(device, str) else device  # before reading any weights
     source, meta, tokenizer, why = str(spec), {}, None, ""
     if kind == "preset":
         model = build_model(where).to(dtype=dt)

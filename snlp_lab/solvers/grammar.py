@@ -23,6 +23,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
+from ..core.checks import check_seed
 from .surrogates import methods
 
 INITS = ("h0", "fwd")  # initial guesses of a full-sequence solve
@@ -80,6 +81,14 @@ class SNLPConfig:
             parse_chunks(self.chunks, self.n_par)
         if self.init not in DECODE_INITS:
             raise ValueError(f"unknown init {self.init!r}; valid inits: {', '.join(DECODE_INITS)}")
+        check_seed("seed", self.seed)
+        if self.method == "sequential":  # one pass through the layers: no iteration to set
+            # (a seed is allowed: decoders also seed their sampling with it)
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            given = [k for k in ("iters", "init", "kappa", "probes", "jac") if getattr(self, k) != defaults[k]]
+            if given:
+                raise ValueError(f"sequential runs each layer once and takes no {', '.join(given)} "
+                                 f"(got {self.text or self.canonical()!r}); valid: 'sequential' or 'sequential:CxFM'")
         if not self.text:
             object.__setattr__(self, "text", self.canonical())
 
@@ -107,6 +116,11 @@ class SNLPConfig:
         if not 1 <= n_par <= n_layer:
             raise ValueError(f"n_par must be an integer in 1..{n_layer} (the model's depth), got {n_par} "
                              f"in {self.text!r}")
+        units = self.units(n_layer)[1]
+        if self.method != "sequential" and self.iters > units:
+            raise ValueError(f"K={self.iters} in {self.text!r} exceeds its {units} parallel units: after as many "
+                             f"iterations as units every unit holds the sequential state (finite termination), "
+                             f"so K must be in 1..{units}")
         if not decoding and self.init not in INITS:
             raise ValueError(f"init {self.init!r} in {self.text!r} is a decoding init; a full-sequence solve "
                              f"has valid inits: {', '.join(INITS)}")
@@ -142,6 +156,13 @@ class SNLPConfig:
                     kappa=self.kappa, probes=self.probes, jac=self.jac, seed=self.seed)
 
 
+def _number(value: str, field: str, text: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{field!r} in configuration {text!r} is not a number; e.g. kappa=0.1") from None
+
+
 def parse_config(text: str) -> SNLPConfig:
     """Read a configuration string (grammar in the module docstring)."""
     if not isinstance(text, str) or not text.strip():
@@ -155,8 +176,8 @@ def parse_config(text: str) -> SNLPConfig:
             key, value = "iters", int(m[1])
         elif m := re.fullmatch(r"n=(\d+)", f):
             key, value = "n_par", int(m[1])
-        elif m := re.fullmatch(r"kappa=([0-9.eE+-]+)", f):
-            key, value = "kappa", float(m[1])
+        elif m := re.fullmatch(r"kappa=(.*)", f):
+            key, value = "kappa", _number(m[1], f, text)
         elif m := re.fullmatch(r"(probes|seed)=(\d+)", f):
             key, value = m[1], int(m[2])
         elif m := re.fullmatch(r"jac=(\w+)", f):

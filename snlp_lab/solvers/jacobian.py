@@ -59,9 +59,16 @@ def dense_jacobian(f: Fn, h: torch.Tensor) -> torch.Tensor:
         return torch.func.jacrev(lambda x: f(x.view_as(h)).reshape(-1))(h.reshape(-1)).reshape(n, n).detach()
 
 
-def _check_count(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+# Upper bounds, so that a typo (probes=10**20) fails at once instead of running for ever: power
+# iteration converges geometrically, and a Hutchinson estimate's error falls as 1/sqrt(probes)
+MAX_POWER_ITERS = 10_000
+MAX_PROBES = 10_000
+
+
+def _check_count(name: str, value, maximum: int | None = None, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (maximum is not None and value > maximum):
+        rng = ">= 1" if maximum is None else f"in 1..{maximum}{why}"
+        raise ValueError(f"{name} must be an integer {rng}, got {value!r}")
 
 
 def hutchinson_probe(h: torch.Tensor, generator: torch.Generator | None = None, shared: bool = False) -> torch.Tensor:
@@ -75,7 +82,7 @@ def hutchinson_diag(f: Fn, h: torch.Tensor, probes: int = 8, generator: torch.Ge
                     shared: bool = False):
     """diag(J) ≈ mean_z z ⊙ (J z) over Rademacher probes z (unbiased; exact for a diagonal J);
     shared: as in `hutchinson_probe`."""
-    _check_count("probes", probes)
+    _check_count("probes", probes, MAX_PROBES, " (Rademacher probes)")
     acc = torch.zeros_like(h)
     for _ in range(probes):
         z = hutchinson_probe(h, generator, shared)
@@ -85,7 +92,7 @@ def hutchinson_diag(f: Fn, h: torch.Tensor, probes: int = 8, generator: torch.Ge
 
 def sigma_max(f: Fn, h: torch.Tensor, iters: int = 30, generator: torch.Generator | None = None) -> float:
     """Largest singular value of J by power iteration on J^T J (one JVP and one VJP per step)."""
-    _check_count("iters", iters)
+    _check_count("iters", iters, MAX_POWER_ITERS, " (power iterations)")
     v = torch.randn(h.shape, generator=generator).to(h)
     v = v / torch.linalg.vector_norm(v)
     with sdpa_kernel(SDPBackend.MATH):

@@ -20,15 +20,17 @@ from .solver import solve
 
 
 @torch.no_grad()
-def evaluate_ppl(model, val_tokens: np.ndarray, seq_len: int, batch_size: int, max_batches: int | None = None,
+def evaluate_ppl(model, val_tokens: np.ndarray | torch.Tensor | list, seq_len: int, batch_size: int, max_batches: int | None = None,
                  method: str = "sequential", **solve_kwargs) -> float:
     """exp(mean next-token cross-entropy) over the fixed validation stream (`data.val_batches`).
 
     method: "sequential" or any solver method, with `solve_kwargs` (iters, n_par, init, kappa, ...)
     passed to `snlp_lab.solve`. Every target token counts once, also in a smaller last batch.
-    val_tokens: the validation split as a 1-D array of token ids (`data.prepare_data(...).val`), cut
-    into consecutive windows of seq_len inputs (targets one token later), batch_size at a time, at most
-    max_batches batches (`data.val_batches`).
+    val_tokens: the validation split as 1-D token ids (`data.prepare_data(...).val`; a tensor or list
+    is taken too), cut into consecutive windows of seq_len inputs (targets one token later), batch_size
+    at a time, at most max_batches batches (`data.val_batches`). Raises ValueError, before any work, on
+    a stream that is not 1-D integers, on seq_len, batch_size or max_batches < 1, and on a stream
+    shorter than one window.
     """
     device = next(model.parameters()).device
     total, count = 0.0, 0

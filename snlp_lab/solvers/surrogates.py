@@ -14,7 +14,7 @@ import math
 import torch
 
 from ..models.mhc import stream_mix
-from .jacobian import JAC_PRODUCTS, hutchinson_diag, hutchinson_probe
+from .jacobian import JAC_PRODUCTS, MAX_PROBES, hutchinson_diag, hutchinson_probe
 
 SURROGATES: dict[str, type] = {}  # name -> Surrogate class
 
@@ -131,8 +131,9 @@ class DiagonalNewton(Surrogate):
     def __init__(self, model, start, stop, ctx, probes: int = 1, generator=None, fd_eps: float = 0.0,
                  shared_probe: bool = False, **opts):
         super().__init__(model, start, stop, ctx)
-        if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-            raise ValueError(f"probes must be an integer >= 1, got {probes!r}")
+        if isinstance(probes, bool) or not isinstance(probes, int) or not 1 <= probes <= MAX_PROBES:
+            raise ValueError(f"probes must be an integer in 1..{MAX_PROBES} (Rademacher probes per unit and "
+                             f"iteration), got {probes!r}")
         if not (math.isfinite(fd_eps) and fd_eps >= 0):
             raise ValueError(f"fd_eps must be a finite number >= 0 (0: exact JVPs), got {fd_eps}")
         self.probes, self.generator, self.fd_eps, self.shared = probes, generator, fd_eps, shared_probe

@@ -29,6 +29,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..core.checks import check_output_dir, check_seed
 from ..core.cli import comma_ints, option
 from ..models.checkpoint import checkpoint_weights
 from ..models.config import GPTConfig, get_config, resolve_device
@@ -277,6 +278,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     cfg = dataclasses.replace(cfg, override=over, vocab_size=mcfg.vocab_size, n_par_set=tuple(npset), n_par=n_par,
                               batch_size=BATCH_SIZE if cfg.batch_size is None else cfg.batch_size,
                               weight_decay=cfg.weight_decay or 0.0)
+    check_seed("seed", cfg.seed)
     for name in ("eval_every", "save_every", "stride"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")
@@ -319,6 +321,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for spec in filter(None, map(str.strip, cfg.eval_snlp.split(","))):
         parse_config(spec).check(L, decoding=False)
     resolve_device(cfg.device)  # unknown names, or a GPU torch does not see, fail here
+    if cfg.out is not None:
+        check_output_dir("out", cfg.out)  # a file given as --out fails before the data is read
     if cfg.device.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"torchrun puts each process on cuda:LOCAL_RANK; use --device cuda, not {cfg.device!r}")
     if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
