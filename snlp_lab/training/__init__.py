@@ -15,7 +15,7 @@ The parts, each importing only those before it:
     schedules                 lr factor, w(t), recipe "paper"'s Muon momentum and weight decay per step
     optim                     NanochatMuon, build_optimizers (Muon for the blocks' matrices, AdamW for the rest)
     loss                      SNLPLoss: CE + w(t)·λ·R, or the CE of the SNLP forward
-    runs                      the config hash, run folders, the resume comparison, a cached run's config, its lock
+    runs                      the config hash, run folders, the resume comparison, a cached run's config, its owner
     loop                      train (DDP, restore, evaluation, checkpoints, metrics.jsonl), trained_model
 
 Loss (docs/design.md §1): objective "ce" is L = CE + w(t)·λ·R with R from `regularizer` (one structured
@@ -44,11 +44,12 @@ from .config import (BATCH_SIZE, FINETUNE_LRS, LATER_DEFAULTS, NANOCHAT_LRS, OBJ
 from .loop import METRICS, TrainResult, train, trained_model
 from .loss import SNLPLoss
 from .optim import NanochatMuon, build_optimizers
-from .runs import cached_config, comparable, config_hash, run_dir, run_lock, trained_run_dir
+from .runs import cached_config, comparable, config_hash, lock_owner, own_run, run_dir, run_lock, trained_run_dir
 from .schedules import lr_multiplier, paper_muon_momentum, paper_weight_decay, reg_weight
 
 __all__ = ["TrainConfig", "TrainResult", "train", "trained_model", "trained_run_dir", "resolve", "model_config",
-           "parse_overrides", "config_hash", "run_dir", "cached_config", "comparable", "run_lock", "SNLPLoss",
+           "parse_overrides", "config_hash", "run_dir", "cached_config", "comparable", "run_lock", "own_run",
+           "lock_owner", "SNLPLoss",
            "NanochatMuon", "build_optimizers", "lr_multiplier", "paper_muon_momentum", "paper_weight_decay",
            "reg_weight", "BATCH_SIZE", "FINETUNE_LRS", "NANOCHAT_LRS", "PAPER_LRS", "OBJECTIVES", "RECIPES",
            "RUN_FIELDS", "LATER_DEFAULTS", "METRICS"]

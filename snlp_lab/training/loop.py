@@ -31,6 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
+from ..core.files import read_jsonl
 from ..data import TokenStream, prepare_data
 from ..models.build import build_model
 from ..models.checkpoint import load_checkpoint, load_optim_state, save_checkpoint, save_tokenizer, set_rng_state
@@ -43,10 +44,14 @@ from ..solvers.solver import SURROGATES, NonFiniteError
 from .config import PAPER_LRS, TrainConfig, model_config, resolve
 from .loss import SNLPLoss
 from .optim import build_optimizers
-from .runs import cached_config, comparable, run_dir, run_lock
+from .runs import cached_config, comparable, own_run, run_dir
 from .schedules import lr_multiplier, paper_muon_momentum, paper_weight_decay, reg_weight
 
 METRICS = "metrics.jsonl"
+# a weight this large means the run diverged: trained weights (and the optimizers' updates) are O(1)
+DIVERGED = 1e6
+DIVERGED_REMEDY = ("the run diverged: lower the learning rates (--matrix-lr, --embedding-lr, ...) or --lam; "
+                   "the last checkpoint before it is kept")
 LOG_SECONDS = 30  # progress lines when the output is not a terminal
 
 
@@ -73,15 +78,22 @@ def train(cfg: TrainConfig, resolved: bool = False) -> TrainResult:
     """Train (or resume) the run described by cfg; returns the model, run folder and metrics. out None:
     the cached run folder (`runs.run_dir`). resolved: cfg is `resolve`'s output, not resolved again.
     Under torchrun (WORLD_SIZE > 1) each rank calls this; rank 0 writes the run folder.
-    Raises ValueError for bad options or data (before any step), FloatingPointError when the loss
-    becomes inf or NaN."""
+    One process at a time trains a run folder (`runs.own_run`): another one that holds it is waited for.
+    Raises ValueError for bad options or data (before any step) and for resume without a checkpoint;
+    FloatingPointError when the starting weights hold inf or NaN, when the loss becomes inf or NaN, or
+    when a weight grows past DIVERGED (the run diverged; no checkpoint of it is written)."""
     if not resolved:
         cfg = resolve(cfg)
     if cfg.out is None:
         cfg = dataclasses.replace(cfg, out=str(run_dir(cfg, resolved=True)))
+    out = Path(cfg.out)
+    if cfg.resume and not has_checkpoint(out) and not out.exists():  # a mistyped --out: create nothing
+        raise ValueError(_nothing_to_resume(out))
     d, device = _setup(cfg)
     try:
-        return _train(cfg, d, device)
+        # rank 0 owns the folder: a second process waits, and never logs the same steps twice
+        with own_run(out, log=lambda m: print(m, flush=True)) if d.main else contextlib.nullcontext():
+            return _train(cfg, d, device)
     finally:
         if d.owns_group:
             dist.destroy_process_group()
@@ -91,6 +103,8 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
     """The run of the resolved cfg (out set) on this rank: check the folder, build, restore, loop."""
     out = Path(cfg.out)
     ckpt = read_checkpoint(out) if has_checkpoint(out) else None
+    if ckpt is None and cfg.resume:
+        raise ValueError(_nothing_to_resume(out))
     if ckpt is not None and not cfg.resume:
         raise ValueError(f"run folder {out} already holds a checkpoint (step {ckpt['step']}); pass --resume "
                          f"to continue it or choose another --out")
@@ -112,6 +126,9 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
         model, tokenizer = start.model.train(), start.require_tokenizer()
     else:
         model = build_model(model_config(cfg)).to(device)
+    if cfg.init_from_hf is not None or cfg.init_from is not None:
+        _check_weights(model, "the starting model", "it is damaged or comes from a diverged run; fine-tune "
+                       "another model")
     _check_surrogates(model, cfg)
     ds = _load_data(cfg, d, tokenizer)
     if cfg.batch_size % d.world:
@@ -128,7 +145,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
     step = _restore(out, ckpt, model, opts, scheds, stream, device) if ckpt is not None else 0
     metrics_path, history = out / METRICS, []
     if d.main:  # keep the lines up to the checkpoint: a crashed run may have logged steps after it
-        history = _read_jsonl(metrics_path, max_step=step)
+        history = [m for m in read_jsonl(metrics_path, "metrics log") if m.get("step", 0) <= step]
         out.mkdir(parents=True, exist_ok=True)
         metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
         if cfg.init_from_hf is None:  # the run reads and writes text without data settings
@@ -143,6 +160,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
     last = cfg.stop_at or cfg.steps
 
     def save(done: int):
+        _check_weights(model, f"training at step {done}", DIVERGED_REMEDY)  # never checkpoint a diverged run
         if d.main:
             save_checkpoint(out, model, done, dataclasses.asdict(cfg),
                             {"optimizers": [o.state_dict() for o in opts],
@@ -182,8 +200,7 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
             vals /= d.world
         loss_v, ce_v, reg_v = vals.tolist()
         if not math.isfinite(loss_v):
-            raise FloatingPointError(f"the loss became {loss_v} at step {step + 1}; lower the learning rates "
-                                     f"(--matrix-lr, --embedding-lr, ...) or --lam")
+            raise FloatingPointError(f"the loss became {loss_v} at step {step + 1}; {DIVERGED_REMEDY}")
         dt = time.perf_counter() - t0
         step += 1
         rec = {"step": step, "loss": loss_v, "ce": ce_v, "reg": reg_v if cfg.reg != "none" else None,
@@ -197,7 +214,10 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
             print(f"[train] {out.name} step {step}/{cfg.steps}: loss {loss_v:.4f}, {tokens / dt:,.0f} tokens/s",
                   flush=True)
             last_log = time.perf_counter()
-        if d.main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+        at_eval = (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps
+        if at_eval:  # every rank: all of them stop together
+            _check_weights(model, f"training at step {step}", DIVERGED_REMEDY)
+        if d.main and at_eval:
             ev = {"step": step, **_evaluate(model, ds, cfg, autocast)}
             history.append(ev)
             _append_jsonl(metrics_path, ev)
@@ -223,9 +243,9 @@ def trained_model(preset: str = "cpu", steps: int = 600, reg: str = "none", lam:
     """
     cfg = cached_config(preset, steps, reg, lam, seed, **kwargs)
     out = Path(cfg.out)
-    with run_lock(out):
+    with own_run(out):  # held from the check to the load: nobody writes the folder in between
         if not is_finished(out):
-            train(cfg, resolved=True)
+            train(dataclasses.replace(cfg, resume=has_checkpoint(out)), resolved=True)
         return load_checkpoint(out, device=resolve_device(cfg.device))
 
 
@@ -272,11 +292,20 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _read_jsonl(path: Path, max_step: int | None = None) -> list[dict]:
-    if not path.exists():
-        return []
-    lines = [json.loads(s) for s in path.read_text().splitlines() if s.strip()]
-    return [m for m in lines if max_step is None or m["step"] <= max_step]
+def _nothing_to_resume(out: Path) -> str:
+    return (f"nothing to resume in {out}: it holds no checkpoint (checkpoint.json); check --out, or drop "
+            f"--resume to start a new run there")
+
+
+def _check_weights(model, what: str, remedy: str) -> None:
+    """FloatingPointError naming the largest weight tensor when a weight is inf, NaN or larger than
+    DIVERGED in magnitude. One host sync (at evaluations and saves, not every step)."""
+    names, params = zip(*model.named_parameters())
+    mags = torch.stack([p.detach().abs().amax().float() for p in params]).tolist()
+    i = max(range(len(mags)), key=lambda j: math.inf if math.isnan(mags[j]) else mags[j])
+    if not mags[i] <= DIVERGED:
+        raise FloatingPointError(f"{what}: weight {names[i]} has magnitude {mags[i]:.3g} (trained weights stay "
+                                 f"far below {DIVERGED:.0e}); {remedy}")
 
 
 def _load_data(cfg: TrainConfig, d: _Dist, tokenizer=None):
