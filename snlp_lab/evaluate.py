@@ -13,6 +13,7 @@ import sys
 import time
 
 import pandas as pd
+import torch
 
 from .core.cli import ArgumentParser, run_command
 from .data import encode_split
@@ -20,7 +21,7 @@ from .models.config import resolve_device
 from .models.loader import load_model
 from .solvers.grammar import parse_config
 from .solvers.ppl import evaluate_ppl, evaluated_tokens
-from .solvers.surrogates import NonFiniteError
+from .solvers.surrogates import NonFiniteError, non_finite
 
 
 def build_parser() -> ArgumentParser:
@@ -46,6 +47,8 @@ def _evaluate(argv) -> int:
     loaded = load_model(a.checkpoint, device)
     tok = loaded.require_tokenizer()
     model, meta = loaded.model.requires_grad_(False), loaded.meta
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):  # not a config's "non-finite"
+        raise non_finite(model, f"evaluating {a.checkpoint}")
     configs = [parse_config(c) for c in a.configs]
     for c in configs:  # every configuration checked before the first is evaluated
         c.check(model.n_layer)

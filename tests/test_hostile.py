@@ -1,6 +1,7 @@
 """Values at the edge of their range and two processes on one run folder: each range is checked where
 the parameter is declared (one error naming the value and what is valid), a diverging run stops, and a
 run folder is trained by one process at a time, so no step is logged twice."""
+import dataclasses
 import json
 import os
 import signal
@@ -268,3 +269,70 @@ def test_two_processes_training_one_run_log_every_step_once(corpus, tmp_path):
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "loss" in m] == list(range(1, 13))  # once: every step two or three times
     assert [m["step"] for m in lines if "val_ppl" in m] == [4, 8, 12]
+
+
+# ------------------------------------------------------------------------------------------ found by trying
+@pytest.fixture(scope="module")
+def run2(corpus, tmp_path_factory):
+    """A finished 2-step run (checkpoint, optimizer state, tokenizer) and its config, to damage copies of."""
+    out = tmp_path_factory.mktemp("run2") / "run"
+    cfg = cfg_for(corpus, out, steps=4, stop_at=2)
+    train(cfg)
+    return out, cfg
+
+
+def _edit(path, change):
+    d = json.loads(path.read_text())
+    change(d)
+    path.write_text(json.dumps(d))
+
+
+@pytest.mark.parametrize("damage,words", [
+    ("optimizer without param_groups", "optim_0000002.pt: its optimizer state does not fit (KeyError"),
+    ("checkpoint without its stream", "checkpoint.json: its data-stream or RNG state does not fit"),
+    ("RNG state of the wrong size", "checkpoint.json: its data-stream or RNG state does not fit"),
+])
+def test_resuming_from_damaged_state_names_the_file(run2, tmp_path, capsys, damage, words):
+    import shutil
+    src, cfg = run2
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    if damage.startswith("optimizer"):
+        torch.save({"optimizers": [{}] * 2, "schedulers": [{}] * 2}, out / "optim_0000002.pt")
+    elif damage.endswith("stream"):
+        _edit(out / "checkpoint.json", lambda d: d.pop("stream"))
+    else:
+        _edit(out / "checkpoint.json", lambda d: d["rng"].update(torch="AAAA"))
+    with pytest.raises(DamagedFileError, match=words.replace("(", r"\(")):
+        train(dataclasses.replace(cfg, out=str(out), resume=True, stop_at=None))
+    cli = ["--model", "tiny", "--data", cfg.data, "--vocab-size", "300", "--seq-len", "32", "--batch-size", "4",
+           "--steps", "4", "--save-every", "0", "--eval-batches", "2", "--out", str(out), "--resume"]
+    assert train_main(cli) == 2
+    assert "delete it and train again" in one_error_line(capsys.readouterr().err)
+
+
+def test_evaluate_names_non_finite_weights_instead_of_a_table(run2, tmp_path, capsys):
+    import shutil
+    from snlp_lab.evaluate import main as evaluate_main
+    out = tmp_path / "nan"
+    shutil.copytree(run2[0], out)
+    with torch.no_grad():
+        m = load_checkpoint(out)
+        m.lm_head.weight[0, 0] = float("nan")
+    save_checkpoint(out, m, step=2, train_config=json.loads((out / "checkpoint.json").read_text())["train_config"])
+    assert evaluate_main(["--checkpoint", str(out), "--configs", "sequential", "--max-batches", "1"]) == 2
+    assert "weights hold inf or NaN (lm_head.weight)" in one_error_line(capsys.readouterr().err)
+
+
+def test_api_edges_found_by_trying(tiny, tmp_path):
+    with pytest.raises(ValueError, match=r"batch, time >= 1, got \(1, 0\)"):  # once: an empty result
+        solve(tiny, torch.zeros(1, 0, dtype=torch.long), method="idn", n_par=4)
+    with pytest.raises(ValueError, match="max_new_tokens=1000000000 exceed the model's context sequence_len=32"):
+        generate(tiny, torch.zeros(1, 4, dtype=torch.long), 10**9)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="sees no GPU"):  # once an AssertionError from torch.cuda
+            load_model("tiny", device=torch.device("cuda"))
+    (tmp_path / "gpu_check.json").write_text("{}")
+    from snlp_lab.lab.gpu_check import redraw
+    with pytest.raises(DamagedFileError, match="gpu_check.json: is not a valid GPU check record: it has no 'speed'"):
+        redraw(tmp_path)

@@ -16,6 +16,7 @@ are removed by the next write of the same file.
 """
 from __future__ import annotations
 
+import binascii
 import contextlib
 import dataclasses
 import errno
@@ -289,6 +290,19 @@ def disk_full(error: BaseException, folder: str | os.PathLike) -> bool:
         return shutil.disk_usage(_mount_point(Path(folder))).free < FULL_BELOW
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def contents_of(path: str | os.PathLike, what: str, remedy: str = ""):
+    """`with contents_of(path, what):` around code that hands a file's parsed contents to a library
+    (an optimizer's load_state_dict, torch.set_rng_state): the errors such code raises on contents of
+    the wrong structure (KeyError, TypeError, IndexError, RuntimeError, a bad base64 string) become one
+    DamagedFileError naming the file. A ValueError of our own passes through: it is already a message."""
+    try:
+        yield
+    except (KeyError, TypeError, IndexError, AttributeError, RuntimeError, binascii.Error) as e:
+        raise DamagedFileError(path, f"its {what} does not fit ({type(e).__name__}: {first_line(e)})",
+                               remedy) from None
 
 
 @contextlib.contextmanager

@@ -513,6 +513,9 @@ def generate(model, prompt_idx: torch.Tensor, max_new_tokens: int, method: str =
     if not isinstance(prompt_idx, torch.Tensor) or prompt_idx.dim() != 2 or prompt_idx.shape[1] < 1:
         raise ValueError(f"prompt_idx must be token ids [B, T] with T >= 1, got {getattr(prompt_idx, 'shape', prompt_idx)!r}")
     T = prompt_idx.shape[1]
+    if T + max_new_tokens - 1 > model.config.sequence_len:  # the last token is returned, never fed
+        raise ValueError(f"the prompt ({T} tokens) and max_new_tokens={max_new_tokens} exceed the model's context "
+                         f"sequence_len={model.config.sequence_len}")
     if max_new_tokens == 0:
         return prompt_idx
     dec = Decoder(model, method=method, iters=iters, n_par=n_par, chunks=chunks, init=init, seed=seed,

@@ -41,7 +41,7 @@ from ..decoding.decoder import Decoder
 from ..models.build import build_model
 from ..core.checks import check_output_dir
 from ..core.paths import repo_root
-from ..core.files import atomic_write_text, read_json
+from ..core.files import atomic_write_text, field, read_json
 from .outputs import scratch_dir
 from ..solvers.grammar import parse_config
 from ..training.regularizer import snlp_regularizer
@@ -333,7 +333,11 @@ def redraw(out: Path) -> pd.DataFrame:
     path = Path(out) / "gpu_check.json"
     if not path.is_file():
         raise ValueError(f"no finished check in {out}: {path} is missing")
-    j = read_json(path, "GPU check record", "run the check again")
+    what, remedy = "GPU check record", "run the check again"
+    j = read_json(path, what, remedy)
+    for key, kind in (("speed", list), ("notes", (str, list, dict)), ("environment", dict), ("correctness", list),
+                      ("limits", (dict, type(None))), ("seconds", dict), ("smoke", bool)):
+        field(path, j, key, kind, what, remedy)
     speed = bench.with_x_floor(pd.DataFrame(j["speed"]))  # checks before snlp_lab.measurement.limits did not record x_floor
     speed.attrs["notes"] = j["notes"]
     return write_report(Path(out), j["environment"], pd.DataFrame(j["correctness"]), j["limits"], speed,

@@ -181,7 +181,7 @@ def load_model(spec: str | os.PathLike, device: str | torch.device = "cpu", dtyp
     does not see, and for a folder whose files do not load (a missing weights file, a config this code cannot read, mismatching keys)."""
     kind, where = model_kind(spec)
     dt = _dtype(dtype)
-    device = resolve_device(device) if isinstance(device, str) else device  # before reading any weights
+    device = resolve_device(str(device))  # a device torch does not see fails before any weights are read
     source, meta, tokenizer, why = str(spec), {}, None, ""
     if kind == "preset":
         model = build_model(where).to(dtype=dt)

@@ -42,8 +42,8 @@ def check_token_ids(idx: torch.Tensor, vocab_size: int, context: int, pos: int =
     it). The range check reads the ids on the host, so it is skipped while a CUDA graph is captured."""
     if idx.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"token ids must be an integer tensor, got {idx.dtype}")
-    if idx.dim() != 2:
-        raise ValueError(f"token ids must have shape [batch, time], got {tuple(idx.shape)}")
+    if idx.dim() != 2 or 0 in idx.shape:
+        raise ValueError(f"token ids must have shape [batch, time] with batch, time >= 1, got {tuple(idx.shape)}")
     if torch.compiler.is_compiling() or not isinstance(pos, int):
         return  # a compiled or fixed-shape decode step: the decoder checked before the graph
     if idx.numel() and not capturing(idx) and (idx.min() < 0 or idx.max() >= vocab_size):

@@ -31,14 +31,14 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm import tqdm
 
-from ..core.files import read_jsonl
+from ..core.files import DamagedFileError, contents_of, read_jsonl
 from ..data import TokenStream, prepare_data
 from ..models.build import build_model
 from ..models.checkpoint import load_checkpoint, load_optim_state, save_checkpoint, save_tokenizer, set_rng_state
 from ..models.config import resolve_device
 from ..models.hf import load_hf
 from ..models.loader import load_model
-from ..models.run_folder import has_checkpoint, is_finished, read_checkpoint
+from ..models.run_folder import CHECKPOINT_JSON, REMEDY, has_checkpoint, is_finished, read_checkpoint
 from ..solvers.ppl import evaluate_ppl, parse_snlp_specs
 from ..solvers.solver import SURROGATES, NonFiniteError
 from .config import PAPER_LRS, TrainConfig, model_config, resolve
@@ -332,12 +332,17 @@ def _restore(out: Path, ckpt: dict, model, opts, scheds, stream, device) -> int:
     """Load the run's checkpoint into model, optimizers, schedulers, data stream and RNG; its step."""
     load_checkpoint(out, model)
     state = load_optim_state(out, device)
-    for o, s in zip(opts, state["optimizers"]):
-        o.load_state_dict(s)
-    for sc, s in zip(scheds, state["schedulers"]):
-        sc.load_state_dict(s)
-    stream.load_state_dict(ckpt["stream"])
-    set_rng_state(ckpt["rng"])
+    if state is None or len(state["optimizers"]) != len(opts) or len(state["schedulers"]) != len(scheds):
+        raise DamagedFileError(out / CHECKPOINT_JSON, f"holds no optimizer state for this run's {len(opts)} "
+                                                      f"optimizers, which resuming needs", REMEDY)
+    with contents_of(out / ckpt["files"]["optimizer"], "optimizer state", REMEDY):
+        for o, s in zip(opts, state["optimizers"]):
+            o.load_state_dict(s)
+        for sc, s in zip(scheds, state["schedulers"]):
+            sc.load_state_dict(s)
+    with contents_of(out / CHECKPOINT_JSON, "data-stream or RNG state", REMEDY):
+        stream.load_state_dict(ckpt["stream"])
+        set_rng_state(ckpt["rng"])
     return ckpt["step"]
 
 
