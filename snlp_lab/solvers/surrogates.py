@@ -78,6 +78,21 @@ class Surrogate:
             d.append(r[j] + self.matvec(j, d[-1]))
         return torch.stack(d)
 
+    # A_j as a tensor that can cross devices: what a layer-sliced solve (`solvers.distributed`) sends
+    # so that later slices can carry an earlier slice's correction through it. A surrogate without
+    # such a form (exact Newton: a Jacobian product) leaves `operator` undefined.
+    def operator(self, j: int) -> torch.Tensor:
+        """A_{start+j} in this surrogate's own form: a scalar, a diagonal [..., D] or stream matrices [..., n, n]."""
+        raise NotImplementedError(f"{type(self).__name__} has no operator form")
+
+    def apply(self, op: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """op d, for an operator of `operator`'s form (or a product of them, `compose`)."""
+        return op * d
+
+    def compose(self, later: torch.Tensor, earlier: torch.Tensor) -> torch.Tensor:
+        """The operator of `earlier`, then `later`."""
+        return later * earlier
+
 
 @register_surrogate("jacobi")
 class Jacobi(Surrogate):
@@ -85,6 +100,9 @@ class Jacobi(Surrogate):
 
     def scan(self, r):
         return r
+
+    def operator(self, j):
+        return torch.zeros((), dtype=torch.float64)
 
 
 @register_surrogate("idn")
@@ -103,6 +121,9 @@ class IdentityNewton(Surrogate):
     def scan(self, r):
         return torch.cumsum(r, dim=0) if self.a == 1.0 else super().scan(r)
 
+    def operator(self, j):
+        return torch.tensor(self.a, dtype=torch.float64)
+
 
 @register_surrogate("scaled-idn")
 class ScaledIdentityNewton(Surrogate):
@@ -114,6 +135,9 @@ class ScaledIdentityNewton(Surrogate):
 
     def matvec(self, j, d):
         return self.lam[j] * d
+
+    def operator(self, j):
+        return self.lam[j].detach()
 
 
 @register_surrogate("diagn")
@@ -153,6 +177,9 @@ class DiagonalNewton(Surrogate):
 
     def matvec(self, j, d):
         return self.diag[j] * d
+
+    def operator(self, j):
+        return self.diag[j]
 
 
 @register_surrogate("newton")
@@ -197,3 +224,12 @@ class HCNewton(Surrogate):
 
     def matvec(self, j, d):
         return stream_mix(self.M[j], d)
+
+    def operator(self, j):
+        return self.M[j]
+
+    def apply(self, op, d):
+        return stream_mix(op, d)
+
+    def compose(self, later, earlier):
+        return stream_mix(later, earlier)

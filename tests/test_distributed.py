@@ -1,0 +1,127 @@
+"""The layer-sliced solve over a torch.distributed group (gloo, 2 and 3 CPU processes) against the
+single-process solve: equal to float64 rounding for IDN, scaled IDN and HCN at K = 1 and 2, with and
+without fused chunks and from both initial guesses; K = N gives the sequential trace on every rank
+(finite termination across ranks); the pipeline baseline gives the sequential forward; bad layouts
+are refused with the valid choices."""
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import snlp_lab
+from snlp_lab import solve
+from snlp_lab.solvers.distributed import pipeline_forward, solve_distributed, split_units
+
+from conftest import randomize
+
+# (name, model, solve options): the tiny preset has windows, value embeddings, smear and backout
+# (backout reads layer 2, which lies in another rank's slice); the mHC models mix 4 streams
+CASES = [
+    ("idn K1", "tiny", dict(method="idn", iters=1, n_par=4)),
+    ("idn K2 fwd", "tiny", dict(method="idn", iters=2, n_par=4, init="fwd")),
+    ("idn K2 n3", "tiny", dict(method="idn", iters=2, n_par=3)),
+    ("idn damped", "tiny", dict(method="idn", iters=2, n_par=4, kappa=0.3)),
+    ("scaled-idn K2", "tiny", dict(method="scaled-idn", iters=2, n_par=4)),
+    ("idn 2xF2 K1", "tiny", dict(method="idn", iters=1, chunks="2xF2")),
+    ("idn 2xF2 K2", "tiny", dict(method="idn", iters=2, chunks="2xF2")),
+    ("hcn K1", "mhc", dict(method="hcn", iters=1, n_par=4)),
+    ("hcn K2 fwd", "mhc", dict(method="hcn", iters=2, n_par=4, init="fwd")),
+    ("hcn dynamic K2", "mhc-dynamic", dict(method="hcn", iters=2, n_par=4)),
+    ("hcn 2xF2 K2", "mhc", dict(method="hcn", iters=2, chunks="2xF2")),
+]
+# K = N: every unit exact, whatever the surrogate (DiagN's probes differ per rank: only this is exact)
+TERMINATING = [
+    ("idn K=N", "tiny", dict(method="idn", iters=4, n_par=4)),
+    ("diagn K=N", "tiny", dict(method="diagn", iters=4, n_par=4, probes=2)),
+    ("jacobi K=N", "tiny", dict(method="jacobi", iters=4, n_par=4)),
+    ("hcn K=N", "mhc-dynamic", dict(method="hcn", iters=4, n_par=4)),
+]
+
+
+def build(kind: str):
+    torch.manual_seed(0)
+    kw = {"tiny": {}, "mhc": dict(x0ve=False, n_streams=4), "mhc-dynamic": dict(x0ve=False, n_streams=4, mhc_maps="sigmoid",
+                                                                                mhc_dynamic=True)}[kind]
+    return randomize(snlp_lab.build_model("tiny", **kw).double()).eval()
+
+
+def _errors(res, ref, S: int) -> dict:
+    """Max abs differences of this rank's part of a distributed result against a single-process trace."""
+    e = {"states": float((res.states - ref.trace[S + 1 + res.units.start:S + 1 + res.units.stop]).abs().max())}
+    if res.prefix is not None:
+        e["prefix"] = float((res.prefix - ref.trace[:S + 1]).abs().max())
+    if res.logits is not None:
+        e["logits"] = float((res.logits - ref.logits).abs().max())
+    return e
+
+
+def _worker(rank: int, P: int, store: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=P)
+    idx = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+    got = {}
+    for name, kind, kw in CASES:
+        model = build(kind)
+        ref = solve(model, idx, **kw)
+        if ref.n_units < P:  # 2 chunks over 3 ranks: refused, see below
+            continue
+        res = solve_distributed(model, idx, **kw)
+        got[name] = _errors(res, ref, ref.n_seq)
+        got[name]["payload"] = res.payload_elements
+    for name, kind, kw in TERMINATING:
+        model = build(kind)
+        got[name] = _errors(solve_distributed(model, idx, **kw), solve(model, idx, method="sequential"), 0)
+    for name, kw in [("pipeline", {}), ("pipeline chunks", dict(chunks="2xF2" if P == 2 else "3xF1"))]:
+        model = build("tiny")
+        ref = solve(model, idx, method="sequential", **kw)
+        got[name] = _errors(pipeline_forward(model, idx, **kw), ref, ref.n_seq)
+    for name, kw in [("too many ranks", dict(method="idn", n_par=P - 1)),
+                     ("newton", dict(method="newton", n_par=4)), ("sequential", dict(method="sequential"))]:
+        try:
+            solve_distributed(build("tiny"), idx, **kw)
+            got[name] = "no error"
+        except ValueError as e:
+            got[name] = str(e)
+    dist.destroy_process_group()
+    with open(f"{out}/rank{rank}.json", "w") as f:
+        json.dump(got, f)
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_distributed_solve_equals_the_single_process_solve(tmp_path, P):
+    mp.spawn(_worker, args=(P, str(tmp_path / "store"), str(tmp_path)), nprocs=P, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(P)]
+    for name, _, kw in CASES + TERMINATING:
+        if name not in ranks[0]:
+            assert P > 2 and "chunks" in kw  # more ranks than chunks: the too-many-ranks case below
+            continue
+        for r, got in enumerate(ranks):
+            for part, err in got[name].items():
+                if part != "payload":
+                    assert err < 1e-12, (name, r, part, err)
+        assert "logits" in ranks[-1][name] and "prefix" in ranks[0][name]
+    for name in ("pipeline", "pipeline chunks"):
+        assert all(err < 1e-12 for got in ranks for err in got[name].values()), name
+    # per iteration a rank sends its last correction (B·T·D = 2·12·32) and its slice's operator:
+    # a scalar for IDN, 4x4 stream matrices for static HCN, one per token for dynamic HCN
+    B, T, D, n = 2, 12, 32, 4
+    assert ranks[0]["idn K1"]["payload"] == B * T * D + 1
+    assert ranks[0]["hcn K1"]["payload"] == B * T * n * D + n * n
+    assert ranks[0]["hcn dynamic K2"]["payload"] == B * T * n * D + B * T * n * n
+    for got in ranks:
+        assert f"{P} ranks cannot each hold a slice of {P - 1} parallel units" in got["too many ranks"]
+        assert "valid distributed methods: jacobi, idn" in got["newton"] and "pipeline_forward" in got["sequential"]
+
+
+def test_units_split_evenly_and_contiguously():
+    assert split_units(4, 3) == [range(0, 2), range(2, 3), range(3, 4)]
+    assert split_units(12, 4) == [range(3 * r, 3 * r + 3) for r in range(4)]
+    with pytest.raises(ValueError, match="use at most 2 processes"):
+        split_units(2, 3)
+
+
+def test_a_solve_without_a_process_group_says_how_to_launch(tiny, idx):
+    with pytest.raises(ValueError, match="launch with torchrun"):
+        solve_distributed(tiny, idx)
