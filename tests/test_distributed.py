@@ -12,6 +12,8 @@ import torch.multiprocessing as mp
 
 import snlp_lab
 from snlp_lab import solve
+from snlp_lab.decoding.decoder import Decoder, generate
+from snlp_lab.decoding.distributed import DistributedDecoder, generate_distributed
 from snlp_lab.solvers.distributed import pipeline_forward, solve_distributed, split_units
 
 from conftest import randomize
@@ -87,6 +89,59 @@ def _worker(rank: int, P: int, store: str, out: str):
     dist.destroy_process_group()
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(got, f)
+
+
+# KV-cached decoding: (name, model, decoder options); the reference is `Decoder` with the same options
+DECODING = [
+    ("pipeline", "tiny", dict(method="sequential")),
+    ("idn K1 h0", "tiny", dict(method="idn", iters=1, n_par=4)),
+    ("idn K2 fwd n3", "tiny", dict(method="idn", iters=2, n_par=3, init="fwd")),
+    ("idn K1 warm", "tiny", dict(method="idn", iters=1, n_par=4, init="warm")),
+    ("idn 2xF2 K1", "tiny", dict(method="idn", iters=1, chunks="2xF2")),
+    ("hcn K2", "mhc", dict(method="hcn", iters=2, n_par=4)),
+    ("hcn dynamic K1 warm", "mhc-dynamic", dict(method="hcn", iters=1, n_par=4, init="warm")),
+]
+
+
+def _decode_worker(rank: int, P: int, store: str, out: str):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=P)
+    g = torch.Generator().manual_seed(2)
+    prompt, fed = torch.randint(0, 64, (2, 5), generator=g), torch.randint(0, 64, (2, 6), generator=g)
+    got = {}
+    for name, kind, kw in DECODING:
+        if kw.get("chunks") and P > 2:
+            continue
+        model = build(kind)
+        ref = Decoder(model, **kw)
+        want = [ref.prefill(prompt)] + [ref.step(fed[:, i]) for i in range(fed.shape[1])]
+        dec = DistributedDecoder(model, **kw)
+        have = [dec.prefill(prompt)] + [dec.step(fed[:, i]) for i in range(fed.shape[1])]
+        if rank == P - 1:
+            got[name] = max(float((a - b).abs().max()) for a, b in zip(have, want))
+        else:
+            got[name] = [h is None for h in have]
+    model = build("tiny")
+    for temperature in (0.0, 0.8):
+        kw = dict(method="idn", iters=1, n_par=4, temperature=temperature, seed=3)
+        got[f"generate T={temperature}"] = torch.equal(generate_distributed(model, prompt, 8, **kw),
+                                                      generate(model, prompt, 8, **kw))
+    dist.destroy_process_group()
+    with open(f"{out}/decode{rank}.json", "w") as f:
+        json.dump(got, f)
+
+
+@pytest.mark.parametrize("P", [2, 3])
+def test_distributed_decoding_equals_single_process_decoding(tmp_path, P):
+    mp.spawn(_decode_worker, args=(P, str(tmp_path / "store"), str(tmp_path)), nprocs=P, join=True)
+    ranks = [json.loads((tmp_path / f"decode{r}.json").read_text()) for r in range(P)]
+    for name, _, kw in DECODING:
+        if kw.get("chunks") and P > 2:
+            continue
+        assert ranks[-1][name] < 1e-12, name  # logits of the prompt and of every fed token
+        assert all(all(none) for got in ranks[:-1] for none in [got[name]]), name  # logits on the last rank
+    for got in ranks:
+        assert got["generate T=0.0"] and got["generate T=0.8"]  # token for token, greedy and sampled
 
 
 @pytest.mark.parametrize("P", [2, 3])

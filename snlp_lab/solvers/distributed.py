@@ -89,23 +89,24 @@ class DistributedResult:
     payload_elements: int  # elements this rank sends in each iteration's collective (0: the pipeline)
 
 
-def _rank_and_size(group) -> tuple[int, int]:
+def rank_and_size(group) -> tuple[int, int]:
     if not dist.is_initialized():
         raise ValueError("no torch.distributed process group: launch with torchrun (or call "
                          "torch.distributed.init_process_group) first")
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _global(group, r: int) -> int:
+def global_rank(group, r: int) -> int:
     return r if group is None else dist.get_global_rank(group, r)
 
 
-def _context(model, idx: torch.Tensor, x0: torch.Tensor) -> Context:
-    """The layers' Context from the token ids and the broadcast embedding: what `embed` builds, without
-    the embedding table (rank 0 holds it)."""
+def layer_context(model, idx: torch.Tensor, x0: torch.Tensor, pos: int = 0) -> Context:
+    """The layers' Context of tokens idx [B, T] at position pos from the broadcast embedding x0: what
+    `embed` builds, without the embedding table (rank 0 holds it)."""
     cos, sin = model.rotary(x0.device, x0.dtype)
     T = idx.shape[1]
-    return Context(idx=idx, x0=x0, cos=cos[:T], sin=sin[:T], pos=0, qk_scale=model.config.qk_scale)
+    return Context(idx=idx, x0=x0, cos=cos[pos:pos + T], sin=sin[pos:pos + T], pos=pos,
+                   qk_scale=model.config.qk_scale)
 
 
 def _start(model, idx, S: int, rank: int, group):
@@ -119,13 +120,13 @@ def _start(model, idx, S: int, rank: int, group):
         hS, x0 = prefix[-1].contiguous(), ctx.x0.contiguous()
     else:
         prefix = None
-        hS, x0 = _empty_states(model, idx)
-    dist.broadcast(x0, _global(group, 0), group=group)
-    dist.broadcast(hS, _global(group, 0), group=group)
-    return (None if prefix is None else torch.stack(prefix)), hS, _context(model, idx, x0)
+        hS, x0 = empty_states(model, idx)
+    dist.broadcast(x0, global_rank(group, 0), group=group)
+    dist.broadcast(hS, global_rank(group, 0), group=group)
+    return (None if prefix is None else torch.stack(prefix)), hS, layer_context(model, idx, x0)
 
 
-def _empty_states(model, idx):
+def empty_states(model, idx):
     """Empty tensors to receive h_S (with the stream axis on mHC) and x0 into, in the model's dtype."""
     p = model.lm_head.weight
     B, T, D = *idx.shape, model.config.n_embd
@@ -133,7 +134,7 @@ def _empty_states(model, idx):
     return p.new_empty((B, T, n, D) if n > 1 else (B, T, D)), p.new_empty(B, T, D)
 
 
-def _units(model, n_par: int | None, chunks: str | None):
+def parallel_units(model, n_par: int | None, chunks: str | None):
     L = model.n_layer
     if chunks is not None:
         C, M = parse_chunks(chunks, n_par)
@@ -142,7 +143,7 @@ def _units(model, n_par: int | None, chunks: str | None):
     return L - n_par, n_par, 1
 
 
-def _finish(model, H: torch.Tensor, slices: list[range], S: int, M: int, prefix, rank: int, group):
+def finish_head(model, H: torch.Tensor, slices: list[range], S: int, M: int, prefix, rank: int, group):
     """The head on the last rank: the last state is its own; the backout state comes from the rank
     that computed it (point-to-point)."""
     P, mine = len(slices), slices[rank]
@@ -155,29 +156,78 @@ def _finish(model, H: torch.Tensor, slices: list[range], S: int, M: int, prefix,
             if rank == owner:
                 hb = prefix[b + 1] if u is None else H[u - mine.start]
         elif rank == owner:
-            dist.send((prefix[b + 1] if u is None else H[u - mine.start]).contiguous(), _global(group, P - 1),
+            dist.send((prefix[b + 1] if u is None else H[u - mine.start]).contiguous(), global_rank(group, P - 1),
                       group=group)
         elif rank == P - 1:
             hb = torch.empty_like(H[-1])
-            dist.recv(hb, _global(group, owner), group=group)
+            dist.recv(hb, global_rank(group, owner), group=group)
     if rank != P - 1:
         return None
     return head_logits(model, H[-1], hb)
 
 
-def _check(model, idx, method, iters, n_par, chunks, init, kappa, probes, seed, group):
-    rank, P = _rank_and_size(group)
+def check_layout(model, method, iters, n_par, chunks, init, kappa, probes, seed, group, decoding: bool = False):
+    """The checks shared by the distributed solve and decoder: the options (as `SNLPConfig.check`), a
+    method whose correction can cross ranks, and the slices. Returns (rank, P, S, units, M, slices)."""
+    rank, P = rank_and_size(group)
     L = model.n_layer
-    S, U, M = _units(model, n_par, chunks)
-    if method == "sequential":
-        raise ValueError("solve_distributed solves the parallel units; for the sequential pass over the same "
-                         "ranks use pipeline_forward")
-    SNLPConfig(method, iters, L - S, chunks, init, kappa, probes, "jvp", seed).check(L, decoding=False)
+    S, U, M = parallel_units(model, n_par, chunks)
+    SNLPConfig(method, iters, None if method == "sequential" and chunks is None else L - S, chunks, init, kappa,
+               probes, "jvp", seed).check(L, decoding=decoding)
     if method == "newton":
         valid = ", ".join(m for m in SURROGATES if m != "newton")
         raise ValueError(f"method 'newton' has no operator that can cross ranks (its A_l is a Jacobian product); "
                          f"valid distributed methods: {valid}")
     return rank, P, S, U, M, split_units(U, P)
+
+
+def entering_state(hS: torch.Tensor, H: torch.Tensor, group=None) -> torch.Tensor:
+    """The initial guess of the state that enters this rank's slice: h_S on rank 0, else the last unit
+    of the slice before (one all-gather of every slice's last initial state)."""
+    rank, P = rank_and_size(group)
+    if P == 1:
+        return hS
+    last = [torch.empty_like(H[-1]) for _ in range(P)]
+    dist.all_gather(last, H[-1].contiguous(), group=group)
+    return hS if rank == 0 else last[rank - 1]
+
+
+def iterate_sliced(f, entering: torch.Tensor, H: torch.Tensor, sur, iters: int, group=None):
+    """`iters` structured Newton iterations of this rank's slice, shared by `solve_distributed` and the
+    distributed decoder: f maps the slice's inputs [n, ...] to its outputs (one batched call), entering
+    is the current state that enters the slice, H [n, ...] the slice's current outputs, sur its
+    surrogate (`UnitSlice` units 0..n-1). One all-gather per iteration (module docstring).
+    Returns (H, entering, elements this rank sent per iteration)."""
+    rank, P = rank_and_size(group)
+    n, sent = H.shape[0], 0
+    for _ in range(iters):
+        X = torch.cat([entering.unsqueeze(0), H[:-1]])
+        Fx = f(X)
+        r = Fx - H
+        sur.update(X, Fx)
+        d = sur.scan(r)
+        if P > 1:
+            op = sur.operator(0)
+            for j in range(1, n):
+                op = sur.compose(sur.operator(j), op)
+            c, op = d[-1], op.to(d.dtype)
+            payload = torch.cat([c.reshape(-1), op.reshape(-1)])
+            sent = payload.numel()
+            parts = [torch.empty_like(payload) for _ in range(P)]
+            dist.all_gather(parts, payload, group=group)
+            d_in = torch.zeros_like(c)
+            for q in range(rank):  # what slices 0..rank-1 pass on, in order
+                c_q, op_q = parts[q][:c.numel()].view_as(c), parts[q][c.numel():].view_as(op)
+                d_in = c_q + sur.apply(op_q, d_in)
+            if rank > 0:
+                e, add = d_in, []
+                for j in range(n):  # A_j ⋯ A_0 d_in: the entering correction carried through the slice
+                    e = sur.apply(sur.operator(j), e)
+                    add.append(e)
+                d = d + torch.stack(add)
+                entering = entering + d_in
+        H = H + d
+    return H, entering, sent
 
 
 @torch.no_grad()
@@ -192,7 +242,10 @@ def solve_distributed(model, idx: torch.Tensor, method: str = "idn", iters: int 
     last rank. Equal to `solve(...)` up to rounding (for DiagN: up to its random probes, which each rank
     draws for its own slice). Raises ValueError for bad options (as `solve`; tol is not offered), for
     method "newton", and for more ranks than parallel units."""
-    rank, P, S, U, M, slices = _check(model, idx, method, iters, n_par, chunks, init, kappa, probes, seed, group)
+    if method == "sequential":
+        raise ValueError("solve_distributed solves the parallel units; for the sequential pass over the same "
+                         "ranks use pipeline_forward")
+    rank, P, S, U, M, slices = check_layout(model, method, iters, n_par, chunks, init, kappa, probes, seed, group)
     mine = slices[rank]
     prefix, hS, ctx = _start(model, idx, S, rank, group)
     stack, a0 = (model, S) if chunks is None else (chunk_stack(model, S, model.n_layer, M), 0)
@@ -201,40 +254,9 @@ def solve_distributed(model, idx: torch.Tensor, method: str = "idn", iters: int 
     sur = SURROGATES[method](sl, 0, n, ctx, kappa=kappa, probes=probes, generator=torch.Generator().manual_seed(seed))
     f = lambda X: sl.layers(0, n, X, ctx)
     H = hS.expand(n, *hS.shape) if init == "h0" else f(hS.expand(n, *hS.shape))
-    entering = hS  # the state that enters this slice (rank r > 0: the last state of slice r - 1)
-    if init == "fwd" and P > 1:
-        last = [torch.empty_like(hS) for _ in range(P)]
-        dist.all_gather(last, H[-1].contiguous(), group=group)
-        entering = hS if rank == 0 else last[rank - 1]
-    sent = 0
-    for _ in range(iters):
-        X = torch.cat([entering.unsqueeze(0), H[:-1]])
-        Fx = f(X)
-        r = Fx - H
-        sur.update(X, Fx)
-        d = sur.scan(r)
-        op = sur.operator(0)
-        for j in range(1, n):
-            op = sur.compose(sur.operator(j), op)
-        if P > 1:
-            c, op = d[-1], op.to(d.dtype)
-            payload = torch.cat([c.reshape(-1), op.reshape(-1)])
-            sent = payload.numel()
-            parts = [torch.empty_like(payload) for _ in range(P)]
-            dist.all_gather(parts, payload, group=group)
-            d_in = torch.zeros_like(c)
-            for q in range(rank):  # what slices 0..rank-1 pass on, in order
-                c_q, op_q = parts[q][:c.numel()].view_as(c), parts[q][c.numel():].view_as(op)
-                d_in = c_q + sur.apply(op_q, d_in)
-            if rank > 0:
-                e, add = d_in, []
-                for j in range(n):  # Φ_{≤j} d_in: the entering correction carried through this slice
-                    e = sur.apply(sur.operator(j), e)
-                    add.append(e)
-                d = d + torch.stack(add)
-                entering = entering + d_in
-        H = H + d
-    logits = _finish(model, H, slices, S, M, prefix, rank, group)
+    entering = hS if init == "h0" else entering_state(hS, H, group)
+    H, entering, sent = iterate_sliced(f, entering, H, sur, iters, group)
+    logits = finish_head(model, H, slices, S, M, prefix, rank, group)
     return DistributedResult(units=mine, states=H, prefix=prefix, logits=logits, payload_elements=sent)
 
 
@@ -246,8 +268,8 @@ def pipeline_forward(model, idx: torch.Tensor, n_par: int | None = None, chunks:
     from the rank before it (recv), runs its units one after another and sends the result on. With
     chunks, the fused model's sequential pass. Returns this rank's `DistributedResult` (logits on the
     last rank)."""
-    rank, P = _rank_and_size(group)
-    S, U, M = _units(model, n_par, chunks)
+    rank, P = rank_and_size(group)
+    S, U, M = parallel_units(model, n_par, chunks)
     slices = split_units(U, P)
     mine = slices[rank]
     prefix, hS, ctx = _start(model, idx, S, rank, group)
@@ -255,13 +277,13 @@ def pipeline_forward(model, idx: torch.Tensor, n_par: int | None = None, chunks:
     h = hS
     if rank > 0:
         h = torch.empty_like(hS)
-        dist.recv(h, _global(group, rank - 1), group=group)
+        dist.recv(h, global_rank(group, rank - 1), group=group)
     out = []
     for u in mine:
         h = stack.layer(a0 + u, h, ctx)
         out.append(h)
     if rank < P - 1:
-        dist.send(h.contiguous(), _global(group, rank + 1), group=group)
+        dist.send(h.contiguous(), global_rank(group, rank + 1), group=group)
     H = torch.stack(out)
-    logits = _finish(model, H, slices, S, M, prefix, rank, group)
+    logits = finish_head(model, H, slices, S, M, prefix, rank, group)
     return DistributedResult(units=mine, states=H, prefix=prefix, logits=logits, payload_elements=0)
