@@ -3,6 +3,7 @@ single-process solve: equal to float64 rounding for IDN, scaled IDN and HCN at K
 without fused chunks and from both initial guesses; K = N gives the sequential trace on every rank
 (finite termination across ranks); the pipeline baseline gives the sequential forward; bad layouts
 are refused with the valid choices."""
+import copy
 import json
 
 import pytest
@@ -14,7 +15,7 @@ import snlp_lab
 from snlp_lab import solve
 from snlp_lab.decoding.decoder import Decoder, generate
 from snlp_lab.decoding.distributed import DistributedDecoder, generate_distributed
-from snlp_lab.solvers.distributed import pipeline_forward, solve_distributed, split_units
+from snlp_lab.solvers.distributed import pipeline_forward, shard, solve_distributed, split_units
 
 from conftest import randomize
 
@@ -49,6 +50,12 @@ def build(kind: str):
     return randomize(snlp_lab.build_model("tiny", **kw).double()).eval()
 
 
+def sharded(model, kw: dict):
+    """A copy of the model that keeps only this rank's weights for a run with options kw: a rank that
+    read another's weights would fail (or, on an empty tensor, raise)."""
+    return shard(copy.deepcopy(model), kw.get("n_par"), kw.get("chunks"))
+
+
 def _errors(res, ref, S: int) -> dict:
     """Max abs differences of this rank's part of a distributed result against a single-process trace."""
     e = {"states": float((res.states - ref.trace[S + 1 + res.units.start:S + 1 + res.units.stop]).abs().max())}
@@ -69,16 +76,25 @@ def _worker(rank: int, P: int, store: str, out: str):
         ref = solve(model, idx, **kw)
         if ref.n_units < P:  # 2 chunks over 3 ranks: refused, see below
             continue
-        res = solve_distributed(model, idx, **kw)
+        res = solve_distributed(sharded(model, kw), idx, **kw)
         got[name] = _errors(res, ref, ref.n_seq)
         got[name]["payload"] = res.payload_elements
     for name, kind, kw in TERMINATING:
         model = build(kind)
-        got[name] = _errors(solve_distributed(model, idx, **kw), solve(model, idx, method="sequential"), 0)
+        got[name] = _errors(solve_distributed(sharded(model, kw), idx, **kw), solve(model, idx, method="sequential"), 0)
     for name, kw in [("pipeline", {}), ("pipeline chunks", dict(chunks="2xF2" if P == 2 else "3xF1"))]:
         model = build("tiny")
         ref = solve(model, idx, method="sequential", **kw)
-        got[name] = _errors(pipeline_forward(model, idx, **kw), ref, ref.n_seq)
+        got[name] = _errors(pipeline_forward(sharded(model, kw), idx, **kw), ref, ref.n_seq)
+    # what a rank keeps: its blocks (rank 0 also the prefix's), the embedding on rank 0, the head on the last
+    model = sharded(build("tiny"), dict(n_par=3))
+    held = lambda m: sum(p.numel() for p in m.parameters())
+    got["blocks held"] = [l for l, b in enumerate(model.blocks) if held(b)]
+    got["embedding, head"] = [model.wte.weight.numel() > 0, model.lm_head.weight.numel() > 0]
+    try:
+        model.layers(0, 4, torch.zeros(4, 1, 2, 32, dtype=torch.float64), None)
+    except ValueError as e:
+        got["other layers"] = str(e)
     for name, kw in [("too many ranks", dict(method="idn", n_par=P - 1)),
                      ("newton", dict(method="newton", n_par=4)), ("sequential", dict(method="sequential"))]:
         try:
@@ -115,7 +131,7 @@ def _decode_worker(rank: int, P: int, store: str, out: str):
         model = build(kind)
         ref = Decoder(model, **kw)
         want = [ref.prefill(prompt)] + [ref.step(fed[:, i]) for i in range(fed.shape[1])]
-        dec = DistributedDecoder(model, **kw)
+        dec = DistributedDecoder(sharded(model, kw), **kw)
         have = [dec.prefill(prompt)] + [dec.step(fed[:, i]) for i in range(fed.shape[1])]
         if rank == P - 1:
             got[name] = max(float((a - b).abs().max()) for a, b in zip(have, want))
@@ -165,6 +181,11 @@ def test_distributed_solve_equals_the_single_process_solve(tmp_path, P):
     assert ranks[0]["idn K1"]["payload"] == B * T * D + 1
     assert ranks[0]["hcn K1"]["payload"] == B * T * n * D + n * n
     assert ranks[0]["hcn dynamic K2"]["payload"] == B * T * n * D + B * T * n * n
+    # n_par = 3 of 4 layers: layer 0 is the prefix, on rank 0; the 3 units split as evenly as they go
+    slices = {2: [[0, 1, 2], [3]], 3: [[0, 1], [2], [3]]}[P]
+    assert [got["blocks held"] for got in ranks] == slices
+    assert [got["embedding, head"] for got in ranks] == [[True, False]] + [[False, False]] * (P - 2) + [[False, True]]
+    assert all("are not held by this model, which keeps layers" in got["other layers"] for got in ranks)
     for got in ranks:
         assert f"{P} ranks cannot each hold a slice of {P - 1} parallel units" in got["too many ranks"]
         assert "valid distributed methods: jacobi, idn" in got["newton"] and "pipeline_forward" in got["sequential"]

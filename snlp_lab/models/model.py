@@ -255,6 +255,7 @@ class GPT(nn.Module):
         if cfg.backout:
             self.backout_lambda = nn.Parameter(torch.zeros(1))
         self._stack_key, self._stack = None, None
+        self._held = None  # the layers this model keeps (`hold`); None: all
         self._rotary_key, self._rotary = None, None
         self.init_weights()
 
@@ -403,13 +404,37 @@ class GPT(nn.Module):
         Under autograd the stack is rebuilt (it must carry gradients). Without it, the stack of all
         layers is built once and sliced (a view), and rebuilt only when a parameter changes.
         """
+        held = self._held or range(self.n_layer)
+        if not held.start <= start < stop <= held.stop:
+            raise ValueError(f"layers {start}..{stop - 1} are not held by this model, which keeps layers "
+                             f"{held.start}..{held.stop - 1} only (`hold`)")
         if torch.is_grad_enabled() and any(p.requires_grad for p in self.blocks.parameters()):
             return self._stack_layers(range(start, stop))
         key = param_key(self)
         if key != self._stack_key:
-            W = self._stack_layers(range(self.n_layer))
+            W = self._stack_layers(held)
             self._stack, self._stack_key = dict(W, qkv=qkv_weight(W)), key
-        return {k: v[start:stop] for k, v in self._stack.items()}
+        return {k: v[start - held.start:stop - held.start] for k, v in self._stack.items()}
+
+    @torch.no_grad()
+    def hold(self, layers: range, embedding: bool = True, head: bool = True) -> "GPT":
+        """Keep only the weights one rank of a layer-sliced run reads (`snlp_lab.solvers.distributed.shard`):
+        the blocks and value embeddings of `layers` (contiguous), the token embedding and smear gate
+        where `embedding`, the output head where `head`. Every other of those weights becomes an empty
+        tensor, which frees its memory; the per-layer scalars (λ, μ, windows, mHC mixing) stay.
+        Afterwards the model evaluates layers within `layers` only (ValueError naming them otherwise).
+        Returns the model."""
+        keep = range(layers.start, layers.stop)
+        free = [p for l, b in enumerate(self.blocks) if l not in keep for p in b.parameters()]
+        free += [e.weight for l, e in getattr(self, "value_embeds", {}).items() if int(l) not in keep]
+        if not embedding:
+            free += [self.wte.weight] + ([self.smear_gate.weight] if self.config.smear else [])
+        if not head:
+            free.append(self.lm_head.weight)
+        for p in free:
+            p.data = p.data.new_empty(0)
+        self._held, self._stack_key, self._fused_cache = keep, None, None
+        return self
 
     def _stack_layers(self, ls) -> dict:
         ls = list(ls)
@@ -420,9 +445,10 @@ class GPT(nn.Module):
         if self.config.x0_lambdas:
             W["lam"], W["mu"] = self.resid_lambdas[ls[0]:ls[-1] + 1], self.x0_lambdas[ls[0]:ls[-1] + 1]
         if self.ve_layers:
-            ref = self.blocks[self.ve_layers[0]].attn.ve_gate.weight
-            W["gate"] = torch.stack([self.blocks[l].attn.ve_gate.weight if l in self.ve_layers
-                                     else torch.zeros_like(ref) for l in ls])
+            q = self.blocks[ls[0]].attn.c_q.weight  # (a gate of a held layer's dtype and device)
+            zero = q.new_zeros(self.config.n_kv_head, self.config.ve_gate_channels)
+            W["gate"] = torch.stack([self.blocks[l].attn.ve_gate.weight if l in self.ve_layers else zero
+                                     for l in ls])
         return W
 
     def value_embeddings(self, start: int, stop: int, ctx: Context):

@@ -79,6 +79,14 @@ class UnitSlice:
         return self.stack.resid_scale(self.a + i)
 
 
+def slice_stack(model, S: int, M: int, units: range, chunks: str | None) -> UnitSlice:
+    """This rank's parallel units as a layer stack indexed from 0: layers S + units of the model, or
+    (chunks) the fused chunks of layers S + units·M, built from those layers' weights only."""
+    if chunks is None:
+        return UnitSlice(model, S + units.start, S + units.stop)
+    return UnitSlice(chunk_stack(model, S + units.start * M, S + units.stop * M, M), 0, len(units))
+
+
 @dataclass
 class DistributedResult:
     """What `solve_distributed` and `pipeline_forward` return on each rank."""
@@ -87,6 +95,19 @@ class DistributedResult:
     prefix: torch.Tensor | None  # h_0..h_S [S+1, B, T, ...] on rank 0, None elsewhere
     logits: torch.Tensor | None  # [B, T, V] on the last rank, None elsewhere
     payload_elements: int  # elements this rank sends in each iteration's collective (0: the pipeline)
+
+
+def shard(model, n_par: int | None = None, chunks: str | None = None, group=None):
+    """Free on this rank every weight its part of a layer-sliced run with these parallel units does not
+    read (`GPT.hold`): rank 0 keeps the embedding, the prefix layers and its slice; the others their
+    slice; the last rank the head. Memory per rank is then about 1/P of the blocks. Every rank of the
+    group calls it with the same options; the model then serves `solve_distributed`, `pipeline_forward`
+    and `DistributedDecoder` with those options only. Returns the model."""
+    rank, P = rank_and_size(group)
+    S, U, M = parallel_units(model, n_par, chunks)
+    mine = split_units(U, P)[rank]
+    return model.hold(range(0 if rank == 0 else S + mine.start * M, S + mine.stop * M),
+                      embedding=rank == 0, head=rank == P - 1)
 
 
 def rank_and_size(group) -> tuple[int, int]:
@@ -248,8 +269,7 @@ def solve_distributed(model, idx: torch.Tensor, method: str = "idn", iters: int 
     rank, P, S, U, M, slices = check_layout(model, method, iters, n_par, chunks, init, kappa, probes, seed, group)
     mine = slices[rank]
     prefix, hS, ctx = _start(model, idx, S, rank, group)
-    stack, a0 = (model, S) if chunks is None else (chunk_stack(model, S, model.n_layer, M), 0)
-    sl = UnitSlice(stack, a0 + mine.start, a0 + mine.stop)
+    sl = slice_stack(model, S, M, mine, chunks)
     n = sl.n_layer
     sur = SURROGATES[method](sl, 0, n, ctx, kappa=kappa, probes=probes, generator=torch.Generator().manual_seed(seed))
     f = lambda X: sl.layers(0, n, X, ctx)
@@ -273,14 +293,14 @@ def pipeline_forward(model, idx: torch.Tensor, n_par: int | None = None, chunks:
     slices = split_units(U, P)
     mine = slices[rank]
     prefix, hS, ctx = _start(model, idx, S, rank, group)
-    stack, a0 = (model, S) if chunks is None else (chunk_stack(model, S, model.n_layer, M), 0)
+    stack = slice_stack(model, S, M, mine, chunks)
     h = hS
     if rank > 0:
         h = torch.empty_like(hS)
         dist.recv(h, global_rank(group, rank - 1), group=group)
     out = []
-    for u in mine:
-        h = stack.layer(a0 + u, h, ctx)
+    for j in range(stack.n_layer):
+        h = stack.layer(j, h, ctx)
         out.append(h)
     if rank < P - 1:
         dist.send(h.contiguous(), global_rank(group, rank + 1), group=group)
