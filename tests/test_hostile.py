@@ -289,6 +289,7 @@ def _edit(path, change):
 
 @pytest.mark.parametrize("damage,words", [
     ("optimizer without param_groups", "optim_0000002.pt: its optimizer state does not fit (KeyError"),
+    ("optimizer state of another run", "optim_0000002.pt: holds 1 optimizer and 1 scheduler states; this run has 2"),
     ("checkpoint without its stream", "checkpoint.json: its data-stream or RNG state does not fit"),
     ("RNG state of the wrong size", "checkpoint.json: its data-stream or RNG state does not fit"),
 ])
@@ -297,8 +298,10 @@ def test_resuming_from_damaged_state_names_the_file(run2, tmp_path, capsys, dama
     src, cfg = run2
     out = tmp_path / "copy"
     shutil.copytree(src, out)
-    if damage.startswith("optimizer"):
+    if damage.startswith("optimizer without"):
         torch.save({"optimizers": [{}] * 2, "schedulers": [{}] * 2}, out / "optim_0000002.pt")
+    elif damage.startswith("optimizer"):
+        torch.save({"optimizers": [{}], "schedulers": [{}]}, out / "optim_0000002.pt")
     elif damage.endswith("stream"):
         _edit(out / "checkpoint.json", lambda d: d.pop("stream"))
     else:

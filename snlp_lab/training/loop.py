@@ -332,10 +332,13 @@ def _restore(out: Path, ckpt: dict, model, opts, scheds, stream, device) -> int:
     """Load the run's checkpoint into model, optimizers, schedulers, data stream and RNG; its step."""
     load_checkpoint(out, model)
     state = load_optim_state(out, device)
-    if state is None or len(state["optimizers"]) != len(opts) or len(state["schedulers"]) != len(scheds):
-        raise DamagedFileError(out / CHECKPOINT_JSON, f"holds no optimizer state for this run's {len(opts)} "
-                                                      f"optimizers, which resuming needs", REMEDY)
-    with contents_of(out / ckpt["files"]["optimizer"], "optimizer state", REMEDY):
+    if state is None:
+        raise DamagedFileError(out / CHECKPOINT_JSON, "names no optimizer state, which resuming needs", REMEDY)
+    optim = out / ckpt["files"]["optimizer"]
+    if (len(state["optimizers"]), len(state["schedulers"])) != (len(opts), len(scheds)):
+        raise DamagedFileError(optim, f"holds {len(state['optimizers'])} optimizer and {len(state['schedulers'])} "
+                                      f"scheduler states; this run has {len(opts)} of each", REMEDY)
+    with contents_of(optim, "optimizer state", REMEDY):
         for o, s in zip(opts, state["optimizers"]):
             o.load_state_dict(s)
         for sc, s in zip(scheds, state["schedulers"]):
