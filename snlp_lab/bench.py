@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from .core.checks import check_output_file
 from .core.cli import ArgumentParser, run_command
 from .core.files import atomic_write
-from .measurement.bench import run_bench, settings
+from .measurement.bench import bench_model, run_bench, settings
+from .measurement.distributed import collective_costs, local_step_ms, predicted_ms, time_distributed
 from .measurement.limits import describe
 from .measurement import bench as _lib
 
@@ -47,7 +50,12 @@ def _main(argv=None) -> int:
     ap.add_argument("--limits", action="store_true",
                     help="measure the machine limits and add each pass's floor and x_floor (time / floor)")
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    ap.add_argument("--distributed", action="store_true",
+                    help="under torchrun: time KV-cached decoding of the pipeline and of SNLP over the process "
+                         "group, each rank a slice of the layers (docs/distributed.md)")
     a = ap.parse_args(argv)
+    if a.distributed:
+        return _distributed(a)
     S = settings(a.model, a.device, None, a.seq_lens, a.configs, a.repeats, a.decode_tokens, a.warmup,
                  a.threads, a.checkpoint)
     csv = check_output_file("--csv", a.csv) if a.csv else None  # fail now, not after the run
@@ -63,6 +71,59 @@ def _main(argv=None) -> int:
     if csv:
         atomic_write(csv, lambda p: df.to_csv(p, index=False))
         print(f"wrote {csv}")
+    return 0
+
+
+def _distributed(a) -> int:
+    """`--distributed`: every rank times the same decoders; rank 0 prints and writes the table."""
+    if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        raise ValueError("--distributed runs under torchrun: torchrun --nproc_per_node P -m snlp_lab.bench "
+                         "--distributed ...")
+    for flag in ("compile", "graphs", "limits", "checkpoint"):
+        if getattr(a, flag):
+            raise ValueError(f"--{flag} is not offered with --distributed")
+    cuda = a.device != "cpu" and torch.cuda.is_available()
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    try:
+        rank, P = dist.get_rank(), dist.get_world_size()
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        else:
+            torch.set_num_threads(a.threads or 1)
+        dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if cuda else torch.float32)
+        model, weights = bench_model(a.model or "cpu", None, device, dtype, a.seed)
+        L = model.n_layer
+        configs = a.configs or [f"idn:K=1:n={L}", f"idn:K=2:n={L}"]
+        T = (a.seq_lens or [min(128, model.config.sequence_len)])[0]
+        kw = dict(seq_len=T, decode_tokens=a.decode_tokens or 16, repeats=a.repeats or 5, seed=a.seed)
+        csv = check_output_file("--csv", a.csv) if a.csv and rank == 0 else None
+        df = time_distributed(model, configs, warmup=1 if a.warmup is None else a.warmup,
+                              log=print if rank == 0 else None, **kw)
+        step = local_step_ms(model, kw["seq_len"], kw["decode_tokens"], kw["repeats"], a.seed)
+        costs = collective_costs(model) if P > 1 else None
+        if rank == 0:
+            df["single_process_ms"] = step
+            if costs is not None:
+                df["predicted_ms"] = predicted_ms(df, L, step, costs, torch.finfo(dtype).bits // 8)
+                df["model_err_%"] = 100 * (df.predicted_ms / df.decode_ms - 1)
+            print(f"- {weights}; {P} processes ({'NCCL' if cuda else 'gloo'}), {device.type}, {dtype}; "
+                  f"prompt {T - kw['decode_tokens']} tokens, then {kw['decode_tokens']} decoded; speedup: pipeline "
+                  f"÷ configuration, same run")
+            if costs is not None:
+                print(f"- collectives: all-gather {1e6 * costs['alpha_ag']:.0f} us + bytes / "
+                      f"{costs['beta_ag'] / 1e9:.2f} GB/s, point-to-point {1e6 * costs['alpha_p2p']:.0f} us + bytes / "
+                      f"{costs['beta_p2p'] / 1e9:.2f} GB/s (state: {costs['state_bytes']} bytes)")
+            print()
+            print(df.to_markdown(index=False, floatfmt=".4g"))
+            if csv:
+                atomic_write(csv, lambda p: df.to_csv(p, index=False))
+                print(f"wrote {csv}")
+    finally:
+        if own:
+            dist.destroy_process_group()
     return 0
 
 

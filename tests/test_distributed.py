@@ -5,6 +5,7 @@ without fused chunks and from both initial guesses; K = N gives the sequential t
 are refused with the valid choices."""
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -201,3 +202,40 @@ def test_units_split_evenly_and_contiguously():
 def test_a_solve_without_a_process_group_says_how_to_launch(tiny, idx):
     with pytest.raises(ValueError, match="launch with torchrun"):
         solve_distributed(tiny, idx)
+
+
+# ------------------------------------------------------------------------------------------ latency
+def test_latency_model_by_hand():
+    from snlp_lab.measurement.distributed import model_latency
+    t, a_ag, a_p2p, bw = 1e-3, 20e-6, 10e-6, 1e9
+    costs = dict(state_bytes=1000, contrib_bytes=1000, alpha_ag=a_ag, beta_ag=bw, alpha_p2p=a_p2p, beta_p2p=bw)
+    hop = a_p2p + 1000 / bw
+    # the pipeline: every layer in turn, plus a hop between consecutive ranks
+    assert model_latency(t, 32, 32, None, 4, **costs) == pytest.approx(32 * t + 3 * hop)
+    # SNLP K = 2 on 4 ranks: 8 layers per rank and iteration, one all-gather each, and the head's hop
+    assert model_latency(t, 32, 32, 2, 4, **costs) == pytest.approx(2 * (8 * t + a_ag + 3 * 1000 / bw) + hop)
+    # a sequential prefix of 8 layers, uneven slices (24 units on 5 ranks: 5 per rank at most)
+    assert model_latency(t, 32, 24, 1, 5, **costs) == pytest.approx(8 * t + 5 * t + a_ag + 4 * 1000 / bw + hop)
+    # one rank: no communication at all
+    assert model_latency(t, 32, 32, 1, 1, **costs) == pytest.approx(32 * t)
+
+
+def test_bench_distributed_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+    import pandas as pd
+    csv = tmp_path / "dist.csv"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "snlp_lab.bench",
+           "--distributed", "--model", "tiny", "--seq-lens", "24", "--decode-tokens", "4", "--repeats", "2",
+           "--warmup", "0", "--configs", "idn:K=1:n=4", "idn:K=2:n=4:fwd", "--csv", str(csv)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    df = pd.read_csv(csv)
+    assert list(df.config) == ["sequential", "idn:K=1:n=4", "idn:K=2:n=4:fwd"] and (df.ranks == 2).all()
+    assert df.speedup.iloc[0] == 1 and (df.decode_ms > 0).all() and df.predicted_ms.notna().all()
+    assert list(df.allgather_elements) == [0, 32 + 1, 32 + 1]  # one token's correction (D = 32) + IDN's scalar
+    assert f"wrote {csv}" in r.stdout
+    plain = subprocess.run([sys.executable, "-m", "snlp_lab.bench", "--distributed", "--model", "tiny"],
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and plain.stderr.strip() == (
+        "error: --distributed runs under torchrun: torchrun --nproc_per_node P -m snlp_lab.bench --distributed ...")

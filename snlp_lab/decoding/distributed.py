@@ -57,6 +57,7 @@ class DistributedDecoder:
         self.par = self._stack(a, b, self.M)
         self.prefix = self._stack(0, self.S, 1) if self.rank == 0 and self.S > 0 else None
         self.pos, self._last = 0, None
+        self.payload_elements = 0  # what this rank sent in each iteration's all-gather, last step
 
     def _stack(self, start: int, stop: int, M: int):
         return ChunkStack(self.model, start, stop, M) if fusable(self.model) else ModelLayers(self.model, start, stop)
@@ -152,7 +153,7 @@ class DistributedDecoder:
         # surrogates that evaluate the units themselves (DiagN, dynamic HCN) attend to the earlier tokens
         sur = SURROGATES[self.method](_AttendingTo(self.par, self.cache.past(0, n, p)), 0, n, ctx,
                                       generator=self.generator, **self.opts)
-        H, entering, _ = iterate_sliced(f, entering, H, sur, self.iters, self.group)
+        H, entering, self.payload_elements = iterate_sliced(f, entering, H, sur, self.iters, self.group)
         return H, entering
 
 
