@@ -102,12 +102,12 @@ def _distributed(a) -> int:
         csv = check_output_file("--csv", a.csv) if a.csv and rank == 0 else None
         df = time_distributed(model, configs, warmup=1 if a.warmup is None else a.warmup,
                               log=print if rank == 0 else None, **kw)
-        step = local_step_ms(model, kw["seq_len"], kw["decode_tokens"], kw["repeats"], a.seed)
+        local = local_step_ms(model, kw["seq_len"], kw["decode_tokens"], kw["repeats"], a.seed)
         costs = collective_costs(model) if P > 1 else None
         if rank == 0:
-            df["single_process_ms"] = step
+            df["one_process_seq_ms"], df["one_process_idn_ms"] = local["sequential"], local["idn:K=1"]
             if costs is not None:
-                df["predicted_ms"] = predicted_ms(df, L, step, costs, torch.finfo(dtype).bits // 8)
+                df["predicted_ms"] = predicted_ms(df, L, local, costs, torch.finfo(dtype).bits // 8)
                 df["model_err_%"] = 100 * (df.predicted_ms / df.decode_ms - 1)
             print(f"- {weights}; {P} processes ({'NCCL' if cuda else 'gloo'}), {device.type}, {dtype}; "
                   f"prompt {T - kw['decode_tokens']} tokens, then {kw['decode_tokens']} decoded; speedup: pipeline "

@@ -218,6 +218,22 @@ def test_latency_model_by_hand():
     assert model_latency(t, 32, 24, 1, 5, **costs) == pytest.approx(8 * t + 5 * t + a_ag + 4 * 1000 / bw + hop)
     # one rank: no communication at all
     assert model_latency(t, 32, 32, 1, 1, **costs) == pytest.approx(32 * t)
+    # a cost per call: 32 calls in the pipeline, one per iteration for SNLP (and one per prefix layer)
+    c = 50e-6
+    assert model_latency(t, 32, 24, 2, 1, **costs, t_call=c) == pytest.approx(8 * (c + t) + 2 * (c + 24 * t))
+    assert model_latency(t, 32, 32, None, 2, **costs, t_call=c) == pytest.approx(32 * (c + t) + hop)
+
+
+def test_call_and_layer_costs_are_fitted_from_two_steps():
+    from snlp_lab.measurement.distributed import fit_call_and_layer, model_latency
+    c, t, L = 80e-6, 5e-6, 32
+    seq = model_latency(t, L, L, None, 1, 0, 0, 0, 1, 0, 1, t_call=c)
+    snlp = model_latency(t, L, 24, 2, 1, 0, 0, 0, 1, 0, 1, t_call=c)
+    assert fit_call_and_layer(L, seq, 24, 2, snlp) == pytest.approx((c, t))
+    with pytest.raises(ValueError, match="negative layer time"):
+        fit_call_and_layer(L, seq, 24, 2, 9 * seq / L)  # 10 calls in the time of 9 single layers
+    with pytest.raises(ValueError, match="n_par >= 2"):
+        fit_call_and_layer(L, seq, 1, 1, seq)
 
 
 def test_bench_distributed_under_torchrun(tmp_path):
