@@ -29,8 +29,8 @@ from ..measurement.distributed import fit_call_and_layer, model_latency
 from ..models.config import get_config
 
 # Small-message latency of one NCCL collective within a node: all_reduce_perf on 8 NVLink-connected
-# GPUs takes 12.5-16.7 us for messages of 4 B to 4 KB (nccl-tests output in deepseek-ai/DeepEP issue
-# #303); a decode step's messages are a few KB. Bandwidth: NVLink-4's 450 GB/s per direction, which
+# GPUs takes 12.5-16.7 us for messages of 4 B to 4 KB (nccl-tests output posted at
+# https://github.com/deepseek-ai/DeepEP/issues/303); a decode step's messages are a few KB. Bandwidth: NVLink-4's 450 GB/s per direction, which
 # nccl-tests' busbw reaches on 8x H100 SXM5 (460-480 GB/s at large sizes).
 NCCL_ALPHA = 15e-6  # seconds
 NCCL_BETA = 450e9  # bytes per second
