@@ -111,6 +111,7 @@ def shard(model, n_par: int | None = None, chunks: str | None = None, group=None
 
 
 def rank_and_size(group) -> tuple[int, int]:
+    """(this rank, ranks) in `group` (None: the world); ValueError when no process group exists."""
     if not dist.is_initialized():
         raise ValueError("no torch.distributed process group: launch with torchrun (or call "
                          "torch.distributed.init_process_group) first")
@@ -118,6 +119,7 @@ def rank_and_size(group) -> tuple[int, int]:
 
 
 def global_rank(group, r: int) -> int:
+    """Rank r of `group` in the world's numbering, which send, recv and broadcast take."""
     return r if group is None else dist.get_global_rank(group, r)
 
 
@@ -155,13 +157,17 @@ def empty_states(model, idx):
     return p.new_empty((B, T, n, D) if n > 1 else (B, T, D)), p.new_empty(B, T, D)
 
 
-def parallel_units(model, n_par: int | None, chunks: str | None):
+def parallel_units(model, n_par: int | None, chunks: str | None) -> tuple[int, int, int]:
+    """(S prefix layers, parallel units, layers per unit M) of the last n_par layers (default all), or
+    of the C fused chunks of M layers that chunks="CxFM" names. ValueError for n_par outside 1..L."""
     L = model.n_layer
     if chunks is not None:
         C, M = parse_chunks(chunks, n_par)
-        return L - C * M, C, M
+        n_par = C * M
     n_par = L if n_par is None else n_par
-    return L - n_par, n_par, 1
+    if isinstance(n_par, bool) or not isinstance(n_par, int) or not 1 <= n_par <= L:
+        raise ValueError(f"n_par must be an integer in 1..{L} (the model's depth), got {n_par!r}")
+    return (L - n_par, n_par, 1) if chunks is None else (L - n_par, C, M)
 
 
 def finish_head(model, H: torch.Tensor, slices: list[range], S: int, M: int, prefix, rank: int, group):
