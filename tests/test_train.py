@@ -631,7 +631,7 @@ def test_run_identity_is_declared_on_the_fields():
     """RUN_FIELDS and LATER_DEFAULTS come from the fields' declarations: the bookkeeping options and
     the options added after runs were cached, at the values that leave them out of the hash."""
     assert set(RUN_FIELDS) == {"out", "resume", "eval_every", "eval_batches", "eval_snlp", "save_every", "stop_at",
-                               "device", "progress", "device_batch_size"}
+                               "device", "progress", "device_batch_size", "compile"}
     assert LATER_DEFAULTS == {"reg_positions": "strided", "reg_per_stream": False, "reg_fd_eps": 0.0,
                               "recipe": "snlp", "lr_final_frac": 0.0, "weight_decay": 0.0,
                               "target_param_data_ratio": 12.0, "reg_shared_probe": False, "chunks": None}

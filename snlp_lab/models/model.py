@@ -89,24 +89,35 @@ class Context:
     sin: torch.Tensor
     pos: int = 0  # absolute position of the first token (KV-cached decoding)
     qk_scale: float = 1.0  # q and k are multiplied by it after QK-norm
-    _ve: dict = field(default_factory=dict)  # (start, stop) -> stacked value embeddings, built lazily
+    _ve: dict = field(default_factory=dict)  # (start, stop) -> stacked value embeddings, built lazily (eager)
 
 
 def attention_mask(window: torch.Tensor | None, T: int, Tp: int, device, B: int = 1,
-                   window_dev: torch.Tensor | None = None) -> torch.Tensor | None:
+                   window_dev: torch.Tensor | None = None, window_static: tuple | None = None
+                   ) -> torch.Tensor | None:
     """Which keys each query sees, for T queries at positions Tp..Tp+T-1 and keys 0..Tp+T-1: j <= i and
     i - j <= window of the query's head. window [N, H] (per unit and query head, on the CPU) or None;
-    window_dev: the same on `device` (else copied there).
+    window_dev: the same on `device` (else copied there); window_static: the same as Python ints, a
+    tuple per unit of a tuple per head (`GPT.window_static`). Given, the decisions below (is a mask
+    needed, one per unit or per head) read it and no tensor is read on the host, so that torch.compile
+    traces the mask into its graph (fullgraph=True); else they read the CPU tensor `window`.
     Returns None when every query sees every key it may causally see (`sdpa`'s rule: no past, or one
     query, and every window covers the sequence), else a bool mask for `sdpa`'s batch of N·B: [T, Tp + T]
     (no window applies) or [N·B, H or 1, T, Tp + T] (H = 1 when the heads of a unit agree)."""
-    full = window is None or int(window.min()) >= Tp + T - 1
+    if window_static is not None:
+        shortest = min(map(min, window_static))
+    else:
+        shortest = None if window is None else int(window.min())
+    full = shortest is None or shortest >= Tp + T - 1
     if full and (Tp == 0 or T == 1):
         return None
     rel = (Tp + torch.arange(T, device=device))[:, None] - torch.arange(Tp + T, device=device)[None, :]
     if full:
         return rel >= 0
-    uniform = bool((window == window[:, :1]).all())  # (read on the CPU copy: no device sync)
+    if window_static is not None:
+        uniform = all(len(set(unit)) == 1 for unit in window_static)
+    else:
+        uniform = bool((window == window[:, :1]).all())  # (read on the CPU copy: no device sync)
     window = window.to(device) if window_dev is None else window_dev
     if uniform:  # one window per unit: a mask per unit, not per head
         window = window[:, :1]
@@ -163,7 +174,7 @@ def attn_branch(W: dict, a: torch.Tensor, ctx: Context, head_dim: int, ve: torch
         if past is not None:
             Tp = past[0].shape[3]
             k, v = torch.cat([past[0].flatten(0, 1), k], dim=2), torch.cat([past[1].flatten(0, 1), v], dim=2)
-        mask = attention_mask(W.get("window"), T, Tp, a.device, B, W.get("window_dev"))
+        mask = attention_mask(W.get("window"), T, Tp, a.device, B, W.get("window_dev"), W.get("window_static"))
     y = sdpa(q, k, v, mask).transpose(1, 2).reshape(N, B, T, Hq * head_dim)
     return stacked_linear(y, W["o"]), kv
 
@@ -180,8 +191,9 @@ def block_apply(W: dict, h: torch.Tensor, ctx: Context, head_dim: int, ve: torch
 
     W holds weights stacked on a leading unit axis N: q [N, Hq*hd, D], k and v [N, Hkv*hd, D],
     o [N, D, Hq*hd], fc [N, F, D], proj [N, D, F]; optionally qkv (q, k, v concatenated, `qkv_weight`);
-    window [N, Hq] (per query head, on the CPU; absent: full causal); optionally lam, mu [N] (x0
-    lambdas) and gate [N, Hkv, C] with ve [N, B, T, Hkv*hd] (value embeddings).
+    window [N, Hq] (per query head, on the CPU; absent: full causal) and window_static (the same as
+    Python ints, `attention_mask`); optionally lam, mu [N] (x0 lambdas) and gate [N, Hkv, C] with
+    ve [N, B, T, Hkv*hd] (value embeddings).
     The block is x = λh + μx0;  x' = x + attn(norm x);  out = x' + mlp(norm x').
     `past` = (k, v) [N, B, Hkv, Tpast, hd] of earlier tokens, or `cache`, a preallocated KV cache slot
     (see `attn_branch`); with `return_kv` the keys and values of these tokens are returned too.
@@ -241,6 +253,9 @@ class GPT(nn.Module):
         # the same on the model's device, for the masks: no host-to-device copy per call (none is allowed
         # while a CUDA graph is captured)
         self.register_buffer("windows_dev", self.windows.clone(), persistent=False)
+        # the same as Python ints (a tuple per layer of a tuple per head): the masks decide from these,
+        # fixed at build time, so that no tensor is read on the host (`attention_mask`)
+        self.window_static = tuple((w,) * cfg.n_head for w in cfg.window_sizes())
         self.wte = nn.Embedding(V, D)
         self.blocks = nn.ModuleList(Block(cfg, l in self.ve_layers) for l in range(L))
         self.lm_head = nn.Linear(D, V, bias=False)
@@ -340,6 +355,11 @@ class GPT(nn.Module):
     def rotary(self, device, dtype):
         """cos/sin tables [sequence_len, hd] (`rotary_tables`), computed once per device and dtype
         (nanochat keeps them as buffers); `embed` slices the positions it needs."""
+        if torch.compiler.is_compiling():
+            # in a graph no cache: dynamo would guard on it, and the first call's write would fail that
+            # guard at the second (a recompile); the tables are a few ops of the graph
+            cfg = self.config
+            return rotary_tables(torch.arange(cfg.sequence_len, device=device), cfg.head_dim, cfg.rope_base, dtype)
         key = (torch.device(device), dtype)
         if self._rotary_key != key:
             cfg = self.config
@@ -442,6 +462,7 @@ class GPT(nn.Module):
         # one layer: a view, no copy (the sequential forward calls this per layer while training)
         W = {k: per[0][k].unsqueeze(0) if len(ls) == 1 else torch.stack([w[k] for w in per]) for k in per[0]}
         W["window"], W["window_dev"] = self.windows[ls[0]:ls[-1] + 1], self.windows_dev[ls[0]:ls[-1] + 1]
+        W["window_static"] = self.window_static[ls[0]:ls[-1] + 1]
         if self.config.x0_lambdas:
             W["lam"], W["mu"] = self.resid_lambdas[ls[0]:ls[-1] + 1], self.x0_lambdas[ls[0]:ls[-1] + 1]
         if self.ve_layers:
@@ -455,15 +476,24 @@ class GPT(nn.Module):
         """Value embeddings [N, B, T, kv_dim] for layers start..stop-1 (zeros where a layer has none)."""
         if not self.ve_layers:
             return None
+        if torch.compiler.is_compiling():
+            # in a graph the cache on ctx is neither read nor written: dynamo would guard on its contents,
+            # and a ctx passed into a compiled function that fills it fails that guard at the next call (a
+            # recompile). A range asked for twice is looked up twice: cheap gathers, and the training
+            # loss asks for each range once.
+            return self._stack_value_embeddings(start, stop, ctx)
         key = (start, stop)
         if key not in ctx._ve:
-            zeros = None
-            per = []
-            for l in range(start, stop):
-                if l in self.ve_layers:
-                    per.append(self.value_embeds[str(l)](ctx.idx).to(ctx.x0.dtype))
-                else:
-                    zeros = zeros if zeros is not None else ctx.x0.new_zeros(*ctx.idx.shape, self.kv_dim)
-                    per.append(zeros)
-            ctx._ve[key] = torch.stack(per)
+            ctx._ve[key] = self._stack_value_embeddings(start, stop, ctx)
         return ctx._ve[key]
+
+    def _stack_value_embeddings(self, start: int, stop: int, ctx: Context) -> torch.Tensor:
+        zeros = None
+        per = []
+        for l in range(start, stop):
+            if l in self.ve_layers:
+                per.append(self.value_embeds[str(l)](ctx.idx).to(ctx.x0.dtype))
+            else:
+                zeros = zeros if zeros is not None else ctx.x0.new_zeros(*ctx.idx.shape, self.kv_dim)
+                per.append(zeros)
+        return torch.stack(per)

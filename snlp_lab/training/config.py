@@ -158,6 +158,13 @@ class TrainConfig:
     device: str = _field("auto", "auto, cpu, cuda or cuda:N (under torchrun: cuda, one GPU per process)", run=True)
     progress: bool | None = _field(None, "progress bar (default: on a terminal; elsewhere a plain progress line "
                                          "now and then; --no-progress: neither)", run=True)
+    # Bookkeeping too, as device and device_batch_size are: compiling reorders and fuses the same
+    # arithmetic, so the weights differ from an eager run's at rounding level only, as they do between
+    # two batch splits. A run resumes with or without it, and it keeps the cached run's folder.
+    compile: bool = _field(False, "compile the training loss (forward, regularizer and their backward) into one "
+                                  "graph with torch.compile(fullgraph=True): fewer, fused kernels per step; the "
+                                  "first step compiles (seconds to minutes). Objective ce; not with --reg diagn "
+                                  "or newton", run=True)
 
 
 _FIELDS = dataclasses.fields(TrainConfig)
@@ -327,7 +334,28 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"torchrun puts each process on cuda:LOCAL_RANK; use --device cuda, not {cfg.device!r}")
     if cfg.stop_at is not None and not 1 <= cfg.stop_at <= cfg.steps:
         raise ValueError(f"stop_at must be in 1..steps={cfg.steps}, got {cfg.stop_at}")
+    if cfg.compile:
+        check_compilable(cfg)
     return cfg
+
+
+# what the compiled loss (`loss.SNLPLoss.compile_loss`) cannot trace as one graph: the SNLP forward (its solve
+# seeds a generator and checks for inf on the host), DiagN's random probes (a seeded generator per step) and
+# exact Newton's forward-mode JVPs (torch 2.13's AOTAutograd fails on them: "Expected the output of forward
+# differentiable view operations to have the tangent have the same layout as primal")
+UNCOMPILABLE_REGS = {"diagn": "random probes drawn per step", "newton": "forward-mode JVPs"}
+
+
+def check_compilable(cfg: TrainConfig) -> None:
+    """ValueError, naming what works, unless cfg's loss compiles as one graph (`compile`): objective "ce"
+    with a regularizer other than UNCOMPILABLE_REGS."""
+    if cfg.objective != "ce":
+        raise ValueError(f"--compile compiles objective 'ce' (with --reg); objective {cfg.objective!r} runs "
+                         f"eager only: drop --compile")
+    if cfg.reg in UNCOMPILABLE_REGS:
+        ok = ", ".join(r for r in ("none",) + tuple(SURROGATES) if r not in UNCOMPILABLE_REGS)
+        raise ValueError(f"--compile cannot trace --reg {cfg.reg} ({UNCOMPILABLE_REGS[cfg.reg]}); with "
+                         f"--compile use --reg {ok}, or drop --compile")
 
 
 def _paper_scaled(cfg: TrainConfig, mcfg: GPTConfig) -> TrainConfig:

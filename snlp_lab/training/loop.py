@@ -13,7 +13,9 @@ checkpoint whose weight-determining options differ (`runs.comparable`).
 processes. `device_batch_size` (nanochat's --device-batch-size, `scripts/base_train.py`) splits each
 rank's rows into parts whose gradients accumulate: the same step as the whole batch at once, in less
 memory. bf16 autocast on CUDA, fp32 on CPU. Recipe "paper" sets Muon's momentum and weight decay every
-step (`schedules`); the learning rates follow `schedules.lr_multiplier` in every recipe.
+step (`schedules`); the learning rates follow `schedules.lr_multiplier` in every recipe. With `compile` the
+loss and its backward run as one compiled graph (`loss.SNLPLoss.compile_loss`); the first step's
+step_time includes the compilation.
 """
 from __future__ import annotations
 
@@ -152,6 +154,12 @@ def _train(cfg: TrainConfig, d: _Dist, device: torch.device) -> TrainResult:
             save_tokenizer(out, ds.tokenizer)
 
     net = SNLPLoss(model, cfg)
+    if cfg.compile:
+        # The loss function is compiled, not the DDP module: DDP's forward calls the compiled graph and its
+        # gradient hooks fire as the compiled backward hands each parameter its gradient, as in eager.
+        # The graph is traced under the autocast below, which every call of it is made under (evaluations
+        # run the model eager), so the autocast state never fails a guard.
+        net.compile_loss()
     if d.world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
