@@ -12,7 +12,7 @@ import torch.distributed as dist
 from .core.checks import check_output_file
 from .core.cli import ArgumentParser, run_command
 from .core.files import atomic_write
-from .measurement.bench import bench_model, run_bench, settings
+from .measurement.bench import bench_model, by_variant, run_bench, settings
 from .measurement.distributed import collective_costs, local_step_ms, predicted_ms, time_distributed
 from .measurement.limits import describe
 from .measurement import bench as _lib
@@ -47,6 +47,16 @@ def _main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: 1 on a CPU)")
     ap.add_argument("--graphs", action="store_true",
                     help="also time replays of captured CUDA graphs, baseline and SNLP alike (GPU)")
+    ap.add_argument("--all-variants", action="store_true",
+                    help="time eager, graphed, compiled (the --compile mode, default inductor's default) and "
+                         "compiled+graphed, one row per configuration with the four side by side; every "
+                         "speedup over the fastest sequential variant")
+    ap.add_argument("--compile-configs", nargs="+", default=None,
+                    help="with --all-variants or --compile: compile only these configurations ('best': the "
+                         "fastest uncompiled one per pass; the sequential baseline always)")
+    ap.add_argument("--compile-budget", type=float, default=None,
+                    help="seconds of compiling allowed; configurations beyond --compile-configs compile only "
+                         "while it lasts (their rows say when they did not)")
     ap.add_argument("--limits", action="store_true",
                     help="measure the machine limits and add each pass's floor and x_floor (time / floor)")
     ap.add_argument("--csv", default=None, help="also write the table to this CSV file")
@@ -59,15 +69,21 @@ def _main(argv=None) -> int:
     S = settings(a.model, a.device, None, a.seq_lens, a.configs, a.repeats, a.decode_tokens, a.warmup,
                  a.threads, a.checkpoint)
     csv = check_output_file("--csv", a.csv) if a.csv else None  # fail now, not after the run
+    compile = [False, a.compile or True] if a.all_variants else a.compile
+    if (a.compile_configs is not None or a.compile_budget is not None) and not compile:
+        raise ValueError("--compile-configs and --compile-budget need --compile or --all-variants")
     df = run_bench(S["model"], S["configs"], S["seq_lens"], S["decode_tokens"], S["repeats"], S["warmup"],
-                   S["device"], getattr(torch, a.dtype) if a.dtype else None, a.compile, S["checkpoint"],
-                   a.batch, a.seed, S["threads"], graphs=a.graphs, name=S["name"], limits=a.limits or None,
-                   log=print)
+                   S["device"], getattr(torch, a.dtype) if a.dtype else None, compile, S["checkpoint"],
+                   a.batch, a.seed, S["threads"], graphs=a.graphs or a.all_variants, name=S["name"],
+                   limits=a.limits or None, log=print, compile_configs=a.compile_configs,
+                   compile_budget_s=a.compile_budget)
     print("\n".join(f"- {n}" for n in df.attrs["notes"]))
     if df.attrs["limits"]:
         print(f"- machine limits: {describe(df.attrs['limits'])}")
     print()
-    print(df.drop(columns=["model", "weights", "device", "dtype", "compile"]).to_markdown(index=False, floatfmt=".4g"))
+    shown = by_variant(df) if a.all_variants else df  # (the CSV keeps one row per compile setting)
+    print(shown.drop(columns=[c for c in ("model", "weights", "device", "dtype", "compile") if c in shown])
+          .to_markdown(index=False, floatfmt=".4g"))
     if csv:
         atomic_write(csv, lambda p: df.to_csv(p, index=False))
         print(f"wrote {csv}")
@@ -79,9 +95,9 @@ def _distributed(a) -> int:
     if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
         raise ValueError("--distributed runs under torchrun: torchrun --nproc_per_node P -m snlp_lab.bench "
                          "--distributed ...")
-    for flag in ("compile", "graphs", "limits", "checkpoint"):
-        if getattr(a, flag):
-            raise ValueError(f"--{flag} is not offered with --distributed")
+    for flag in ("compile", "graphs", "limits", "checkpoint", "all_variants", "compile_configs", "compile_budget"):
+        if getattr(a, flag) not in (None, False):
+            raise ValueError(f"--{flag.replace('_', '-')} is not offered with --distributed")
     cuda = a.device != "cpu" and torch.cuda.is_available()
     own = not dist.is_initialized()
     if own:

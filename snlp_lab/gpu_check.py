@@ -29,11 +29,11 @@ def _main(argv=None) -> int:
         if a.out is None:
             raise ValueError("--redraw needs --out, the folder of an earlier check (e.g. reports/gpu)")
         out = a.out
-        print(redraw(out).to_markdown(index=False, floatfmt=".2f"))
+        print(_lib.explained(redraw(out), ".2f").to_markdown(index=False, floatfmt=".2f"))
         return 0
     res = run(a.smoke, a.out, a.device)
     print()
-    print(res["summary"].to_markdown(index=False, floatfmt=".2f"))
+    print(_lib.explained(res["summary"], ".2f").to_markdown(index=False, floatfmt=".2f"))
     bad = res["correctness"][~res["correctness"].ok]
     print(f"\ncorrectness: {len(res['correctness']) - len(bad)}/{len(res['correctness'])} cases pass"
           + ("" if bad.empty else "; FAILING: " + ", ".join(bad.case)))

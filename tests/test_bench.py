@@ -232,3 +232,150 @@ def test_compile_failure_falls_back_and_says_so(tiny):
                          device="cpu", compile={"backend": "no-such-backend"})
     assert all(c.startswith("eager (compile failed: ") for c in df["compile"]), df["compile"].tolist()
     assert df["decode_tok_s"].gt(0).all()
+
+
+# ------------------------------------------------------------------------------------------ the four variants
+# (configuration, pass) -> times of (eager, graphed, compiled, compiled+graphed), for the fake timings below
+FAKE = {("sequential", "prefill"): (10.0, 8.0, 6.0, 5.0), ("sequential", "decode"): (10.0, 4.0, 6.0, 4.5),
+        ("idn:K=1:n=4", "prefill"): (7.0, 5.0, 3.0, 2.5), ("idn:K=1:n=4", "decode"): (8.0, 2.0, 5.0, 2.0),
+        ("idn:K=2:n=4:2xF2:h0", "prefill"): (9.0, 1.0, 9.0, 9.0), ("idn:K=2:n=4:2xF2:h0", "decode"): (9.0, 9.0, 9.0, 9.0),
+        ("idn:K=1:n=3:fwd", "prefill"): (9.0, 9.0, 9.0, 9.0), ("idn:K=1:n=3:fwd", "decode"): (9.0, 1.5, 9.0, 9.0)}
+
+
+@pytest.fixture
+def fake_timings(monkeypatch):
+    """run_bench with its passes stubbed out and each timed function taking FAKE's time: the column logic
+    alone, in milliseconds. Returns the list of the compiled untimed passes, in order."""
+    compiled = []
+
+    def untimed(m, c, idx, decode_tokens, dev, compile):
+        if compile:
+            compiled.append(c.text)
+        return torch.zeros(1, idx.shape[1], m.config.vocab_size)
+
+    def times(fns, repeats, warmup, dev):
+        out = {}
+        for k in fns:  # (config, setting, graphed, pass) in the timing; (config, pass) in the ranking of "best"
+            text, i, graphed, kind = k if len(k) == 4 else (k[0], 0, True, k[1])
+            out[k] = [FAKE[(text, kind)][2 * i + graphed]] * repeats
+        return out
+
+    monkeypatch.setattr(bench, "_untimed_pass", untimed)
+    monkeypatch.setattr(bench, "_step_ops", lambda *a: {"python": 1, "aten": 1})
+    monkeypatch.setattr(bench, "_runs", lambda *a: {"prefill": None, "decode": None})
+    monkeypatch.setattr(bench, "graphed_runs", lambda m, c, idx, *a: {
+        "prefill": lambda: torch.zeros(1, idx.shape[1], m.config.vocab_size), "decode": None})
+    monkeypatch.setattr(bench, "round_seconds", times)
+    return compiled
+
+
+def test_every_speedup_is_over_the_fastest_sequential_variant(tiny, fake_timings):
+    """compile=[False, True] with graphs: four variants per configuration; each pass's baseline is the
+    fastest of the sequential forward's four (prefill: compiled+graphed, 5; decode: graphed, 4), named
+    in every row, and every speedup of every variant divides it."""
+    df = bench.run_bench(tiny, ["sequential", "idn:K=1:n=4"], seq_lens=(8,), decode_tokens=2, repeats=3, warmup=0,
+                         device="cpu", compile=[False, True], graphs=True, limits=LIMITS)
+    assert set(df.prefill_baseline) == {"compiled+graphed"} and set(df.decode_baseline) == {"graphed"}
+    assert list(zip(df.config, df.compile)) == [("sequential", "False"), ("sequential", "True"),
+                                                ("idn:K=1:n=4", "False"), ("idn:K=1:n=4", "True")]
+    for (cfg, i), r in zip([("sequential", 0), ("sequential", 1), ("idn:K=1:n=4", 0), ("idn:K=1:n=4", 1)],
+                           df.itertuples()):
+        pre, dec = FAKE[(cfg, "prefill")][2 * i:2 * i + 2], FAKE[(cfg, "decode")][2 * i:2 * i + 2]
+        assert (r.prefill_speedup, r.prefill_graph_speedup) == pytest.approx((5 / pre[0], 5 / pre[1]))
+        assert (r.decode_speedup, r.decode_graph_speedup) == pytest.approx((4 / dec[0], 4 / dec[1]))
+        assert r.prefill_speedup_lo == pytest.approx(5 / pre[0])  # equal rounds: the bound is the ratio
+        assert r.prefill_ms == pytest.approx(1e3 * pre[0]) and r.decode_graph_tok_s == pytest.approx(2 / dec[1])
+        assert (r.compile_s > 0) == (i == 1) and r.compile_s >= 0
+    wide = bench.by_variant(df)
+    assert list(wide.config) == ["sequential", "idn:K=1:n=4"] and list(wide.compiled) == ["True", "True"]
+    idn = wide.iloc[1]
+    assert (idn.prefill_speedup, idn.prefill_graph_speedup, idn.prefill_compiled_speedup,
+            idn.prefill_compiled_graph_speedup) == pytest.approx((5 / 7, 1.0, 5 / 3, 2.0))
+    assert (idn.decode_speedup, idn.decode_graph_speedup, idn.decode_compiled_speedup,
+            idn.decode_compiled_graph_speedup) == pytest.approx((0.5, 2.0, 0.8, 2.0))
+    seq = wide.iloc[0]  # the baseline's own variants: the fastest is 1, the others below
+    speeds = [seq[f"prefill{v}_speedup"] for v in ("", "_graph", "_compiled", "_compiled_graph")]
+    assert max(speeds) == 1.0 and speeds == pytest.approx([0.5, 0.625, 5 / 6, 1.0])
+    # each variant's time over the same floor
+    for v in ("", "_graph", "_compiled", "_compiled_graph"):
+        assert wide[f"prefill{v}_x_floor"].tolist() == pytest.approx((wide[f"prefill{v}_ms"] / wide.prefill_floor_ms).tolist())
+        assert wide[f"decode{v}_x_floor"].tolist() == pytest.approx(
+            (1e3 / wide[f"decode{v}_tok_s"] / wide.decode_floor_ms).tolist())
+
+
+def test_compile_plan_and_budget(tiny, fake_timings):
+    """compile_configs picks what is compiled (the baseline always first; "best" the fastest uncompiled
+    configuration per pass by graphed time), compile_budget_s stops the rest; what was not compiled keeps
+    its rows, with NaN times and the reason in `compile`."""
+    cfgs = ["sequential", "idn:K=1:n=4", "idn:K=2:n=4:2xF2:h0", "idn:K=1:n=3:fwd"]
+    run = lambda **kw: bench.run_bench(tiny, cfgs, seq_lens=(8,), decode_tokens=2, repeats=1, warmup=0, device="cpu",
+                                       compile=[False, True], graphs=True, **kw)
+    df = run(compile_configs=["best"])
+    # fastest graphed prefill: 2xF2 (1 ms); fastest graphed decode: fwd (1.5 ms)
+    assert fake_timings == ["sequential", "idn:K=2:n=4:2xF2:h0", "idn:K=1:n=3:fwd"]
+    skipped = df[df.compile.str.startswith("not compiled")]
+    assert list(skipped.config) == ["idn:K=1:n=4"] and skipped.compile.iloc[0] == "not compiled (not in compile_configs)"
+    assert skipped[["prefill_ms", "decode_tok_s", "prefill_graph_ms", "prefill_speedup"]].isna().all().all()
+    wide = bench.by_variant(df)
+    assert wide.set_index("config").compiled.to_dict() == {
+        "sequential": "True", "idn:K=1:n=4": "not compiled (not in compile_configs)",
+        "idn:K=2:n=4:2xF2:h0": "True", "idn:K=1:n=3:fwd": "True"}
+    assert wide.prefill_compiled_ms.isna().tolist() == [False, True, False, False]
+    fake_timings.clear()
+    df = run(compile_budget_s=0)  # the baseline only: everything else waits for a budget that is spent
+    assert fake_timings == ["sequential"]
+    assert set(df[df.compile != "False"].compile[1:]) == {"not compiled (compile budget of 0 s spent)"}
+    fake_timings.clear()
+    run(compile_configs=["idn:K=1:n=4"], compile_budget_s=1e9)  # named first, the rest while the budget lasts
+    assert fake_timings == ["sequential", "idn:K=1:n=4", "idn:K=2:n=4:2xF2:h0", "idn:K=1:n=3:fwd"]
+    for kw, msg in [(dict(compile_configs=["idn:K=3:n=4"]), "not a configuration of the run"),
+                    (dict(compile_budget_s=-1), "compile_budget_s must be"),
+                    (dict(compile=True, compile_configs=["best"]), "needs the setting False"),
+                    (dict(compile=False, compile_configs=["best"]), "needs a compile setting"),
+                    (dict(compile=[False, "reduce-overhead"], graphs=True), "cannot capture; valid with graphs: True")]:
+        with pytest.raises(ValueError, match=msg):
+            bench.run_bench(tiny, cfgs, seq_lens=(8,), decode_tokens=2, repeats=1, warmup=0, device="cpu",
+                            **{"compile": [False, True], **kw})
+
+
+def test_compiled_and_graphed_on_cpu_equals_eager(tiny):
+    """The four variants for real on a CPU (dynamo's eager backend: the same fullgraph traces, no code
+    generation): on a CPU "graphed" runs uncaptured, so compiled+graphed computes the eager logits; the
+    compiled decoders report their compile seconds; the baseline is the fastest sequential variant."""
+    m = tiny.float()
+    eager_backend = {"backend": "eager"}
+    idx = torch.randint(0, 64, (1, 10), generator=torch.Generator().manual_seed(2))
+    for text in ("sequential", "idn:K=1:n=4:2xF2:h0", "idn:K=2:n=3:h0:fullmask"):
+        c = parse_config(text)
+        g = bench.graphed_runs(m, c, idx, 3, torch.device("cpu"), compile=eager_backend)
+        ref = bench.Decoder(m, **c.decoder_kwargs()).prefill(idx, parallel=True)
+        torch.testing.assert_close(g["prefill"](), ref, rtol=1e-5, atol=1e-5)
+    df = bench.run_bench(m, ["sequential", "idn:K=1:n=4:2xF2:h0"], seq_lens=(10,), decode_tokens=3, repeats=3,
+                         warmup=0, device="cpu", compile=[False, eager_backend], graphs=True)
+    compiled = df.compile != "False"
+    assert (df.compile_s[compiled] > 0).all() and (df.compile_s[~compiled] == 0).all()
+    assert (df.graph_err < 1e-5).all()  # each replay computes its decoder's untimed logits
+    assert (df[df.config == "sequential"].top1 == 1.0).all()
+    wide = bench.by_variant(df)
+    assert (wide.compiled_graph_err < 1e-5).all() and (wide.compile_s > 0).all()
+    seq = df[df.config == "sequential"]
+    for kind, rate in (("prefill", False), ("decode", True)):
+        times = {(r.compile, g): (getattr(r, f"{kind}{g}_tok_s" if rate else f"{kind}{g}_ms"))
+                 for r in seq.itertuples() for g in ("", "_graph")}
+        best = (max if rate else min)(times, key=times.get)
+        name = bench.variant_name(best[0] != "False" and eager_backend, best[1] == "_graph")
+        assert set(df[f"{kind}_baseline"]) == {name}
+        # the baseline's own speedup is 1 and no sequential variant beats it
+        assert max(seq[f"{kind}_speedup"].max(), seq[f"{kind}_graph_speedup"].max()) == pytest.approx(1.0)
+
+
+def test_cli_all_variants(tmp_path, capsys, fake_timings):
+    out = tmp_path / "b.csv"
+    bench_cmd.main(["--model", "tiny", "--configs", "idn:K=1:n=4", "--seq-lens", "8", "--decode-tokens", "2",
+                    "--repeats", "1", "--warmup", "0", "--device", "cpu", "--all-variants", "--compile-configs",
+                    "best", "--compile-budget", "0", "--csv", str(out)])
+    text = capsys.readouterr().out
+    assert "prefill_compiled_graph_ms" in text and "compiled+graphed" in text and "prefill_baseline" in text
+    assert fake_timings == ["sequential", "idn:K=1:n=4"]
+    assert "compile_s" in out.read_text().splitlines()[0]
+    assert bench_cmd.main(["--model", "tiny", "--compile-budget", "5", "--device", "cpu"]) == 2

@@ -38,17 +38,38 @@ def test_report_files_and_numbers(smoke):
     assert set(j["seconds"]) == {"correctness", "limits", "speed"}  # written by the report part itself
     assert j["environment"]["torch"] == torch.__version__ and j["smoke"] is True
     assert j["limits"]["copy_GB_s"] > 0 and j["limits"]["matmul_TFLOP_s"] > 0
-    speed = pd.read_csv(out / "speed.csv")
-    assert set(speed.config) == set(gpu_check.CONFIGS) and set(speed["T"]) == {16, 32}
-    base = speed[speed.config == "sequential"]
-    assert (base.prefill_speedup == 1).all() and (base.prefill_graph_speedup == 1).all()
+    speed = pd.DataFrame(j["speed"])  # (speed.csv writes a variant not timed as text)
+    extra = gpu_check.SIZES["smoke"]["extra_configs"]["0.5b-plain"][32]
+    assert set(speed.config) == set(gpu_check.CONFIGS) | set(extra) and set(speed["T"]) == {16, 32}
+    assert list(speed[speed.config.isin(extra)][["model", "T", "mask"]].itertuples(index=False)) == [("0.5b-plain", 32, "full")]
+    # every speedup is over the fastest sequential variant of its run: the sequential row's best variant
+    # is 1, none beats it, and the baseline columns name that variant
+    for _, seq in speed[speed.config == "sequential"].iterrows():
+        for kind in ("prefill", "decode"):
+            cols = {v: c[2 if kind == "prefill" else 3] for v, c in gpu_check.VARIANT_COLS.items()}
+            timed = {v: seq[c] for v, c in cols.items() if seq[c] is not None and not pd.isna(seq[c])}
+            assert max(timed.values()) == pytest.approx(1.0) and timed[seq[f"{kind}_baseline"].split(" (")[0]] == 1.0
+    # compiled and compiled+graphed where the plan says (the smoke: sequential, 0.5b-plain, T = 16), the
+    # rest reported as not compiled, with the reason
+    compiled = speed[speed.compiled == "{'backend': 'eager'}"]
+    assert list(compiled[["model", "config", "T"]].itertuples(index=False)) == [("0.5b-plain", "sequential", 16)]
+    assert (compiled.compile_s > 0).all() and (compiled.compiled_graph_err < 1e-6).all()
+    assert (speed.drop(compiled.index).compiled == "not compiled (compile budget of 0 s spent)").all()
+    assert speed.drop(compiled.index).prefill_compiled_graph_ms.isna().all() and (speed.drop(compiled.index).compile_s == 0).all()
+    assert j["compile"]["spent_s"] == pytest.approx(compiled.compile_s.sum()) and j["compile"]["budget_s"] == 0
     assert (speed.graph_err < 1e-6).all()  # on a CPU the "graphed" functions recompute the same logits
-    # what each pass reads and computes, its floor on the measured limits, eager and graphed times over it
+    # what each pass reads and computes, its floor on the measured limits, each variant's time over it
     for col in bench.FLOOR_COLUMNS + bench.GRAPH_FLOOR_COLUMNS + ["prefill_MB_tok", "decode_MFLOP_tok"]:
         assert (speed[col] > 0).all(), col
     assert ((speed.prefill_graph_x_floor - speed.prefill_graph_ms / speed.prefill_floor_ms).abs() < 1e-9).all()
+    assert (compiled.decode_compiled_graph_x_floor - 1e3 / compiled.decode_compiled_graph_tok_s
+            / compiled.decode_floor_ms).abs().max() < 1e-9
+    table = (out / "speed.md").read_text()
+    assert "nan" not in table and gpu_check.NOT_TIMED in table
     readme = (out / "README.md").read_text()
-    assert "Smoke run" in readme and "float32 matrix product" in readme and "x its floor of" in readme
+    assert "Smoke run" in readme and "float32 matrix product" in readme and "x its floor" in readme
+    assert "## Compiling" in readme and "0.5b-plain T=16 `sequential`" in readme and "not compiled (compile budget" in readme
+    assert "The paper's mask treatment, 0.5b-plain, T = 32" in readme
 
 
 def test_redraw_from_json(smoke, tmp_path):
@@ -72,6 +93,20 @@ def test_redraw_of_a_check_without_costs(smoke, tmp_path):
     assert "prefill_floor_ms" in (tmp_path / "speed.md").read_text()
     redrawn = pd.read_csv(tmp_path / "speed.csv")
     assert "prefill_MB_tok" not in redrawn and (redrawn.decode_graph_x_floor > 0).all()
+
+
+def test_redraw_of_the_committed_record(tmp_path):
+    """reports/gpu/gpu_check.json predates the compiled variants, the fastest-variant baselines and the
+    per-token costs: it redraws, as what it measured (eager over eager, graphed over graphed)."""
+    from snlp_lab.core.paths import repo_root
+    (tmp_path / "gpu_check.json").write_bytes((repo_root() / "reports" / "gpu" / "gpu_check.json").read_bytes())
+    summary = gpu_check.redraw(tmp_path)
+    assert len(summary) == 28 and "prefill_compiled_speedup" not in summary
+    readme = (tmp_path / "README.md").read_text()
+    assert "eager over eager, graphed over graphed" in readme and "## Compiling" not in readme
+    paper = pd.read_csv(tmp_path / "paper.csv")
+    assert list(paper.columns) == ["model", "config", "T", "paper", "eager_over_eager", "eager", "graphed", "bound"]
+    assert paper.eager_over_eager.tolist() == pytest.approx(paper.eager.tolist())  # the old record's speedups were eager over eager
 
 
 def test_without_gpu_the_cli_says_so(capsys):

@@ -27,7 +27,7 @@ import math
 import torch
 
 from ..core.checks import check_seed
-from ..models.fusion import ChunkStack, check_chunkable, fusable
+from ..models.fusion import ChunkStack, check_chunkable, check_mask, fusable
 from ..models.model import attention_mask, block_apply, capturing, check_token_ids
 from ..solvers.grammar import SNLPConfig
 from ..solvers.solver import SURROGATES, backout_state, head_logits, iterate
@@ -224,20 +224,25 @@ class Decoder:
     skipped while a CUDA graph is captured; the benchmark turns it off and checks its untimed pass);
     static: fixed shapes and a tensor position (`StaticSlot`), what torch.compile and the capture of one
     step into a CUDA graph need (on with compile; eager, it attends over the whole cache).
+    mask: "window" (every layer keeps its window) or "full" (the grammar's `fullmask`: the parallel
+    units attend with full causal masks, the prefix layers keep their windows; the plain GPT only), in
+    the prefill, sequential or parallel, and in every step alike.
     The weights are read at `prefill`; prefill again after changing the model.
     """
 
     def __init__(self, model, method: str = "idn", iters: int = 1, n_par: int | None = None,
                  chunks: str | None = None, init: str = "h0", kappa: float = 0.0, probes: int = 1,
                  jac: str = "jvp", seed: int = 0, max_len: int | None = None, compile: bool | str = False,
-                 check_finite: bool = True, static: bool = False):
+                 check_finite: bool = True, static: bool = False, mask: str = "window"):
         L = model.n_layer
         # the plain GPT runs on weights resolved once (ChunkStack); other stacks (mHC, transformers
         # models) on their own `layers`, one unit per layer: fusion is defined for the plain GPT only
         self._resolved = fusable(model)
         if chunks is not None:
             check_chunkable(model)
-        n_par, _, M = SNLPConfig(method, iters, n_par, chunks, init, kappa, probes, jac, seed).check(L).units(L)
+        n_par, _, M = SNLPConfig(method, iters, n_par, chunks, init, kappa, probes, jac, seed, mask).check(L).units(L)
+        check_mask(model, mask)
+        self.mask = mask
         max_len = model.config.sequence_len if max_len is None else max_len
         if not 1 <= max_len <= model.config.sequence_len:
             raise ValueError(f"max_len must lie in 1..{model.config.sequence_len} (sequence_len), got {max_len}")
@@ -258,11 +263,13 @@ class Decoder:
     # ------------------------------------------------------------------------------------------ state
     def _setup(self, B: int, device, dtype) -> None:
         cfg, L = self.model.config, self.model.n_layer
-        def units(start, stop, M):
-            return ChunkStack(self.model, start, stop, M) if self._resolved else ModelLayers(self.model, start, stop)
+        def units(start, stop, M, full=False):
+            if self._resolved:
+                return ChunkStack(self.model, start, stop, M, full_context=full)
+            return ModelLayers(self.model, start, stop)
 
         self.prefix = units(0, self.S, 1) if self.S > 0 else None
-        self.par = units(self.S, L, self.M)
+        self.par = units(self.S, L, self.M, self.mask == "full")  # the prefix keeps its windows
         for stack in (self.prefix, self.par):
             if stack is not None and self.apply is not None:
                 stack.apply = self.apply
@@ -504,7 +511,7 @@ def generate(model, prompt_idx: torch.Tensor, max_new_tokens: int, method: str =
     """Prompt [B, T] followed by max_new_tokens tokens decoded with SNLP: [B, T + max_new_tokens].
 
     Greedy at temperature 0; otherwise sampled with a generator seeded by `seed` (same seed, same
-    tokens). Extra options (kappa, probes, jac, compile) go to `Decoder`.
+    tokens). Extra options (kappa, probes, jac, compile, mask) go to `Decoder`.
     """
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")

@@ -37,12 +37,16 @@ class DistributedDecoder:
 
     method: "sequential" (the pipeline, the baseline) or a surrogate whose correction can cross ranks;
     iters, n_par, chunks ("CxFM", plain GPT only), init, kappa, probes, seed: as `Decoder`'s; max_len:
-    the cache length (default: the model's sequence_len). Raises ValueError as `solve_distributed`
+    the cache length (default: the model's sequence_len); mask: "window" only (every layer keeps its
+    window; `fullmask` is single-process). Raises ValueError as `solve_distributed`
     (more ranks than parallel units, method "newton", bad options)."""
 
     def __init__(self, model, method: str = "idn", iters: int = 1, n_par: int | None = None,
                  chunks: str | None = None, init: str = "h0", kappa: float = 0.0, probes: int = 1, seed: int = 0,
-                 max_len: int | None = None, group=None):
+                 max_len: int | None = None, group=None, mask: str = "window"):
+        if mask != "window":  # (the option reaches here through `SNLPConfig.decoder_kwargs`)
+            raise ValueError(f"mask={mask!r}: the layer-sliced decoder keeps every layer's window; valid: 'window' "
+                             f"(the paper's full causal parallel layers, 'fullmask', run in one process: Decoder)")
         if chunks is not None:
             check_chunkable(model)
         self.rank, self.P, self.S, _, self.M, self.slices = check_layout(

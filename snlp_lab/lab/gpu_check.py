@@ -14,17 +14,27 @@ machine's own Python with `PYTHONPATH=.` from the repository root. Four parts, e
 (b) machine limits: device-to-device copy bandwidth and the bf16 matrix-product rate, measured
     (`snlp_lab.measurement.limits`); with what each pass must read and compute they give its floor.
 (c) speed: the paper's configurations (docs/design.md §4) on `0.5b-plain` and `0.5b`, B = 1, T = 128 and 2048,
-    bf16, random weights (timing does not depend on them): eager prefill and KV-cached decode, and the
-    same replayed from captured CUDA graphs, baseline and SNLP alike (`snlp_lab.bench`). CUDA events,
-    warm-up first, medians, configurations interleaved. Every row carries its bytes and FLOPs per token,
-    its floor and its times over the floor (x_floor).
+    bf16, random weights (timing does not depend on them): prefill and KV-cached decode in four
+    variants, eager, graphed (CUDA-graph replays), compiled (torch.compile, inductor without its own
+    CUDA graphs) and compiled+graphed, baseline and SNLP alike (`snlp_lab.bench`). Every speedup is over
+    the fastest sequential variant of the same run, per pass, and each row names it. CUDA events,
+    warm-up first, medians, configurations interleaved. Compiling is dear, so it follows a plan
+    (`SIZES[...]["compile_plan"]`): on `0.5b-plain` at both T the sequential forward, the paper's
+    `idn:K=2:n=24:4xF6:h0` and `idn:K=1:n=12:1xF12:h0` and the fastest configuration by graphed time
+    are always compiled; everything else only while the compile budget (`compile_budget_s`) lasts,
+    and the rows of what was not compiled say so. At T = 2048 on `0.5b-plain` the v2 headline is also
+    timed with the paper's mask treatment (`idn:K=1:n=12:1xF12:h0:fullmask`). Every row carries its
+    bytes and FLOPs per token, its floor and each variant's time over the floor (x_floor).
 (d) the report: reports/gpu/README.md (summary, paper numbers beside ours), correctness/speed/limits
-    tables (CSV + Markdown), one speedup figure per model, and gpu_check.json with every number, the
-    torch/CUDA/GPU names and the seconds each part took. A short summary table is printed last.
+    tables (CSV + Markdown; a variant not timed reads `n/t`), one speedup figure per model, what was
+    compiled and for how long, and gpu_check.json with every number, the torch/CUDA/GPU names, the
+    seconds each part took and the compile account. A short summary table is printed last. `redraw`
+    rewrites all of it from a gpu_check.json, records older than the compiled variants included.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import platform
 import time
@@ -47,7 +57,7 @@ from ..solvers.grammar import parse_config
 from ..training.regularizer import snlp_regularizer
 from ..solvers.solver import solve
 
-TOL_FP32, TOL_BF16 = 1e-4, 3e-2  # relative error against float64 (the issue's thresholds)
+TOL_FP32, TOL_BF16 = 1e-4, 3e-2  # relative error against float64: float32 rounding, bf16's 8-bit mantissa
 
 # The paper's configurations (arXiv 2605.17842, Tables A and C; v2 for 1xF12) and ours.
 CONFIGS = ["sequential", "idn:K=2:n=24:4xF6:h0", "idn:K=2:n=24:12xF2:h0", "idn:K=2:n=24:h0",
@@ -57,14 +67,32 @@ CONFIGS = ["sequential", "idn:K=2:n=24:4xF6:h0", "idn:K=2:n=24:12xF2:h0", "idn:K
 PAPER = {("0.5b-plain", "idn:K=2:n=24:4xF6:h0", 128): 2.32, ("0.5b", "idn:K=2:n=24:12xF2:h0", 128): 2.37,
          ("0.5b", "idn:K=1:n=12:2xF6:fwd", 128): 1.37, ("0.5b-plain", "idn:K=1:n=12:1xF12:h0", 2048): 1.40}
 
-# Run sizes. The GPU run takes a few minutes on one H100/H200; the smoke run seconds on a CPU, with the
-# paper presets' depth (the configurations need 24 parallel layers) at toy width.
+# Compiled on 0.5b-plain whatever the budget, after the sequential forward (always compiled first: it is
+# the baseline): the paper's headline chunking, its v2 headline, and the fastest configuration by graphed
+# time ("best", `bench.run_bench`'s compile_configs).
+COMPILE_REQUIRED = ("idn:K=2:n=24:4xF6:h0", "idn:K=1:n=12:1xF12:h0", "best")
+
+# Run sizes. The GPU run takes at most 6 minutes on one H100/H200, compiling included; the smoke run
+# seconds on a CPU, with the paper presets' depth (the configurations need 24 parallel layers) at toy
+# width. compile: the torch.compile setting of the compiled variants (True: inductor's default mode,
+# which adds no CUDA graphs of its own, so that its kernels can be captured); compile_plan: per model
+# and T, what is compiled whatever the budget; compile_budget_s: seconds of compiling in the whole check
+# beyond which nothing else is compiled (the plan counts towards it); extra_configs: per model and T,
+# configurations timed beside CONFIGS there only. The smoke compiles one configuration at one T (the
+# sequential forward of 0.5b-plain at T = 16: the compiled and compiled+graphed path once, about 10 s)
+# with dynamo's eager backend: it traces the same fullgraph graphs, while inductor's code generation
+# would take a minute per configuration on 2 CPU cores; its budget of 0 s leaves the rest uncompiled,
+# as the GPU run's budget would.
 SIZES = {
     "gpu": dict(models=("0.5b-plain", "0.5b"), overrides={}, seq_lens=(128, 2048), decode_tokens=16,
-                repeats=20, warmup=3, copy_mb=1024, matmul_n=8192),
+                repeats=10, warmup=2, copy_mb=1024, matmul_n=8192, compile=True, compile_budget_s=150,
+                compile_plan={"0.5b-plain": {128: COMPILE_REQUIRED, 2048: COMPILE_REQUIRED}},
+                extra_configs={"0.5b-plain": {2048: ("idn:K=1:n=12:1xF12:h0:fullmask",)}}),
     "smoke": dict(models=("0.5b-plain", "0.5b"),
-                  overrides=dict(n_embd=64, n_head=2, n_kv_head=2, vocab_size=256, sequence_len=64),
-                  seq_lens=(16, 32), decode_tokens=4, repeats=1, warmup=0, copy_mb=8, matmul_n=256),
+                  overrides=dict(n_embd=64, n_head=2, n_kv_head=2, vocab_size=256, sequence_len=64, short_window=8),
+                  seq_lens=(16, 32), decode_tokens=4, repeats=1, warmup=0, copy_mb=8, matmul_n=256,
+                  compile={"backend": "eager"}, compile_budget_s=0, compile_plan={"0.5b-plain": {16: ()}},
+                  extra_configs={"0.5b-plain": {32: ("idn:K=1:n=12:1xF12:h0:fullmask",)}}),
 }
 
 
@@ -124,7 +152,8 @@ def correctness_cases() -> list[tuple[str, str, callable]]:
              ("mhc sequential", "mhc", solved("sequential")),
              ("mhc idn K=2", "mhc", solved("idn", iters=2)),
              ("mhc hcn K=2", "mhc", solved("hcn", iters=2))]
-    for cfg in ("sequential", "idn:K=1:n=4:h0", "idn:K=2:n=3:fwd", "idn:K=1:n=4:warm", "idn:K=1:n=4:2xF2:h0"):
+    for cfg in ("sequential", "idn:K=1:n=4:h0", "idn:K=2:n=3:fwd", "idn:K=1:n=4:warm", "idn:K=1:n=4:2xF2:h0",
+                "idn:K=1:n=4:2xF2:h0:fullmask"):
         cases.append((f"decode {cfg}", "gpt", lambda m, idx, cfg=cfg: _decode(m, cfg, idx, prompt=8)))
     cases.append(("decode mhc hcn:K=1:n=4", "mhc", lambda m, idx: _decode(m, "hcn:K=1:n=4", idx, prompt=8)))
     cases.append(("regularizer idn (value, grad)", "gpt", lambda m, idx: _regularizer(m, idx, "idn")))
@@ -159,39 +188,102 @@ def check_correctness(device: torch.device, log=print) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------ (c) speed
 def check_speed(size: dict, device: torch.device, limits: dict, log=print) -> pd.DataFrame:
-    """`bench.run_bench` with CUDA graphs for every model of the run, each row with its bytes and FLOPs
-    per token, its floor on the measured `limits` and its times over the floor."""
-    frames = []
+    """`bench.run_bench` with CUDA graphs, and compiled where the plan and the budget allow, for every
+    model and T of the run (one timing per model and T: its speedups are over that timing's fastest
+    sequential variant), as one `bench.by_variant` table: one row per model, configuration and T with
+    the four variants side by side, its bytes and FLOPs per token, its floor on the measured `limits`
+    and each variant's time over the floor. attrs["compile"] says what was compiled, for how long."""
+    frames, spent = [], 0.0
+    budget, setting = size["compile_budget_s"], size["compile"]
     for preset in size["models"]:
         cfg = get_config(preset, **size["overrides"])
-        frames.append(bench.run_bench(cfg, CONFIGS, size["seq_lens"], size["decode_tokens"], size["repeats"],
-                                      size["warmup"], str(device), graphs=True, name=preset, limits=limits,
-                                      log=log))
+        for T in size["seq_lens"]:
+            configs = CONFIGS + list(size["extra_configs"].get(preset, {}).get(T, ()))
+            plan = size["compile_plan"].get(preset, {}).get(T)
+            left = max(0.0, budget - spent)
+            compiling = plan is not None or left > 0
+            df = bench.run_bench(cfg, configs, (T,), size["decode_tokens"], size["repeats"], size["warmup"],
+                                 str(device), compile=[False, setting] if compiling else False, graphs=True,
+                                 name=preset, limits=limits, log=log,
+                                 compile_configs=list(plan or ()) if compiling else None,
+                                 compile_budget_s=left if compiling else None)
+            spent += float(df.compile_s.sum())
+            frames.append(bench.by_variant(df, missing=f"not compiled (compile budget of {budget:g} s spent)"))
     out = pd.concat(frames, ignore_index=True)
-    out.attrs["notes"] = frames[0].attrs["notes"]
+    out.attrs["notes"] = bench.notes(out.weights.iloc[0], device, True, limits, compiled=True)
+    out.attrs["compile"] = dict(setting=str(setting), budget_s=budget, spent_s=spent,
+                                plan={p: {str(T): list(c) for T, c in d.items()} for p, d in size["compile_plan"].items()})
     return out
 
 
 # ------------------------------------------------------------------------------------------ (d) report
-SPEED_COLS = ["model", "config", "T", "bound", "prefill_ms", "prefill_speedup", "prefill_speedup_lo",
-              "prefill_graph_ms", "prefill_graph_speedup", "prefill_MB_tok", "prefill_MFLOP_tok", "prefill_floor_ms",
-              "prefill_x_floor", "prefill_graph_x_floor", "decode_tok_s", "decode_speedup", "decode_speedup_lo",
-              "decode_graph_tok_s", "decode_graph_speedup", "decode_MB_tok", "decode_MFLOP_tok", "decode_floor_ms",
-              "decode_x_floor", "decode_graph_x_floor", "peak_mem_mb", "graph_err"]
-SUMMARY_COLS = ["model", "config", "T", "bound", "prefill_speedup", "prefill_graph_speedup", "prefill_graph_x_floor",
-                "decode_speedup", "decode_graph_speedup", "decode_graph_x_floor"]
+SPEED_COLS = ["model", "config", "mask", "T", "bound", "compiled", "compile_s", "prefill_baseline",
+              "prefill_ms", "prefill_graph_ms", "prefill_compiled_ms", "prefill_compiled_graph_ms",
+              "prefill_speedup", "prefill_speedup_lo", "prefill_graph_speedup", "prefill_compiled_speedup",
+              "prefill_compiled_graph_speedup", "prefill_MB_tok", "prefill_MFLOP_tok", "prefill_floor_ms",
+              "prefill_x_floor", "prefill_graph_x_floor", "prefill_compiled_x_floor", "prefill_compiled_graph_x_floor",
+              "decode_baseline", "decode_tok_s", "decode_graph_tok_s", "decode_compiled_tok_s",
+              "decode_compiled_graph_tok_s", "decode_speedup", "decode_speedup_lo", "decode_graph_speedup",
+              "decode_compiled_speedup", "decode_compiled_graph_speedup", "decode_MB_tok", "decode_MFLOP_tok",
+              "decode_floor_ms", "decode_x_floor", "decode_graph_x_floor", "decode_compiled_x_floor",
+              "decode_compiled_graph_x_floor", "peak_mem_mb", "graph_err", "compiled_graph_err"]
+SUMMARY_COLS = ["model", "config", "T", "bound", "prefill_baseline", "prefill_speedup", "prefill_graph_speedup",
+                "prefill_compiled_speedup", "prefill_compiled_graph_speedup", "prefill_graph_x_floor",
+                "prefill_compiled_graph_x_floor", "decode_baseline", "decode_speedup", "decode_graph_speedup",
+                "decode_compiled_speedup", "decode_compiled_graph_speedup", "decode_graph_x_floor",
+                "decode_compiled_graph_x_floor"]
+# a variant's columns in the speed table: (prefill time, decode rate, prefill speedup, decode speedup,
+# prefill x_floor, decode x_floor)
+VARIANT_COLS = {v: (f"prefill{s}_ms", f"decode{s}_tok_s", f"prefill{s}_speedup", f"decode{s}_speedup",
+                    f"prefill{s}_x_floor", f"decode{s}_x_floor")
+                for v, s in zip(bench.VARIANTS, ("", "_graph", "_compiled", "_compiled_graph"))}
+NOT_TIMED = "n/t"  # in a table cell: this variant was not timed (not compiled: the `compiled` column says why)
+
+
+def explained(df: pd.DataFrame, floatfmt: str = ".4g") -> pd.DataFrame:
+    """df for a report table: a numeric column with missing values (variants not compiled) becomes text,
+    its numbers formatted with floatfmt and its gaps `NOT_TIMED`, so that no cell reads 'nan'."""
+    out = df.copy()
+    for col in out.select_dtypes("number"):
+        if out[col].isna().any():
+            out[col] = [NOT_TIMED if pd.isna(v) else format(v, floatfmt) for v in out[col]]
+    return out
+
+
+def best_variant(r, kind: str, by: str = "speedup") -> tuple[str, float] | None:
+    """(variant, value) of row r's fastest timed variant for kind "prefill" or "decode": by "speedup"
+    (the largest) or "time" (prefill ms or decode ms a token, the smallest); None if none was timed."""
+    i = {"prefill": 0, "decode": 1}[kind]
+    found = []
+    for v, cols in VARIANT_COLS.items():
+        t = r.get(cols[i]) if hasattr(r, "get") else getattr(r, cols[i], None)
+        if t is not None and not pd.isna(t):
+            found.append((v, float(t) if kind == "prefill" else 1e3 / float(t)))
+    if not found:
+        return None
+    v, t = min(found, key=lambda f: f[1])
+    if by == "time":
+        return v, t
+    return v, float(r[VARIANT_COLS[v][2 + i]])
 
 
 def paper_table(speed: pd.DataFrame) -> pd.DataFrame:
-    """The paper's reported prefill speedups beside ours for the same model, configuration and T."""
+    """The paper's reported prefill speedups beside ours for the same model, configuration and T: ours
+    eager over eager (what the paper measured), and each variant over the fastest sequential variant."""
     rows = []
     for (preset, cfg, T), x in PAPER.items():
-        r = speed[(speed.model == preset) & (speed.config == cfg) & (speed["T"] == T)]
-        if len(r):
+        d = speed[(speed.model == preset) & (speed["T"] == T)]
+        r, seq = d[d.config == cfg], d[d.config == "sequential"]
+        if len(r) and len(seq):
             r = r.iloc[0]
-            rows.append(dict(model=preset, config=cfg, T=T, paper=x, eager=r.prefill_speedup,
-                             graphed=r.prefill_graph_speedup, bound=r.bound))
-    return pd.DataFrame(rows, columns=["model", "config", "T", "paper", "eager", "graphed", "bound"])
+            row = dict(model=preset, config=cfg, T=T, paper=x, eager_over_eager=seq.prefill_ms.iloc[0] / r.prefill_ms)
+            for v, cols in VARIANT_COLS.items():
+                if cols[2] in r:
+                    row[v] = r[cols[2]]
+            rows.append(dict(row, bound=r.bound))
+    cols = ["model", "config", "T", "paper", "eager_over_eager"] + [v for v in bench.VARIANTS
+                                                                    if VARIANT_COLS[v][2] in speed] + ["bound"]
+    return pd.DataFrame(rows, columns=cols)
 
 
 def environment(device: torch.device, size: dict) -> dict:
@@ -215,51 +307,55 @@ def environment(device: torch.device, size: dict) -> dict:
 
 
 def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: pd.DataFrame,
-                 seconds: dict, smoke: bool) -> pd.DataFrame:
-    """Tables, figures, JSON and README.md under `out`; returns the summary table."""
+                 seconds: dict, smoke: bool, compiled: dict | None = None) -> pd.DataFrame:
+    """Tables, figures, JSON and README.md under `out`; returns the summary table. speed: `check_speed`'s
+    table, or a record's older one (eager and graphed only, each over its own sequential variant);
+    compiled: what was compiled (`check_speed`'s attrs["compile"]; None for such a record)."""
     out.mkdir(parents=True, exist_ok=True)
     where = f"{env.get('gpu', env['cpu'])}, torch {env['torch']}, CUDA {env['cuda']}"
     report.save_table(corr, "correctness", out, "Correctness: device float32 and bf16 autocast vs CPU float64",
                       dict(device=where, thresholds=f"float32 < {TOL_FP32:g}, bf16 autocast < {TOL_BF16:g} "
                            "(max |x - ref| / max |ref|)", models="tiny (x0ve, GQA) and tiny mHC (2 streams), "
                            "random non-trivial weights"), floatfmt=".2e")
-    present = lambda cols: [c for c in cols if c in speed]  # a check older than snlp_lab.measurement.limits lacks some
-    report.save_table(speed[present(SPEED_COLS)], "speed", out, "Speed: sequential vs SNLP, B = 1, bf16",
+    present = lambda cols: [c for c in cols if c in speed]  # an older check lacks some
+    fastest_base = "prefill_baseline" in speed  # every speedup over the fastest sequential variant
+    report.save_table(explained(speed[present(SPEED_COLS)]), "speed", out, "Speed: sequential vs SNLP, B = 1, bf16",
                       dict(device=where, limits=describe(limits), notes="; ".join(speed.attrs["notes"])),
                       floatfmt=".4g")
     paper = paper_table(speed)
-    report.save_table(paper, "paper", out, "Prefill speedups: the paper's (trained models) beside ours",
+    report.save_table(explained(paper, ".2f"), "paper", out, "Prefill speedups: the paper's (trained models) beside ours",
                       dict(device=where, note="the paper's numbers are over its eager sequential forward on its "
-                           "trained models; ours use random weights (timing does not depend on them)"))
+                           "trained models; ours use random weights (timing does not depend on them); "
+                           "eager_over_eager is ours measured as the paper did, the variant columns are over "
+                           "the fastest sequential variant" if fastest_base else "the paper's numbers are over "
+                           "its eager sequential forward on its trained models; ours use random weights"))
+    panels = [c for k in ("prefill", "decode") for c in (VARIANT_COLS[v][2 if k == "prefill" else 3]
+                                                           for v in bench.VARIANTS)
+              if c in speed and speed[c].notna().any()]
     for preset, df in speed.groupby("model", sort=False):
-        fig = report.plot_speedup(df, ("prefill_speedup", "prefill_graph_speedup", "decode_speedup",
-                                       "decode_graph_speedup"),
+        fig = report.plot_speedup(df, panels,
                                   title=f"{preset} on {env.get('gpu', env['cpu'])} (bf16), B=1, random weights; "
-                                        "graph = CUDA-graph replays, baseline and SNLP alike")
+                                        + ("each over the fastest sequential variant" if fastest_base else
+                                           "graph = CUDA-graph replays, baseline and SNLP alike"))
         report.save_figure(fig, f"speedup_gpu_{preset}", out)
     summary = speed[present(SUMMARY_COLS)]
+    records = speed.astype(object).where(speed.notna(), None).to_dict("records")  # NaN is not JSON: null
     atomic_write_text(out / "gpu_check.json", json.dumps(
-        {"environment": env, "smoke": smoke, "seconds": seconds, "limits": limits,
-         "correctness": corr.to_dict("records"), "speed": speed.to_dict("records"),
-         "paper": paper.to_dict("records"), "notes": speed.attrs["notes"]}, indent=1, default=str))
+        {"environment": env, "smoke": smoke, "seconds": seconds, "limits": limits, "compile": compiled,
+         "correctness": corr.to_dict("records"), "speed": records,
+         "paper": paper.astype(object).where(paper.notna(), None).to_dict("records"),
+         "notes": speed.attrs["notes"]}, indent=1, default=str))
     fails = corr[~corr.ok]
-    findings = []
-
-    def x_pre(r):  # graphed time over the floor
-        return f"{r.prefill_graph_x_floor:.1f}x its floor of {r.prefill_floor_ms:.3g} ms"
-
-    def x_dec(r):
-        return f"{r.decode_graph_x_floor:.1f}x its floor of {r.decode_floor_ms:.3g} ms a token"
-
-    for (preset, T), d in speed.groupby(["model", "T"], sort=False):
-        seq, snlp = d[d.config == "sequential"].iloc[0], d[d.config != "sequential"]
-        bp, bd = snlp.loc[snlp.prefill_graph_speedup.idxmax()], snlp.loc[snlp.decode_graph_speedup.idxmax()]
-        findings.append(
-            f"- {preset}, T = {T}: sequential prefill {seq.prefill_ms:.2f} ms eager, {seq.prefill_graph_ms:.2f} ms "
-            f"graphed ({x_pre(seq)}), decode {seq.decode_graph_tok_s:.0f} tokens/s graphed ({x_dec(seq)}); "
-            f"best graphed prefill `{bp.config}` x{bp.prefill_graph_speedup:.2f} (eager x{bp.prefill_speedup:.2f}; "
-            f"{x_pre(bp)}); best graphed decode `{bd.config}` x{bd.decode_graph_speedup:.2f} "
-            f"({bd.decode_graph_tok_s:.0f} tokens/s, {x_dec(bd)}).")
+    findings = [_finding(preset, T, d) for (preset, T), d in speed.groupby(["model", "T"], sort=False)]
+    findings += _mask_findings(speed)
+    if fastest_base:
+        how = ("Every speedup, of every variant (eager, graphed = CUDA-graph replays, compiled = torch.compile, "
+               "compiled+graphed = the compiled kernels replayed), is over the fastest sequential variant of the "
+               "same run, per pass, which `prefill_baseline` and `decode_baseline` name; bound = L / (S + K). "
+               f"`{NOT_TIMED}`: a variant not timed (not compiled; the `compiled` column says why).")
+    else:
+        how = ("Speedup over the sequential forward in the same run (eager over eager, graphed over graphed); "
+               "bound = L / (S + K).")
     lines = ["# GPU check", "",
              f"`python -m snlp_lab.gpu_check{' --smoke' if smoke else ''}` on {where}"
              + (f", source commit {env['commit']}" if env.get("commit") else "") + "; "
@@ -274,22 +370,99 @@ def write_report(out: Path, env: dict, corr: pd.DataFrame, limits: dict, speed: 
              "must read and compute per token (weights once per layer evaluation, the KV cache, embedding rows, "
              "the head; `snlp_lab.measurement.limits` says what is left out), `*_floor_ms` = max(bytes / bandwidth, FLOPs / "
              "rate) of a B = 1 pass (decode: one step, averaged over the decoded positions) and `*_x_floor` the "
-             "measured time over that floor: how far sequential and SNLP are from what the machine allows.", "",
-             "## Speed", "", "Speedup over the sequential forward in the same run (eager over eager, graphed over "
-             "graphed); bound = L / (S + K). [table](speed.md), figures: "
+             "measured time over that floor, per variant: how far sequential and SNLP are from what the machine "
+             "allows.", "",
+             "## Speed", "", how + " [table](speed.md), figures: "
              + ", ".join(f"[{p}](speedup_gpu_{p}.png)" for p in speed.model.unique()), "",
-             *findings, "", summary.to_markdown(index=False, floatfmt=".2f"), "", "## Beside the paper", "",
+             *findings, "", explained(summary, ".2f").to_markdown(index=False, floatfmt=".2f"), "",
+             *_compile_lines(speed, compiled),
+             "## Beside the paper", "",
              "The paper's speedups are over an eager sequential forward, on its trained models; ours on random "
-             "weights (timing does not depend on them).", "",
-             paper.to_markdown(index=False, floatfmt=".2f") if len(paper) else "(no paper configuration in this run)",
+             "weights (timing does not depend on them)" + ("; `eager_over_eager` is ours measured the same way."
+                                                           if fastest_base else "."), "",
+             explained(paper, ".2f").to_markdown(index=False, floatfmt=".2f") if len(paper)
+             else "(no paper configuration in this run)",
              "", "## How to read it", "",
              "- A speedup below the bound is the price of each batched call costing more than one layer; on a "
              "GPU a batched call of N layers at B = 1 is nearly as cheap as one layer while the GPU is not full.",
-             "- Eager times at small T are dominated by kernel launches; the graphed columns remove most of that, "
-             "for the baseline and SNLP alike, and are the numbers a latency-minded user gets.",
-             "- `graph_err` says a replay computes what the eager prefill computed.", ""]
+             "- Eager times at small T are dominated by kernel launches; the graphed and compiled variants remove "
+             "most of that, for the baseline and SNLP alike. The fastest of them is the baseline a latency-minded "
+             "user would run, so that is what every speedup divides.",
+             "- `graph_err` (and `compiled_graph_err`) says a replay computes what the untimed prefill computed.", ""]
     atomic_write_text(out / "README.md", "\n".join(lines))
     return summary
+
+
+def _x_floor(r, variant: str, kind: str) -> str:
+    col = VARIANT_COLS[variant][4 if kind == "prefill" else 5]
+    v = r.get(col) if hasattr(r, "get") else None
+    return "" if v is None or pd.isna(v) else f"{v:.1f}x its floor"
+
+
+def _finding(preset: str, T: int, d: pd.DataFrame) -> str:
+    """One line per model and T: the fastest sequential variant of each pass, and the best SNLP
+    configuration and variant of each."""
+    seq, snlp = d[d.config == "sequential"].iloc[0], d[d.config != "sequential"]
+    (vp, ms), (vd, step) = best_variant(seq, "prefill", "time"), best_variant(seq, "decode", "time")
+    parts = [f"- {preset}, T = {T}: fastest sequential prefill {vp} {ms:.2f} ms ({_x_floor(seq, vp, 'prefill')}, "
+             f"floor {seq.prefill_floor_ms:.3g} ms), decode {vd} {1e3 / step:.0f} tokens/s "
+             f"({_x_floor(seq, vd, 'decode')}, floor {seq.decode_floor_ms:.3g} ms a token)"]
+    for kind in ("prefill", "decode"):
+        best = [(r.config, *best_variant(r, kind)) for _, r in snlp.iterrows() if best_variant(r, kind)]
+        if best:
+            cfg, v, x = max(best, key=lambda b: b[2])
+            r = snlp[snlp.config == cfg].iloc[0]
+            parts.append(f"best {kind} `{cfg}` {v} x{x:.2f} ({_x_floor(r, v, kind)})")
+    return "; ".join(parts) + "."
+
+
+def _mask_findings(speed: pd.DataFrame) -> list[str]:
+    """The paper's mask treatment beside ours: each `fullmask` configuration against the same one with
+    windows, by each pass's best variant."""
+    if "mask" not in speed:
+        return []
+    lines = []
+    for _, r in speed[speed["mask"] == "full"].iterrows():
+        same = parse_config(r.config)
+        windowed = dataclasses.replace(same, mask="window", text="").text
+        w = speed[(speed.model == r.model) & (speed["T"] == r["T"])
+                  & (speed.config.map(lambda c: parse_config(c).canonical()) == windowed)]
+        if w.empty:
+            continue
+        w = w.iloc[0]
+        parts = []
+        for kind in ("prefill", "decode"):
+            full, win = best_variant(r, kind), best_variant(w, kind)
+            if full and win:
+                parts.append(f"{kind} x{full[1]:.2f} ({full[0]}) against x{win[1]:.2f} ({win[0]}) with windows")
+        if parts:
+            lines.append(f"- The paper's mask treatment, {r.model}, T = {r['T']}: `{r.config}` (parallel layers "
+                         f"with full causal masks, the prefix and the baseline windowed) " + "; ".join(parts) + ".")
+    return lines
+
+
+def _compile_lines(speed: pd.DataFrame, compiled: dict | None) -> list[str]:
+    """The README's account of compiling: the setting, the seconds against the budget, and what was not
+    compiled and why (nothing is left out silently)."""
+    if compiled is None or "compiled" not in speed:
+        return []
+    done = speed[speed.compiled.astype(str) == str(compiled["setting"])]
+    skipped = speed[speed.compiled.astype(str).str.startswith("not compiled")]
+    failed = speed[speed.compiled.astype(str).str.startswith("eager (compile failed")]
+    lines = ["## Compiling", "",
+             f"torch.compile setting `{compiled['setting']}` (fullgraph, static shapes, no CUDA graphs of its own); "
+             f"{compiled['spent_s']:.0f} s of compiling in all, against a budget of {compiled['budget_s']:g} s "
+             "(the plan, compiled whatever the budget, counts towards it; `compile_s` per row: the seconds its "
+             "first pass took, graphs already compiled for the same shapes reused).",
+             "Compiled: " + (", ".join(f"{r.model} T={r['T']} `{r.config}` ({r.compile_s:.0f} s)"
+                                       for _, r in done.iterrows()) or "nothing") + "."]
+    if len(skipped):
+        reasons = skipped.compiled.value_counts()
+        lines.append("Not compiled: " + "; ".join(f"{n} rows {why}" for why, n in reasons.items()) + ".")
+    if len(failed):
+        lines.append("Failed to compile (timed eagerly instead): "
+                     + ", ".join(f"{r.model} T={r['T']} `{r.config}`" for _, r in failed.iterrows()) + ".")
+    return lines + [""]
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -322,7 +495,8 @@ def run(smoke: bool = False, out: Path | None = None, device: str | None = None,
     corr = part("correctness", lambda: check_correctness(dev, log))
     limits = part("limits", lambda: measure_limits(dev, copy_mb=size["copy_mb"], matmul_n=size["matmul_n"]))
     speed = part("speed", lambda: check_speed(size, dev, limits, log))
-    summary = part("report", lambda: write_report(out, env, corr, limits, speed, seconds, smoke))
+    summary = part("report", lambda: write_report(out, env, corr, limits, speed, seconds, smoke,
+                                                  speed.attrs.get("compile")))
     log(f"[gpu-check] wrote {out}/ (README.md, correctness, speed, paper tables, figures, gpu_check.json)")
     return {"ok": bool(corr.ok.all()), "summary": summary, "correctness": corr, "out": out}
 
@@ -338,7 +512,13 @@ def redraw(out: Path) -> pd.DataFrame:
     for key, kind in (("speed", list), ("notes", (str, list, dict)), ("environment", dict), ("correctness", list),
                       ("limits", (dict, type(None))), ("seconds", dict), ("smoke", bool)):
         field(path, j, key, kind, what, remedy)
-    speed = bench.with_x_floor(pd.DataFrame(j["speed"]))  # checks before snlp_lab.measurement.limits did not record x_floor
+    if "compile" in j:  # checks before the compiled variants did not record it
+        field(path, j, "compile", (dict, type(None)), what, remedy)
+    speed = pd.DataFrame(j["speed"])
+    for col in speed.columns[speed.dtypes == object]:  # null (a variant not timed) back to NaN in a numeric column
+        if all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in speed[col]):
+            speed[col] = pd.to_numeric(speed[col].astype(float))
+    speed = bench.with_x_floor(speed)  # checks before snlp_lab.measurement.limits did not record x_floor
     speed.attrs["notes"] = j["notes"]
     return write_report(Path(out), j["environment"], pd.DataFrame(j["correctness"]), j["limits"], speed,
-                        j["seconds"], j["smoke"])
+                        j["seconds"], j["smoke"], j.get("compile"))

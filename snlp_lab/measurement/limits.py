@@ -79,12 +79,18 @@ def _once_per_pass(model) -> tuple[int, int]:
     return head.numel(), _nbytes([head]) + _nbytes(rest)
 
 
-def windows(model) -> list[int]:
-    """Per layer: the largest distance i - j over which a query at i attends to a key at j."""
+def windows(model, config: SNLPConfig | str | None = None) -> list[int]:
+    """Per layer: the largest distance i - j over which a query at i attends to a key at j; with a
+    configuration whose mask is "full" (`fullmask`), its parallel layers attend over the whole context."""
     if hasattr(model.config, "window_sizes"):  # GPTConfig: nanochat's windows, i - j <= window
-        return model.config.window_sizes()
-    # transformers models (snlp_lab.models.hf): i - j < sliding_window where a layer has one
-    return [model.config.sequence_len if w is None else w - 1 for w in model._window]
+        out = model.config.window_sizes()
+    else:  # transformers models (snlp_lab.models.hf): i - j < sliding_window where a layer has one
+        out = [model.config.sequence_len if w is None else w - 1 for w in model._window]
+    c = parse_config(config) if isinstance(config, str) else config
+    if c is not None and c.mask == "full":
+        S, _ = c.check(model.n_layer).layout(model.n_layer)
+        out = out[:S] + [model.config.sequence_len] * (model.n_layer - S)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ one pass
@@ -118,7 +124,7 @@ def prefill_cost(model, config: SNLPConfig | str, T: int, batch: int = 1) -> Cos
     prefill runs it. Query i of layer l attends to min(i, w_l) + 1 keys."""
     if T < 1 or batch < 1:
         raise ValueError(f"need T >= 1 and batch >= 1, got T={T}, batch={batch}")
-    pairs = [batch * sum(min(i, w) + 1 for i in range(T)) for w in windows(model)]
+    pairs = [batch * sum(min(i, w) + 1 for i in range(T)) for w in windows(model, config)]
     return _pass_cost(model, config, pairs, [0] * model.n_layer, batch * T)
 
 
@@ -127,7 +133,7 @@ def decode_cost(model, config: SNLPConfig | str, pos: int, batch: int = 1) -> Co
     it attends to min(pos, w_l) + 1 keys in layer l, of which min(pos, w_l) are read from the cache."""
     if pos < 0 or batch < 1:
         raise ValueError(f"need pos >= 0 and batch >= 1, got pos={pos}, batch={batch}")
-    keys = [batch * min(pos, w) for w in windows(model)]
+    keys = [batch * min(pos, w) for w in windows(model, config)]
     return _pass_cost(model, config, [k + batch for k in keys], keys, batch)
 
 

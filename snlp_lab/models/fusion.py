@@ -18,7 +18,8 @@ Choices where the layers disagree:
     weight). The paper's code dropped value embeddings in fused chunks; here they are kept.
   - sliding windows: each fused layer's heads keep their layer's window (a per-head attention mask),
     so a chunk of one layer (M = 1) is exactly that layer. The paper's code attends over the full
-    context in its parallel layers, windowed or not.
+    context in its parallel layers, windowed or not; `full_context=True` (the grammar's `fullmask`)
+    does the same here: the units' windows become the whole context (`with_full_context`).
 
 `ChunkStack` presents layers start..stop-1 as C = (stop - start) / M such units: a layer stack the
 solver and the decoder iterate over exactly as over single layers (M = 1 gives the layers themselves).
@@ -34,6 +35,7 @@ _ROW_WEIGHTS = ("q", "k", "v", "fc", "gate")  # [N, out, in]: fusing concatenate
 _COL_WEIGHTS = ("o", "proj")  # [N, out, in]: fusing concatenates input columns (sums the outputs)
 _MEAN_WEIGHTS = ("lam", "mu")  # [N] scalars: the chunk uses their mean
 _HEAD_WEIGHTS = ("window", "window_dev")  # [N, H] per query head (CPU, device): fused heads keep their own
+_STATIC_HEAD_WEIGHTS = ("window_static",)  # the same as a tuple per unit of Python ints (`attention_mask`)
 
 
 def fusable(model) -> bool:
@@ -77,29 +79,61 @@ def fuse(W: dict, M: int) -> dict:
             out[name] = w.reshape(C, M).mean(dim=1)
         elif name in _HEAD_WEIGHTS:
             out[name] = w.reshape(C, M * w.shape[1])
+        elif name in _STATIC_HEAD_WEIGHTS:
+            out[name] = tuple(sum(w[c * M:(c + 1) * M], ()) for c in range(C))
         else:
-            raise ValueError(f"don't know how to fuse weight {name!r}; known: "
-                             f"{', '.join(_ROW_WEIGHTS + _COL_WEIGHTS + _MEAN_WEIGHTS + _HEAD_WEIGHTS)}")
+            known = _ROW_WEIGHTS + _COL_WEIGHTS + _MEAN_WEIGHTS + _HEAD_WEIGHTS + _STATIC_HEAD_WEIGHTS
+            raise ValueError(f"don't know how to fuse weight {name!r}; known: {', '.join(known)}")
     return out
 
 
-def fused_weights(model, start: int, stop: int, M: int) -> dict:
-    """Fused weights of layers start..stop-1 in chunks of M: [C, ...] per weight kind.
+def check_mask(model, mask: str) -> None:
+    """ValueError, naming the valid choice, if `mask` ("window" or "full", `snlp_lab.solvers.grammar.MASKS`)
+    is "full" on a model whose parallel units are not stacked GPT weights: full causal masks are set
+    where those weights are stacked (`with_full_context`), which mHC and transformers models lack."""
+    if mask == "full" and not fusable(model):
+        raise ValueError(f"mask='full' (the paper's full causal parallel layers, token 'fullmask') is supported on "
+                         f"the single-stream GPT only, not on {type(model).__name__} models "
+                         f"(n_streams={getattr(model.config, 'n_streams', 1)}); use mask='window'")
 
-    Built once per model and reused (cached on the model by (start, stop, M), rebuilt when a parameter
-    changes), like `GPT.stacked_weights`. Under autograd they are rebuilt so that gradients flow.
+
+def with_full_context(W: dict, context: int) -> dict:
+    """Stacked (or fused) weights W whose units attend over the whole causal context: every head's
+    window becomes `context`, the model's sequence_len, in each form W holds it (the "window*" entries:
+    tensors [N, H] on the CPU and the device, or a tuple per unit of Python ints per head). A window of
+    the whole context admits every key j <= i, so the masks reduce to the causal rule
+    (`model.attention_mask`, the decoder's slots): the paper's treatment of its parallel layers (SDPA
+    is_causal=True). Other weights are shared, not copied."""
+    out = dict(W)
+    for name, w in W.items():
+        if name.startswith("window"):
+            out[name] = (torch.full_like(w, context) if isinstance(w, torch.Tensor)
+                         else tuple(tuple(context for _ in unit) for unit in w))
+    return out
+
+
+def fused_weights(model, start: int, stop: int, M: int, full_context: bool = False) -> dict:
+    """Fused weights of layers start..stop-1 in chunks of M: [C, ...] per weight kind; with
+    full_context, their windows cover the whole context (`with_full_context`).
+
+    Built once per model and reused (cached on the model by (start, stop, M, full_context), rebuilt when
+    a parameter changes), like `GPT.stacked_weights`. Under autograd they are rebuilt so that gradients flow.
     """
-    if M == 1:
+    def build():
+        W = model.stacked_weights(start, stop) if M == 1 else fuse(model.stacked_weights(start, stop), M)
+        return with_full_context(W, model.config.sequence_len) if full_context else W
+
+    if M == 1 and not full_context:
         return model.stacked_weights(start, stop)
     if torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters()):
-        return fuse(model.stacked_weights(start, stop), M)
+        return build()
     key = param_key(model)
     cache = getattr(model, "_fused_cache", None)
     if cache is None or cache[0] != key:
         cache = model._fused_cache = (key, {})
-    if (start, stop, M) not in cache[1]:
-        cache[1][(start, stop, M)] = fuse(model.stacked_weights(start, stop), M)
-    return cache[1][(start, stop, M)]
+    if (start, stop, M, full_context) not in cache[1]:
+        cache[1][(start, stop, M, full_context)] = build()
+    return cache[1][(start, stop, M, full_context)]
 
 
 def clear_fused_cache(model) -> None:
@@ -113,19 +147,25 @@ def fused_value_embeddings(model, start: int, stop: int, M: int, ctx):
     ve = model.value_embeddings(start, stop, ctx)
     if ve is None or M == 1:
         return ve
+    N, B, T, kv = ve.shape
+    fused = lambda: ve.view(N // M, M, B, T, kv).permute(0, 2, 3, 1, 4).reshape(N // M, B, T, M * kv)
+    if torch.compiler.is_compiling():  # no cache on ctx in a graph (`GPT.value_embeddings` says why)
+        return fused()
     key = ("fused", start, stop, M)
     if key not in ctx._ve:
-        N, B, T, kv = ve.shape
-        ctx._ve[key] = ve.view(N // M, M, B, T, kv).permute(0, 2, 3, 1, 4).reshape(N // M, B, T, M * kv)
+        ctx._ve[key] = fused()
     return ctx._ve[key]
 
 
-def chunk_stack(model, start: int, stop: int, M: int = 1):
+def chunk_stack(model, start: int, stop: int, M: int = 1, full_context: bool = False):
     """Layers start..stop-1 as fused chunks of M: the model's own chunk stack where it has one (mHC,
-    `snlp_lab.mhc.MHCChunkStack`), else a `ChunkStack`."""
+    `snlp_lab.mhc.MHCChunkStack`), else a `ChunkStack`; full_context: see `ChunkStack` (ValueError on
+    models without stacked GPT weights, `check_mask`)."""
+    if full_context:
+        check_mask(model, "full")
     if hasattr(model, "chunk_stack"):
         return model.chunk_stack(start, stop, M)
-    return ChunkStack(model, start, stop, M)
+    return ChunkStack(model, start, stop, M, full_context)
 
 
 class ChunkStack:
@@ -134,9 +174,11 @@ class ChunkStack:
     A layer stack in the solver's sense (`layers`, `layer`, `resid_scale`, `n_layer`), indexed by unit:
     unit c is the fused block of layers start + cM .. start + cM + M - 1 (M = 1: the layers themselves).
     The weights are resolved once, when the stack is made; make a new stack after changing the model.
+    full_context: the units attend over the whole causal context, their layers' windows ignored (the
+    paper's parallel layers; `with_full_context`).
     """
 
-    def __init__(self, model, start: int, stop: int, M: int = 1):
+    def __init__(self, model, start: int, stop: int, M: int = 1, full_context: bool = False):
         check_chunkable(model)
         if not 0 <= start < stop <= model.n_layer or (stop - start) % M:
             raise ValueError(f"layers {start}..{stop - 1} cannot be cut into chunks of M={M} "
@@ -144,7 +186,8 @@ class ChunkStack:
         self.model, self.start, self.stop, self.M, self.config = model, start, stop, M, model.config
         self.n_layer = (stop - start) // M
         self.head_dim = model.config.head_dim
-        W = fused_weights(model, start, stop, M)
+        self.full_context = full_context
+        W = fused_weights(model, start, stop, M, full_context)
         self.W = W if "qkv" in W else dict(W, qkv=qkv_weight(W))
         self.apply = block_apply  # for calls with a cache slot; the decoder may swap in a compiled version
         self._slices = {}

@@ -1,12 +1,20 @@
 """SNLP configurations: one grammar for every way in, validated in one place.
 
     sequential
-    METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ][:probes=P][:jac=J][:seed=S]
+    METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ][:probes=P][:jac=J][:seed=S][:fullmask]
 
-in any order after the method, e.g. `idn:K=2:n=24:4xF6:h0`, `idn:K=1:n=12`, `scaled-idn:K=2:n=8:fwd`.
-Defaults: K = 1, n = all layers (or C·M with chunks), one unit per layer, init h0. INIT is h0, fwd or
-warm ("warm", the previous token's states, is a decoding init). `CxFM` solves C fused chunks of M layers
-(`snlp_lab.models.fusion`). The same strings name configurations in the benchmark, validation PPL (`evaluate`,
+in any order after the method, e.g. `idn:K=2:n=24:4xF6:h0`, `idn:K=1:n=12`, `scaled-idn:K=2:n=8:fwd`,
+`idn:K=1:n=12:1xF12:h0:fullmask`. Defaults: K = 1, n = all layers (or C·M with chunks), one unit per
+layer, init h0, windows kept. INIT is h0, fwd or warm ("warm", the previous token's states, is a decoding
+init). `CxFM` solves C fused chunks of M layers (`snlp_lab.models.fusion`). `fullmask` is the paper's
+mask treatment (its code runs the parallel layers with SDPA is_causal=True while its sequential
+baseline builds the sliding-window mask): the parallel units attend with full causal masks, while the
+sequential prefix, and any sequential baseline, keep the model's windows (`SNLPConfig.mask` = "full";
+without the token, "window": windows on every path). It changes the function wherever a window is
+shorter than the context, so it is a different model, not a faster way to the same one; on models
+without windows (or at contexts no longer than the short window) it changes nothing. `sequential`
+takes it only with chunks (`sequential:n=12:1xF12:fullmask`: the fused chunks run in order, full causal).
+The same strings name configurations in the benchmark, validation PPL (`evaluate`,
 training's `--eval-snlp`), speculative drafts and the notebooks.
 
 `SNLPConfig` holds one configuration and checks its fields when it is made; `check(n_layer)` checks what
@@ -28,6 +36,10 @@ from .surrogates import methods
 
 INITS = ("h0", "fwd")  # initial guesses of a full-sequence solve
 DECODE_INITS = INITS + ("warm",)  # ... and of KV-cached decoding
+# the parallel units' attention: "window" keeps every layer's sliding window (ours, on every path),
+# "full" attends over the whole causal context (the paper's code in its parallel layers; token `fullmask`)
+MASKS = ("window", "full")
+MASK_TOKEN = "fullmask"
 
 # ------------------------------------------------------------------------------------------ chunks
 _CHUNKS = re.compile(r"(\d+)xF(\d+)")
@@ -49,7 +61,8 @@ def parse_chunks(chunks: str, n_par: int | None = None) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------ configurations
-GRAMMAR = "'sequential' or 'METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ]', e.g. 'idn:K=2:n=24:4xF6:h0'"
+GRAMMAR = ("'sequential' or 'METHOD[:K=iters][:n=n_par][:CxFM][:INIT][:kappa=κ][:fullmask]', "
+           "e.g. 'idn:K=2:n=24:4xF6:h0'")
 
 
 def _is_int(v) -> bool:
@@ -68,6 +81,7 @@ class SNLPConfig:
     probes: int = 1
     jac: str = "jvp"
     seed: int = 0
+    mask: str = "window"  # one of MASKS: the parallel units' attention (token `fullmask` for "full")
     text: str = ""
 
     def __post_init__(self):
@@ -82,13 +96,19 @@ class SNLPConfig:
         if self.init not in DECODE_INITS:
             raise ValueError(f"unknown init {self.init!r}; valid inits: {', '.join(DECODE_INITS)}")
         check_seed("seed", self.seed)
+        if self.mask not in MASKS:
+            raise ValueError(f"unknown mask {self.mask!r}; valid masks: window (every layer keeps its sliding "
+                             f"window), full (the parallel units attend with full causal masks, token {MASK_TOKEN!r})")
         if self.method == "sequential":  # one pass through the layers: no iteration to set
             # (a seed is allowed: decoders also seed their sampling with it)
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             given = [k for k in ("iters", "init", "kappa", "probes", "jac") if getattr(self, k) != defaults[k]]
+            if self.chunks is None and self.mask != defaults["mask"]:  # no parallel units to unmask
+                given.append("mask")
             if given:
                 raise ValueError(f"sequential runs each layer once and takes no {', '.join(given)} "
-                                 f"(got {self.text or self.canonical()!r}); valid: 'sequential' or 'sequential:CxFM'")
+                                 f"(got {self.text or self.canonical()!r}); valid: 'sequential', 'sequential:CxFM' "
+                                 f"or 'sequential:CxFM:{MASK_TOKEN}'")
         if not self.text:
             object.__setattr__(self, "text", self.canonical())
 
@@ -96,12 +116,13 @@ class SNLPConfig:
         """The configuration as a string of the grammar (what `parse_config` reads back)."""
         if self.method == "sequential" and self.chunks is None:
             return "sequential"
+        full = [MASK_TOKEN] if self.mask == "full" else []
         parts = [self.method, f"K={self.iters}"] + ([f"n={self.n_par}"] if self.n_par is not None else []) + \
             ([self.chunks] if self.chunks else []) + [self.init]
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         parts += [f"{k}={getattr(self, k)}" for k in ("kappa", "probes", "jac", "seed")
                   if getattr(self, k) != defaults[k]]
-        return ":".join(parts)
+        return ":".join(parts + full)
 
     def units(self, n_layer: int) -> tuple[int, int, int]:
         """(n_par, C, M): parallel layers (defaults filled in), parallel units and layers per unit."""
@@ -140,20 +161,25 @@ class SNLPConfig:
             return n_layer / (S + units)
         return n_layer / (S + self.iters + (1 if self.init == "fwd" else 0))
 
+    def _mask_kwargs(self) -> dict:
+        # only when set: callers that take no mask (e.g. the layer-sliced decoder) keep working
+        return {"mask": self.mask} if self.mask != "window" else {}
+
     def solve_kwargs(self) -> dict:
-        """Keyword arguments of `snlp_lab.solve` (and `evaluate_ppl`) for this configuration."""
+        """Keyword arguments of `snlp_lab.solve` (and `evaluate_ppl`) for this configuration; `mask`
+        only with `fullmask`."""
         if self.method == "sequential":
-            return {} if self.chunks is None else {"chunks": self.chunks, "n_par": self.n_par}
+            return {} if self.chunks is None else {"chunks": self.chunks, "n_par": self.n_par, **self._mask_kwargs()}
         if self.init not in INITS:
             raise ValueError(f"init {self.init!r} in {self.text!r} is a decoding init; a full-sequence "
                              f"solve takes {', '.join(INITS)}")
         return dict(iters=self.iters, n_par=self.n_par, chunks=self.chunks, init=self.init, kappa=self.kappa,
-                    probes=self.probes, jac=self.jac, seed=self.seed)
+                    probes=self.probes, jac=self.jac, seed=self.seed, **self._mask_kwargs())
 
     def decoder_kwargs(self) -> dict:
-        """Keyword arguments of `snlp_lab.Decoder` for this configuration."""
+        """Keyword arguments of `snlp_lab.Decoder` for this configuration; `mask` only with `fullmask`."""
         return dict(method=self.method, iters=self.iters, n_par=self.n_par, chunks=self.chunks, init=self.init,
-                    kappa=self.kappa, probes=self.probes, jac=self.jac, seed=self.seed)
+                    kappa=self.kappa, probes=self.probes, jac=self.jac, seed=self.seed, **self._mask_kwargs())
 
 
 def _number(value: str, field: str, text: str) -> float:
@@ -184,6 +210,11 @@ def parse_config(text: str) -> SNLPConfig:
             key, value = "jac", m[1]
         elif f in DECODE_INITS:
             key, value = "init", f
+        elif f == MASK_TOKEN:
+            key, value = "mask", "full"
+        elif "mask" in f:
+            raise ValueError(f"cannot read {f!r} in configuration {text!r}: the mask token is {MASK_TOKEN!r} "
+                             f"(parallel units with full causal masks); without it every layer keeps its window")
         elif "xF" in f:
             parse_chunks(f)  # a clear error for a malformed chunking
             key, value = "chunks", f

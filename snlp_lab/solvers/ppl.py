@@ -2,6 +2,7 @@
 
     ppl = evaluate_ppl(model, ds.val, seq_len=256, batch_size=8)                            # sequential
     ppl = evaluate_ppl(model, ds.val, 256, 8, method="idn", iters=1, n_par=12, init="h0")  # SNLP
+    ppl = evaluate_ppl(model, ds.val, 256, 8, method="idn", n_par=12, mask="full")  # the paper's masks
     method, kw = parse_snlp_spec("idn:K=1:n=12:h0")   # the command line's "--eval-snlp" form
 
     python -m snlp_lab.evaluate --checkpoint RUN --configs sequential idn:K=1:n=8   # the command
@@ -24,8 +25,9 @@ def evaluate_ppl(model, val_tokens: np.ndarray | torch.Tensor | list, seq_len: i
                  method: str = "sequential", **solve_kwargs) -> float:
     """exp(mean next-token cross-entropy) over the fixed validation stream (`data.val_batches`).
 
-    method: "sequential" or any solver method, with `solve_kwargs` (iters, n_par, init, kappa, ...)
-    passed to `snlp_lab.solve`. Every target token counts once, also in a smaller last batch.
+    method: "sequential" or any solver method, with `solve_kwargs` (iters, n_par, init, kappa, mask,
+    ...) passed to `snlp_lab.solve`; `SNLPConfig.solve_kwargs()` gives them for a configuration string,
+    e.g. mask="full" for `idn:K=1:n=12:1xF12:h0:fullmask` (the paper's full causal parallel layers). Every target token counts once, also in a smaller last batch.
     val_tokens: the validation split as 1-D token ids (`data.prepare_data(...).val`; a tensor or list
     is taken too), cut into consecutive windows of seq_len inputs (targets one token later), batch_size
     at a time, at most max_batches batches (`data.val_batches`). Raises ValueError, before any work, on

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.fusion import chunk_stack
+from ..models.fusion import check_mask, chunk_stack
 from .grammar import SNLPConfig, parse_chunks
 from .surrogates import SURROGATES, NonFiniteError, Surrogate, non_finite  # NonFiniteError: re-exported
 
@@ -113,7 +113,8 @@ def iterate(f, hS: torch.Tensor, H: torch.Tensor, sur: Surrogate, iters: int, to
 
 def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: int | None = None,
           chunks: str | None = None, init: str = "h0", kappa: float = 0.0, tol: float | None = None,
-          probes: int = 1, jac: str = "jvp", seed: int = 0, check_finite: bool = True) -> SolveResult:
+          probes: int = 1, jac: str = "jvp", seed: int = 0, check_finite: bool = True,
+          mask: str = "window") -> SolveResult:
     """Run the first L - n_par layers sequentially and solve the last n_par with `iters` structured
     Newton iterations of `method` from `init`. Returns the whole trace, the logits and the residuals.
 
@@ -124,6 +125,10 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
     parallel units, see `snlp_lab.models.fusion`; the trace then holds only the chunk-boundary states after
     h_S. With method="sequential", chunks give the fused model's sequential pass (prefix, then the
     chunks one after another); without chunks n_par is ignored by "sequential".
+    mask: "window" (every layer keeps its sliding window) or "full" (the grammar's `fullmask`: the
+    parallel units attend with full causal masks while the prefix keeps its windows, the paper's
+    treatment; `snlp_lab.models.fusion.with_full_context`). "full" needs the single-stream GPT, and
+    "sequential" takes it only with chunks.
 
     idx: token ids [B, T], an integer tensor on the model's device, T at most the model's
     sequence_len. Returns a `SolveResult` (trace [L+1, B, T, D], or [L+1, B, T, n, D] on mHC; logits
@@ -136,7 +141,8 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
         C, M = parse_chunks(chunks, n_par)
         n_par = C * M
     n_par = L if n_par is None else n_par
-    SNLPConfig(method, iters, n_par, chunks, init, kappa, probes, jac, seed).check(L, decoding=False)
+    SNLPConfig(method, iters, n_par, chunks, init, kappa, probes, jac, seed, mask).check(L, decoding=False)
+    check_mask(model, mask)
     if tol is not None and not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a finite number > 0 (or None), got {tol!r}")
     h, ctx = model.embed(idx)
@@ -145,8 +151,14 @@ def solve(model, idx: torch.Tensor, method: str = "idn", iters: int = 1, n_par: 
     for l in range(S):  # sequential prefix (everything, for method="sequential")
         trace.append(model.layer(l, trace[-1], ctx))
     hist, rel_hist, converged = [], [], None
-    # the parallel units: layers S..L-1 of the model, or C fused chunks (`chunk_stack`)
-    stack, a, b = (model, S, L) if chunks is None else (chunk_stack(model, S, L, M), 0, C)
+    # the parallel units: layers S..L-1 of the model, or C fused chunks (`chunk_stack`); with full
+    # masks, the units' weights are restacked once with windows of the whole context (M = 1: the layers)
+    if chunks is None and mask == "full":
+        C, M = n_par, 1
+    if chunks is None and mask == "window":
+        stack, a, b = model, S, L
+    else:
+        stack, a, b = chunk_stack(model, S, L, M, full_context=mask == "full"), 0, C
     if S < L and method == "sequential":  # only with chunks: the fused model's sequential pass
         for c in range(C):
             trace.append(stack.layer(c, trace[-1], ctx))
