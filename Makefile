@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test figures lab env clean-cache gpu-check
+.PHONY: test figures lab env clean-cache gpu-check gpu-study
 
 env: $(STAMP)
 
@@ -30,6 +30,12 @@ figures: $(STAMP)
 GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	PYTHONPATH=. $(GPU_PY) -m snlp_lab.gpu_check $(if $(SMOKE),--smoke,--out reports/gpu)
+
+# The GPU study: a trained pair per seed (SEED=N adds that seed beside the committed ones in
+# reports/gpu/study); SMOKE=1: the CPU code path at toy size, into a scratch folder. Installs nothing.
+SEED ?= 0
+gpu-study:
+	PYTHONPATH=. $(GPU_PY) -m snlp_lab.gpu_study --seed $(SEED) $(if $(SMOKE),--smoke,--out reports/gpu/study)
 
 # Jupyter refuses to run as root unless told to (containers often run as root).
 lab: $(STAMP)

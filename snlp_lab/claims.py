@@ -1,6 +1,7 @@
 """`python -m snlp_lab.claims`: the claims ledger of a report folder's tables, written into another folder (the
-library: `snlp_lab.lab.claims`). By default it reads the repository's reports/ and writes a new scratch
-folder, so that the committed ledger changes only with `make figures`."""
+library: `snlp_lab.lab.claims`). By default it reads the repository's reports/ (and its GPU study column
+from reports/gpu/study, `make gpu-study`) and writes a new scratch folder, so that the committed ledger
+changes only with `make figures`."""
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,9 @@ def _main(argv=None) -> int:
                     help="where claims.md and claims.csv are written (created if missing); default: a new scratch "
                          "folder, <cache>/scratch/<time>-claims")
     ap.add_argument("--fig-dir", type=Path, default=None, help="default: figures/ beside the report folder")
+    ap.add_argument("--gpu-study", type=Path, default=None,
+                    help="the GPU study's folder (make gpu-study) judged into the GPU study column; default: "
+                         "gpu/study in the report folder (a missing folder reads 'not run')")
     ap.add_argument("--profile", default=None,
                     help="the profile the tables come from; default: the last make-figures run's, else cpu")
     a = ap.parse_args(argv)
@@ -38,7 +42,7 @@ def _main(argv=None) -> int:
         profile = read_json(times, "record of notebook run times").get("profile", "cpu") if times.exists() else "cpu"
     check_inputs(a.report_dir, profile)  # before a scratch folder is made for nothing
     out = check_output_dir("--out", a.out) if a.out is not None else scratch_dir("claims")
-    write_ledger(a.report_dir, a.fig_dir, profile, out_dir=out)
+    write_ledger(a.report_dir, a.fig_dir, profile, out_dir=out, gpu_study=a.gpu_study)
     return 0
 
 

@@ -2,8 +2,10 @@
 with missing data, with the numbers it must report; the statistics against their formulas; the writer
 and its command line, which never writes the committed reports/; and the ledger's imports, which hold no
 training code."""
+import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -16,7 +18,7 @@ from test_layout import GRAPH
 ROOT = Path(__file__).resolve().parents[1]
 
 S = C.Setting("a test", 4, 32, 10, 1000, "toy text", "cpu", finetune_steps=3)
-T975 = {2: 4.302652729749464, 4: 2.7764451051977987}  # Student-t 97.5% quantiles by degrees of freedom
+T975 = {1: 12.706204736174698, 2: 4.302652729749464, 4: 2.7764451051977987}  # Student-t 97.5% quantiles by degrees of freedom
 
 
 def curves(jacobi_err, idn_ppl=(120.0, 95.0, 100.0), err_at_L=1e-7, models=("m1", "m2")):
@@ -432,6 +434,201 @@ def test_cli_writes_a_scratch_folder_and_leaves_reports_alone(tmp_path, monkeypa
     assert claims_cmd.main(["--out", str(tmp_path / "mine")]) == 0
     assert (tmp_path / "mine" / "claims.csv").read_text() == (scratch / "claims.csv").read_text()
     assert claims_cmd.main([]) == 0 and len(list((tmp_path / "scratch").iterdir())) == 2
+
+
+# ------------------------------------------------------------------------------------------ the GPU study column
+STUDY = dict(n_layer=16, n_embd=192, params=8_700_000, tokens=60_000_000, tokens_per_param=6.9, steps=900,
+             sequence_len=512)
+
+
+def gpu_study(folder: Path, base=(100.0,), reg=(98.0,), snlp=(101.0,), smoke=False, fused=(0.8, 1.3, 1.2),
+              masks=(1.18, 1.31)) -> Path:
+    """A GPU study folder as `make gpu-study` writes it (the tables the ledger reads, and study.json): the
+    family "gpu", per seed a baseline (sequential PPL `base`) and an IDN model (`reg`, one IDN iteration
+    over all 16 layers `snlp`); the first seed's configurations timed at T = 512 over the compiled+graphed
+    sequential; the fused v2-shaped one at (PPL change, speedup, lower bound) `fused`, timed with windows
+    on both sides and with the paper's full masks at `masks`."""
+    folder.mkdir(parents=True)
+    seeds = list(range(len(base)))
+    rows = [dict(variant="gpu", reg=r, seed=i, seq_ppl=seq[i], snlp_ppl=one[i], params=STUDY["params"],
+                 tokens=STUDY["tokens"], train_s=120.0)
+            for r, seq, one in (("none", base, [5 * b for b in base]), ("idn", reg, snlp)) for i in seeds]
+    pd.DataFrame(rows).to_csv(folder / "regularization_runs.csv", index=False)
+    v2 = "idn:K=1:n=16:1xF16:h0"
+    configs = [("sequential", 0.0, 1.0, 1.0), (v2, *fused), ("idn:K=2:n=16:h0", 0.5, 1.1, 0.95),
+               ("idn:K=1:n=16:h0", 3.0, 1.25, 1.15)]
+    f = [dict(model_name=m, seed=0, config=c, S=0 if c != "sequential" else 16, K=1, n_par=16, chunks="", init="h0",
+              ppl=100 * (1 + ch / 100), seq_ppl=100.0, **{"ppl_change_%": ch if m == "gpu/idn" else 10 * ch},
+              speedup=sp, speedup_lo=lo, baseline="compiled+graphed", x_floor=0.5, device="cuda", T=512)
+         for m in ("gpu/none", "gpu/idn") for c, ch, sp, lo in configs]
+    pd.DataFrame(f).to_csv(folder / "frontier_all.csv", index=False)
+    pd.DataFrame([dict(config=c, recipe=r, decode_speedup=0.9 * sp, decode_speedup_lo=0.9 * lo,
+                       **{"ppl_change_own_%": ch}, baseline="graphed") for r in ("baseline", "idn")
+                  for c, ch, sp, lo in configs]).to_csv(folder / "decode.csv", index=False)
+    pd.DataFrame([dict(model_name=m, seed=0, config=v2, T=512, mask=k, prefill_ms=10 / sp, speedup=sp, ppl=100.0,
+                       **{"ppl_change_%": ch}) for m in ("gpu/none", "gpu/idn")
+                  for k, sp, ch in (("windows", masks[0], 0.8), ("full", masks[1], 4.5))]
+                 ).to_csv(folder / "mask_treatment.csv", index=False)
+    (folder / "study.json").write_text(json.dumps(dict(
+        seeds=seeds, smoke=smoke, device="NVIDIA H200", scale=STUDY,
+        corpus=dict(source="python", files_hash="abc", train_tokens=9e7, val_tokens=1e6), seconds={})))
+    return folder
+
+
+def test_gpu_column_one_seed_judges_b_c_g_by_the_same_rules(tmp_path):
+    col = C.gpu_column(gpu_study(tmp_path / "study"))
+    assert col.state == "judged" and col.seeds == (0,) and set(col.entries) == {"b", "c", "g"}
+    b, c, g = (col.entries[k] for k in "bcg")
+    # (b): one IDN iteration 101 against sequential 98 is +3.1%; K=2 from frontier_all; one seed: at most weakly
+    assert b.verdict == C.WEAK and b.ours == ("one seed: no interval; PPL change against own sequential: gpu/idn: "
+                                              "K=1 +3.1%, no interval (n = 1 seed), K=2 +0.5% (seed 0)")
+    assert "[" not in b.ours  # no interval with one seed
+    assert c.verdict == C.WEAK and c.ours == ("one seed: no interval; sequential PPL change against the baseline: "
+                                              "gpu/idn: -2.0%, no interval (n = 1 + 1 seeds)")
+    assert g.verdict == C.HOLDS and g.ours.startswith(
+        "one seed: no interval; best fused at <= +1% PPL: 1.30x (>= 1.20x) at +0.8% (prefill, gpu/idn "
+        "idn:K=1:n=16:1xF16:h0, over compiled+graphed sequential)")
+    assert "(decode, idn idn:K=1:n=16:1xF16:h0, over graphed sequential)" not in g.ours  # prefill is faster
+    assert ("mask treatment (mask_treatment.csv): the paper's mask treatment gives 1.31x against 1.18x with windows "
+            "honoured on both sides (gpu/idn idn:K=1:n=16:1xF16:h0, T = 512): 0.13 of the v2 number's 0.40 above 1, "
+            "at +4.5% PPL against sequential with full masks and +0.8% with windows") in g.ours
+    assert "GPU check" not in g.ours and "timed both ways" not in g.ours  # no check given; both models timed alike
+    # the study's setting in the "why it may differ" text
+    assert ("our GPU study: 16 layers x 192 wide (8.7e6 parameters), 900 steps, 6.0e7 training tokens (6.9 per "
+            "parameter) of the corpus python at T = 512, on NVIDIA H200") in b.differs
+    assert "our GPU study: 16 layers" in c.differs and "(8.4e1 times our training tokens)" in c.differs
+    assert "our GPU study: 16 layers" in g.differs and "On a CPU" not in g.differs
+    assert col.tables is not None and g.tables == ("frontier_all", "decode", "mask_treatment")
+
+
+def test_gpu_column_two_seeds_show_an_interval(tmp_path):
+    col = C.gpu_column(gpu_study(tmp_path / "study", base=(100.0, 102.0), reg=(98.0, 99.0), snlp=(101.0, 103.0)))
+    b, c = col.entries["b"], col.entries["c"]
+    gaps = [100 * (101 / 98 - 1), 100 * (103 / 99 - 1)]
+    m, half = sum(gaps) / 2, T975[1] * abs(gaps[0] - gaps[1]) / 2  # t * s / sqrt(2), s = |a - b| / sqrt(2)
+    assert col.seeds == (0, 1) and b.ours.startswith(f"2 seeds; PPL change against own sequential: gpu/idn: K=1 "
+                                                     f"{m:+.1f}% [{m - half:+.1f}, {m + half:+.1f}] (n = 2 seeds)")
+    assert C.ONE_SEED not in b.ours and b.verdict == C.WEAK  # the interval reaches above +5%
+    rel = C.relative_change([98.0, 99.0], [100.0, 102.0])
+    assert c.ours == (f"2 seeds; sequential PPL change against the baseline: gpu/idn: -2.5% [{rel.lo:+.1f}, "
+                      f"{rel.hi:+.1f}] (n = 2 + 2 seeds)") and rel.has_interval
+    assert c.verdict == C.NO and "1 unclear" in c.rule  # Welch's interval with 1 + 1 degrees of freedom spans 0
+
+
+def test_gpu_column_refuses_smoke_and_says_not_run(tmp_path):
+    smoke = C.gpu_column(gpu_study(tmp_path / "smoke", smoke=True))
+    assert smoke.state == "smoke" and {e.verdict for e in smoke.entries.values()} == {C.GPU_SMOKE}
+    assert {e.ours for e in smoke.entries.values()} == {"—"} and C.GPU_SMOKE == "smoke run: no verdict"
+    gone = C.gpu_column(tmp_path / "absent")
+    assert gone.state == "not run" and {e.verdict for e in gone.entries.values()} == {C.GPU_NOT_RUN}
+    assert C.GPU_NOT_RUN == "not run (make gpu-study on a CUDA machine)" and gone.entries["g"].cell() == C.GPU_NOT_RUN
+    broken = gpu_study(tmp_path / "broken")
+    (broken / "study.json").unlink()
+    b = C.gpu_column(broken)
+    assert b.state == "incomplete" and b.entries["b"].verdict == C.UNTESTABLE and "study.json is missing" in b.entries["b"].rule
+    (broken / "study.json").write_text(json.dumps(dict(seeds=[0], smoke=False, scale=dict(n_layer=16))))
+    b = C.gpu_column(broken)
+    assert b.entries["c"].verdict == C.UNTESTABLE and "scale lacks n_embd, steps, tokens" in b.entries["c"].rule
+
+
+def test_gpu_column_reads_the_gpu_checks_mask_column(tmp_path):
+    check = tmp_path / "gpu"
+    study = gpu_study(check / "study")
+    speed = pd.DataFrame(dict(model="0.5b-plain", config=["sequential", "idn:K=1:n=12:1xF12:h0"] * 2, T=2048,
+                              mask=["windows", "windows", "full", "full"], prefill_speedup=[1.0, 1.2, 0.9, 1.36]))
+    speed.drop(columns="mask").to_csv(check / "speed.csv", index=False)
+    assert "GPU check" not in C.gpu_column(study, check).entries["g"].ours  # an older check: no mask column
+    speed.to_csv(check / "speed.csv", index=False)
+    g = C.gpu_column(study, check).entries["g"].ours
+    assert g.endswith("GPU check (speed.csv): the paper's mask treatment gives 1.36x against 1.20x with windows "
+                      "honoured on both sides (0.5b-plain idn:K=1:n=12:1xF12:h0, T = 2048): 0.16 of the v2 number's "
+                      "0.40 above 1")  # sequential keeps its windows either way: not a pair
+    # without the study, (g)'s entry still carries the check's numbers after "not run"
+    alone = C.gpu_column(tmp_path / "absent", check).entries["g"]
+    assert alone.verdict == C.GPU_NOT_RUN and alone.cell().startswith(C.GPU_NOT_RUN + "; GPU check (speed.csv): ")
+
+
+def test_mask_share_picks_the_v2_shape_at_the_v2_length():
+    rows = [dict(model_name="gpu/idn", config=c, T=T, mask=k, speedup=sp) for c, T, k, sp in (
+        ("idn:K=2:n=16:4xF4:h0", 2048, "windows", 1.5), ("idn:K=2:n=16:4xF4:h0", 2048, "full", 1.9),
+        ("idn:K=1:n=16:1xF16:h0", 512, "windows", 1.1), ("idn:K=1:n=16:1xF16:h0", 512, "full", 1.2),
+        ("idn:K=1:n=16:1xF16:h0", 2048, "windows", 1.2), ("idn:K=1:n=16:1xF16:h0", 2048, "full", 1.5))]
+    text = C.mask_share(pd.DataFrame(rows))
+    assert text.startswith("the paper's mask treatment gives 1.50x against 1.20x with windows honoured on both sides "
+                           "(gpu/idn idn:K=1:n=16:1xF16:h0, T = 2048): 0.30 of the v2 number's 0.40 above 1")
+    assert text.endswith("over the 3 (model, configuration, T) timed both ways: 0.10 to 0.40")
+    assert C.v2_shaped("idn:K=1:n=12:1xF12:h0") and not C.v2_shaped("idn:K=1:n=12:h0") and not C.v2_shaped("sequential")
+    assert C.mask_share(pd.DataFrame(rows).query("mask == 'full'")) is None and C.mask_share(None) is None
+
+
+def test_b_and_g_note_that_one_step_from_h0_is_layer_parallelism():
+    for c in C.ledger({}, S):
+        assert ("arXiv 2502.02790" in c.note and "1.05–1.20x with no retraining" in c.note
+                and "exactly parallel residual branches" in c.note) == (c.key in "bg")
+
+
+def test_write_ledger_has_a_gpu_study_column(tmp_path):
+    reports, figs = tmp_path / "reports", tmp_path / "figures"
+    reports.mkdir(), figs.mkdir()
+    curves(0.5).to_csv(reports / "convergence_curves.csv", index=False)
+    # no study folder: the column says so for (b), (c), (g); other rows have no GPU entry
+    text = C.write_ledger(reports, figs, "smoke", log=lambda *_: None).read_text()
+    rows = [l for l in text.splitlines() if re.match(r"\| \([a-h]\) \|", l)]
+    assert "| GPU study |" in text and "The GPU study column: not run (`gpu/study` does not exist" in text
+    assert [r.count(C.GPU_NOT_RUN) for r in rows] == [0, 1, 1, 0, 0, 0, 1, 0]
+    assert all(r.split(" | ")[5] == "—" for r in rows if C.GPU_NOT_RUN not in r)
+    assert "- (b, both columns) One IDN iteration from h0 is exactly parallel residual branches" in text
+    assert "- (g, both columns) " in text and text.count("2502.02790") == 2
+    table = pd.read_csv(reports / "claims.csv", keep_default_na=False)
+    assert list(table.gpu_verdict) == ["—", C.GPU_NOT_RUN, C.GPU_NOT_RUN] + ["—"] * 3 + [C.GPU_NOT_RUN, "—"]
+    assert list(table.gpu_ours) == ["—"] * 8
+    # a study of one seed, then of two: judged beside the CPU verdicts, linked, listed among the tables read
+    gpu_study(reports / "gpu" / "study")
+    text = C.write_ledger(reports, figs, "smoke", log=lambda *_: None).read_text()
+    rows = [l for l in text.splitlines() if re.match(r"\| \([a-h]\) \|", l)]
+    assert "| **not testable here**: regularization_runs.csv is missing" in rows[1]
+    assert "| **holds weakly**: one seed: no interval; PPL change against own sequential: gpu/idn: K=1 +3.1%" in rows[1]
+    assert "GPU: [regularization_runs](gpu/study/regularization_runs.csv), [frontier_all](gpu/study/frontier_all.csv)" in rows[1]
+    assert "| **holds**: one seed: no interval; best fused at <= +1% PPL: 1.30x (>= 1.20x) at +0.8% (prefill, gpu/idn " \
+           "idn:K=1:n=16:1xF16:h0, over compiled+graphed sequential)" in rows[6]
+    assert "0.13 of the v2 number's 0.40 above 1" in rows[6] and "[mask_treatment](gpu/study/mask_treatment.csv)" in rows[6]
+    assert ("The GPU study column judges (b), (c), (g) by the same rules on the tables of `gpu/study` (`make gpu-study`, "
+            "seeds 0): our GPU study: 16 layers x 192 wide") in text
+    assert "- (b, GPU study) Our one-iteration changes (gpu +3.1%) lie +3.1 points from the paper's ±0.0%" in text
+    assert "`gpu/study/regularization_runs.csv` (" in text and "`gpu/study/mask_treatment.csv` (" in text
+    table = pd.read_csv(reports / "claims.csv", keep_default_na=False).set_index("key")
+    assert list(table.gpu_verdict[list("bcg")]) == [C.WEAK, C.WEAK, C.HOLDS]
+    assert table.gpu_ours["b"].startswith("one seed: no interval; ") and "over compiled+graphed" in table.gpu_ours["g"]
+    assert "2502.02790" in table.note["b"] and table.note["a"] == "—"
+    assert not re.search(r"(?<![a-z])nan(?![a-z])", text, re.IGNORECASE)
+    shutil.rmtree(reports / "gpu")
+    gpu_study(reports / "gpu" / "study", base=(100.0, 102.0), reg=(98.0, 99.0), snlp=(101.0, 103.0))
+    text = C.write_ledger(reports, figs, "smoke", log=lambda *_: None).read_text()
+    rows = [l for l in text.splitlines() if re.match(r"\| \([a-h]\) \|", l)]
+    assert "2 seeds; PPL change against own sequential: gpu/idn: K=1 +3.6% [" in rows[1] and C.ONE_SEED not in text
+    assert "seeds 0, 1)" in text
+    # a smoke study: no verdict
+    shutil.rmtree(reports / "gpu")
+    gpu_study(reports / "gpu" / "study", smoke=True)
+    text = C.write_ledger(reports, figs, "smoke", log=lambda *_: None).read_text()
+    rows = [l for l in text.splitlines() if re.match(r"\| \([a-h]\) \|", l)]
+    assert [r.count(f"| {C.GPU_SMOKE} |") for r in rows] == [0, 1, 1, 0, 0, 0, 1, 0]
+    assert "holds a smoke run" in text and "(b, GPU study)" not in text
+
+
+def test_cli_takes_the_gpu_study_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("SNLP_CACHE", str(tmp_path / "cache"))
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    curves(0.5).to_csv(reports / "convergence_curves.csv", index=False)
+    study = gpu_study(tmp_path / "elsewhere" / "study")
+    out = tmp_path / "out"
+    assert claims_cmd.main(["--report-dir", str(reports), "--out", str(out), "--profile", "smoke",
+                            "--gpu-study", str(study)]) == 0
+    table = pd.read_csv(out / "claims.csv", keep_default_na=False).set_index("key")
+    assert table.gpu_verdict["g"] == C.HOLDS and "`../elsewhere/study` (`make gpu-study`" in (out / "claims.md").read_text()
+    assert claims_cmd.main(["--report-dir", str(reports), "--out", str(out), "--profile", "smoke"]) == 0
+    assert pd.read_csv(out / "claims.csv", keep_default_na=False).set_index("key").gpu_verdict["g"] == C.GPU_NOT_RUN
 
 
 # ------------------------------------------------------------------------------------------ imports

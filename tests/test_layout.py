@@ -17,7 +17,7 @@ PKG = Path(snlp_lab.__file__).parent
 # bottom to top; packages of one rank may not import each other
 LAYERS = [{"core"}, {"data"}, {"models"}, {"solvers"}, {"decoding", "training"}, {"measurement"}, {"lab"}]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
-COMMANDS = {"bench", "claims", "evaluate", "figures", "generate", "gpu_check", "train"}
+COMMANDS = {"bench", "claims", "evaluate", "figures", "generate", "gpu_check", "gpu_study", "train", "train_speed"}
 
 
 def module_name(path: Path) -> str:

@@ -28,7 +28,7 @@ from .profiles import PROFILES
 from .outputs import output_dirs
 from .report import write_index, write_run_times
 
-ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup", "speculative", "decode", "distributed")
+ORDER = ("regularization", "convergence", "jacobians", "frontier", "pretrained", "speedup", "speculative", "decode", "distributed", "gpu_study")
 ROOT = Path(__file__).resolve().parents[2]  # the repository: nb/ beside the package
 
 

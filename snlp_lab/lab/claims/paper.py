@@ -1,12 +1,14 @@
-"""The paper's numbers that the claims ledger compares with (arXiv 2605.17842, docs/design.md §4), and the
-setting each set of numbers comes from (`Setting`: the paper's 0.5B runs, `PAPER_SETTING`, or one of our
-profiles, `Setting.of`).
+"""The paper's numbers that the claims ledger compares with (arXiv 2605.17842, docs/design.md §4), the prior
+method that one IDN iteration from h0 reduces to (`LAYER_PARALLELISM`, arXiv 2502.02790), and the setting
+each set of numbers comes from (`Setting`: the paper's 0.5B runs, `PAPER_SETTING`; one of our profiles,
+`Setting.of`; or the GPU study, `Setting.of_study`).
 
 PPL is validation perplexity; a change is in % against a reference PPL (the same model's sequential PPL,
 or the baseline's); a speedup is a ratio of wall-clock times (sequential / SNLP).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,12 @@ PAPER_V1 = (
 PAPER_V1_REG_RANGE = (-23.4, -4.7)  # sequential PPL change by the regulariser, v1 (0.5B IDN ... 3B DiagN)
 PAPER_V2_REG_WITHIN = 2.4  # v2 (2048-token contexts): the change is within ±2.4%
 PAPER_V2_EQUAL = ("0.5B w/o x0ve IDN", "1xF12 n12 K1 h0", 0.0, 1.40)  # v2: 1.40x at ±0% PPL
+PAPER_V2_T = 2048  # v2's context length, at which PAPER_V2_EQUAL was timed
+
+# "Layer Parallelism" (arXiv 2502.02790): pairs of pretrained layers run side by side on the same input,
+# their residual updates summed, which is what one IDN iteration from h0 computes; it reports 1.05-1.20x
+# with no retraining. The claims ledger cites it beside claims (b) and (g).
+LAYER_PARALLELISM = {"name": "Layer Parallelism", "source": "arXiv 2502.02790", "speedup": (1.05, 1.20)}
 
 # v1 (docs/design.md §4): sequential PPL without ("base") and with ("reg_ppl") the regulariser `reg`, by our
 # variant of the same model family; None where the paper gives no baseline.
@@ -58,6 +66,9 @@ class Setting:
     data: str
     device: str
     finetune_steps: int = 0
+    params: int = 0  # the model's parameters; 0: not given (the text leaves them out)
+    tokens_per_param: float = 0.0  # as the run counted it (it may leave embeddings out); 0: tokens / params
+    seq_len: int = 0  # the training context length; 0: not given
 
     @classmethod
     def of(cls, profile: str) -> "Setting":
@@ -70,9 +81,42 @@ class Setting:
         return cls(f"our {profile} profile", cfg.n_layer, cfg.n_embd, P.steps, P.steps * P.batch_size * P.seq_len,
                    data, P.device, P.finetune_steps)
 
+    @classmethod
+    def of_study(cls, study: dict, name: str = "our GPU study") -> "Setting":
+        """The setting of the GPU study (`make gpu-study`) from its study.json record (written by
+        `snlp_lab.lab.gpu_study.study_summary`): `scale` (n_layer, n_embd, steps, tokens; params,
+        tokens_per_param and sequence_len where given), `corpus.source` and `device` (the GPU's name).
+        ValueError naming what the record lacks."""
+        scale = study.get("scale")
+        if not isinstance(scale, dict):
+            raise ValueError("study.json has no scale record (n_layer, n_embd, steps, tokens)")
+        number = lambda x: isinstance(x, (int, float)) and math.isfinite(x)
+        missing = [k for k in ("n_layer", "n_embd", "steps", "tokens") if not number(scale.get(k))]
+        if missing:
+            raise ValueError(f"study.json's scale lacks {', '.join(missing)}")
+        source = (study.get("corpus") or {}).get("source")
+        return cls(name, int(scale["n_layer"]), int(scale["n_embd"]), int(scale["steps"]), int(scale["tokens"]),
+                   _data(source), str(study.get("device") or "an unnamed device"),
+                   params=int(scale["params"]) if number(scale.get("params")) else 0,
+                   tokens_per_param=float(scale["tokens_per_param"]) if number(scale.get("tokens_per_param")) else 0.0,
+                   seq_len=int(scale["sequence_len"]) if number(scale.get("sequence_len")) else 0)
+
     def text(self) -> str:
-        return (f"{self.name}: {self.n_layer} layers x {self.n_embd} wide, {self.steps} steps, {_sci(self.tokens)} "
-                f"training tokens of {self.data}, on {self.device}")
+        size = f" ({_sci(self.params)} parameters)" if self.params else ""
+        ratio = self.tokens_per_param or (self.tokens / self.params if self.params else 0)
+        per = f" ({ratio:.3g} per parameter)" if ratio else ""
+        context = f" at T = {self.seq_len}" if self.seq_len else ""
+        return (f"{self.name}: {self.n_layer} layers x {self.n_embd} wide{size}, {self.steps} steps, "
+                f"{_sci(self.tokens)} training tokens{per} of {self.data}{context}, on {self.device}")
+
+
+def _data(source) -> str:
+    """A corpus named in words: the standard library by name, a local path by its last part."""
+    if not source:
+        return "an unnamed corpus"
+    if source == "stdlib":
+        return "the Python standard library's source"
+    return f"the corpus {Path(source).name if str(source).startswith(('/', '.', '~')) else source}"
 
 
 # The paper's 0.5B runs (docs/training.md, "The paper's runs"): depth 32, width 640, 4800 steps of 2^20 tokens.

@@ -4,7 +4,8 @@ notebooks' tables, each with the rule that gives its verdict.
 A claim function takes the tables (`t`: file stem -> DataFrame, `ledger.read_tables`) and our setting
 (`paper.Setting`) and returns a `Claim`: the claim in our words, our measurement, the paper's number, a
 verdict (`VERDICTS`) with the rule that gave it, a sentence on how and why our number differs from the
-paper's, and the tables and figures behind it. A missing table or column, or too few rows, gives "not
+paper's, a note that holds whatever the tables say (prior work the claim meets), and the tables and
+figures behind it. A missing table or column, or too few rows, gives "not
 testable here" with the reason (`need`, `Untestable`); never a NaN. `claim` registers each function in
 `LEDGER`, in the order (a) to (h).
 
@@ -22,10 +23,10 @@ import numpy as np
 import pandas as pd
 
 from ...measurement.analysis import PPL_RTOL, finite_termination, ppl_monotone
-from ...solvers.grammar import parse_config
+from ...solvers.grammar import parse_chunks, parse_config
 from ..profiles import CLOSE_PPL_PCT, EQUAL_PPL_PCT, is_fused
-from .paper import (PAPER_TABLE_B, PAPER_V1, PAPER_V1_REG_RANGE, PAPER_V2_EQUAL, PAPER_V2_REG_WITHIN, Setting, gap,
-                    paper_v1)
+from .paper import (LAYER_PARALLELISM, PAPER_TABLE_B, PAPER_V1, PAPER_V1_REG_RANGE, PAPER_V2_EQUAL, PAPER_V2_REG_WITHIN,
+                    PAPER_V2_T, Setting, gap, paper_v1)
 from .stats import before_warmdown_change, diff_ci, last_quarter_change, mean_ci, pct, relative_change, sign_test
 
 HOLDS, WEAK, NO, UNTESTABLE = "holds", "holds weakly", "does not hold here", "not testable here"
@@ -56,6 +57,7 @@ class Claim:
     differs: str = ""  # how much and why our number differs from the paper's ("" where there is nothing to compare)
     tables: tuple = ()
     figures: tuple = ()
+    note: str = ""  # what holds whatever the tables say, e.g. the prior method a configuration reduces to
 
 
 class Untestable(Exception):
@@ -97,13 +99,13 @@ def _err(x: float) -> str:
 LEDGER: list = []  # the claim functions, (a) to (h)
 
 
-def claim(key: str, text: str, paper: str, tables: tuple, figures: tuple):
+def claim(key: str, text: str, paper: str, tables: tuple, figures: tuple, note: str = ""):
     """Register a claim function: it returns dict(ours, verdict, rule[, differs]) or raises Untestable;
-    the registered function returns the full `Claim`."""
+    the registered function returns the full `Claim` (with `note`, testable or not)."""
     def wrap(measure):
         @functools.wraps(measure)
         def run(t: dict, setting: Setting) -> Claim:
-            base = dict(key=key, claim=text, paper=paper, tables=tables, figures=figures)
+            base = dict(key=key, claim=text, paper=paper, tables=tables, figures=figures, note=note)
             try:
                 return Claim(**base, **measure(t, setting))
             except Untestable as e:
@@ -111,6 +113,16 @@ def claim(key: str, text: str, paper: str, tables: tuple, figures: tuple):
         LEDGER.append(run)
         return run
     return wrap
+
+
+_lo, _hi = LAYER_PARALLELISM["speedup"]
+# One IDN iteration from h0: every parallel state starts as h_S and the identity correction sums the
+# updates, h_{S+N} = h_S + sum_l (Phi_l(h_S) - h_S), so the layers (or fused chunks) are residual branches
+# side by side on one input, as in "Layer Parallelism" (docs/design.md §1).
+PARALLEL_BRANCHES = (f"One IDN iteration from h0 is exactly parallel residual branches (every parallel layer, or "
+                     f"fused chunk, reads h_S and their residual updates are summed): the method of "
+                     f"\"{LAYER_PARALLELISM['name']}\" ({LAYER_PARALLELISM['source']}), which reports "
+                     f"{_lo:.2f}–{_hi:.2f}x with no retraining")
 
 
 def _fine_tuning(t: dict) -> dict | None:
@@ -180,7 +192,9 @@ def _family_k2(t: dict, model: str):
 @claim("b", "On models trained with the regulariser, one or two IDN iterations come close to the sequential PPL.",
        f"{pct(paper_v1('0.5B IDN', '12xF2-h0 K2')[3])} with 2 IDN iterations (0.5B IDN, 12xF2-h0 K2, v1); "
        f"{pct(PAPER_V2_EQUAL[2])} with one ({PAPER_V2_EQUAL[0]}, {PAPER_V2_EQUAL[1]}, v2).",
-       tables=("regularization_runs", "frontier_all", "regularization"), figures=("regularization", "frontier"))
+       tables=("regularization_runs", "frontier_all", "regularization"), figures=("regularization", "frontier"),
+       note=PARALLEL_BRANCHES + "; the one-iteration numbers of this row, ours and the paper's v2 ±0%, are that "
+                                "method's PPL on models trained with the regulariser.")
 def claim_b(t: dict, s: Setting) -> dict:
     """Per IDN-regularised family: the PPL change of one IDN iteration over all layers from h0 against the
     model's own sequential PPL, over seeds (regularization_runs), and of two (frontier_all, seed 0).
@@ -436,8 +450,10 @@ def _speed(r) -> str:
 
 
 def decode_table(t: dict):
-    """The decode study's table (configuration, decode speedup, PPL change), or None: `decode_goal*` or
-    `decode` (nb/decode), rows other than sequential and other than the unregularised "baseline" recipe."""
+    """The decode study's table (configuration, decode speedup, PPL change, and in `over` the sequential
+    variant the speedup is over where the table names it: column baseline, as the GPU study writes it), or
+    None: `decode_goal*` or `decode` (nb/decode), rows other than sequential and other than the
+    unregularised "baseline" recipe."""
     names = sorted(n for n in t if fnmatch.fnmatch(n, "decode_goal*")) + (["decode"] if "decode" in t else [])
     for name in names:
         d = t[name]
@@ -446,7 +462,8 @@ def decode_table(t: dict):
             d = d[(d.config != "sequential") & (d.get("recipe", "") != "baseline")]
             return name, pd.DataFrame({"what": _what(d, "recipe"), "speedup": d.decode_speedup,
                                        "lo": d.get("decode_speedup_lo", float("nan")),
-                                       "change": d[change].max(axis=1), "fused": d.config.map(is_fused)})
+                                       "change": d[change].max(axis=1), "fused": d.config.map(is_fused),
+                                       "over": d.get("baseline", "")})
     return None
 
 
@@ -475,7 +492,9 @@ def _timed_again(t: dict) -> pd.DataFrame:
                                        if "baseline" not in m)
        + f"; v2: {PAPER_V2_EQUAL[3]:.2f}x at ±0% ({PAPER_V2_EQUAL[0]}, {PAPER_V2_EQUAL[1]}).",
        tables=("frontier_all", "frontier", "frontier_confirm", "decode", "decode_confirm"),
-       figures=("frontier", "decode"))
+       figures=("frontier", "decode"),
+       note=PARALLEL_BRANCHES + f"; a K=1 h0 speedup in this row (the paper's v2 {PAPER_V2_EQUAL[3]:.2f}x included) is "
+                                "that method's, on models trained with the regulariser.")
 def claim_g(t: dict, s: Setting) -> dict:
     """Regularised seed-0 models: every SNLP configuration's prefill speedup over sequential and PPL change
     against the same model's sequential PPL (frontier_all), and, where the decode study ran, its KV-cached
@@ -484,14 +503,16 @@ def claim_g(t: dict, s: Setting) -> dict:
     timing (`experiments.speed_picks`: the fastest of many noisy ratios overstates itself); else the
     fastest of those that count as faster, else of all. Faster: `_faster` (>= FASTER, and the run's lower
     bound > 1). holds: the best fused configuration (CxFM, M >= 2) at <= +EQUAL_PPL_PCT is faster; holds
-    weakly: the best of all, fused or per layer, at <= +CLOSE_PPL_PCT is."""
+    weakly: the best of all, fused or per layer, at <= +CLOSE_PPL_PCT is. Where the tables name the
+    sequential variant each speedup is over (column baseline: the GPU study's fastest of eager, graphed,
+    compiled, compiled+graphed), each best says which."""
     f = need(t, "frontier_all", ("model_name", "config", "ppl_change_%", "speedup"))
     f = f[(f.config != "sequential") & (f.model_name.str.split("/").str[1] != "none")]
     if f.empty:
         raise Untestable("frontier_all.csv has no SNLP configuration of a regularised model")
     rows = [pd.DataFrame({"what": _what(f, "model_name"), "speedup": f.speedup,
                           "lo": f.get("speedup_lo", float("nan")), "change": f["ppl_change_%"],
-                          "fused": f.config.map(is_fused), "pass": "prefill"})]
+                          "fused": f.config.map(is_fused), "pass": "prefill", "over": f.get("baseline", "")})]
     dec = decode_table(t)
     if dec is not None:
         rows.append(dec[1].assign(**{"pass": "decode"}))
@@ -516,7 +537,8 @@ def claim_g(t: dict, s: Setting) -> dict:
         if r is None:
             return "none"
         j = judged(r)
-        return (f"{_speed(r)} at {pct(r.change)} ({r['pass']}, {r.what})"
+        over = f", over {r.over} sequential" if isinstance(r.over, str) and r.over else ""
+        return (f"{_speed(r)} at {pct(r.change)} ({r['pass']}, {r.what}{over})"
                 + ("" if j is r else f", timed again: {_speed(j)}"))
 
     eq, fused, close = best(a, EQUAL_PPL_PCT), best(a[a.fused], EQUAL_PPL_PCT), best(a, CLOSE_PPL_PCT)
@@ -543,6 +565,60 @@ def claim_g(t: dict, s: Setting) -> dict:
                 rule=f"{best_fused} at <= +{EQUAL_PPL_PCT:g}%{how} (faster: >= {FASTER:g}x with the run's lower "
                      f"bound, in brackets, > 1x; holds: faster and fused; weakly: faster by any configuration at "
                      f"<= +{CLOSE_PPL_PCT:g}%)")
+
+
+def v2_shaped(config: str) -> bool:
+    """Whether a configuration has the shape of the paper's v2 number (`PAPER_V2_EQUAL`, "1xF12 n12 K1 h0",
+    docs/design.md §4): one IDN iteration from h0 over its parallel layers fused into one chunk."""
+    try:
+        c = parse_config(config)
+    except ValueError:
+        return False
+    return (c.method, c.iters, c.init) == ("idn", 1, "h0") and bool(c.chunks) and parse_chunks(c.chunks)[0] == 1
+
+
+def mask_share(d, model_column: str = "model_name", speed_column: str = "speedup",
+               change_column: str = "ppl_change_%") -> str | None:
+    """How much of the paper's v2 speedup (`PAPER_V2_EQUAL`: 1.40x, 0.40 above 1) the paper's mask treatment
+    accounts for, as a clause: a configuration's prefill speedup with mask "full" (the parallel layers
+    attend with full causal masks, the sequential prefix keeps its sliding windows: the paper's code)
+    minus its speedup with mask "windows" (windows honoured on both sides: ours), for the same model,
+    configuration and T (column `mask`; the mean over seeds where several are there). The pair named is
+    the v2 shape (`v2_shaped`) first, then T = PAPER_V2_T, a regularised model, the longest T; the spread
+    over every pair follows where the pairs differ. None where `d` has no such pair (or lacks a column)."""
+    keys = [model_column, "config", "T"]
+    if d is None or not set(keys + ["mask", speed_column]) <= set(d.columns):
+        return None
+    values = [speed_column] + ([change_column] if change_column in d.columns else [])
+    # sequential keeps its windows under both treatments: only SNLP configurations differ
+    d = d[d["mask"].isin(["full", "windows"]) & (d.config != "sequential")]
+    d = d.assign(**{c: pd.to_numeric(d[c], errors="coerce") for c in values})
+    if set(d["mask"]) != {"full", "windows"}:
+        return None
+    m = d.groupby(keys + ["mask"], sort=False)[values].mean()
+    p = m.xs("full", level="mask").reset_index().merge(m.xs("windows", level="mask").reset_index(), on=keys,
+                                                       suffixes=("_full", "_win"))
+    full, win = p[f"{speed_column}_full"], p[f"{speed_column}_win"]
+    p = p[np.isfinite(full) & np.isfinite(win)]
+    if p.empty:
+        return None
+    p = p.assign(share=p[f"{speed_column}_full"] - p[f"{speed_column}_win"], v2=p.config.map(v2_shaped),
+                 at_v2_T=p["T"] == PAPER_V2_T, reg=~p[model_column].astype(str).str.endswith("/none"))
+    r = p.sort_values(["v2", "at_v2_T", "reg", "T"], ascending=False, kind="stable").iloc[0]
+    seeds = d["seed"].nunique() if "seed" in d.columns else 1
+    above = PAPER_V2_EQUAL[3] - 1
+    T = int(r["T"]) if float(r["T"]).is_integer() else r["T"]
+    text = (f"the paper's mask treatment gives {r[f'{speed_column}_full']:.2f}x against {r[f'{speed_column}_win']:.2f}x "
+            f"with windows honoured on both sides ({r[model_column]} {r.config}, T = {T}"
+            + (f", mean of {seeds} seeds" if seeds > 1 else "") + f"): {r.share:.2f} of the v2 number's "
+            f"{above:.2f} above 1")
+    cf, cw = r.get(f"{change_column}_full"), r.get(f"{change_column}_win")
+    if cf is not None and cw is not None and np.isfinite(cf) and np.isfinite(cw):
+        text += f", at {pct(cf)} PPL against sequential with full masks and {pct(cw)} with windows"
+    if f"{p.share.min():.2f}" != f"{p.share.max():.2f}":  # the pairs' timings differ (not one model's timing)
+        text += (f"; over the {len(p)} (model, configuration, T) timed both ways: {p.share.min():.2f} to "
+                 f"{p.share.max():.2f}")
+    return text
 
 
 @claim("h", "SNLP is a lossless drafter: self-speculative decoding gives sequential greedy output, faster.",
